@@ -1,0 +1,91 @@
+//! The Postgres pool: created (with the database itself, if missing) at start,
+//! waited for while Postgres is not up yet, and migrated.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::{
+    PgPool, Postgres,
+    migrate::MigrateDatabase,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+/// The migrations in `migrations/`, embedded at compile time (no database is
+/// needed to build).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// How every service finds Postgres.
+#[derive(clap::Args, Clone)]
+pub struct DatabaseSettings {
+    /// Postgres URL. The database is created if it does not exist.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/orderflow",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// Connections in this service's pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+    /// How long a query waits for a free connection before failing, so a
+    /// request fails fast with 503 instead of hanging when Postgres is gone.
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
+    pub db_acquire_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("database_url", &messaging::amqp::redact(&self.database_url))
+            .field("db_max_connections", &self.db_max_connections)
+            .finish()
+    }
+}
+
+impl DatabaseSettings {
+    /// Wait for Postgres, create the database if needed, apply migrations,
+    /// and return a pool.
+    pub async fn connect_and_migrate(&self) -> anyhow::Result<PgPool> {
+        let shown = messaging::amqp::redact(&self.database_url);
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1u32;
+        loop {
+            match self.try_connect().await {
+                Ok(pool) => {
+                    MIGRATOR
+                        .run(&pool)
+                        .await
+                        .context("applying the database migrations")?;
+                    tracing::info!(database = %shown, "connected to Postgres, schema up to date");
+                    return Ok(pool);
+                }
+                Err(error) => tracing::warn!(
+                    database = %shown, attempt, error = %format!("{error:#}"),
+                    "waiting for Postgres; retrying in {delay:?}"
+                ),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            attempt += 1;
+        }
+    }
+
+    async fn try_connect(&self) -> anyhow::Result<PgPool> {
+        if !Postgres::database_exists(&self.database_url).await? {
+            // Concurrent starts race here; losing the race is fine.
+            if let Err(error) = Postgres::create_database(&self.database_url).await {
+                if !Postgres::database_exists(&self.database_url).await? {
+                    return Err(error).context("creating the database");
+                }
+            }
+        }
+        let options: PgConnectOptions = self.database_url.parse().context("parsing DATABASE_URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(self.db_max_connections)
+            .acquire_timeout(Duration::from_millis(self.db_acquire_timeout_ms))
+            .connect_with(options)
+            .await?;
+        Ok(pool)
+    }
+}

@@ -1,0 +1,10 @@
+//! What every orderflow service stands on, beside the message contracts:
+//! the Postgres pool and migrations, the transactional outbox and its relay,
+//! consumer-side dedupe, the health endpoints, and the start-up and consume
+//! loop of the three worker services.
+
+pub mod db;
+pub mod dedupe;
+pub mod health;
+pub mod outbox;
+pub mod worker;
