@@ -43,7 +43,8 @@ CREATE TABLE idempotency_keys (
     idempotency_key  text PRIMARY KEY,
     request_hash     text NOT NULL,
     response_status  smallint NOT NULL,
-    response_body    jsonb NOT NULL,
+    -- The exact bytes first sent, so a replay is byte-for-byte the same.
+    response_body    bytea NOT NULL,
     order_id         uuid NOT NULL,
     created_at       timestamptz NOT NULL DEFAULT now()
 );

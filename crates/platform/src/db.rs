@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::{
-    PgPool, Postgres,
+    ConnectOptions, PgPool, Postgres,
     migrate::MigrateDatabase,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
@@ -80,7 +80,12 @@ impl DatabaseSettings {
                 }
             }
         }
-        let options: PgConnectOptions = self.database_url.parse().context("parsing DATABASE_URL")?;
+        let options: PgConnectOptions = self
+            .database_url
+            .parse::<PgConnectOptions>()
+            .context("parsing DATABASE_URL")?
+            // Failures are logged by the services, with context.
+            .disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(self.db_max_connections)
             .acquire_timeout(Duration::from_millis(self.db_acquire_timeout_ms))

@@ -1,0 +1,47 @@
+//! order-api's settings, from environment variables (or flags), parsed once
+//! at start. A bad value stops the service with a message naming it.
+
+use std::{net::IpAddr, time::Duration};
+
+use clap::Parser;
+use messaging::{AmqpSettings, telemetry::LogSettings};
+use platform::db::DatabaseSettings;
+
+/// Settings of order-api.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "order-api", about = "Takes orders over HTTP and queues them for processing")]
+pub struct Settings {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+    #[command(flatten)]
+    pub log: LogSettings,
+    /// Address to listen on (0.0.0.0 inside a container).
+    #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
+    pub http_host: IpAddr,
+    /// Port to listen on; 0 picks a free one.
+    #[arg(long, env = "HTTP_PORT", default_value_t = 8080)]
+    pub http_port: u16,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest quantity of one line.
+    #[arg(long, env = "MAX_QUANTITY", default_value_t = 1000)]
+    pub max_quantity: i32,
+    /// How long an idempotency key is remembered, in seconds.
+    #[arg(long, env = "IDEMPOTENCY_TTL_SECS", default_value_t = 24 * 60 * 60)]
+    pub idempotency_ttl_secs: u64,
+    /// How often expired idempotency keys are deleted, in seconds.
+    #[arg(long, env = "IDEMPOTENCY_CLEANUP_INTERVAL_SECS", default_value_t = 600)]
+    pub idempotency_cleanup_interval_secs: u64,
+    /// How often the outbox relay looks for unpublished orders, in ms.
+    #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 1000)]
+    pub outbox_relay_interval_ms: u64,
+}
+
+impl Settings {
+    pub fn idempotency_ttl(&self) -> Duration {
+        Duration::from_secs(self.idempotency_ttl_secs)
+    }
+}

@@ -1,0 +1,246 @@
+//! An order request as the client sends it, and its validation into a
+//! [`ValidOrder`], collecting every problem rather than stopping at the first.
+
+use messaging::contracts::{Lane, OrderLine};
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+
+/// Currencies orders can be placed in.
+pub const CURRENCIES: [&str; 3] = ["EUR", "USD", "GBP"];
+/// Most lines one order may have.
+pub const MAX_LINES: usize = 100;
+
+/// The body of `POST /orders`. Unknown fields are refused: a typo in an
+/// optional field must not be silently ignored.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    pub customer_id: String,
+    pub email: String,
+    pub items: Vec<ItemRequest>,
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    #[serde(default)]
+    pub express: bool,
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub shipping: Option<Shipping>,
+}
+
+/// One requested line. The quantity is wide so that negative and huge values
+/// get a clear validation message instead of a type error.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemRequest {
+    pub sku: String,
+    pub quantity: i64,
+}
+
+/// Where the order ships to.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Shipping {
+    pub name: String,
+    pub address: String,
+    pub city: String,
+    pub postal_code: String,
+    /// ISO 3166-1 alpha-2, e.g. `DE`.
+    pub country: String,
+}
+
+fn default_currency() -> String {
+    "EUR".to_owned()
+}
+
+/// An order that passed every check; only [`OrderRequest::validate`] makes one.
+#[derive(Debug, Clone)]
+pub struct ValidOrder {
+    pub customer_id: String,
+    pub email: String,
+    pub items: Vec<OrderLine>,
+    pub currency: String,
+    pub lane: Lane,
+    pub callback_url: Option<String>,
+    pub shipping: Option<Shipping>,
+}
+
+impl OrderRequest {
+    /// Check every field; all problems are reported together.
+    pub fn validate(self, max_quantity: i32) -> Result<ValidOrder, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let customer_id = self.customer_id.trim().to_owned();
+        check_text(&mut errors, "customer_id", &customer_id, 64);
+        let email = self.email.trim().to_owned();
+        if !is_plausible_email(&email) {
+            errors.push(FieldError::new("email", "must be an email address like ada@example.com"));
+        }
+        if self.items.is_empty() {
+            errors.push(FieldError::new("items", "must contain at least one item"));
+        } else if self.items.len() > MAX_LINES {
+            errors.push(FieldError::new("items", format!("must contain at most {MAX_LINES} items")));
+        }
+        let mut items: Vec<OrderLine> = Vec::with_capacity(self.items.len());
+        for (i, item) in self.items.into_iter().enumerate() {
+            let sku = item.sku.trim().to_uppercase();
+            check_text(&mut errors, &format!("items[{i}].sku"), &sku, 64);
+            if items.iter().any(|line| line.sku == sku) {
+                errors.push(FieldError::new(
+                    format!("items[{i}].sku"),
+                    "appears more than once; put the total in one line",
+                ));
+            }
+            let quantity = match i32::try_from(item.quantity) {
+                Ok(q) if (1..=max_quantity).contains(&q) => q,
+                _ => {
+                    errors.push(FieldError::new(
+                        format!("items[{i}].quantity"),
+                        format!("must be between 1 and {max_quantity}"),
+                    ));
+                    0
+                }
+            };
+            items.push(OrderLine { sku, quantity });
+        }
+        let currency = self.currency.trim().to_uppercase();
+        if !CURRENCIES.contains(&currency.as_str()) {
+            errors.push(FieldError::new(
+                "currency",
+                format!("must be one of {}", CURRENCIES.join(", ")),
+            ));
+        }
+        if let Some(url) = &self.callback_url {
+            if let Err(message) = check_callback_url(url) {
+                errors.push(FieldError::new("callback_url", message));
+            }
+        }
+        if let Some(shipping) = &self.shipping {
+            check_text(&mut errors, "shipping.name", &shipping.name, 200);
+            check_text(&mut errors, "shipping.address", &shipping.address, 500);
+            check_text(&mut errors, "shipping.city", &shipping.city, 200);
+            check_text(&mut errors, "shipping.postal_code", &shipping.postal_code, 20);
+            let country = &shipping.country;
+            if country.len() != 2 || !country.chars().all(|c| c.is_ascii_uppercase()) {
+                errors.push(FieldError::new(
+                    "shipping.country",
+                    "must be a two-letter ISO country code like DE",
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(ValidOrder {
+            customer_id,
+            email,
+            items,
+            currency,
+            lane: if self.express { Lane::Express } else { Lane::Standard },
+            callback_url: self.callback_url,
+            shipping: self.shipping,
+        })
+    }
+}
+
+fn check_text(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize) {
+    if value.trim().is_empty() {
+        errors.push(FieldError::new(field, "must not be empty"));
+    } else if value.chars().count() > max {
+        errors.push(FieldError::new(field, format!("must be at most {max} characters")));
+    } else if value.chars().any(char::is_control) {
+        errors.push(FieldError::new(field, "must not contain control characters"));
+    }
+}
+
+fn is_plausible_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    email.len() <= 254
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !domain.contains('@')
+}
+
+fn check_callback_url(raw: &str) -> Result<(), &'static str> {
+    if raw.len() > 2048 {
+        return Err("must be at most 2048 characters");
+    }
+    let url = url::Url::parse(raw).map_err(|_| "must be an absolute http(s) URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must use http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> OrderRequest {
+        serde_json::from_value(serde_json::json!({
+            "customer_id": "c-1", "email": "ada@example.com",
+            "items": [{"sku": "widget", "quantity": 2}]
+        }))
+        .unwrap()
+    }
+
+    fn fields(result: Result<ValidOrder, Vec<FieldError>>) -> Vec<String> {
+        result.unwrap_err().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn a_minimal_order_is_valid_with_defaults() {
+        let order = request().validate(1000).unwrap();
+        assert_eq!(order.currency, "EUR");
+        assert_eq!(order.lane, Lane::Standard);
+        assert_eq!(order.items[0].sku, "WIDGET");
+    }
+
+    #[test]
+    fn quantities_outside_the_range_are_rejected() {
+        for quantity in [0, -1, 1001, i64::MAX] {
+            let mut r = request();
+            r.items[0].quantity = quantity;
+            assert_eq!(fields(r.validate(1000)), ["items[0].quantity"], "{quantity}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut r = request();
+        r.customer_id = " ".into();
+        r.email = "nope".into();
+        r.currency = "XXX".into();
+        r.callback_url = Some("ftp://example.com/hook".into());
+        assert_eq!(
+            fields(r.validate(1000)),
+            ["customer_id", "email", "currency", "callback_url"]
+        );
+    }
+
+    #[test]
+    fn empty_and_duplicate_items_are_rejected() {
+        let mut r = request();
+        r.items.clear();
+        assert_eq!(fields(r.validate(1000)), ["items"]);
+        let mut r = request();
+        r.items.push(ItemRequest { sku: "WIDGET".into(), quantity: 1 });
+        assert_eq!(fields(r.validate(1000)), ["items[1].sku"]);
+    }
+
+    #[test]
+    fn plausible_emails() {
+        assert!(is_plausible_email("a.b+c@example.co.uk"));
+        for bad in ["", "a", "@x.y", "a@b", "a@.b", "a b@c.d", "a@b@c.d"] {
+            assert!(!is_plausible_email(bad), "{bad}");
+        }
+    }
+}

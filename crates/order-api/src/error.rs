@@ -1,0 +1,158 @@
+//! Every error the API answers with, as `{"error": {"code", "message",
+//! "details"}}`. Internal causes are logged once and never sent to clients.
+
+use axum::{
+    Json,
+    extract::rejection::JsonRejection,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+/// The crate's result type.
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("the request body does not match the order schema: {0}")]
+    InvalidBody(String),
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    #[error("the request body exceeds the size limit")]
+    PayloadTooLarge,
+    #[error("the order is invalid")]
+    Validation(Vec<FieldError>),
+    #[error("unknown SKU(s): {}", .0.join(", "))]
+    UnknownSku(Vec<String>),
+    #[error("invalid Idempotency-Key: {0}")]
+    InvalidIdempotencyKey(&'static str),
+    #[error("this Idempotency-Key was already used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed; retry later")]
+    IdempotencyKeyInFlight,
+    #[error("invalid order id {0:?}: expected a UUID")]
+    InvalidOrderId(String),
+    #[error("order {0} not found")]
+    OrderNotFound(uuid::Uuid),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("the database is unavailable; retry later")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("internal error")]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// One invalid field of an order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `items[0].quantity`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl ApiError {
+    /// HTTP status and stable machine-readable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ApiError::*;
+        match self {
+            MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            InvalidBody(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+            UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            UnknownSku(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_sku"),
+            InvalidIdempotencyKey(_) => (StatusCode::BAD_REQUEST, "invalid_idempotency_key"),
+            IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+            IdempotencyKeyInFlight => (StatusCode::CONFLICT, "idempotency_key_in_flight"),
+            InvalidOrderId(_) => (StatusCode::BAD_REQUEST, "invalid_order_id"),
+            OrderNotFound(_) => (StatusCode::NOT_FOUND, "order_not_found"),
+            RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    fn details(&self) -> Value {
+        match self {
+            ApiError::Validation(fields) => json!(fields),
+            ApiError::UnknownSku(skus) => json!({ "skus": skus }),
+            _ => Value::Null,
+        }
+    }
+}
+
+/// A database error is the client's 503 when the database is unreachable, a
+/// 500 otherwise.
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::Unavailable(error.into())
+            }
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
+            {
+                ApiError::Unavailable(error.into())
+            }
+            _ => ApiError::Unexpected(error.into()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(source_text(&e)),
+            JsonRejection::JsonDataError(e) => ApiError::InvalidBody(source_text(&e)),
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge
+            }
+            other => ApiError::MalformedJson(other.body_text()),
+        }
+    }
+}
+
+/// The innermost cause: serde's own words, without axum's prefix.
+fn source_text(error: &dyn std::error::Error) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        match &self {
+            ApiError::Unexpected(cause) => {
+                tracing::error!(error.cause_chain = ?cause, error.message = %cause, "request failed");
+            }
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(error.message = %cause, "database unavailable");
+            }
+            _ => {}
+        }
+        let body = json!({
+            "error": { "code": code, "message": self.to_string(), "details": self.details() }
+        });
+        (status, Json(body)).into_response()
+    }
+}

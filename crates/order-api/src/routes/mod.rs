@@ -1,0 +1,68 @@
+//! The HTTP surface: routes, the JSON body extractor, correlation ids, and
+//! JSON answers for unknown routes and methods.
+
+pub mod orders;
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request},
+    http::{HeaderName, HeaderValue},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+};
+use tower_http::trace::TraceLayer;
+use uuid::Uuid;
+
+use crate::{error::ApiError, startup::AppState};
+
+/// Header carrying the correlation id in and out.
+pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+
+/// The correlation id of the current request.
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
+/// `axum::Json`, but rejections become our JSON errors.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct JsonBody<T>(pub T);
+
+pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/orders", post(orders::create_order))
+        .route("/orders/{id}", get(orders::get_order))
+        .with_state(state)
+        .merge(health)
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let path = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(request.uri().path(), MatchedPath::as_str);
+            let correlation_id = request
+                .extensions()
+                .get::<CorrelationId>()
+                .map_or("-", |c| c.0.as_str());
+            tracing::info_span!("http", method = %request.method(), path, correlation_id)
+        }))
+        .layer(middleware::from_fn(correlate))
+}
+
+/// Take the client's `X-Correlation-Id` (if sane) or make one, and echo it.
+async fn correlate(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(&CORRELATION_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned);
+    request.extensions_mut().insert(CorrelationId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(CORRELATION_ID, value);
+    }
+    response
+}

@@ -1,0 +1,104 @@
+//! `POST /orders` and `GET /orders/{id}`, and the JSON view of an order.
+
+mod get;
+mod post;
+
+pub use get::get_order;
+pub use post::create_order;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::Shipping;
+
+/// An order as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OrderView {
+    pub id: Uuid,
+    pub status: String,
+    pub reason: Option<String>,
+    pub customer_id: String,
+    pub email: String,
+    pub items: Vec<PricedLine>,
+    pub total_cents: i64,
+    pub currency: String,
+    pub lane: String,
+    pub callback_url: Option<String>,
+    pub shipping: Option<Shipping>,
+    pub correlation_id: String,
+    pub created_at: DateTime<Utc>,
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One line with the price it was accepted at.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PricedLine {
+    pub sku: String,
+    pub quantity: i32,
+    pub unit_price_cents: i64,
+}
+
+/// One step of the order's life.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct HistoryEntry {
+    pub status: String,
+    pub detail: Option<String>,
+    pub service: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    status: String,
+    reason: Option<String>,
+    customer_id: String,
+    email: String,
+    items: sqlx::types::Json<Vec<PricedLine>>,
+    total_cents: i64,
+    currency: String,
+    lane: String,
+    callback_url: Option<String>,
+    shipping: Option<sqlx::types::Json<Shipping>>,
+    correlation_id: String,
+    created_at: DateTime<Utc>,
+}
+
+/// Read an order and its history; `None` if there is no such order.
+pub async fn load_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OrderView>> {
+    let Some(row) = sqlx::query_as::<_, OrderRow>(
+        "SELECT id, status, reason, customer_id, email, items, total_cents, currency, lane,
+                callback_url, shipping, correlation_id, created_at
+         FROM orders WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let history = sqlx::query_as::<_, HistoryEntry>(
+        "SELECT status, detail, service, at FROM order_status_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(OrderView {
+        id: row.id,
+        status: row.status,
+        reason: row.reason,
+        customer_id: row.customer_id,
+        email: row.email,
+        items: row.items.0,
+        total_cents: row.total_cents,
+        currency: row.currency,
+        lane: row.lane,
+        callback_url: row.callback_url,
+        shipping: row.shipping.map(|s| s.0),
+        correlation_id: row.correlation_id,
+        created_at: row.created_at,
+        history,
+    }))
+}

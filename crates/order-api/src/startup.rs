@@ -1,0 +1,113 @@
+//! Builds order-api from its settings and runs it: the HTTP server, the
+//! outbox relay and the idempotency-key clean-up, until asked to stop.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::Router;
+use messaging::{Publisher, Topology};
+use platform::{health, outbox::Relay};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{configuration::Settings, idempotency, routes};
+
+/// What every request handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub relay: Relay,
+    pub topology: Topology,
+    pub max_quantity: i32,
+    pub idempotency_ttl: Duration,
+}
+
+/// A built, listening order-api.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    connection: Arc<lapin::Connection>,
+    settings: Settings,
+}
+
+impl Application {
+    /// Connect to Postgres and RabbitMQ (waiting for both), migrate, declare
+    /// the topology and bind the listener (port 0 picks a free one).
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = settings.database.connect_and_migrate().await?;
+        let connection = Arc::new(settings.amqp.connect().await?);
+        let topology = settings.amqp.topology();
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await.context("declaring the topology")?;
+        channel.close(200, "declared".into()).await?;
+        let publisher = Publisher::new(&connection).await?;
+        let state = AppState {
+            pool: pool.clone(),
+            relay: Relay::new(pool.clone(), publisher),
+            topology,
+            max_quantity: settings.max_quantity,
+            idempotency_ttl: settings.idempotency_ttl(),
+        };
+        let health = health::router(health::Readiness::new(pool, connection.clone()));
+        let router = routes::router(state.clone(), health, settings.max_body_bytes);
+        let address = SocketAddr::new(settings.http_host, settings.http_port);
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        Ok(Self {
+            listener,
+            router,
+            state,
+            connection,
+            settings,
+        })
+    }
+
+    /// The port actually bound.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serve until `shutdown`; then stop accepting, finish in-flight requests,
+    /// and flush the outbox before returning.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let relay = tokio::spawn(self.state.relay.clone().run(
+            Duration::from_millis(self.settings.outbox_relay_interval_ms),
+            shutdown.clone(),
+        ));
+        let cleanup = tokio::spawn(clean_up_keys(
+            self.state.pool.clone(),
+            self.settings.idempotency_ttl(),
+            Duration::from_secs(self.settings.idempotency_cleanup_interval_secs.max(1)),
+            shutdown.clone(),
+        ));
+        tracing::info!(port = self.port(), "order-api listening");
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .context("serving HTTP");
+        // The server may also stop on its own (an I/O error): stop the rest.
+        shutdown.cancel();
+        let _ = relay.await;
+        cleanup.abort();
+        let _ = self.connection.close(200, "shutting down".into()).await;
+        tracing::info!("order-api stopped");
+        served
+    }
+}
+
+async fn clean_up_keys(pool: PgPool, ttl: Duration, every: Duration, shutdown: CancellationToken) {
+    loop {
+        match idempotency::delete_expired(&pool, ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "expired idempotency keys deleted"),
+            Err(error) => tracing::warn!(error.message = %error, "idempotency key clean-up failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
