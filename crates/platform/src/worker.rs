@@ -9,11 +9,13 @@ use lapin::message::Delivery;
 use messaging::{
     AmqpSettings, Topology,
     consumer::{self, ConsumerSpec, Disposition},
+    contracts::OrderEvent,
     telemetry::LogSettings,
 };
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{db::DatabaseSettings, health};
 
@@ -142,4 +144,47 @@ impl Worker {
         results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
         Ok(())
     }
+}
+
+/// Decode an order event, run `handle` inside a span naming the order and
+/// correlation id, and turn the result into a disposition: `Ok(true)` the
+/// effect happened now, `Ok(false)` it had happened before (a duplicate).
+/// The two subscriber services share this.
+pub async fn on_event<F, Fut>(delivery: Delivery, handle: F) -> Disposition
+where
+    F: FnOnce(OrderEvent, String) -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let correlation_id = messaging::amqp::correlation_id(&delivery.properties);
+    let event: OrderEvent = match serde_json::from_slice(&delivery.data) {
+        Ok(event) => event,
+        Err(error) => {
+            return Disposition::DeadLetter {
+                reason: format!("not an OrderEvent message: {error}"),
+            };
+        }
+    };
+    let span = tracing::info_span!(
+        "event",
+        order_id = %event.order_id,
+        correlation_id = %correlation_id,
+        event_id = %event.message_id,
+    );
+    async move {
+        match handle(event, correlation_id).await {
+            Ok(true) => Disposition::Ack,
+            Ok(false) => {
+                tracing::info!("event already handled; skipping the duplicate delivery");
+                Disposition::Ack
+            }
+            Err(error) => {
+                tracing::error!(error.cause_chain = ?error, error.message = %error, "handling the event failed");
+                Disposition::Requeue {
+                    reason: format!("{error:#}"),
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }

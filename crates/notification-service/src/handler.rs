@@ -1,0 +1,68 @@
+//! One order event: "send" the customer's email (a row and a log line a
+//! person would want to read) and note it in the order's history, once.
+
+use messaging::contracts::{OrderEvent, Outcome};
+use platform::dedupe;
+use sqlx::PgPool;
+
+/// Name under which this service records the events it handled.
+pub const CONSUMER: &str = "notification-service";
+
+/// The email for an event.
+pub fn compose(event: &OrderEvent) -> (String, String) {
+    let short = &event.order_id.to_string()[..8];
+    let amount = format!(
+        "{}.{:02} {}",
+        event.total_cents / 100,
+        event.total_cents % 100,
+        event.currency
+    );
+    match &event.outcome {
+        Outcome::Processed => (
+            format!("Your order {short} is confirmed"),
+            format!(
+                "Thank you! Order {} for {amount} is paid and its items are reserved.",
+                event.order_id
+            ),
+        ),
+        Outcome::Rejected { reason } => (
+            format!("We could not complete your order {short}"),
+            format!(
+                "Sorry: order {} for {amount} was not completed ({reason}). You have not been charged.",
+                event.order_id
+            ),
+        ),
+    }
+}
+
+/// Send the notification for `event` unless it was sent before; returns
+/// whether it was sent now.
+pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
+    let mut tx = pool.begin().await?;
+    if !dedupe::first_delivery(&mut tx, CONSUMER, event.message_id).await? {
+        return Ok(false);
+    }
+    let (subject, body) = compose(event);
+    sqlx::query(
+        "INSERT INTO notifications (event_id, order_id, channel, recipient, subject, body)
+         VALUES ($1, $2, 'email', $3, $4, $5)",
+    )
+    .bind(event.message_id)
+    .bind(event.order_id)
+    .bind(&event.email)
+    .bind(&subject)
+    .bind(&body)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO order_status_history (order_id, status, detail, service)
+         VALUES ($1, 'notified', $2, 'notification-service')",
+    )
+    .bind(event.order_id)
+    .bind(format!("email to {}: {subject}", event.email))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(to = %event.email, subject = %subject, "email sent: {body}");
+    Ok(true)
+}

@@ -1,0 +1,39 @@
+//! Wires notification-service together: worker start-up and a consumer on
+//! its own durable queue on the order-events exchange.
+
+use platform::worker::{self, Worker};
+use tokio_util::sync::CancellationToken;
+
+use crate::{configuration::Settings, handler};
+
+/// A started notification-service.
+pub struct Application {
+    worker: Worker,
+}
+
+impl Application {
+    /// Connect, migrate, declare, and bind the health port.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let worker = Worker::start(handler::CONSUMER, &settings.worker, settings.http_port).await?;
+        Ok(Self { worker })
+    }
+
+    /// The health port actually bound.
+    pub fn port(&self) -> u16 {
+        self.worker.port()
+    }
+
+    /// Consume events until `shutdown`.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let queue = self.worker.topology().subscriber_queue(handler::CONSUMER);
+        let pool = self.worker.pool().clone();
+        let pool = &pool;
+        self.worker
+            .run(vec![queue], shutdown, |delivery| {
+                worker::on_event(delivery, |event, _correlation_id| async move {
+                    handler::notify(pool, &event).await
+                })
+            })
+            .await
+    }
+}

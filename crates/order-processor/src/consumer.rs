@@ -1,0 +1,66 @@
+//! From a delivery to a disposition: decode, handle, publish the event,
+//! and say in the log what happened to the order.
+
+use lapin::message::Delivery;
+use messaging::{amqp, consumer::Disposition, contracts::Outcome};
+use platform::outbox::Relay;
+use tracing::Instrument;
+
+use crate::handler::{HandleError, Handled, Processor, decode};
+
+/// Handle one delivery of the work queue.
+pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Delivery) -> Disposition {
+    let correlation_id = amqp::correlation_id(&delivery.properties);
+    let span = tracing::info_span!(
+        "order",
+        order_id = tracing::field::Empty,
+        correlation_id = %correlation_id,
+        processor = %processor.instance_id,
+        redelivered = delivery.redelivered,
+    );
+    async move {
+        let order = match decode(&delivery.data) {
+            Ok(order) => order,
+            Err(error) => return dead_letter(error),
+        };
+        tracing::Span::current().record("order_id", tracing::field::display(order.order_id));
+        match processor.handle(&order, &correlation_id).await {
+            Ok(Handled::Duplicate) => {
+                tracing::info!("already handled; skipping the duplicate delivery");
+                Disposition::Ack
+            }
+            Ok(Handled::Decided { outcome, outbox_id }) => {
+                let amount = format!("{}.{:02} {}", order.total_cents / 100, order.total_cents % 100, order.currency);
+                match &outcome {
+                    Outcome::Processed => tracing::info!(
+                        lane = order.lane.as_str(), items = order.items.len(),
+                        "order processed: stock reserved, payment of {amount} captured"
+                    ),
+                    Outcome::Rejected { reason } => tracing::warn!(
+                        lane = order.lane.as_str(), reason = %reason,
+                        "order rejected ({amount})"
+                    ),
+                }
+                if let Err(error) = relay.publish_now(outbox_id).await {
+                    tracing::warn!(error.message = %format!("{error:#}"), "event not published yet; the outbox relay will retry");
+                }
+                Disposition::Ack
+            }
+            Err(error) => dead_letter(error),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn dead_letter(error: HandleError) -> Disposition {
+    match error {
+        HandleError::Poison(reason) => Disposition::DeadLetter { reason },
+        HandleError::Transient(error) => {
+            tracing::error!(error.cause_chain = ?error, error.message = %error, "processing failed");
+            Disposition::Requeue {
+                reason: format!("{error:#}"),
+            }
+        }
+    }
+}

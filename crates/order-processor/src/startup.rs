@@ -1,0 +1,71 @@
+//! Wires order-processor together: worker start-up, the event publisher and
+//! its outbox relay, and consumers on both lanes' work queues.
+
+use std::time::Duration;
+
+use messaging::{Publisher, contracts::Lane};
+use platform::{outbox::Relay, worker::Worker};
+use tokio_util::sync::CancellationToken;
+
+use crate::{configuration::Settings, consumer, handler::Processor, payment::PaymentProvider};
+
+/// A started order-processor.
+pub struct Application {
+    worker: Worker,
+    processor: Processor,
+    relay: Relay,
+    relay_interval: Duration,
+}
+
+impl Application {
+    /// Connect, migrate, declare, and bind the health port.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let worker = Worker::start("order-processor", &settings.worker, settings.http_port).await?;
+        let publisher = Publisher::new(worker.connection()).await?;
+        let relay = Relay::new(worker.pool().clone(), publisher);
+        let instance_id = settings.instance_id();
+        tracing::info!(instance_id = %instance_id, "order-processor starting");
+        let processor = Processor {
+            pool: worker.pool().clone(),
+            topology: worker.topology().clone(),
+            payments: PaymentProvider::new(
+                Duration::from_millis(settings.payment_latency_ms),
+                settings.payment_decline_over_cents,
+            ),
+            instance_id,
+        };
+        Ok(Self {
+            worker,
+            processor,
+            relay,
+            relay_interval: Duration::from_millis(settings.outbox_relay_interval_ms),
+        })
+    }
+
+    /// The health port actually bound.
+    pub fn port(&self) -> u16 {
+        self.worker.port()
+    }
+
+    /// Consume both lanes until `shutdown`, then flush the outbox.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let relay_task = tokio::spawn(self.relay.clone().run(self.relay_interval, shutdown.clone()));
+        let topology = self.worker.topology().clone();
+        let queues = vec![
+            topology.work_queue(Lane::Express),
+            topology.work_queue(Lane::Standard),
+        ];
+        let processor = &self.processor;
+        let relay = &self.relay;
+        let consumed = self
+            .worker
+            .run(queues, shutdown.clone(), |delivery| {
+                consumer::on_delivery(processor, relay, delivery)
+            })
+            .await;
+        shutdown.cancel();
+        let _ = relay_task.await;
+        tracing::info!("order-processor stopped");
+        consumed
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Check that RabbitMQ and Postgres answer; start them if they are installed
+# here but not running. Fails loudly, saying what is missing and how to fix it.
+set -euo pipefail
+
+AMQP_HOST=${AMQP_HOST:-127.0.0.1}
+AMQP_PORT=${AMQP_PORT:-5672}
+PG_HOST=${PG_HOST:-127.0.0.1}
+PG_PORT=${PG_PORT:-5432}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_port() { # name host port seconds
+  local i
+  for ((i = 0; i < $4; i++)); do
+    port_open "$2" "$3" && return 0
+    sleep 1
+  done
+  return 1
+}
+
+if ! port_open "$PG_HOST" "$PG_PORT"; then
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    echo "Postgres is not answering on $PG_HOST:$PG_PORT; starting the local cluster..."
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -n | tail -1)" main start || true
+  fi
+  if ! wait_port postgres "$PG_HOST" "$PG_PORT" 30; then
+    echo "ERROR: PostgreSQL is not reachable on $PG_HOST:$PG_PORT." >&2
+    echo "       Install it (apt-get install postgresql) and allow trust auth for 127.0.0.1," >&2
+    echo "       or point DATABASE_URL at a server you have." >&2
+    exit 1
+  fi
+fi
+
+if ! port_open "$AMQP_HOST" "$AMQP_PORT"; then
+  if command -v rabbitmq-server >/dev/null 2>&1; then
+    echo "RabbitMQ is not answering on $AMQP_HOST:$AMQP_PORT; starting it..."
+    rabbitmq-server -detached || true
+  fi
+  if ! wait_port rabbitmq "$AMQP_HOST" "$AMQP_PORT" 60; then
+    echo "ERROR: RabbitMQ is not reachable on $AMQP_HOST:$AMQP_PORT." >&2
+    echo "       Install it (apt-get install rabbitmq-server) or point AMQP_URL at a broker you have." >&2
+    exit 1
+  fi
+fi
+echo "RabbitMQ ($AMQP_HOST:$AMQP_PORT) and Postgres ($PG_HOST:$PG_PORT) are reachable."
