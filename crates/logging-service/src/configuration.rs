@@ -5,7 +5,10 @@ use platform::worker::WorkerSettings;
 
 /// Settings of logging-service.
 #[derive(Parser, Clone, Debug)]
-#[command(name = "logging-service", about = "Keeps the audit trail of order events")]
+#[command(
+    name = "logging-service",
+    about = "Keeps the audit trail of order events"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub worker: WorkerSettings,

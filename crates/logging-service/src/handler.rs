@@ -9,7 +9,11 @@ pub const CONSUMER: &str = "logging-service";
 
 /// Record `event` in the audit trail unless it was recorded before; returns
 /// whether it was recorded now.
-pub async fn record(pool: &PgPool, event: &OrderEvent, correlation_id: &str) -> anyhow::Result<bool> {
+pub async fn record(
+    pool: &PgPool,
+    event: &OrderEvent,
+    correlation_id: &str,
+) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
     if !dedupe::first_delivery(&mut tx, CONSUMER, event.message_id).await? {
         return Ok(false);

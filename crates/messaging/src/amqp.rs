@@ -88,7 +88,9 @@ pub fn redact(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.split_once(':') {
-                Some((user, _password)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                Some((user, _password)) => {
+                    format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+                }
                 None => url.to_owned(),
             }
         }
@@ -213,6 +215,9 @@ mod tests {
             "amqp://guest:***@rabbit:5672/%2f"
         );
         assert_eq!(redact("amqp://rabbit:5672"), "amqp://rabbit:5672");
-        assert_eq!(redact("postgres://postgres@db/x"), "postgres://postgres@db/x");
+        assert_eq!(
+            redact("postgres://postgres@db/x"),
+            "postgres://postgres@db/x"
+        );
     }
 }

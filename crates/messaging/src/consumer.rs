@@ -117,9 +117,7 @@ async fn settle(acker: &Acker, disposition: Disposition) {
         Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
         Disposition::DeadLetter { reason } => {
             tracing::warn!(reason = %reason, "dead-lettering the message");
-            acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
+            acker.reject(BasicRejectOptions { requeue: false }).await
         }
         Disposition::Requeue { reason } => {
             tracing::warn!(reason = %reason, "returning the message to the queue");

@@ -167,7 +167,8 @@ mod tests {
             },
         ] {
             let e = event(outcome);
-            let back: OrderEvent = serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap();
+            let back: OrderEvent =
+                serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap();
             assert_eq!(back, e);
         }
     }

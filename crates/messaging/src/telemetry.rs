@@ -48,7 +48,10 @@ pub fn init(service: &'static str, format: LogFormat) {
             Registry::default()
                 .with(filter)
                 .with(JsonStorageLayer)
-                .with(BunyanFormattingLayer::new(service.to_owned(), std::io::stdout)),
+                .with(BunyanFormattingLayer::new(
+                    service.to_owned(),
+                    std::io::stdout,
+                )),
         ),
     };
     drop(result);

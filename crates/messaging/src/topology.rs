@@ -138,7 +138,10 @@ impl Topology {
         // at-least-once dead-lettering.
         args.insert(ShortString::from("x-queue-type"), string("quorum"));
         if let Some(dlx) = dead_letter_exchange {
-            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(DELIVERY_LIMIT),
+            );
             args.insert("x-dead-letter-exchange".into(), string(dlx));
             // Keep a message until the dead-letter queue has confirmed it.
             args.insert("x-dead-letter-strategy".into(), string("at-least-once"));

@@ -9,7 +9,10 @@ use platform::db::DatabaseSettings;
 
 /// Settings of order-api.
 #[derive(Parser, Clone, Debug)]
-#[command(name = "order-api", about = "Takes orders over HTTP and queues them for processing")]
+#[command(
+    name = "order-api",
+    about = "Takes orders over HTTP and queues them for processing"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub amqp: AmqpSettings,

@@ -106,7 +106,9 @@ impl From<sqlx::Error> for ApiError {
                 ApiError::Unavailable(error.into())
             }
             sqlx::Error::Database(db)
-                if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
             {
                 ApiError::Unavailable(error.into())
             }
@@ -121,9 +123,7 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(source_text(&e)),
             JsonRejection::JsonDataError(e) => ApiError::InvalidBody(source_text(&e)),
             JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge
-            }
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
             other => ApiError::MalformedJson(other.body_text()),
         }
     }

@@ -40,7 +40,10 @@ impl Application {
         let connection = Arc::new(settings.amqp.connect().await?);
         let topology = settings.amqp.topology();
         let channel = connection.create_channel().await?;
-        topology.declare(&channel).await.context("declaring the topology")?;
+        topology
+            .declare(&channel)
+            .await
+            .context("declaring the topology")?;
         channel.close(200, "declared".into()).await?;
         let publisher = Publisher::new(&connection).await?;
         let state = AppState {

@@ -5,7 +5,10 @@ use platform::worker::WorkerSettings;
 
 /// Settings of order-processor.
 #[derive(Parser, Clone, Debug)]
-#[command(name = "order-processor", about = "Processes accepted orders from the work queue")]
+#[command(
+    name = "order-processor",
+    about = "Processes accepted orders from the work queue"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub worker: WorkerSettings,

@@ -66,7 +66,11 @@ pub fn decode(body: &[u8]) -> Result<OrderPlaced, HandleError> {
 
 impl Processor {
     /// Handle one decoded order. Commits before returning; the caller acks.
-    pub async fn handle(&self, order: &OrderPlaced, correlation_id: &str) -> Result<Handled, HandleError> {
+    pub async fn handle(
+        &self,
+        order: &OrderPlaced,
+        correlation_id: &str,
+    ) -> Result<Handled, HandleError> {
         // Payment first and outside the transaction: its latency must not
         // hold stock row locks that every other processor is waiting for.
         let paid = self.payments.authorise(order.total_cents).await;
@@ -82,7 +86,10 @@ impl Processor {
                 .await?;
         match status.as_deref() {
             None => {
-                return Err(HandleError::Poison(format!("order {} does not exist", order.order_id)));
+                return Err(HandleError::Poison(format!(
+                    "order {} does not exist",
+                    order.order_id
+                )));
             }
             // Another message for an order already decided (a replay): keep
             // the first decision.
@@ -131,7 +138,9 @@ impl Processor {
         .bind(&detail)
         .execute(&mut *tx)
         .await?;
-        let outbox_id = self.enqueue_event(&mut tx, order, &outcome, correlation_id).await?;
+        let outbox_id = self
+            .enqueue_event(&mut tx, order, &outcome, correlation_id)
+            .await?;
         tx.commit().await?;
         Ok(Handled::Decided { outcome, outbox_id })
     }
@@ -163,7 +172,14 @@ impl Processor {
             order_id: order.order_id,
         };
         let payload = serde_json::to_value(&event).map_err(anyhow::Error::from)?;
-        Ok(outbox::enqueue(conn, &self.topology.events_exchange(), "", &envelope, &payload).await?)
+        Ok(outbox::enqueue(
+            conn,
+            &self.topology.events_exchange(),
+            "",
+            &envelope,
+            &payload,
+        )
+        .await?)
     }
 }
 
@@ -176,18 +192,21 @@ async fn reserve(conn: &mut PgConnection, items: &[OrderLine]) -> sqlx::Result<R
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
     sqlx::query("SAVEPOINT reserve").execute(&mut *conn).await?;
     for line in lines {
-        let taken = sqlx::query(
-            "UPDATE inventory SET stock = stock - $2 WHERE sku = $1 AND stock >= $2",
-        )
-        .bind(&line.sku)
-        .bind(line.quantity)
-        .execute(&mut *conn)
-        .await?;
+        let taken =
+            sqlx::query("UPDATE inventory SET stock = stock - $2 WHERE sku = $1 AND stock >= $2")
+                .bind(&line.sku)
+                .bind(line.quantity)
+                .execute(&mut *conn)
+                .await?;
         if taken.rows_affected() == 0 {
-            sqlx::query("ROLLBACK TO SAVEPOINT reserve").execute(&mut *conn).await?;
+            sqlx::query("ROLLBACK TO SAVEPOINT reserve")
+                .execute(&mut *conn)
+                .await?;
             return Ok(Err(line.sku.clone()));
         }
     }
-    sqlx::query("RELEASE SAVEPOINT reserve").execute(&mut *conn).await?;
+    sqlx::query("RELEASE SAVEPOINT reserve")
+        .execute(&mut *conn)
+        .await?;
     Ok(Ok(()))
 }

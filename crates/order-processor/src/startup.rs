@@ -49,7 +49,11 @@ impl Application {
 
     /// Consume both lanes until `shutdown`, then flush the outbox.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let relay_task = tokio::spawn(self.relay.clone().run(self.relay_interval, shutdown.clone()));
+        let relay_task = tokio::spawn(
+            self.relay
+                .clone()
+                .run(self.relay_interval, shutdown.clone()),
+        );
         let topology = self.worker.topology().clone();
         let queues = vec![
             topology.work_queue(Lane::Express),

@@ -48,7 +48,10 @@ impl Readiness {
 /// The two health routes, for merging into a service's router.
 pub fn router<S>(readiness: Readiness) -> Router<S> {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(ready))
         .with_state(readiness)
 }

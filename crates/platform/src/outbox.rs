@@ -94,7 +94,11 @@ impl Relay {
     }
 
     async fn publish_where(&self, only: Option<i64>) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await.context("starting the outbox transaction")?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context("starting the outbox transaction")?;
         // SKIP LOCKED: several relays (one per service instance) share the
         // table without publishing the same row at the same time.
         let rows = sqlx::query(

@@ -74,12 +74,18 @@ impl OrderRequest {
         check_text(&mut errors, "customer_id", &customer_id, 64);
         let email = self.email.trim().to_owned();
         if !is_plausible_email(&email) {
-            errors.push(FieldError::new("email", "must be an email address like ada@example.com"));
+            errors.push(FieldError::new(
+                "email",
+                "must be an email address like ada@example.com",
+            ));
         }
         if self.items.is_empty() {
             errors.push(FieldError::new("items", "must contain at least one item"));
         } else if self.items.len() > MAX_LINES {
-            errors.push(FieldError::new("items", format!("must contain at most {MAX_LINES} items")));
+            errors.push(FieldError::new(
+                "items",
+                format!("must contain at most {MAX_LINES} items"),
+            ));
         }
         let mut items: Vec<OrderLine> = Vec::with_capacity(self.items.len());
         for (i, item) in self.items.into_iter().enumerate() {
@@ -119,7 +125,12 @@ impl OrderRequest {
             check_text(&mut errors, "shipping.name", &shipping.name, 200);
             check_text(&mut errors, "shipping.address", &shipping.address, 500);
             check_text(&mut errors, "shipping.city", &shipping.city, 200);
-            check_text(&mut errors, "shipping.postal_code", &shipping.postal_code, 20);
+            check_text(
+                &mut errors,
+                "shipping.postal_code",
+                &shipping.postal_code,
+                20,
+            );
             let country = &shipping.country;
             if country.len() != 2 || !country.chars().all(|c| c.is_ascii_uppercase()) {
                 errors.push(FieldError::new(
@@ -136,7 +147,11 @@ impl OrderRequest {
             email,
             items,
             currency,
-            lane: if self.express { Lane::Express } else { Lane::Standard },
+            lane: if self.express {
+                Lane::Express
+            } else {
+                Lane::Standard
+            },
             callback_url: self.callback_url,
             shipping: self.shipping,
         })
@@ -147,9 +162,15 @@ fn check_text(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize
     if value.trim().is_empty() {
         errors.push(FieldError::new(field, "must not be empty"));
     } else if value.chars().count() > max {
-        errors.push(FieldError::new(field, format!("must be at most {max} characters")));
+        errors.push(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     } else if value.chars().any(char::is_control) {
-        errors.push(FieldError::new(field, "must not contain control characters"));
+        errors.push(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
 }
 
@@ -209,7 +230,11 @@ mod tests {
         for quantity in [0, -1, 1001, i64::MAX] {
             let mut r = request();
             r.items[0].quantity = quantity;
-            assert_eq!(fields(r.validate(1000)), ["items[0].quantity"], "{quantity}");
+            assert_eq!(
+                fields(r.validate(1000)),
+                ["items[0].quantity"],
+                "{quantity}"
+            );
         }
     }
 
@@ -232,7 +257,10 @@ mod tests {
         r.items.clear();
         assert_eq!(fields(r.validate(1000)), ["items"]);
         let mut r = request();
-        r.items.push(ItemRequest { sku: "WIDGET".into(), quantity: 1 });
+        r.items.push(ItemRequest {
+            sku: "WIDGET".into(),
+            quantity: 1,
+        });
         assert_eq!(fields(r.validate(1000)), ["items[1].sku"]);
     }
 

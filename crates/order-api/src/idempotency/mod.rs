@@ -7,4 +7,6 @@ mod key;
 mod persistence;
 
 pub use key::IdempotencyKey;
-pub use persistence::{NextAction, SavedResponse, delete_expired, request_hash, save_response, try_start};
+pub use persistence::{
+    NextAction, SavedResponse, delete_expired, request_hash, save_response, try_start,
+};

@@ -39,10 +39,11 @@ pub async fn try_start(
     request_hash: &str,
     ttl: Duration,
 ) -> Result<NextAction, ApiError> {
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(key.as_ref())
-        .fetch_one(&mut *tx)
-        .await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(key.as_ref())
+            .fetch_one(&mut *tx)
+            .await?;
     if !locked {
         return Err(ApiError::IdempotencyKeyInFlight);
     }

@@ -37,17 +37,19 @@ pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router 
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let path = request
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or(request.uri().path(), MatchedPath::as_str);
-            let correlation_id = request
-                .extensions()
-                .get::<CorrelationId>()
-                .map_or("-", |c| c.0.as_str());
-            tracing::info_span!("http", method = %request.method(), path, correlation_id)
-        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let path = request
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or(request.uri().path(), MatchedPath::as_str);
+                let correlation_id = request
+                    .extensions()
+                    .get::<CorrelationId>()
+                    .map_or("-", |c| c.0.as_str());
+                tracing::info_span!("http", method = %request.method(), path, correlation_id)
+            }),
+        )
         .layer(middleware::from_fn(correlate))
 }
 

@@ -223,7 +223,10 @@ fn respond(saved: SavedResponse, replayed: bool) -> Response {
     let status = StatusCode::from_u16(saved.status).unwrap_or(StatusCode::ACCEPTED);
     let mut response = (status, saved.body).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(location) = HeaderValue::from_str(&format!("/orders/{}", saved.order_id)) {
         headers.insert(header::LOCATION, location);
     }

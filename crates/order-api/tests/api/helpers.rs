@@ -1,0 +1,132 @@
+use std::time::Duration;
+
+use clap::Parser;
+use messaging::{Topology, contracts::OrderPlaced};
+use order_api::{configuration::Settings, startup::Application};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub address: String,
+    pub pool: PgPool,
+    pub topology: Topology,
+    pub amqp: lapin::Connection,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Settings for a private app: port 0, a fresh database, a unique prefix.
+pub async fn test_settings() -> (Settings, PgPool) {
+    test_support::init_tracing();
+    let (database_url, pool) = test_support::fresh_database().await;
+    let mut settings = Settings::parse_from(["order-api"]);
+    settings.http_port = 0;
+    settings.database.database_url = database_url;
+    settings.database.db_max_connections = 5;
+    settings.amqp.amqp_url = test_support::amqp_url();
+    settings.amqp.topology_prefix = test_support::unique_prefix();
+    settings.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    (settings, pool)
+}
+
+pub async fn spawn_app() -> TestApp {
+    let (settings, pool) = test_settings().await;
+    spawn_with(settings, pool).await
+}
+
+pub async fn spawn_with(settings: Settings, pool: PgPool) -> TestApp {
+    let topology = settings.amqp.topology();
+    let application = Application::build(settings)
+        .await
+        .expect("building the app");
+    let address = format!("http://127.0.0.1:{}", application.port());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    TestApp {
+        address,
+        pool,
+        topology,
+        amqp: test_support::amqp().await,
+        client: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+/// A valid order body.
+pub fn order_body() -> Value {
+    json!({
+        "customer_id": "c-42",
+        "email": "ada@example.com",
+        "items": [{"sku": "WIDGET", "quantity": 2}, {"sku": "GADGET", "quantity": 1}],
+    })
+}
+
+impl TestApp {
+    pub async fn post_order(&self, body: &Value, key: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/orders", self.address))
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send().await.expect("POST /orders")
+    }
+
+    pub async fn post_raw(
+        &self,
+        body: impl Into<reqwest::Body>,
+        content_type: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/orders", self.address))
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("Content-Type", content_type);
+        }
+        request.send().await.expect("POST /orders")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// The next order published on `queue`.
+    pub async fn next_placed(&self, queue: &str) -> (OrderPlaced, lapin::BasicProperties) {
+        let delivery = test_support::next_message(&self.amqp, queue, Duration::from_secs(10)).await;
+        (
+            serde_json::from_slice(&delivery.data).unwrap(),
+            delivery.properties,
+        )
+    }
+}
+
+/// Assert the JSON error shape and code; return the body.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status for {code}");
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}

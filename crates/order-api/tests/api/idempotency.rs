@@ -1,0 +1,159 @@
+//! Stripe's idempotency semantics, against the real database.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_error, order_body, spawn_app, spawn_with, test_settings};
+
+#[tokio::test]
+async fn the_same_key_and_body_replays_the_first_response() {
+    let app = spawn_app().await;
+    let first = app.post_order(&order_body(), Some("key-1")).await;
+    assert_eq!(first.status().as_u16(), 202);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let location = first.headers()["location"].clone();
+    let first_body = first.bytes().await.unwrap();
+
+    let second = app.post_order(&order_body(), Some("key-1")).await;
+
+    assert_eq!(second.status().as_u16(), 202);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    assert_eq!(second.headers()["location"], location);
+    assert_eq!(
+        second.bytes().await.unwrap(),
+        first_body,
+        "byte-for-byte the same"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox").await,
+        1,
+        "published once"
+    );
+}
+
+#[tokio::test]
+async fn defaults_spelled_out_count_as_the_same_body() {
+    let app = spawn_app().await;
+    app.post_order(&order_body(), Some("key-d")).await;
+    let mut explicit = order_body();
+    explicit["currency"] = json!("EUR");
+    explicit["express"] = json!(false);
+    let second = app.post_order(&explicit, Some("key-d")).await;
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+}
+
+#[tokio::test]
+async fn the_same_key_with_a_different_body_is_a_422() {
+    let app = spawn_app().await;
+    app.post_order(&order_body(), Some("key-2")).await;
+    let mut other = order_body();
+    other["items"][0]["quantity"] = json!(5);
+
+    assert_error(
+        app.post_order(&other, Some("key-2")).await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+}
+
+#[tokio::test]
+async fn a_key_whose_first_request_is_in_flight_is_a_409() {
+    let app = spawn_app().await;
+    // Play the first request: hold the key's lock in an open transaction.
+    let mut first = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind("key-3")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+
+    assert_error(
+        app.post_order(&order_body(), Some("key-3")).await,
+        409,
+        "idempotency_key_in_flight",
+    )
+    .await;
+
+    first.rollback().await.unwrap();
+    assert_eq!(
+        app.post_order(&order_body(), Some("key-3"))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_make_one_order() {
+    let app = spawn_app().await;
+    let body = order_body();
+    let requests = (0..20).map(|_| app.post_order(&body, Some("key-race")));
+    let responses = futures_util::future::join_all(requests).await;
+
+    let mut created = 0;
+    for response in responses {
+        match (
+            response.status().as_u16(),
+            response.headers().get("idempotent-replayed"),
+        ) {
+            (202, None) => created += 1,
+            (202, Some(_)) | (409, _) => {}
+            (status, _) => panic!("unexpected {status}"),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1);
+}
+
+#[tokio::test]
+async fn a_failed_validation_stores_no_key() {
+    let app = spawn_app().await;
+    let mut bad = order_body();
+    bad["items"][0]["quantity"] = json!(0);
+    assert_error(
+        app.post_order(&bad, Some("key-4")).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+
+    let fixed = app.post_order(&order_body(), Some("key-4")).await;
+    assert_eq!(fixed.status().as_u16(), 202, "the key is still free");
+    assert!(fixed.headers().get("idempotent-replayed").is_none());
+}
+
+#[tokio::test]
+async fn keys_expire_and_are_cleaned_up() {
+    let (mut settings, pool) = test_settings().await;
+    settings.idempotency_ttl_secs = 1;
+    settings.idempotency_cleanup_interval_secs = 1;
+    let app = spawn_with(settings, pool).await;
+    let first: Value = app
+        .post_order(&order_body(), Some("key-5"))
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    test_support::eventually(
+        Duration::from_secs(10),
+        "the key to be cleaned up",
+        || async { (app.count("SELECT count(*) FROM idempotency_keys").await == 0).then_some(()) },
+    )
+    .await;
+
+    let second = app.post_order(&order_body(), Some("key-5")).await;
+    assert_eq!(second.status().as_u16(), 202);
+    assert!(second.headers().get("idempotent-replayed").is_none());
+    let second: Value = second.json().await.unwrap();
+    assert_ne!(
+        first["id"], second["id"],
+        "an expired key starts a new order"
+    );
+}

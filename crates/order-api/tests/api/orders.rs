@@ -1,0 +1,121 @@
+use messaging::contracts::{Lane, SCHEMA_VERSION};
+use serde_json::{Value, json};
+
+use crate::helpers::{order_body, spawn_app};
+
+#[tokio::test]
+async fn a_valid_order_is_stored_published_and_answered_with_202() {
+    let app = spawn_app().await;
+
+    let response = app.post_order(&order_body(), None).await;
+
+    assert_eq!(response.status().as_u16(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let correlation = response.headers()["x-correlation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/orders/{}", body["id"].as_str().unwrap())
+    );
+    assert_eq!(body["status"], "accepted");
+    assert_eq!(body["total_cents"], 2 * 1999 + 4950);
+    assert_eq!(body["lane"], "standard");
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            .await,
+        1,
+        "published with a confirm and marked"
+    );
+
+    let (placed, properties) = app
+        .next_placed(&app.topology.work_queue(Lane::Standard))
+        .await;
+    assert_eq!(placed.order_id.to_string(), body["id"].as_str().unwrap());
+    assert_eq!(placed.schema_version, SCHEMA_VERSION);
+    assert_eq!(placed.items.len(), 2);
+    assert_eq!(
+        properties.correlation_id().as_ref().unwrap().as_str(),
+        correlation,
+        "the correlation id travels in the AMQP properties"
+    );
+    assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
+}
+
+#[tokio::test]
+async fn an_express_order_travels_on_the_express_queue() {
+    let app = spawn_app().await;
+    let mut body = order_body();
+    body["express"] = json!(true);
+
+    let response = app.post_order(&body, None).await;
+
+    assert_eq!(response.status().as_u16(), 202);
+    let (placed, _) = app
+        .next_placed(&app.topology.work_queue(Lane::Express))
+        .await;
+    assert_eq!(placed.lane, Lane::Express);
+    assert_eq!(
+        test_support::queue_depth(&app.amqp, &app.topology.work_queue(Lane::Standard)).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_client_correlation_id_is_kept_and_echoed() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(format!("{}/orders", app.address))
+        .header("X-Correlation-Id", "trace-abc-123")
+        .json(&order_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], "trace-abc-123");
+    let (_, properties) = app
+        .next_placed(&app.topology.work_queue(Lane::Standard))
+        .await;
+    assert_eq!(
+        properties.correlation_id().as_ref().unwrap().as_str(),
+        "trace-abc-123"
+    );
+}
+
+#[tokio::test]
+async fn get_returns_the_order_and_its_history() {
+    let app = spawn_app().await;
+    let created: Value = app
+        .post_order(&order_body(), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+
+    let response = app.get(&format!("/orders/{id}")).await;
+
+    assert_eq!(response.status().as_u16(), 200);
+    let order: Value = response.json().await.unwrap();
+    assert_eq!(order["id"], id);
+    assert_eq!(order["status"], "accepted");
+    assert_eq!(order["items"][0]["unit_price_cents"], 1999);
+    let history = order["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["status"], "accepted");
+    assert_eq!(history[0]["service"], "order-api");
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/healthz").await.status().as_u16(), 200);
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status().as_u16(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["postgres"], "ok");
+    assert_eq!(body["rabbitmq"], "ok");
+}

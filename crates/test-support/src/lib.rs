@@ -1,0 +1,146 @@
+//! What every integration test needs to run against the real servers in
+//! parallel without seeing another test's data: a fresh, migrated database,
+//! a uniquely prefixed topology that the broker deletes when idle, and
+//! polling with a deadline instead of sleeps.
+
+use std::{
+    future::Future,
+    sync::LazyLock,
+    time::{Duration, Instant},
+};
+
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicAckOptions, BasicGetOptions},
+};
+use messaging::Topology;
+use sqlx::{PgPool, Postgres, migrate::MigrateDatabase};
+use uuid::Uuid;
+
+/// Postgres server the tests create their databases on.
+pub fn postgres_base_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// RabbitMQ the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// How long per-test queues live once idle.
+pub const QUEUE_EXPIRES_MS: u32 = 10 * 60 * 1000;
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var("TEST_LOG").is_ok() {
+        messaging::telemetry::init("test", messaging::telemetry::LogFormat::Pretty);
+    }
+});
+
+/// Turn on log output when `TEST_LOG` is set.
+pub fn init_tracing() {
+    LazyLock::force(&TRACING);
+}
+
+/// A new database named `orderflow_test_<uuid>`, migrated; its URL and a pool.
+pub async fn fresh_database() -> (String, PgPool) {
+    let base = postgres_base_url();
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("TEST_DATABASE_URL has a database name");
+    let url = format!("{server}/orderflow_test_{}", Uuid::new_v4().simple());
+    Postgres::create_database(&url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a test database on {server}: {e}"));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .connect(&url)
+        .await
+        .expect("connecting to the test database");
+    platform::db::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrating the test database");
+    (url, pool)
+}
+
+/// A unique topology prefix for one test.
+pub fn unique_prefix() -> String {
+    format!("test-{}", Uuid::new_v4().simple())
+}
+
+/// Connect to the test broker.
+pub async fn amqp() -> Connection {
+    Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach RabbitMQ at {}: {e}", amqp_url()))
+}
+
+/// A declared topology under `prefix` whose queues expire when idle.
+pub async fn declare_topology(connection: &Connection, prefix: &str) -> Topology {
+    let topology = Topology::new(prefix).with_queue_expiry_ms(Some(QUEUE_EXPIRES_MS));
+    let channel = connection.create_channel().await.unwrap();
+    topology
+        .declare(&channel)
+        .await
+        .expect("declaring the test topology");
+    topology
+}
+
+/// Poll `check` until it returns `Some`, or panic with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Take one message from `queue` (acking it), waiting up to `limit`.
+pub async fn next_message(
+    connection: &Connection,
+    queue: &str,
+    limit: Duration,
+) -> lapin::message::Delivery {
+    let channel = connection.create_channel().await.unwrap();
+    eventually(limit, &format!("a message on {queue}"), || {
+        let channel = channel.clone();
+        async move {
+            let got = channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get")?;
+            got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            Some(got.delivery)
+        }
+    })
+    .await
+}
+
+/// Messages ready in `queue` right now.
+pub async fn queue_depth(connection: &Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the queue exists");
+    declared.message_count()
+}
