@@ -17,6 +17,8 @@ use messaging::Topology;
 use sqlx::{PgPool, Postgres, migrate::MigrateDatabase};
 use uuid::Uuid;
 
+pub mod events;
+
 /// Postgres server the tests create their databases on.
 pub fn postgres_base_url() -> String {
     std::env::var("TEST_DATABASE_URL")

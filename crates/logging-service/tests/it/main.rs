@@ -1,0 +1,87 @@
+//! logging-service against the real Postgres and RabbitMQ.
+
+use std::time::Duration;
+
+use clap::Parser;
+use lapin::BasicProperties;
+use logging_service::{configuration::Settings, handler, startup::Application};
+use messaging::{Publisher, contracts::Outcome};
+use test_support::events::event_for_stored_order;
+use tokio_util::sync::CancellationToken;
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_audit_record_per_event_however_often_it_is_delivered() {
+    let (_, pool) = test_support::fresh_database().await;
+    let event = event_for_stored_order(
+        &pool,
+        Outcome::Rejected {
+            reason: "payment_declined".into(),
+        },
+    )
+    .await;
+
+    assert!(handler::record(&pool, &event, "corr-l").await.unwrap());
+    assert!(!handler::record(&pool, &event, "corr-l").await.unwrap());
+
+    let (kind, correlation, reason): (String, String, String) =
+        sqlx::query_as("SELECT event_type, correlation_id, payload->>'reason' FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kind, "order.rejected");
+    assert_eq!(correlation, "corr-l");
+    assert_eq!(reason, "payment_declined");
+    assert_eq!(count(&pool, "SELECT count(*) FROM audit_log").await, 1);
+}
+
+#[tokio::test]
+async fn a_malformed_event_is_dead_lettered_and_the_next_one_recorded() {
+    test_support::init_tracing();
+    let (url, pool) = test_support::fresh_database().await;
+    let mut settings = Settings::parse_from(["logging-service"]);
+    settings.worker.database.database_url = url;
+    settings.worker.database.db_max_connections = 3;
+    settings.worker.amqp.amqp_url = test_support::amqp_url();
+    settings.worker.amqp.topology_prefix = test_support::unique_prefix();
+    settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    settings.http_port = 0;
+    let topology = settings.worker.amqp.topology();
+    let app = Application::build(settings).await.unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let amqp = test_support::amqp().await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+
+    publisher
+        .publish(
+            &topology.events_exchange(),
+            "",
+            b"[]",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let event = event_for_stored_order(&pool, Outcome::Processed).await;
+    publisher
+        .publish(
+            &topology.events_exchange(),
+            "",
+            &serde_json::to_vec(&event).unwrap(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+
+    let dead =
+        test_support::next_message(&amqp, &topology.dead_letters(), Duration::from_secs(10)).await;
+    assert_eq!(dead.data, b"[]");
+    test_support::eventually(Duration::from_secs(10), "the audit record", || async {
+        (count(&pool, "SELECT count(*) FROM audit_log").await == 1).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+}

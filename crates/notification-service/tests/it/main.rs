@@ -1,0 +1,113 @@
+//! notification-service against the real Postgres and RabbitMQ.
+
+use std::time::Duration;
+
+use clap::Parser;
+use messaging::{Publisher, amqp::Envelope, contracts::Outcome};
+use notification_service::{configuration::Settings, handler, startup::Application};
+use test_support::events::event_for_stored_order;
+use tokio_util::sync::CancellationToken;
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_email_per_event_however_often_it_is_delivered() {
+    let (_, pool) = test_support::fresh_database().await;
+    let event = event_for_stored_order(&pool, Outcome::Processed).await;
+
+    assert!(handler::notify(&pool, &event).await.unwrap());
+    assert!(
+        !handler::notify(&pool, &event).await.unwrap(),
+        "a redelivery is skipped"
+    );
+
+    assert_eq!(count(&pool, "SELECT count(*) FROM notifications").await, 1);
+    let (recipient, subject): (String, String) =
+        sqlx::query_as("SELECT recipient, subject FROM notifications")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(recipient, "grace@example.com");
+    assert!(subject.contains("is confirmed"), "{subject}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM order_status_history WHERE status = 'notified'"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_rejection_email_says_why_and_that_nothing_was_charged() {
+    let (_, pool) = test_support::fresh_database().await;
+    let event = event_for_stored_order(
+        &pool,
+        Outcome::Rejected {
+            reason: "out_of_stock: LIMITED-EDITION".into(),
+        },
+    )
+    .await;
+    let (subject, body) = handler::compose(&event);
+    assert!(subject.starts_with("We could not complete"), "{subject}");
+    assert!(
+        body.contains("out_of_stock: LIMITED-EDITION") && body.contains("not been charged"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_event_on_the_fanout_exchange_is_notified_once() {
+    test_support::init_tracing();
+    let (url, pool) = test_support::fresh_database().await;
+    let mut settings = Settings::parse_from(["notification-service"]);
+    settings.worker.database.database_url = url;
+    settings.worker.database.db_max_connections = 3;
+    settings.worker.amqp.amqp_url = test_support::amqp_url();
+    settings.worker.amqp.topology_prefix = test_support::unique_prefix();
+    settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    settings.http_port = 0;
+    let topology = settings.worker.amqp.topology();
+    let app = Application::build(settings).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+
+    let event = event_for_stored_order(&pool, Outcome::Processed).await;
+    let amqp = test_support::amqp().await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    let envelope = Envelope {
+        message_id: event.message_id,
+        correlation_id: "corr-n".into(),
+        order_id: event.order_id,
+    };
+    let body = serde_json::to_vec(&event).unwrap();
+    // The same event twice: a publisher retry after a lost confirm.
+    for _ in 0..2 {
+        publisher
+            .publish(
+                &topology.events_exchange(),
+                "",
+                &body,
+                envelope.properties(),
+            )
+            .await
+            .unwrap();
+    }
+
+    test_support::eventually(Duration::from_secs(10), "the notification", || async {
+        (count(&pool, "SELECT count(*) FROM processed_messages").await == 1
+            && test_support::queue_depth(&amqp, &topology.subscriber_queue(handler::CONSUMER))
+                .await
+                == 0)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM notifications").await, 1);
+
+    shutdown.cancel();
+    running.await.unwrap().expect("a clean shutdown");
+}

@@ -1,0 +1,157 @@
+//! The real consumer: messages on the broker in, events on the broker out.
+
+use std::time::Duration;
+
+use clap::Parser;
+use lapin::types::AMQPValue;
+use messaging::{
+    Publisher, Topology,
+    amqp::Envelope,
+    contracts::{OrderEvent, OrderPlaced, Outcome},
+};
+use order_processor::{configuration::Settings, startup::Application};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{accepted_order, status};
+
+struct Running {
+    pool: PgPool,
+    topology: Topology,
+    amqp: lapin::Connection,
+    publisher: Publisher,
+    port: u16,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start() -> Running {
+    test_support::init_tracing();
+    let (url, pool) = test_support::fresh_database().await;
+    let mut settings = Settings::parse_from(["order-processor"]);
+    settings.worker.database.database_url = url;
+    settings.worker.database.db_max_connections = 4;
+    settings.worker.amqp.amqp_url = test_support::amqp_url();
+    settings.worker.amqp.topology_prefix = test_support::unique_prefix();
+    settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    settings.http_port = 0;
+    settings.payment_latency_ms = 0;
+    let topology = settings.worker.amqp.topology();
+    let app = Application::build(settings)
+        .await
+        .expect("starting the processor");
+    let port = app.port();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let amqp = test_support::amqp().await;
+    let publisher = Publisher::new(&amqp).await.unwrap();
+    Running {
+        pool,
+        topology,
+        amqp,
+        publisher,
+        port,
+        shutdown,
+    }
+}
+
+async fn publish_order(running: &Running, order: &OrderPlaced, correlation_id: &str) {
+    let envelope = Envelope {
+        message_id: order.message_id,
+        correlation_id: correlation_id.into(),
+        order_id: order.order_id,
+    };
+    running
+        .publisher
+        .publish(
+            &running.topology.orders_exchange(),
+            order.lane.as_str(),
+            &serde_json::to_vec(order).unwrap(),
+            envelope.properties(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_order_on_the_work_queue_is_processed_and_announced_on_the_fanout() {
+    let running = start().await;
+    let order = accepted_order(&running.pool, &[("GADGET", 1)]).await;
+
+    publish_order(&running, &order, "corr-e2e").await;
+
+    // Both subscriber queues get the event; read one without a consumer.
+    let queue = running.topology.subscriber_queue("logging-service");
+    let delivery = test_support::next_message(&running.amqp, &queue, Duration::from_secs(10)).await;
+    let event: OrderEvent = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(event.order_id, order.order_id);
+    assert_eq!(event.outcome, Outcome::Processed);
+    assert_eq!(
+        delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "corr-e2e"
+    );
+    assert_eq!(status(&running.pool, order.order_id).await.0, "processed");
+    let other = running.topology.subscriber_queue("notification-service");
+    assert_eq!(test_support::queue_depth(&running.amqp, &other).await, 1);
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_with_its_reason_and_the_flow_goes_on() {
+    let running = start().await;
+    running
+        .publisher
+        .publish(
+            &running.topology.orders_exchange(),
+            "standard",
+            b"{this is not an order",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
+    publish_order(&running, &order, "after-poison").await;
+
+    let dead = test_support::next_message(
+        &running.amqp,
+        &running.topology.dead_letters(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(dead.data, b"{this is not an order");
+    let headers = dead.properties.headers().as_ref().expect("x-death headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death header: {headers:?}");
+    };
+    let AMQPValue::FieldTable(death) = &deaths.as_slice()[0] else {
+        panic!("x-death entry is not a table");
+    };
+    assert_eq!(
+        death.inner().get("reason"),
+        Some(&AMQPValue::LongString("rejected".into()))
+    );
+    test_support::eventually(
+        Duration::from_secs(10),
+        "the good order to be processed",
+        || async { (status(&running.pool, order.order_id).await.0 == "processed").then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_health_port_reports_ready() {
+    let running = start().await;
+    let response = reqwest::get(format!("http://127.0.0.1:{}/readyz", running.port))
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}

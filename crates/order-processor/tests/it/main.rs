@@ -1,0 +1,5 @@
+//! order-processor against the real Postgres and RabbitMQ.
+
+mod consumer;
+mod handler;
+mod helpers;

@@ -1,0 +1,38 @@
+//! Order events for the subscriber services' tests.
+
+use chrono::Utc;
+use messaging::contracts::{Lane, OrderEvent, Outcome, SCHEMA_VERSION};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// An event about an order that exists (as processed or rejected) in `pool`.
+pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEvent {
+    let event = OrderEvent {
+        schema_version: SCHEMA_VERSION,
+        message_id: Uuid::new_v4(),
+        occurred_at: Utc::now(),
+        outcome,
+        order_id: Uuid::new_v4(),
+        customer_id: "c-7".into(),
+        email: "grace@example.com".into(),
+        total_cents: 4950,
+        currency: "EUR".into(),
+        lane: Lane::Standard,
+        processed_by: "processor-1".into(),
+        callback_url: None,
+    };
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane, status, correlation_id)
+         VALUES ($1, $2, $3, '[]', $4, $5, 'standard', $6, 'test')",
+    )
+    .bind(event.order_id)
+    .bind(&event.customer_id)
+    .bind(&event.email)
+    .bind(event.total_cents)
+    .bind(&event.currency)
+    .bind(event.outcome.status())
+    .execute(pool)
+    .await
+    .expect("inserting the order");
+    event
+}
