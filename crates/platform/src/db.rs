@@ -74,10 +74,10 @@ impl DatabaseSettings {
     async fn try_connect(&self) -> anyhow::Result<PgPool> {
         if !Postgres::database_exists(&self.database_url).await? {
             // Concurrent starts race here; losing the race is fine.
-            if let Err(error) = Postgres::create_database(&self.database_url).await {
-                if !Postgres::database_exists(&self.database_url).await? {
-                    return Err(error).context("creating the database");
-                }
+            if let Err(error) = Postgres::create_database(&self.database_url).await
+                && !Postgres::database_exists(&self.database_url).await?
+            {
+                return Err(error).context("creating the database");
             }
         }
         let options: PgConnectOptions = self

@@ -116,10 +116,10 @@ impl OrderRequest {
                 format!("must be one of {}", CURRENCIES.join(", ")),
             ));
         }
-        if let Some(url) = &self.callback_url {
-            if let Err(message) = check_callback_url(url) {
-                errors.push(FieldError::new("callback_url", message));
-            }
+        if let Some(url) = &self.callback_url
+            && let Err(message) = check_callback_url(url)
+        {
+            errors.push(FieldError::new("callback_url", message));
         }
         if let Some(shipping) = &self.shipping {
             check_text(&mut errors, "shipping.name", &shipping.name, 200);

@@ -48,14 +48,13 @@ pub async fn create_order(
         .map_err(ApiError::Validation)?;
 
     let mut tx = state.pool.begin().await?;
-    if let Some(key) = &key {
-        if let NextAction::ReturnSavedResponse(saved) =
+    if let Some(key) = &key
+        && let NextAction::ReturnSavedResponse(saved) =
             idempotency::try_start(&mut tx, key, &hash, state.idempotency_ttl).await?
-        {
-            tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
-            tracing::info!("replaying the stored response for a repeated idempotency key");
-            return Ok(respond(saved, true));
-        }
+    {
+        tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
+        tracing::info!("replaying the stored response for a repeated idempotency key");
+        return Ok(respond(saved, true));
     }
     let lines = price(&mut tx, &order.items).await?;
     let order_id = Uuid::new_v4();
