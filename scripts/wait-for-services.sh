@@ -8,6 +8,23 @@ AMQP_PORT=${AMQP_PORT:-5672}
 PG_HOST=${PG_HOST:-127.0.0.1}
 PG_PORT=${PG_PORT:-5432}
 
+# On a fresh Debian/Ubuntu machine (as root, with INSTALL_MISSING=1, as
+# scripts/test.sh sets it), install what is missing from Debian's packages.
+install_missing() { # package
+  [ "${INSTALL_MISSING:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+  echo "installing $1 from Debian's packages..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+}
+
+# A Postgres installed by us trusts local TCP connections, as the tests and
+# the default DATABASE_URL expect (no password).
+trust_local_postgres() {
+  local hba
+  hba=$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | sort -V | tail -1)
+  [ -n "$hba" ] || return 0
+  sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+}
+
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 wait_port() { # name host port seconds
@@ -20,6 +37,9 @@ wait_port() { # name host port seconds
 }
 
 if ! port_open "$PG_HOST" "$PG_PORT"; then
+  if ! [ -d /etc/postgresql ] && install_missing postgresql; then
+    trust_local_postgres
+  fi
   if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     echo "Postgres is not answering on $PG_HOST:$PG_PORT; starting the local cluster..."
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -n | tail -1)" main start || true
@@ -33,6 +53,7 @@ if ! port_open "$PG_HOST" "$PG_PORT"; then
 fi
 
 if ! port_open "$AMQP_HOST" "$AMQP_PORT"; then
+  command -v rabbitmq-server >/dev/null 2>&1 || install_missing rabbitmq-server || true
   if command -v rabbitmq-server >/dev/null 2>&1; then
     echo "RabbitMQ is not answering on $AMQP_HOST:$AMQP_PORT; starting it..."
     rabbitmq-server -detached || true

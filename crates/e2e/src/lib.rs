@@ -1,1 +1,1 @@
-
+//! Tests only: see `tests/e2e`.

@@ -1,0 +1,179 @@
+//! `docker-compose.yml` can't be run here (no Docker engine), so check it
+//! against what the binaries really read and serve: every environment
+//! variable a service sets is one its binary reads, every healthcheck hits a
+//! route on the port the binary listens on, and the services wait for
+//! healthy dependencies.
+
+use std::collections::{BTreeSet, HashMap};
+
+use clap::CommandFactory;
+use serde_norway::Value;
+
+/// What a binary reads: its settings' environment variables and their
+/// defaults, plus `RUST_LOG` (the log filter).
+struct Binary {
+    env: HashMap<String, Option<String>>,
+}
+
+fn binary<S: CommandFactory>() -> Binary {
+    let command = S::command();
+    let mut env: HashMap<String, Option<String>> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            let name = arg.get_env()?.to_string_lossy().into_owned();
+            let default = arg
+                .get_default_values()
+                .first()
+                .map(|v| v.to_string_lossy().into_owned());
+            Some((name, default))
+        })
+        .collect();
+    env.insert("RUST_LOG".into(), None);
+    Binary { env }
+}
+
+fn binaries() -> HashMap<&'static str, Binary> {
+    HashMap::from([
+        ("order-api", binary::<order_api::configuration::Settings>()),
+        ("order-processor", binary::<order_processor::configuration::Settings>()),
+        ("notification-service", binary::<notification_service::configuration::Settings>()),
+        ("logging-service", binary::<logging_service::configuration::Settings>()),
+    ])
+}
+
+fn compose() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docker-compose.yml");
+    let text = std::fs::read_to_string(path).expect("docker-compose.yml at the workspace root");
+    let mut value: Value = serde_norway::from_str(&text).expect("docker-compose.yml is YAML");
+    value.apply_merge().expect("YAML merge keys resolve");
+    value
+}
+
+fn environment(service: &Value) -> HashMap<String, String> {
+    match &service["environment"] {
+        Value::Mapping(map) => map
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Value::String(s) => s.clone(),
+                    other => serde_norway::to_string(other).unwrap().trim().to_owned(),
+                };
+                (k.as_str().unwrap().to_owned(), value)
+            })
+            .collect(),
+        Value::Sequence(items) => items
+            .iter()
+            .map(|item| {
+                let (k, v) = item.as_str().unwrap().split_once('=').unwrap_or((item.as_str().unwrap(), ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// The orderflow binary a service runs, or `None` for third-party services
+/// (Postgres, RabbitMQ). Ours are built from this repository's image.
+fn command_binary(service: &Value) -> Option<String> {
+    let ours = !service["build"].is_null()
+        || service["image"].as_str().is_some_and(|i| i.starts_with("orderflow"));
+    if !ours {
+        return None;
+    }
+    let binary = match &service["command"] {
+        Value::Sequence(parts) => parts.first().and_then(Value::as_str).map(str::to_owned),
+        Value::String(line) => line.split_whitespace().next().map(str::to_owned),
+        _ => None,
+    };
+    Some(binary.expect("an orderflow service names its binary in `command`"))
+}
+
+fn healthcheck_url(service: &Value) -> String {
+    let test = &service["healthcheck"]["test"];
+    let parts: Vec<&str> = match test {
+        Value::Sequence(parts) => parts.iter().filter_map(Value::as_str).collect(),
+        Value::String(line) => line.split_whitespace().collect(),
+        _ => panic!("no healthcheck test"),
+    };
+    parts
+        .iter()
+        .find(|p| p.starts_with("http://"))
+        .unwrap_or_else(|| panic!("healthcheck {parts:?} has no URL"))
+        .to_string()
+}
+
+#[test]
+fn every_service_sets_only_variables_its_binary_reads() {
+    let compose = compose();
+    let binaries = binaries();
+    let mut checked = BTreeSet::new();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let Some(bin) = command_binary(service) else { continue };
+        let reads = binaries
+            .get(bin.as_str())
+            .unwrap_or_else(|| panic!("service {name:?} runs unknown binary {bin}"));
+        for variable in environment(service).keys() {
+            assert!(
+                reads.env.contains_key(variable),
+                "service {name:?} sets {variable}, which {bin} does not read"
+            );
+        }
+        checked.insert(bin);
+    }
+    assert_eq!(checked.len(), 4, "all four binaries run in compose: {checked:?}");
+}
+
+#[test]
+fn healthchecks_and_ports_match_what_the_binaries_serve() {
+    let compose = compose();
+    let binaries = binaries();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let Some(bin) = command_binary(service) else { continue };
+        let env = environment(service);
+        let port = env
+            .get("HTTP_PORT")
+            .cloned()
+            .or_else(|| binaries[bin.as_str()].env["HTTP_PORT"].clone())
+            .expect("an HTTP port");
+        let url = healthcheck_url(service);
+        assert!(
+            url == format!("http://localhost:{port}/readyz") || url == format!("http://localhost:{port}/healthz"),
+            "service {name:?}: healthcheck {url} does not match port {port} and a health route"
+        );
+        if let Value::Sequence(ports) = &service["ports"] {
+            let host = env.get("HTTP_HOST").map(String::as_str).unwrap_or("127.0.0.1");
+            assert_eq!(host, "0.0.0.0", "service {name:?} publishes a port but listens on {host} only");
+            for mapping in ports {
+                let mapping = mapping.as_str().expect("ports as \"host:container\" strings");
+                let container = mapping.rsplit(':').next().unwrap();
+                assert_eq!(container, port, "service {name:?} publishes {mapping} but listens on {port}");
+            }
+        }
+    }
+}
+
+#[test]
+fn services_wait_for_healthy_dependencies_they_can_reach() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, service) in services {
+        let Some(_) = command_binary(service) else { continue };
+        let env = environment(service);
+        for (variable, dependency) in [("AMQP_URL", "rabbitmq"), ("DATABASE_URL", "postgres")] {
+            let url = env.get(variable).unwrap_or_else(|| panic!("{name:?} sets no {variable}"));
+            assert!(
+                url.contains(&format!("@{dependency}:")),
+                "{name:?}: {variable} does not point at the {dependency} service"
+            );
+            assert_eq!(
+                service["depends_on"][dependency]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name:?} must wait for {dependency} to be healthy"
+            );
+            assert!(
+                !services[dependency]["healthcheck"].is_null(),
+                "{dependency} needs a healthcheck"
+            );
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The whole flow with the real binaries: order-api, three competing
+//! order-processors, notification-service and logging-service, on a private
+//! database and topology, with 300 POSTs of which 30 reuse an earlier key.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures_util::{StreamExt, stream};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::processes::Service;
+
+const DISTINCT: usize = 270;
+const REPEATED: usize = 30;
+
+/// Order `i`: mostly ordinary; some express, some for the scarce item (5 in
+/// stock), some above the payment limit, so every path is exercised.
+fn order(i: usize) -> Value {
+    let items = match i % 27 {
+        0 => json!([{"sku": "LIMITED-EDITION", "quantity": 1}]),
+        1 => json!([{"sku": "GIZMO", "quantity": 20}]),
+        n => json!([{"sku": "WIDGET", "quantity": 1 + n % 3}, {"sku": "GADGET", "quantity": 1}]),
+    };
+    json!({
+        "customer_id": format!("c-{}", i % 17),
+        "email": format!("customer{i}@example.com"),
+        "items": items,
+        "express": i % 5 == 0,
+    })
+}
+
+struct Posted {
+    status: u16,
+    replayed: bool,
+    body: Vec<u8>,
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value, key: &str) -> Posted {
+    let response = client
+        .post(url)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("POST /orders");
+    Posted {
+        status: response.status().as_u16(),
+        replayed: response.headers().get("idempotent-replayed").is_some(),
+        body: response.bytes().await.unwrap().to_vec(),
+    }
+}
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+async fn wait_ready(services: &[Service]) {
+    let client = reqwest::Client::new();
+    for service in services {
+        test_support::eventually(Duration::from_secs(60), &format!("{} to be ready", service.name), || async {
+            let ready = client.get(service.url("/readyz")).send().await.ok()?;
+            ready.status().is_success().then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn three_hundred_orders_flow_through_every_service_exactly_once() {
+    let (database_url, pool) = test_support::fresh_database().await;
+    let prefix = test_support::unique_prefix();
+    let log_dir = std::env::temp_dir().join(format!("orderflow-e2e-{prefix}"));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let env = vec![
+        ("AMQP_URL", test_support::amqp_url()),
+        ("DATABASE_URL", database_url),
+        ("TOPOLOGY_PREFIX", prefix.clone()),
+        ("TOPOLOGY_QUEUE_EXPIRES_MS", test_support::QUEUE_EXPIRES_MS.to_string()),
+        ("DB_MAX_CONNECTIONS", "4".into()),
+        ("PREFETCH", "5".into()),
+        ("PAYMENT_LATENCY_MS", "20".into()),
+        ("PAYMENT_DECLINE_OVER_CENTS", "200000".into()),
+        ("LOG_FORMAT", "json".into()),
+        ("RUST_LOG", "info".into()),
+    ];
+    let with_instance = |id: &str| {
+        let mut env = env.clone();
+        env.push(("INSTANCE_ID", id.to_owned()));
+        env
+    };
+    let api = Service::start("order-api", "order-api", &env, &log_dir);
+    let workers = vec![
+        Service::start("order-processor", "processor-1", &with_instance("processor-1"), &log_dir),
+        Service::start("order-processor", "processor-2", &with_instance("processor-2"), &log_dir),
+        Service::start("order-processor", "processor-3", &with_instance("processor-3"), &log_dir),
+        Service::start("notification-service", "notification-service", &env, &log_dir),
+        Service::start("logging-service", "logging-service", &env, &log_dir),
+    ];
+    wait_ready(std::slice::from_ref(&api)).await;
+    wait_ready(&workers).await;
+    println!("services ready; logs in {}", log_dir.display());
+
+    let stock_before: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i32)>("SELECT sku, stock FROM inventory")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(sku, stock)| (sku, i64::from(stock)))
+            .collect();
+
+    let client = reqwest::Client::new();
+    let url = api.url("/orders");
+    let originals: Vec<Posted> = stream::iter(0..DISTINCT)
+        .map(|i| {
+            let (client, url) = (&client, &url);
+            async move { post(client, url, &order(i), &format!("order-{i}")).await }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    // The repeats: a client retrying an earlier request with the same key.
+    let repeats: Vec<Posted> = stream::iter(0..REPEATED)
+        .map(|j| {
+            let (client, url) = (&client, &url);
+            let i = j * 9;
+            async move { post(client, url, &order(i), &format!("order-{i}")).await }
+        })
+        .buffered(8)
+        .collect()
+        .await;
+
+    assert!(originals.iter().all(|p| p.status == 202 && !p.replayed), "every distinct order accepted");
+    for (j, repeat) in repeats.iter().enumerate() {
+        assert_eq!(repeat.status, 202);
+        assert!(repeat.replayed, "repeat {j} carries Idempotent-Replayed");
+        assert_eq!(repeat.body, originals[j * 9].body, "repeat {j} replays the first response");
+    }
+
+    test_support::eventually(Duration::from_secs(90), "every order final, notified and audited", || async {
+        let final_orders = scalar(&pool, "SELECT count(*) FROM orders WHERE status <> 'accepted'").await;
+        let notified = scalar(&pool, "SELECT count(*) FROM notifications").await;
+        let audited = scalar(&pool, "SELECT count(*) FROM audit_log").await;
+        (final_orders == DISTINCT as i64 && notified == DISTINCT as i64 && audited == DISTINCT as i64)
+            .then_some(())
+    })
+    .await;
+    // Let anything that would be a duplicate arrive before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM orders").await, DISTINCT as i64, "exactly 270 orders");
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM (SELECT order_id FROM order_status_history
+             WHERE status IN ('processed', 'rejected') GROUP BY order_id HAVING count(*) = 1) once"
+        )
+        .await,
+        DISTINCT as i64,
+        "each order reached exactly one final status"
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor'").await,
+        DISTINCT as i64,
+        "each order message processed once"
+    );
+    // Stock reserved exactly once per processed order, and never negative.
+    let reserved: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT line->>'sku', sum((line->>'quantity')::bigint)::bigint
+         FROM orders, jsonb_array_elements(items) AS line
+         WHERE status = 'processed' GROUP BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let stock_after: Vec<(String, i32)> = sqlx::query_as("SELECT sku, stock FROM inventory")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for (sku, after) in stock_after {
+        assert!(after >= 0, "{sku} went negative");
+        let taken = stock_before[&sku] - i64::from(after);
+        assert_eq!(taken, reserved.get(&sku).copied().unwrap_or(0), "stock of {sku} reserved once per processed order");
+    }
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM orders WHERE status = 'processed' AND items @> '[{\"sku\": \"LIMITED-EDITION\"}]'").await,
+        5,
+        "the scarce item sold out exactly"
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM orders WHERE reason = 'payment_declined'").await,
+        (0..DISTINCT).filter(|i| i % 27 == 1).count() as i64,
+        "the deterministic decline rule held"
+    );
+
+    let per_processor: Vec<(String, i64)> =
+        sqlx::query_as("SELECT processed_by, count(*) FROM orders GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    println!("orders per processor: {per_processor:?}");
+    assert_eq!(per_processor.len(), 3, "every processor handled some orders: {per_processor:?}");
+
+    for (table, what) in [("notifications", "notification"), ("audit_log", "audit record")] {
+        assert_eq!(
+            scalar(&pool, &format!("SELECT count(DISTINCT event_id) FROM {table}")).await,
+            DISTINCT as i64,
+            "one {what} per event"
+        );
+        assert_eq!(
+            scalar(&pool, &format!("SELECT count(DISTINCT order_id) FROM {table}")).await,
+            DISTINCT as i64,
+            "one {what} per order"
+        );
+    }
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox WHERE published_at IS NULL").await, 0);
+
+    // Every service stops cleanly on SIGTERM.
+    for service in workers.into_iter().chain([api]) {
+        let name = service.name.clone();
+        let status = service.stop().await;
+        assert!(status.success(), "{name} exited with {status}");
+    }
+    let _ = std::fs::remove_dir_all(&log_dir);
+}

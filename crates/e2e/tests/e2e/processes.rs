@@ -1,0 +1,84 @@
+//! Running the real service binaries as child processes.
+
+use std::{
+    fs::File,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+/// Where cargo put the binaries: next to the `deps/` folder this test runs from.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running service; killed if the test ends without stopping it.
+pub struct Service {
+    pub name: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl Service {
+    /// Start `binary` with `env` on a free `HTTP_PORT`, logging to `log_dir`.
+    pub fn start(binary_name: &str, name: &str, env: &[(&str, String)], log_dir: &std::path::Path) -> Self {
+        let port = free_port();
+        let log = File::create(log_dir.join(format!("{name}.log"))).expect("a log file");
+        let child = Command::new(binary(binary_name))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("HTTP_PORT", port.to_string())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary_name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            port,
+            child,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Ask the service to stop (SIGTERM) and wait; its exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().expect("waiting") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} did not stop within 10s of SIGTERM", self.name);
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
