@@ -35,9 +35,18 @@ fn binary<S: CommandFactory>() -> Binary {
 fn binaries() -> HashMap<&'static str, Binary> {
     HashMap::from([
         ("order-api", binary::<order_api::configuration::Settings>()),
-        ("order-processor", binary::<order_processor::configuration::Settings>()),
-        ("notification-service", binary::<notification_service::configuration::Settings>()),
-        ("logging-service", binary::<logging_service::configuration::Settings>()),
+        (
+            "order-processor",
+            binary::<order_processor::configuration::Settings>(),
+        ),
+        (
+            "notification-service",
+            binary::<notification_service::configuration::Settings>(),
+        ),
+        (
+            "logging-service",
+            binary::<logging_service::configuration::Settings>(),
+        ),
     ])
 }
 
@@ -64,7 +73,11 @@ fn environment(service: &Value) -> HashMap<String, String> {
         Value::Sequence(items) => items
             .iter()
             .map(|item| {
-                let (k, v) = item.as_str().unwrap().split_once('=').unwrap_or((item.as_str().unwrap(), ""));
+                let (k, v) = item
+                    .as_str()
+                    .unwrap()
+                    .split_once('=')
+                    .unwrap_or((item.as_str().unwrap(), ""));
                 (k.to_owned(), v.to_owned())
             })
             .collect(),
@@ -76,7 +89,9 @@ fn environment(service: &Value) -> HashMap<String, String> {
 /// (Postgres, RabbitMQ). Ours are built from this repository's image.
 fn command_binary(service: &Value) -> Option<String> {
     let ours = !service["build"].is_null()
-        || service["image"].as_str().is_some_and(|i| i.starts_with("orderflow"));
+        || service["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("orderflow"));
     if !ours {
         return None;
     }
@@ -108,7 +123,9 @@ fn every_service_sets_only_variables_its_binary_reads() {
     let binaries = binaries();
     let mut checked = BTreeSet::new();
     for (name, service) in compose["services"].as_mapping().unwrap() {
-        let Some(bin) = command_binary(service) else { continue };
+        let Some(bin) = command_binary(service) else {
+            continue;
+        };
         let reads = binaries
             .get(bin.as_str())
             .unwrap_or_else(|| panic!("service {name:?} runs unknown binary {bin}"));
@@ -120,7 +137,11 @@ fn every_service_sets_only_variables_its_binary_reads() {
         }
         checked.insert(bin);
     }
-    assert_eq!(checked.len(), 4, "all four binaries run in compose: {checked:?}");
+    assert_eq!(
+        checked.len(),
+        4,
+        "all four binaries run in compose: {checked:?}"
+    );
 }
 
 #[test]
@@ -128,7 +149,9 @@ fn healthchecks_and_ports_match_what_the_binaries_serve() {
     let compose = compose();
     let binaries = binaries();
     for (name, service) in compose["services"].as_mapping().unwrap() {
-        let Some(bin) = command_binary(service) else { continue };
+        let Some(bin) = command_binary(service) else {
+            continue;
+        };
         let env = environment(service);
         let port = env
             .get("HTTP_PORT")
@@ -137,16 +160,28 @@ fn healthchecks_and_ports_match_what_the_binaries_serve() {
             .expect("an HTTP port");
         let url = healthcheck_url(service);
         assert!(
-            url == format!("http://localhost:{port}/readyz") || url == format!("http://localhost:{port}/healthz"),
+            url == format!("http://localhost:{port}/readyz")
+                || url == format!("http://localhost:{port}/healthz"),
             "service {name:?}: healthcheck {url} does not match port {port} and a health route"
         );
         if let Value::Sequence(ports) = &service["ports"] {
-            let host = env.get("HTTP_HOST").map(String::as_str).unwrap_or("127.0.0.1");
-            assert_eq!(host, "0.0.0.0", "service {name:?} publishes a port but listens on {host} only");
+            let host = env
+                .get("HTTP_HOST")
+                .map(String::as_str)
+                .unwrap_or("127.0.0.1");
+            assert_eq!(
+                host, "0.0.0.0",
+                "service {name:?} publishes a port but listens on {host} only"
+            );
             for mapping in ports {
-                let mapping = mapping.as_str().expect("ports as \"host:container\" strings");
+                let mapping = mapping
+                    .as_str()
+                    .expect("ports as \"host:container\" strings");
                 let container = mapping.rsplit(':').next().unwrap();
-                assert_eq!(container, port, "service {name:?} publishes {mapping} but listens on {port}");
+                assert_eq!(
+                    container, port,
+                    "service {name:?} publishes {mapping} but listens on {port}"
+                );
             }
         }
     }
@@ -157,10 +192,14 @@ fn services_wait_for_healthy_dependencies_they_can_reach() {
     let compose = compose();
     let services = compose["services"].as_mapping().unwrap();
     for (name, service) in services {
-        let Some(_) = command_binary(service) else { continue };
+        let Some(_) = command_binary(service) else {
+            continue;
+        };
         let env = environment(service);
         for (variable, dependency) in [("AMQP_URL", "rabbitmq"), ("DATABASE_URL", "postgres")] {
-            let url = env.get(variable).unwrap_or_else(|| panic!("{name:?} sets no {variable}"));
+            let url = env
+                .get(variable)
+                .unwrap_or_else(|| panic!("{name:?} sets no {variable}"));
             assert!(
                 url.contains(&format!("@{dependency}:")),
                 "{name:?}: {variable} does not point at the {dependency} service"

@@ -25,7 +25,7 @@ fn order(i: usize) -> Value {
         "customer_id": format!("c-{}", i % 17),
         "email": format!("customer{i}@example.com"),
         "items": items,
-        "express": i % 5 == 0,
+        "express": i.is_multiple_of(5),
     })
 }
 
@@ -57,10 +57,14 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
 async fn wait_ready(services: &[Service]) {
     let client = reqwest::Client::new();
     for service in services {
-        test_support::eventually(Duration::from_secs(60), &format!("{} to be ready", service.name), || async {
-            let ready = client.get(service.url("/readyz")).send().await.ok()?;
-            ready.status().is_success().then_some(())
-        })
+        test_support::eventually(
+            Duration::from_secs(60),
+            &format!("{} to be ready", service.name),
+            || async {
+                let ready = client.get(service.url("/readyz")).send().await.ok()?;
+                ready.status().is_success().then_some(())
+            },
+        )
         .await;
     }
 }
@@ -75,7 +79,10 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         ("AMQP_URL", test_support::amqp_url()),
         ("DATABASE_URL", database_url),
         ("TOPOLOGY_PREFIX", prefix.clone()),
-        ("TOPOLOGY_QUEUE_EXPIRES_MS", test_support::QUEUE_EXPIRES_MS.to_string()),
+        (
+            "TOPOLOGY_QUEUE_EXPIRES_MS",
+            test_support::QUEUE_EXPIRES_MS.to_string(),
+        ),
         ("DB_MAX_CONNECTIONS", "4".into()),
         ("PREFETCH", "5".into()),
         ("PAYMENT_LATENCY_MS", "20".into()),
@@ -90,10 +97,30 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     };
     let api = Service::start("order-api", "order-api", &env, &log_dir);
     let workers = vec![
-        Service::start("order-processor", "processor-1", &with_instance("processor-1"), &log_dir),
-        Service::start("order-processor", "processor-2", &with_instance("processor-2"), &log_dir),
-        Service::start("order-processor", "processor-3", &with_instance("processor-3"), &log_dir),
-        Service::start("notification-service", "notification-service", &env, &log_dir),
+        Service::start(
+            "order-processor",
+            "processor-1",
+            &with_instance("processor-1"),
+            &log_dir,
+        ),
+        Service::start(
+            "order-processor",
+            "processor-2",
+            &with_instance("processor-2"),
+            &log_dir,
+        ),
+        Service::start(
+            "order-processor",
+            "processor-3",
+            &with_instance("processor-3"),
+            &log_dir,
+        ),
+        Service::start(
+            "notification-service",
+            "notification-service",
+            &env,
+            &log_dir,
+        ),
         Service::start("logging-service", "logging-service", &env, &log_dir),
     ];
     wait_ready(std::slice::from_ref(&api)).await;
@@ -130,25 +157,46 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         .collect()
         .await;
 
-    assert!(originals.iter().all(|p| p.status == 202 && !p.replayed), "every distinct order accepted");
+    assert!(
+        originals.iter().all(|p| p.status == 202 && !p.replayed),
+        "every distinct order accepted"
+    );
     for (j, repeat) in repeats.iter().enumerate() {
         assert_eq!(repeat.status, 202);
         assert!(repeat.replayed, "repeat {j} carries Idempotent-Replayed");
-        assert_eq!(repeat.body, originals[j * 9].body, "repeat {j} replays the first response");
+        assert_eq!(
+            repeat.body,
+            originals[j * 9].body,
+            "repeat {j} replays the first response"
+        );
     }
 
-    test_support::eventually(Duration::from_secs(90), "every order final, notified and audited", || async {
-        let final_orders = scalar(&pool, "SELECT count(*) FROM orders WHERE status <> 'accepted'").await;
-        let notified = scalar(&pool, "SELECT count(*) FROM notifications").await;
-        let audited = scalar(&pool, "SELECT count(*) FROM audit_log").await;
-        (final_orders == DISTINCT as i64 && notified == DISTINCT as i64 && audited == DISTINCT as i64)
-            .then_some(())
-    })
+    test_support::eventually(
+        Duration::from_secs(90),
+        "every order final, notified and audited",
+        || async {
+            let final_orders = scalar(
+                &pool,
+                "SELECT count(*) FROM orders WHERE status <> 'accepted'",
+            )
+            .await;
+            let notified = scalar(&pool, "SELECT count(*) FROM notifications").await;
+            let audited = scalar(&pool, "SELECT count(*) FROM audit_log").await;
+            (final_orders == DISTINCT as i64
+                && notified == DISTINCT as i64
+                && audited == DISTINCT as i64)
+                .then_some(())
+        },
+    )
     .await;
     // Let anything that would be a duplicate arrive before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    assert_eq!(scalar(&pool, "SELECT count(*) FROM orders").await, DISTINCT as i64, "exactly 270 orders");
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM orders").await,
+        DISTINCT as i64,
+        "exactly 270 orders"
+    );
     assert_eq!(
         scalar(
             &pool,
@@ -160,7 +208,11 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         "each order reached exactly one final status"
     );
     assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor'").await,
+        scalar(
+            &pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor'"
+        )
+        .await,
         DISTINCT as i64,
         "each order message processed once"
     );
@@ -182,7 +234,11 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     for (sku, after) in stock_after {
         assert!(after >= 0, "{sku} went negative");
         let taken = stock_before[&sku] - i64::from(after);
-        assert_eq!(taken, reserved.get(&sku).copied().unwrap_or(0), "stock of {sku} reserved once per processed order");
+        assert_eq!(
+            taken,
+            reserved.get(&sku).copied().unwrap_or(0),
+            "stock of {sku} reserved once per processed order"
+        );
     }
     assert_eq!(
         scalar(&pool, "SELECT count(*) FROM orders WHERE status = 'processed' AND items @> '[{\"sku\": \"LIMITED-EDITION\"}]'").await,
@@ -190,7 +246,11 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         "the scarce item sold out exactly"
     );
     assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM orders WHERE reason = 'payment_declined'").await,
+        scalar(
+            &pool,
+            "SELECT count(*) FROM orders WHERE reason = 'payment_declined'"
+        )
+        .await,
         (0..DISTINCT).filter(|i| i % 27 == 1).count() as i64,
         "the deterministic decline rule held"
     );
@@ -201,21 +261,43 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
             .await
             .unwrap();
     println!("orders per processor: {per_processor:?}");
-    assert_eq!(per_processor.len(), 3, "every processor handled some orders: {per_processor:?}");
+    assert_eq!(
+        per_processor.len(),
+        3,
+        "every processor handled some orders: {per_processor:?}"
+    );
 
-    for (table, what) in [("notifications", "notification"), ("audit_log", "audit record")] {
+    for (table, what) in [
+        ("notifications", "notification"),
+        ("audit_log", "audit record"),
+    ] {
         assert_eq!(
-            scalar(&pool, &format!("SELECT count(DISTINCT event_id) FROM {table}")).await,
+            scalar(
+                &pool,
+                &format!("SELECT count(DISTINCT event_id) FROM {table}")
+            )
+            .await,
             DISTINCT as i64,
             "one {what} per event"
         );
         assert_eq!(
-            scalar(&pool, &format!("SELECT count(DISTINCT order_id) FROM {table}")).await,
+            scalar(
+                &pool,
+                &format!("SELECT count(DISTINCT order_id) FROM {table}")
+            )
+            .await,
             DISTINCT as i64,
             "one {what} per order"
         );
     }
-    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox WHERE published_at IS NULL").await, 0);
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        )
+        .await,
+        0
+    );
 
     // Every service stops cleanly on SIGTERM.
     for service in workers.into_iter().chain([api]) {

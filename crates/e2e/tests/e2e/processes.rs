@@ -41,7 +41,12 @@ pub struct Service {
 
 impl Service {
     /// Start `binary` with `env` on a free `HTTP_PORT`, logging to `log_dir`.
-    pub fn start(binary_name: &str, name: &str, env: &[(&str, String)], log_dir: &std::path::Path) -> Self {
+    pub fn start(
+        binary_name: &str,
+        name: &str,
+        env: &[(&str, String)],
+        log_dir: &std::path::Path,
+    ) -> Self {
         let port = free_port();
         let log = File::create(log_dir.join(format!("{name}.log"))).expect("a log file");
         let child = Command::new(binary(binary_name))
@@ -65,7 +70,10 @@ impl Service {
     /// Ask the service to stop (SIGTERM) and wait; its exit status.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         for _ in 0..200 {
             if let Some(status) = self.child.try_wait().expect("waiting") {
                 return status;
