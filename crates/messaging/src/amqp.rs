@@ -1,6 +1,6 @@
 //! Connecting to RabbitMQ and publishing with confirms.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use lapin::{
@@ -8,6 +8,8 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
@@ -51,33 +53,97 @@ impl AmqpSettings {
             .with_queue_expiry_ms(self.topology_queue_expires_ms)
     }
 
-    /// Connect, waiting (with backoff, forever) until the broker answers.
-    pub async fn connect(&self) -> anyhow::Result<Connection> {
+    /// A broker handle for these settings (not connected yet).
+    pub fn broker(&self) -> Broker {
+        Broker::new(self.amqp_url.clone(), self.topology())
+    }
+}
+
+/// The connection to RabbitMQ, re-established when lost. Every new
+/// connection first declares the topology, so a broker that lost its state
+/// gets it back before anything is published or consumed.
+#[derive(Clone)]
+pub struct Broker {
+    url: String,
+    topology: Topology,
+    current: Arc<Mutex<Option<Arc<Connection>>>>,
+}
+
+impl Broker {
+    /// A handle for the broker at `url`; nothing is connected yet.
+    pub fn new(url: String, topology: Topology) -> Self {
+        Self {
+            url,
+            topology,
+            current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The names this broker's topology uses.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Whether there is a live connection right now.
+    pub fn is_connected(&self) -> bool {
+        self.current
+            .try_lock()
+            .is_ok_and(|current| current.as_ref().is_some_and(|c| c.status().connected()))
+    }
+
+    /// The live connection, or one attempt (at most 5 s) to make one.
+    pub async fn connect_once(&self) -> anyhow::Result<Arc<Connection>> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        *current = None;
+        // Our own timeout: connecting to a broker that is not up must not
+        // hang (lapin issue #468).
+        let connection = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(&self.url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
+        let channel = connection.create_channel().await?;
+        self.topology
+            .declare(&channel)
+            .await
+            .context("declaring the topology")?;
+        let _ = channel.close(200, "declared".into()).await;
+        tracing::info!(broker = %redact(&self.url), "connected to RabbitMQ, topology declared");
+        let connection = Arc::new(connection);
+        *current = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// The live connection, waiting with backoff (logging what it waits
+    /// for) until there is one; `None` if `stop` is cancelled first.
+    pub async fn connect(&self, stop: &CancellationToken) -> Option<Arc<Connection>> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1u32;
         loop {
-            // Our own per-attempt timeout: a connect to a broker that is not up
-            // yet must not hang the start-up (lapin issue #468).
-            let tried = tokio::time::timeout(
-                Duration::from_secs(5),
-                Connection::connect(&self.amqp_url, ConnectionProperties::default()),
-            )
-            .await;
-            let error = match tried {
-                Ok(Ok(connection)) => {
-                    tracing::info!(broker = %redact(&self.amqp_url), "connected to RabbitMQ");
-                    return Ok(connection);
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "timed out after 5s".to_owned(),
-            };
-            tracing::warn!(
-                broker = %redact(&self.amqp_url), attempt, error = %error,
-                "waiting for RabbitMQ; retrying in {delay:?}"
-            );
-            tokio::time::sleep(delay).await;
+            match self.connect_once().await {
+                Ok(connection) => return Some(connection),
+                Err(error) => tracing::warn!(
+                    broker = %redact(&self.url), attempt, error = %format!("{error:#}"),
+                    "waiting for RabbitMQ; retrying in {delay:?}"
+                ),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
             delay = (delay * 2).min(Duration::from_secs(5));
             attempt += 1;
+        }
+    }
+
+    /// Close the connection, if any.
+    pub async fn close(&self) {
+        if let Some(connection) = self.current.lock().await.take() {
+            let _ = connection.close(200, "shutting down".into()).await;
         }
     }
 }
@@ -98,11 +164,13 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// A channel in confirm mode: `publish` returns only once the broker has
-/// taken responsibility for the message.
+/// Publishes on a channel in confirm mode: `publish` returns only once the
+/// broker has taken responsibility for the message. A lost channel is
+/// reopened (one connection attempt) on the next publish.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    broker: Broker,
+    channel: Arc<Mutex<Option<Channel>>>,
 }
 
 /// Identity of a message: what consumers dedupe and correlate on.
@@ -147,8 +215,20 @@ pub fn correlation_id(properties: &BasicProperties) -> String {
 }
 
 impl Publisher {
-    /// Open a channel on `connection` and switch it to confirm mode.
-    pub async fn new(connection: &Connection) -> anyhow::Result<Self> {
+    /// A publisher on `broker`; the channel is opened on first use.
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            channel: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let connection = self.broker.connect_once().await?;
         let channel = connection
             .create_channel()
             .await
@@ -157,7 +237,8 @@ impl Publisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("enabling publisher confirms")?;
-        Ok(Self { channel })
+        *slot = Some(channel.clone());
+        Ok(channel)
     }
 
     /// Publish and wait for the broker's confirm. Mandatory, so a message no
@@ -169,8 +250,8 @@ impl Publisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> anyhow::Result<()> {
-        let confirm = self
-            .channel
+        let channel = self.channel().await?;
+        let confirm = channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -196,11 +277,6 @@ impl Publisher {
             Confirmation::Nack(_) => bail!("the broker refused the message (basic.nack)"),
             Confirmation::NotRequested => bail!("publisher confirms are not enabled"),
         }
-    }
-
-    /// Whether the channel can still publish.
-    pub fn is_connected(&self) -> bool {
-        self.channel.status().connected()
     }
 }
 

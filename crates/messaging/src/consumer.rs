@@ -1,40 +1,72 @@
 //! The consume loop shared by every consuming service: bounded prefetch,
 //! bounded concurrency, ack only after the handler has committed its work,
-//! and a drain on shutdown. What to do with one message is the handler's
-//! business; what to do with its outcome is decided here, once.
+//! retries after a growing delay, dead letters with the reason, and a drain
+//! on shutdown. What to do with one message is the handler's business; what
+//! to do with its outcome is decided here, once.
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use lapin::{
-    Acker, Channel,
+    Acker, BasicProperties, Channel,
     message::Delivery,
     options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
         BasicQosOptions, BasicRejectOptions,
     },
-    types::FieldTable,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use tokio_util::sync::CancellationToken;
+
+use crate::{Publisher, Topology};
+
+/// Header counting the failed attempts a message has had so far.
+pub const ATTEMPTS_HEADER: &str = "x-orderflow-attempts";
+/// Header saying why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-orderflow-reason";
+/// Header naming the service that gave up on a message.
+pub const SERVICE_HEADER: &str = "x-orderflow-service";
+/// Header naming the queue a dead letter came from (where replay sends it).
+pub const QUEUE_HEADER: &str = "x-orderflow-queue";
 
 /// What the consumer loop does with a delivery once the handler is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
     /// The work is committed (or was already done): ack.
     Ack,
-    /// The message can never succeed: reject without requeue, so the queue
-    /// dead-letters it with the reason in `x-death`.
+    /// A transient failure: try again after a growing delay, and dead-letter
+    /// the message once the attempts are used up.
+    Retry {
+        /// Why, for the log line and the dead letter.
+        reason: String,
+    },
+    /// The message can never succeed: dead-letter it now.
     DeadLetter {
-        /// Why, for the log line.
+        /// Why, for the log line and the dead letter.
         reason: String,
     },
-    /// A transient failure: give the message back to the queue. The queue's
-    /// delivery limit dead-letters it if it keeps failing.
-    Requeue {
-        /// Why, for the log line.
-        reason: String,
-    },
+}
+
+/// How failed messages are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included, before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled for each further one.
+    pub initial_delay: Duration,
+    /// The longest delay.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (1 for the first retry).
+    pub fn delay(&self, retry: u32) -> Duration {
+        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
+        self.initial_delay
+            .saturating_mul(factor)
+            .min(self.max_delay)
+    }
 }
 
 /// One consumer on one queue.
@@ -44,18 +76,39 @@ pub struct ConsumerSpec {
     pub queue: String,
     /// Names this consumer in the management UI.
     pub tag: String,
+    /// The service consuming, written on the dead letters it makes.
+    pub service: String,
     /// Unacked messages the broker may push to this consumer, which is also
     /// how many are handled at once.
     pub prefetch: u16,
+    /// How failures are retried.
+    pub retry: RetryPolicy,
 }
 
-/// Consume `spec.queue` until `shutdown` is cancelled, handing each delivery
-/// to `handler` and settling it by the returned [`Disposition`]. On shutdown
-/// no new message is started, in-flight ones finish and are acked, then the
-/// consumer is cancelled; prefetched but unstarted messages go back to the
-/// queue when the channel closes.
+/// The failed attempts a delivery has had before this one.
+pub fn previous_attempts(properties: &BasicProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(ATTEMPTS_HEADER).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => u32::from(n),
+        _ => 0,
+    }
+}
+
+/// Consume `spec.queue` until `shutdown` is cancelled or the channel fails,
+/// handing each delivery to `handler` and settling it by the returned
+/// [`Disposition`]. On shutdown no new message is started, in-flight ones
+/// finish and are settled, then the consumer is cancelled; prefetched but
+/// unstarted messages go back to the queue when the channel closes.
 pub async fn run<F, Fut>(
     channel: &Channel,
+    topology: &Topology,
+    publisher: &Publisher,
     spec: ConsumerSpec,
     shutdown: CancellationToken,
     handler: F,
@@ -66,7 +119,7 @@ where
 {
     // Per-consumer prefetch (global QoS is refused by quorum queues on 3.10).
     // A small prefetch keeps work spread across the competing consumers
-    // instead of piling up in one process's buffer.
+    // instead of piling up in one process's buffer, and bounds memory.
     channel
         .basic_qos(spec.prefetch, BasicQosOptions { global: false })
         .await
@@ -83,26 +136,37 @@ where
         .with_context(|| format!("consuming from {}", spec.queue))?;
     tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, "consuming");
 
-    let stream_failed = CancellationToken::new();
+    // Stops taking deliveries on shutdown or when the stream fails; a failed
+    // stream must not stop the other consumers of the service.
+    let stop = shutdown.child_token();
+    let failed = CancellationToken::new();
+    let settler = Settler {
+        topology,
+        publisher,
+        spec: &spec,
+    };
     consumer
-        .take_until(shutdown.cancelled())
+        .take_until(stop.clone().cancelled_owned())
         .for_each_concurrent(usize::from(spec.prefetch.max(1)), |delivery| async {
             match delivery {
                 Ok(delivery) => {
                     let acker = delivery.acker.clone();
+                    let properties = delivery.properties.clone();
+                    let data = delivery.data.clone();
                     let disposition = handler(delivery).await;
-                    settle(&acker, disposition).await;
+                    settler.settle(&acker, properties, &data, disposition).await;
                 }
                 Err(error) => {
-                    tracing::error!(queue = %spec.queue, error = %error, "the consumer failed");
-                    stream_failed.cancel();
+                    tracing::error!(queue = %spec.queue, error = %error, "the consumer lost its channel");
+                    failed.cancel();
+                    stop.cancel();
                 }
             }
         })
         .await;
 
-    if !shutdown.is_cancelled() || stream_failed.is_cancelled() {
-        bail!("the consumer on {} stopped unexpectedly", spec.queue);
+    if failed.is_cancelled() || !shutdown.is_cancelled() {
+        bail!("the consumer on {} stopped", spec.queue);
     }
     channel
         .basic_cancel(spec.tag.as_str().into(), BasicCancelOptions::default())
@@ -112,30 +176,163 @@ where
     Ok(())
 }
 
-async fn settle(acker: &Acker, disposition: Disposition) {
-    let settled = match &disposition {
-        Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
-        Disposition::DeadLetter { reason } => {
-            tracing::warn!(reason = %reason, "dead-lettering the message");
-            acker.reject(BasicRejectOptions { requeue: false }).await
+struct Settler<'a> {
+    topology: &'a Topology,
+    publisher: &'a Publisher,
+    spec: &'a ConsumerSpec,
+}
+
+impl Settler<'_> {
+    async fn settle(
+        &self,
+        acker: &Acker,
+        properties: BasicProperties,
+        data: &[u8],
+        disposition: Disposition,
+    ) {
+        let settled = match disposition {
+            Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
+            Disposition::Retry { reason } => {
+                let attempts = previous_attempts(&properties) + 1;
+                if attempts >= self.spec.retry.max_attempts {
+                    let reason = format!("gave up after {attempts} attempts: {reason}");
+                    self.dead_letter(acker, properties, data, attempts, &reason)
+                        .await
+                } else {
+                    self.retry_later(acker, properties, data, attempts, &reason)
+                        .await
+                }
+            }
+            Disposition::DeadLetter { reason } => {
+                let attempts = previous_attempts(&properties) + 1;
+                self.dead_letter(acker, properties, data, attempts, &reason)
+                    .await
+            }
+        };
+        match settled {
+            Ok(true) => {}
+            // The channel went away since the delivery: the broker requeues
+            // it, and the idempotent handler skips the redelivery.
+            Ok(false) => tracing::warn!("delivery not settled: it will be redelivered"),
+            Err(error) => {
+                tracing::warn!(error = %error, "settling the delivery failed: it will be redelivered")
+            }
         }
-        Disposition::Requeue { reason } => {
-            tracing::warn!(reason = %reason, "returning the message to the queue");
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await
+    }
+
+    /// Park the message in the retry queue with a per-message TTL; the
+    /// broker moves it back to the work queue when the TTL is up.
+    async fn retry_later(
+        &self,
+        acker: &Acker,
+        properties: BasicProperties,
+        data: &[u8],
+        attempts: u32,
+        reason: &str,
+    ) -> lapin::Result<bool> {
+        let delay = self.spec.retry.delay(attempts);
+        let properties = with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts))
+            .with_expiration(ShortString::from(delay.as_millis().to_string()));
+        let retry_queue = self.topology.retry_queue(&self.spec.queue);
+        match self
+            .publisher
+            .publish("", &retry_queue, data, properties)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(
+                    attempt = attempts, reason = %reason,
+                    "processing failed; retrying in {delay:?}"
+                );
+                acker.ack(BasicAckOptions::default()).await
+            }
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "could not schedule the retry; requeueing");
+                requeue(acker).await
+            }
         }
-    };
-    match settled {
-        Ok(true) => {}
-        // The channel was recovered since the delivery: the broker has already
-        // requeued it, and the idempotent handler will skip the redelivery.
-        Ok(false) => tracing::warn!(?disposition, "delivery not settled: it will be redelivered"),
-        Err(error) => {
-            tracing::error!(?disposition, error = %error, "settling the delivery failed: it will be redelivered")
+    }
+
+    /// Publish the message to the dead-letter exchange with why, how many
+    /// attempts, which service and which queue; then ack it.
+    async fn dead_letter(
+        &self,
+        acker: &Acker,
+        properties: BasicProperties,
+        data: &[u8],
+        attempts: u32,
+        reason: &str,
+    ) -> lapin::Result<bool> {
+        let mut properties =
+            with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
+        for (header, value) in [
+            (REASON_HEADER, reason),
+            (SERVICE_HEADER, self.spec.service.as_str()),
+            (QUEUE_HEADER, self.spec.queue.as_str()),
+        ] {
+            properties = with_header(
+                properties,
+                header,
+                AMQPValue::LongString(LongString::from(value)),
+            );
         }
+        match self
+            .publisher
+            .publish(&self.topology.dead_letters(), "", data, properties)
+            .await
+        {
+            Ok(()) => {
+                tracing::error!(reason = %reason, attempts, "message dead-lettered");
+                acker.ack(BasicAckOptions::default()).await
+            }
+            Err(error) => {
+                // The queue's own dead-letter exchange still keeps it (with
+                // x-death, without our headers).
+                tracing::error!(error = %format!("{error:#}"), reason = %reason, "could not publish the dead letter; rejecting");
+                acker.reject(BasicRejectOptions { requeue: false }).await
+            }
+        }
+    }
+}
+
+async fn requeue(acker: &Acker) -> lapin::Result<bool> {
+    acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+}
+
+fn with_header(properties: BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(name.into(), value);
+    properties.with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        let policy = RetryPolicy {
+            max_attempts: 6,
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(3),
+        };
+        let delays: Vec<u128> = (1..=5).map(|r| policy.delay(r).as_millis()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 3000, 3000]);
+    }
+
+    #[test]
+    fn the_attempt_count_is_read_from_the_header() {
+        assert_eq!(previous_attempts(&BasicProperties::default()), 0);
+        let props = with_header(
+            BasicProperties::default(),
+            ATTEMPTS_HEADER,
+            AMQPValue::LongUInt(3),
+        );
+        assert_eq!(previous_attempts(&props), 3);
     }
 }

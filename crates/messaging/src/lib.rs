@@ -10,5 +10,5 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
 
-pub use amqp::{AmqpSettings, Publisher};
+pub use amqp::{AmqpSettings, Broker, Publisher};
 pub use topology::Topology;

@@ -76,6 +76,40 @@ impl Topology {
         self.name("orders.dead")
     }
 
+    /// Where a message of `queue` waits out its retry delay (per-message
+    /// TTL) before the broker dead-letters it back onto `queue`.
+    pub fn retry_queue(&self, queue: &str) -> String {
+        format!("{queue}.retry")
+    }
+
+    /// Every queue of the topology, retry and dead-letter queues included.
+    pub fn all_queues(&self) -> Vec<String> {
+        let work = self.work_queues();
+        let mut queues: Vec<String> = work.iter().map(|q| self.retry_queue(q)).collect();
+        queues.extend(work);
+        queues.push(self.dead_letters());
+        queues
+    }
+
+    /// Every exchange of the topology.
+    pub fn exchanges(&self) -> [String; 3] {
+        [
+            self.orders_exchange(),
+            self.events_exchange(),
+            self.dead_letters(),
+        ]
+    }
+
+    /// Every queue a consumer works on (not the retry or dead-letter ones).
+    pub fn work_queues(&self) -> Vec<String> {
+        let mut queues = vec![
+            self.work_queue(Lane::Express),
+            self.work_queue(Lane::Standard),
+        ];
+        queues.extend(SUBSCRIBERS.iter().map(|s| self.subscriber_queue(s)));
+        queues
+    }
+
     /// Declare every exchange, queue and binding. Safe to call concurrently
     /// from every service: declarations with equal arguments are no-ops.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
@@ -108,6 +142,7 @@ impl Topology {
             let queue = self.work_queue(lane);
             self.declare_queue(channel, &queue, Some(&dead)).await?;
             self.bind(channel, &queue, &orders, lane.as_str()).await?;
+            self.declare_retry_queue(channel, &queue).await?;
         }
 
         let events = self.events_exchange();
@@ -123,7 +158,32 @@ impl Topology {
             let queue = self.subscriber_queue(service);
             self.declare_queue(channel, &queue, Some(&dead)).await?;
             self.bind(channel, &queue, &events, "").await?;
+            self.declare_retry_queue(channel, &queue).await?;
         }
+        Ok(())
+    }
+
+    async fn declare_retry_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), string("quorum"));
+        // Expired messages go back to the work queue through the default exchange.
+        args.insert("x-dead-letter-exchange".into(), string(""));
+        args.insert("x-dead-letter-routing-key".into(), string(queue));
+        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        args.insert("x-overflow".into(), string("reject-publish"));
+        if let Some(ms) = self.queue_expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
+        channel
+            .queue_declare(
+                self.retry_queue(queue).into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
         Ok(())
     }
 

@@ -1,11 +1,11 @@
 //! Builds order-api from its settings and runs it: the HTTP server, the
 //! outbox relay and the idempotency-key clean-up, until asked to stop.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use axum::Router;
-use messaging::{Publisher, Topology};
+use messaging::{Broker, Publisher, Topology};
 use platform::{health, outbox::Relay};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -28,7 +28,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     state: AppState,
-    connection: Arc<lapin::Connection>,
+    broker: Broker,
     settings: Settings,
 }
 
@@ -37,23 +37,16 @@ impl Application {
     /// the topology and bind the listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = settings.database.connect_and_migrate().await?;
-        let connection = Arc::new(settings.amqp.connect().await?);
-        let topology = settings.amqp.topology();
-        let channel = connection.create_channel().await?;
-        topology
-            .declare(&channel)
-            .await
-            .context("declaring the topology")?;
-        channel.close(200, "declared".into()).await?;
-        let publisher = Publisher::new(&connection).await?;
+        let broker = settings.amqp.broker();
+        broker.connect(&CancellationToken::new()).await;
         let state = AppState {
             pool: pool.clone(),
-            relay: Relay::new(pool.clone(), publisher),
-            topology,
+            relay: Relay::new(pool.clone(), Publisher::new(broker.clone())),
+            topology: broker.topology().clone(),
             max_quantity: settings.max_quantity,
             idempotency_ttl: settings.idempotency_ttl(),
         };
-        let health = health::router(health::Readiness::new(pool, connection.clone()));
+        let health = health::router(health::Readiness::new(pool, broker.clone()));
         let router = routes::router(state.clone(), health, settings.max_body_bytes);
         let address = SocketAddr::new(settings.http_host, settings.http_port);
         let listener = TcpListener::bind(address)
@@ -63,7 +56,7 @@ impl Application {
             listener,
             router,
             state,
-            connection,
+            broker,
             settings,
         })
     }
@@ -95,7 +88,7 @@ impl Application {
         shutdown.cancel();
         let _ = relay.await;
         cleanup.abort();
-        let _ = self.connection.close(200, "shutting down".into()).await;
+        self.broker.close().await;
         tracing::info!("order-api stopped");
         served
     }

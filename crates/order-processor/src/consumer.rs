@@ -58,7 +58,7 @@ fn dead_letter(error: HandleError) -> Disposition {
         HandleError::Poison(reason) => Disposition::DeadLetter { reason },
         HandleError::Transient(error) => {
             tracing::error!(error.cause_chain = ?error, error.message = %error, "processing failed");
-            Disposition::Requeue {
+            Disposition::Retry {
                 reason: format!("{error:#}"),
             }
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use messaging::{Publisher, contracts::Lane};
+use messaging::contracts::Lane;
 use platform::{outbox::Relay, worker::Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -21,8 +21,7 @@ impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let worker = Worker::start("order-processor", &settings.worker, settings.http_port).await?;
-        let publisher = Publisher::new(worker.connection()).await?;
-        let relay = Relay::new(worker.pool().clone(), publisher);
+        let relay = Relay::new(worker.pool().clone(), worker.publisher().clone());
         let instance_id = settings.instance_id();
         tracing::info!(instance_id = %instance_id, "order-processor starting");
         let processor = Processor {

@@ -1,7 +1,7 @@
 //! `/healthz` (the process is alive) and `/readyz` (its Postgres and
 //! RabbitMQ are reachable), served by every service.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use serde_json::json;
@@ -11,13 +11,13 @@ use sqlx::PgPool;
 #[derive(Clone)]
 pub struct Readiness {
     pool: PgPool,
-    connection: Arc<lapin::Connection>,
+    broker: messaging::Broker,
 }
 
 impl Readiness {
-    /// Readiness of `pool` and `connection`.
-    pub fn new(pool: PgPool, connection: Arc<lapin::Connection>) -> Self {
-        Self { pool, connection }
+    /// Readiness of `pool` and `broker`.
+    pub fn new(pool: PgPool, broker: messaging::Broker) -> Self {
+        Self { pool, broker }
     }
 
     /// `Ok` when both dependencies answer; otherwise what is wrong with each.
@@ -32,7 +32,7 @@ impl Readiness {
             Ok(Err(error)) => format!("unreachable: {error}"),
             Err(_) => "unreachable: timed out".to_owned(),
         };
-        let rabbitmq = if self.connection.status().connected() {
+        let rabbitmq = if self.broker.is_connected() {
             "ok".to_owned()
         } else {
             "unreachable: connection closed".to_owned()

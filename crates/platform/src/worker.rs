@@ -2,13 +2,13 @@
 //! connect Postgres and RabbitMQ, declare the topology, serve health, then
 //! consume until asked to stop.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use lapin::message::Delivery;
 use messaging::{
-    AmqpSettings, Topology,
-    consumer::{self, ConsumerSpec, Disposition},
+    AmqpSettings, Broker, Publisher, Topology,
+    consumer::{self, ConsumerSpec, Disposition, RetryPolicy},
     contracts::OrderEvent,
     telemetry::LogSettings,
 };
@@ -34,16 +34,37 @@ pub struct WorkerSettings {
     /// Address the health endpoints listen on.
     #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: std::net::IpAddr,
+    /// Attempts in all before a failing message is dead-lettered.
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retry_max_attempts: u32,
+    /// Delay before the first retry, in ms; doubled for each further retry.
+    #[arg(long, env = "RETRY_INITIAL_DELAY_MS", default_value_t = 1000)]
+    pub retry_initial_delay_ms: u64,
+    /// The longest delay between retries, in ms.
+    #[arg(long, env = "RETRY_MAX_DELAY_MS", default_value_t = 30_000)]
+    pub retry_max_delay_ms: u64,
+}
+
+impl WorkerSettings {
+    /// The retry policy these settings describe.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.retry_max_attempts,
+            initial_delay: Duration::from_millis(self.retry_initial_delay_ms),
+            max_delay: Duration::from_millis(self.retry_max_delay_ms),
+        }
+    }
 }
 
 /// A connected, declared, listening service, ready to consume.
 pub struct Worker {
     service: &'static str,
     pool: PgPool,
-    connection: Arc<lapin::Connection>,
-    topology: Topology,
+    broker: Broker,
+    publisher: Publisher,
     listener: TcpListener,
     prefetch: u16,
+    retry: RetryPolicy,
 }
 
 impl Worker {
@@ -55,24 +76,19 @@ impl Worker {
         http_port: u16,
     ) -> anyhow::Result<Self> {
         let pool = settings.database.connect_and_migrate().await?;
-        let connection = Arc::new(settings.amqp.connect().await?);
-        let topology = settings.amqp.topology();
-        let channel = connection.create_channel().await?;
-        topology
-            .declare(&channel)
-            .await
-            .context("declaring the topology")?;
-        channel.close(200, "declared".into()).await?;
+        let broker = settings.amqp.broker();
+        broker.connect(&CancellationToken::new()).await;
         let listener = TcpListener::bind(SocketAddr::new(settings.http_host, http_port))
             .await
             .with_context(|| format!("binding the health port {http_port}"))?;
         Ok(Self {
             service,
             pool,
-            connection,
-            topology,
+            publisher: Publisher::new(broker.clone()),
+            broker,
             listener,
             prefetch: settings.prefetch,
+            retry: settings.retry_policy(),
         })
     }
 
@@ -86,18 +102,21 @@ impl Worker {
         &self.pool
     }
 
-    /// The broker connection, for opening a publisher.
-    pub fn connection(&self) -> &lapin::Connection {
-        &self.connection
+    /// The confirmed publisher (retries, dead letters, and the service's own
+    /// messages).
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// The topology names.
     pub fn topology(&self) -> &Topology {
-        &self.topology
+        self.broker.topology()
     }
 
     /// Serve health and consume `queues` with `handler` until `shutdown`.
-    /// In-flight messages finish and are acked before this returns.
+    /// A lost connection or channel is re-established and the consumers
+    /// re-subscribed; in-flight messages finish and are settled before this
+    /// returns.
     pub async fn run<F, Fut>(
         self,
         queues: Vec<String>,
@@ -108,7 +127,7 @@ impl Worker {
         F: Fn(Delivery) -> Fut + Clone,
         Fut: Future<Output = Disposition>,
     {
-        let readiness = health::Readiness::new(self.pool.clone(), self.connection.clone());
+        let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
         let app = health::router(readiness);
         let server_shutdown = shutdown.clone();
         let server = tokio::spawn(async move {
@@ -117,31 +136,52 @@ impl Worker {
                 .await
         });
 
-        let channel = self.connection.create_channel().await?;
         let instance = std::process::id();
-        let consumers = queues.into_iter().map(|queue| {
-            let spec = ConsumerSpec {
-                tag: format!("{}-{instance}-{queue}", self.service),
-                queue,
-                prefetch: self.prefetch,
+        while let Some(connection) = self.broker.connect(&shutdown).await {
+            let channel = match connection.create_channel().await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not open a channel; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             };
-            let shutdown = shutdown.clone();
-            let handler = handler.clone();
-            let channel = &channel;
-            async move {
-                let result = consumer::run(channel, spec, shutdown.clone(), handler).await;
-                // One consumer failing stops the service: a supervisor (docker
-                // compose's restart policy) starts it again.
-                shutdown.cancel();
-                result
+            // One round of consuming: ends on shutdown, or when any consumer
+            // fails (they share the channel), to reconnect and resubscribe.
+            let round = shutdown.child_token();
+            let consumers = queues.iter().map(|queue| {
+                let spec = ConsumerSpec {
+                    tag: format!("{}-{instance}-{queue}", self.service),
+                    queue: queue.clone(),
+                    service: self.service.to_owned(),
+                    prefetch: self.prefetch,
+                    retry: self.retry,
+                };
+                let (round, handler, channel) = (round.clone(), handler.clone(), &channel);
+                let (topology, publisher) = (self.broker.topology(), &self.publisher);
+                async move {
+                    let result =
+                        consumer::run(channel, topology, publisher, spec, round.clone(), handler)
+                            .await;
+                    round.cancel();
+                    result
+                }
+            });
+            tracing::info!(service = self.service, "ready: consuming");
+            let results = futures_util::future::join_all(consumers).await;
+            let _ = channel.close(200, "round over".into()).await;
+            if shutdown.is_cancelled() {
+                results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+                break;
             }
-        });
-        tracing::info!(service = self.service, "ready");
-        let results = futures_util::future::join_all(consumers).await;
-        let _ = channel.close(200, "shutting down".into()).await;
+            tracing::warn!(
+                service = self.service,
+                "not ready: lost the RabbitMQ channel; reconnecting"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         server.abort();
-        let _ = self.connection.close(200, "shutting down".into()).await;
-        results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+        self.broker.close().await;
         Ok(())
     }
 }
@@ -179,7 +219,7 @@ where
             }
             Err(error) => {
                 tracing::error!(error.cause_chain = ?error, error.message = %error, "handling the event failed");
-                Disposition::Requeue {
+                Disposition::Retry {
                     reason: format!("{error:#}"),
                 }
             }

@@ -31,8 +31,10 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// How long per-test queues live once idle.
-pub const QUEUE_EXPIRES_MS: u32 = 10 * 60 * 1000;
+/// How long per-test queues live once idle: a backstop for tests that die
+/// before their [`TopologyGuard`] deletes them. Quorum queues hold file
+/// descriptors on the broker, so they must not pile up.
+pub const QUEUE_EXPIRES_MS: u32 = 60 * 1000;
 
 static TRACING: LazyLock<()> = LazyLock::new(|| {
     if std::env::var("TEST_LOG").is_ok() {
@@ -77,6 +79,48 @@ pub async fn amqp() -> Connection {
     Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| panic!("cannot reach RabbitMQ at {}: {e}", amqp_url()))
+}
+
+/// Deletes a test topology's queues and exchanges when dropped, so a test
+/// suite leaves nothing behind on the shared broker.
+pub struct TopologyGuard(pub Topology);
+
+impl Drop for TopologyGuard {
+    fn drop(&mut self) {
+        let topology = self.0.clone();
+        // Drop can't await, and may run inside the test's runtime: delete
+        // from a thread with a runtime of its own.
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                for queue in topology.all_queues() {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), Default::default())
+                        .await;
+                }
+                for exchange in topology.exchanges() {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), Default::default())
+                        .await;
+                }
+                let _ = connection.close(200, "test over".into()).await;
+                Some(())
+            })
+        })
+        .join();
+        if !matches!(deleted, Ok(Some(()))) {
+            eprintln!(
+                "could not delete the test topology; its queues expire in {QUEUE_EXPIRES_MS} ms"
+            );
+        }
+    }
 }
 
 /// A declared topology under `prefix` whose queues expire when idle.
@@ -145,4 +189,17 @@ pub async fn queue_depth(connection: &Connection, queue: &str) -> u32 {
         .await
         .expect("the queue exists");
     declared.message_count()
+}
+
+/// A confirmed publisher on the test broker for `topology`.
+pub fn publisher(topology: &Topology) -> messaging::Publisher {
+    messaging::Publisher::new(messaging::Broker::new(amqp_url(), topology.clone()))
+}
+
+/// A string header of a delivery, if present.
+pub fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
 }

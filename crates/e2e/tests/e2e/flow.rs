@@ -73,6 +73,7 @@ async fn wait_ready(services: &[Service]) {
 async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     let (database_url, pool) = test_support::fresh_database().await;
     let prefix = test_support::unique_prefix();
+    let _topology = test_support::TopologyGuard(messaging::Topology::new(prefix.clone()));
     let log_dir = std::env::temp_dir().join(format!("orderflow-e2e-{prefix}"));
     std::fs::create_dir_all(&log_dir).unwrap();
     let env = vec![

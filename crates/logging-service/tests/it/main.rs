@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use lapin::BasicProperties;
 use logging_service::{configuration::Settings, handler, startup::Application};
-use messaging::{Publisher, contracts::Outcome};
+use messaging::contracts::Outcome;
 use test_support::events::event_for_stored_order;
 use tokio_util::sync::CancellationToken;
 
@@ -50,11 +50,12 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_one_recorded() {
     settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
     settings.http_port = 0;
     let topology = settings.worker.amqp.topology();
+    let _topology = test_support::TopologyGuard(topology.clone());
     let app = Application::build(settings).await.unwrap();
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let amqp = test_support::amqp().await;
-    let publisher = Publisher::new(&amqp).await.unwrap();
+    let publisher = test_support::publisher(&topology);
 
     publisher
         .publish(

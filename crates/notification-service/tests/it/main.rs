@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use messaging::{Publisher, amqp::Envelope, contracts::Outcome};
+use messaging::{amqp::Envelope, contracts::Outcome};
 use notification_service::{configuration::Settings, handler, startup::Application};
 use test_support::events::event_for_stored_order;
 use tokio_util::sync::CancellationToken;
@@ -71,13 +71,14 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
     settings.http_port = 0;
     let topology = settings.worker.amqp.topology();
+    let _topology = test_support::TopologyGuard(topology.clone());
     let app = Application::build(settings).await.unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
 
     let event = event_for_stored_order(&pool, Outcome::Processed).await;
     let amqp = test_support::amqp().await;
-    let publisher = Publisher::new(&amqp).await.unwrap();
+    let publisher = test_support::publisher(&topology);
     let envelope = Envelope {
         message_id: event.message_id,
         correlation_id: "corr-n".into(),

@@ -14,6 +14,7 @@ pub struct TestApp {
     pub amqp: lapin::Connection,
     pub client: reqwest::Client,
     shutdown: CancellationToken,
+    _topology: test_support::TopologyGuard,
 }
 
 impl Drop for TestApp {
@@ -43,6 +44,7 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_with(settings: Settings, pool: PgPool) -> TestApp {
     let topology = settings.amqp.topology();
+    let topology_for_guard = topology.clone();
     let application = Application::build(settings)
         .await
         .expect("building the app");
@@ -56,6 +58,7 @@ pub async fn spawn_with(settings: Settings, pool: PgPool) -> TestApp {
         amqp: test_support::amqp().await,
         client: reqwest::Client::new(),
         shutdown,
+        _topology: test_support::TopologyGuard(topology_for_guard),
     }
 }
 

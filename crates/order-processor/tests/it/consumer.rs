@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use clap::Parser;
-use lapin::types::AMQPValue;
 use messaging::{
     Publisher, Topology,
     amqp::Envelope,
-    contracts::{OrderEvent, OrderPlaced, Outcome},
+    consumer,
+    contracts::{Lane, OrderEvent, OrderPlaced, Outcome},
 };
 use order_processor::{configuration::Settings, startup::Application};
 use sqlx::PgPool;
@@ -22,6 +22,7 @@ struct Running {
     publisher: Publisher,
     port: u16,
     shutdown: CancellationToken,
+    _topology: test_support::TopologyGuard,
 }
 
 impl Drop for Running {
@@ -49,9 +50,10 @@ async fn start() -> Running {
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let amqp = test_support::amqp().await;
-    let publisher = Publisher::new(&amqp).await.unwrap();
+    let publisher = test_support::publisher(&topology);
     Running {
         pool,
+        _topology: test_support::TopologyGuard(topology.clone()),
         topology,
         amqp,
         publisher,
@@ -128,16 +130,15 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_the_flow_goes_on(
     )
     .await;
     assert_eq!(dead.data, b"{this is not an order");
-    let headers = dead.properties.headers().as_ref().expect("x-death headers");
-    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
-        panic!("no x-death header: {headers:?}");
-    };
-    let AMQPValue::FieldTable(death) = &deaths.as_slice()[0] else {
-        panic!("x-death entry is not a table");
-    };
+    let reason = test_support::header(&dead, consumer::REASON_HEADER).expect("a reason");
+    assert!(reason.starts_with("not an OrderPlaced message"), "{reason}");
     assert_eq!(
-        death.inner().get("reason"),
-        Some(&AMQPValue::LongString("rejected".into()))
+        test_support::header(&dead, consumer::SERVICE_HEADER).as_deref(),
+        Some("order-processor")
+    );
+    assert_eq!(
+        test_support::header(&dead, consumer::QUEUE_HEADER),
+        Some(running.topology.work_queue(Lane::Standard))
     );
     test_support::eventually(
         Duration::from_secs(10),
