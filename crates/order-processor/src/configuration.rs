@@ -22,6 +22,10 @@ pub struct Settings {
     /// simulated payment provider (a deterministic rule, for demos and tests).
     #[arg(long, env = "PAYMENT_DECLINE_OVER_CENTS", default_value_t = 1_000_000)]
     pub payment_decline_over_cents: i64,
+    /// Let customer ids inject payment failures: `flaky-N` fails the first N
+    /// attempts, `doomed` every attempt (to watch retries and dead letters).
+    #[arg(long, env = "DEMO_FAILURES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub demo_failures: bool,
     /// Name of this instance in logs and in `orders.processed_by`
     /// (default: host name and process id).
     #[arg(long, env = "INSTANCE_ID")]

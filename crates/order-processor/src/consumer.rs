@@ -2,7 +2,11 @@
 //! and say in the log what happened to the order.
 
 use lapin::message::Delivery;
-use messaging::{amqp, consumer::Disposition, contracts::Outcome};
+use messaging::{
+    amqp,
+    consumer::{self, Disposition},
+    contracts::Outcome,
+};
 use platform::outbox::Relay;
 use tracing::Instrument;
 
@@ -24,7 +28,8 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
             Err(error) => return dead_letter(error),
         };
         tracing::Span::current().record("order_id", tracing::field::display(order.order_id));
-        match processor.handle(&order, &correlation_id).await {
+        let attempt = consumer::previous_attempts(&delivery.properties) + 1;
+        match processor.handle(&order, &correlation_id, attempt).await {
             Ok(Handled::Duplicate) => {
                 tracing::info!("already handled; skipping the duplicate delivery");
                 Disposition::Ack

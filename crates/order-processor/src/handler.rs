@@ -65,15 +65,21 @@ pub fn decode(body: &[u8]) -> Result<OrderPlaced, HandleError> {
 }
 
 impl Processor {
-    /// Handle one decoded order. Commits before returning; the caller acks.
+    /// Handle one decoded order on its `attempt`-th try (counting from 1).
+    /// Commits before returning; the caller acks.
     pub async fn handle(
         &self,
         order: &OrderPlaced,
         correlation_id: &str,
+        attempt: u32,
     ) -> Result<Handled, HandleError> {
         // Payment first and outside the transaction: its latency must not
         // hold stock row locks that every other processor is waiting for.
-        let paid = self.payments.authorise(order.total_cents).await;
+        let paid = self
+            .payments
+            .authorise(&order.customer_id, order.total_cents, attempt)
+            .await
+            .map_err(|e| HandleError::Transient(e.into()))?;
 
         let mut tx = self.pool.begin().await?;
         if !dedupe::first_delivery(&mut tx, CONSUMER, order.message_id).await? {

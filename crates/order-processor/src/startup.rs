@@ -30,7 +30,8 @@ impl Application {
             payments: PaymentProvider::new(
                 Duration::from_millis(settings.payment_latency_ms),
                 settings.payment_decline_over_cents,
-            ),
+            )
+            .with_demo_failures(settings.demo_failures),
             instance_id,
         };
         Ok(Self {

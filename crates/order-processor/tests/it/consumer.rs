@@ -32,6 +32,10 @@ impl Drop for Running {
 }
 
 async fn start() -> Running {
+    start_with(|_| {}).await
+}
+
+async fn start_with(configure: impl FnOnce(&mut Settings)) -> Running {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["order-processor"]);
@@ -42,6 +46,7 @@ async fn start() -> Running {
     settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
     settings.http_port = 0;
     settings.payment_latency_ms = 0;
+    configure(&mut settings);
     let topology = settings.worker.amqp.topology();
     let app = Application::build(settings)
         .await
@@ -155,4 +160,65 @@ async fn the_health_port_reports_ready() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_with_backoff_and_then_succeeds() {
+    let running = start_with(|s| {
+        s.demo_failures = true;
+        s.worker.retry_initial_delay_ms = 100;
+    })
+    .await;
+    let mut order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
+    order.customer_id = "flaky-2".into();
+
+    publish_order(&running, &order, "flaky").await;
+
+    test_support::eventually(
+        Duration::from_secs(15),
+        "the order to succeed on its third attempt",
+        || async { (status(&running.pool, order.order_id).await.0 == "processed").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        test_support::queue_depth(&running.amqp, &running.topology.dead_letters()).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often() {
+    let running = start_with(|s| {
+        s.demo_failures = true;
+        s.worker.retry_max_attempts = 3;
+        s.worker.retry_initial_delay_ms = 100;
+    })
+    .await;
+    let mut order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
+    order.customer_id = "doomed".into();
+
+    publish_order(&running, &order, "doomed").await;
+
+    let dead = test_support::next_message(
+        &running.amqp,
+        &running.topology.dead_letters(),
+        Duration::from_secs(15),
+    )
+    .await;
+    let reason = test_support::header(&dead, consumer::REASON_HEADER).unwrap();
+    assert!(
+        reason.starts_with("gave up after 3 attempts: payment provider unavailable"),
+        "{reason}"
+    );
+    assert_eq!(consumer::previous_attempts(&dead.properties), 3);
+    assert_eq!(
+        status(&running.pool, order.order_id).await.0,
+        "accepted",
+        "no final status"
+    );
+    let decoded: OrderPlaced = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(
+        decoded.order_id, order.order_id,
+        "the dead letter is the original message"
+    );
 }
