@@ -1,0 +1,147 @@
+//! The dead-letter queue, for people: list what is in it and why, and replay
+//! messages (one or all) onto the queue they came from. A replayed message
+//! keeps its message id, so if it had in fact been processed the consumer's
+//! dedupe skips it: replaying is always safe.
+
+use anyhow::Context;
+use lapin::{
+    BasicProperties, Channel,
+    message::Delivery,
+    options::{BasicAckOptions, BasicGetOptions},
+    types::{AMQPValue, FieldTable},
+};
+use messaging::{
+    Broker, Publisher,
+    consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER, SERVICE_HEADER, previous_attempts},
+    contracts::ORDER_ID_HEADER,
+};
+
+/// What a person wants to know about one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub order_id: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub service: String,
+    /// Where replay sends it.
+    pub queue: Option<String>,
+}
+
+fn text(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// The first `x-death` entry the broker wrote (delivery limit, rejection).
+fn broker_death(headers: &FieldTable) -> Option<&FieldTable> {
+    match headers.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(death) => Some(death),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Describe a dead-lettered delivery, whichever way it got there: our
+/// consumers' headers, or the broker's `x-death`.
+pub fn describe(properties: &BasicProperties) -> DeadLetter {
+    let empty = FieldTable::default();
+    let headers = properties.headers().as_ref().unwrap_or(&empty);
+    let death = broker_death(headers);
+    DeadLetter {
+        message_id: properties
+            .message_id()
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |m| m.to_string()),
+        order_id: text(headers, ORDER_ID_HEADER).unwrap_or_else(|| "-".to_owned()),
+        reason: text(headers, REASON_HEADER)
+            .or_else(|| {
+                death
+                    .and_then(|d| text(d, "reason"))
+                    .map(|r| format!("broker: {r}"))
+            })
+            .unwrap_or_else(|| "unknown".to_owned()),
+        attempts: previous_attempts(properties),
+        service: text(headers, SERVICE_HEADER).unwrap_or_else(|| "-".to_owned()),
+        queue: text(headers, QUEUE_HEADER).or_else(|| death.and_then(|d| text(d, "queue"))),
+    }
+}
+
+/// Take every message off the dead-letter queue without acking; closing the
+/// channel puts them all back, in order.
+async fn take_all(channel: &Channel, queue: &str) -> anyhow::Result<Vec<Delivery>> {
+    let mut taken = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .context("reading the dead-letter queue")?
+    {
+        taken.push(message.delivery);
+    }
+    Ok(taken)
+}
+
+/// Every dead letter, oldest first; the queue is left as it was.
+pub async fn list(broker: &Broker) -> anyhow::Result<Vec<DeadLetter>> {
+    let connection = broker.connect_once().await?;
+    let channel = connection.create_channel().await?;
+    let taken = take_all(&channel, &broker.topology().dead_letters()).await?;
+    channel.close(200, "listed".into()).await?;
+    Ok(taken.iter().map(|d| describe(&d.properties)).collect())
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    All,
+    MessageId(String),
+}
+
+/// Publish the selected dead letters back onto their queue (with confirms,
+/// attempts reset), then remove them from the dead-letter queue; returns
+/// what was replayed. Messages whose queue is unknown stay.
+pub async fn replay(broker: &Broker, selection: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
+    let connection = broker.connect_once().await?;
+    let channel = connection.create_channel().await?;
+    let publisher = Publisher::new(broker.clone());
+    let taken = take_all(&channel, &broker.topology().dead_letters()).await?;
+    let mut replayed = Vec::new();
+    for delivery in taken {
+        let letter = describe(&delivery.properties);
+        let chosen = match selection {
+            Selection::All => true,
+            Selection::MessageId(id) => letter.message_id == *id,
+        };
+        let Some(queue) = letter.queue.clone().filter(|_| chosen) else {
+            continue;
+        };
+        // A replay starts afresh: without the previous attempts and deaths.
+        let dropped = [
+            ATTEMPTS_HEADER,
+            REASON_HEADER,
+            SERVICE_HEADER,
+            QUEUE_HEADER,
+            "x-death",
+        ];
+        let mut headers = FieldTable::default();
+        for (name, value) in delivery.properties.headers().iter().flat_map(|h| h.inner()) {
+            if !dropped.contains(&name.as_str()) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+        let properties = delivery.properties.clone().with_headers(headers);
+        publisher
+            .publish("", &queue, &delivery.data, properties)
+            .await
+            .with_context(|| format!("replaying {} onto {queue}", letter.message_id))?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        replayed.push(letter);
+    }
+    channel.close(200, "replayed".into()).await?;
+    Ok(replayed)
+}

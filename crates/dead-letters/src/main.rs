@@ -1,0 +1,90 @@
+//! `dead-letters list` and `dead-letters replay (--all | --message-id ID)`.
+
+use std::collections::BTreeMap;
+
+use clap::{Parser, Subcommand};
+use dead_letters::{Selection, list, replay};
+use messaging::AmqpSettings;
+
+#[derive(Parser)]
+#[command(
+    name = "dead-letters",
+    about = "Inspect and replay the orderflow dead-letter queue"
+)]
+struct Cli {
+    #[command(flatten)]
+    amqp: AmqpSettings,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count the dead letters by reason and list them, oldest first.
+    List,
+    /// Put dead letters back on the queue they came from.
+    Replay {
+        /// Replay every dead letter.
+        #[arg(
+            long,
+            conflicts_with = "message_id",
+            required_unless_present = "message_id"
+        )]
+        all: bool,
+        /// Replay only the message with this id.
+        #[arg(long)]
+        message_id: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let broker = cli.amqp.broker();
+    match cli.command {
+        Command::List => {
+            let letters = list(&broker).await?;
+            println!(
+                "{} dead letter(s) in {}",
+                letters.len(),
+                broker.topology().dead_letters()
+            );
+            let mut by_reason: BTreeMap<&str, usize> = BTreeMap::new();
+            for letter in &letters {
+                *by_reason.entry(letter.reason.as_str()).or_default() += 1;
+            }
+            for (reason, count) in by_reason {
+                println!("  {count:>5}  {reason}");
+            }
+            for letter in &letters {
+                println!(
+                    "message {} order {} attempts {} service {} queue {} — {}",
+                    letter.message_id,
+                    letter.order_id,
+                    letter.attempts,
+                    letter.service,
+                    letter.queue.as_deref().unwrap_or("?"),
+                    letter.reason
+                );
+            }
+        }
+        Command::Replay { all, message_id } => {
+            let selection = match (all, message_id) {
+                (_, Some(id)) => Selection::MessageId(id),
+                _ => Selection::All,
+            };
+            let replayed = replay(&broker, &selection).await?;
+            for letter in &replayed {
+                println!(
+                    "replayed message {} (order {}) onto {}",
+                    letter.message_id,
+                    letter.order_id,
+                    letter.queue.as_deref().unwrap_or("?")
+                );
+            }
+            println!("{} message(s) replayed", replayed.len());
+        }
+    }
+    broker.close().await;
+    Ok(())
+}
