@@ -1,5 +1,7 @@
 //! End-to-end tests of the whole system, and of the compose file that runs it.
 
+mod chaos;
 mod compose;
 mod flow;
 mod processes;
+mod servers;

@@ -84,9 +84,32 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Kill the process outright (SIGKILL): a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Wait until something accepts TCP connections on `port`.
+pub async fn wait_for_port(port: u16, limit: Duration) {
+    test_support::eventually(
+        limit,
+        &format!("port {port} to accept connections"),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
 }

@@ -1,0 +1,293 @@
+//! The seven faults. Each prints what it injected and the counts it checked.
+
+use std::time::Duration;
+
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use messaging::{Topology, amqp::Envelope};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{Load, System, check_invariants};
+
+const RATE: u64 = 25;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_a_processor_mid_batch() {
+    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "100")]).await;
+    let load = Load::start(system.api_url(), RATE);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let victim = system.processors.remove(0);
+    println!(
+        "kill -9 {} (prefetch 10, 100 ms per order: it holds a batch)",
+        victim.name
+    );
+    victim.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = load.finish().await;
+    check_invariants(&system, "kill -9 processor", &report.accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_down_for_ten_seconds() {
+    let mut system = System::start(&[]).await;
+    let load = Load::start(system.api_url(), RATE);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("stopping RabbitMQ for 10 s while orders are posted");
+    system.rabbit.stop().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    system.rabbit.start_again().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = load.finish().await;
+    println!(
+        "POST answers: {:?}, transport errors: {}",
+        report.statuses, report.transport_errors
+    );
+    assert_eq!(report.transport_errors, 0, "order-api kept answering");
+    assert!(
+        report.statuses.keys().all(|s| *s == 202),
+        "every POST was accepted while RabbitMQ was down: {:?}",
+        report.statuses
+    );
+    system.wait_ready().await;
+    check_invariants(&system, "RabbitMQ down 10 s", &report.accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_for_ten_seconds() {
+    let mut system = System::start(&[]).await;
+    let load = Load::start(system.api_url(), RATE);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("stopping Postgres for 10 s while orders are posted");
+    system.postgres.stop().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    system.postgres.start_again().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = load.finish().await;
+    println!(
+        "POST answers: {:?}, transport errors: {}, slowest 503: {:?}",
+        report.statuses, report.transport_errors, report.slowest_503
+    );
+    assert!(
+        report.statuses.get(&503).copied().unwrap_or(0) > 0,
+        "POSTs during the outage got 503"
+    );
+    assert!(!report.statuses.contains_key(&500), "no 500s");
+    assert_eq!(
+        report.transport_errors, 0,
+        "no hangs or dropped connections"
+    );
+    assert!(
+        report.slowest_503 < Duration::from_secs(3),
+        "503 came quickly"
+    );
+    system.wait_ready().await;
+    check_invariants(&system, "Postgres down 10 s", &report.accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
+    let mut system = System::start(&[("DEMO_FAILURES", "true"), ("RETRY_MAX_ATTEMPTS", "3")]).await;
+    let load = Load::start(system.api_url(), RATE);
+    let amqp = system.amqp().await;
+    let channel = amqp.create_channel().await.unwrap();
+    let topology = Topology::new("");
+    println!("publishing invalid JSON straight onto the work queue");
+    channel
+        .basic_publish(
+            topology.orders_exchange().as_str().into(),
+            "standard".into(),
+            BasicPublishOptions::default(),
+            b"{\"order_id\": oops",
+            BasicProperties::default().with_message_id("poison-json".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    println!("posting an order that fails every attempt (customer \"doomed\")");
+    let client = reqwest::Client::new();
+    let doomed: serde_json::Value = client
+        .post(system.api_url())
+        .json(&json!({"customer_id": "doomed", "email": "d@example.com", "items": [{"sku": "WIDGET", "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let doomed_id: Uuid = doomed["id"].as_str().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut report = load.finish().await;
+    report.accepted.insert(doomed_id);
+
+    let broker = messaging::Broker::new(system.rabbit.url(), topology.clone());
+    let letters = test_support_dead_letters(&broker).await;
+    println!("dead letters: {letters:?}");
+    assert_eq!(letters.len(), 2);
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.0.starts_with("not an OrderPlaced message"))
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.0.starts_with("gave up after 3 attempts"))
+    );
+
+    println!(
+        "fixing the cause (processors restarted without demo failures) and replaying the doomed order"
+    );
+    for processor in system.processors.drain(..) {
+        assert!(processor.stop().await.success());
+    }
+    system.env.retain(|(k, _)| *k != "DEMO_FAILURES");
+    system.processors = (1..=3)
+        .map(|i| system.service("order-processor", &format!("processor-{i}")))
+        .collect();
+    system.wait_ready().await;
+    let message_id =
+        sqlx::query_scalar::<_, Uuid>("SELECT message_id FROM outbox WHERE order_id = $1")
+            .bind(doomed_id)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    let replayed = dead_letters::replay(
+        &broker,
+        &dead_letters::Selection::MessageId(message_id.to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed.len(), 1);
+    check_invariants(&system, "poison messages", &report.accepted, 1).await;
+    let doomed_status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(doomed_id)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        doomed_status, "processed",
+        "the replayed order was processed"
+    );
+    system.stop_all().await;
+}
+
+async fn test_support_dead_letters(broker: &messaging::Broker) -> Vec<(String, u32)> {
+    test_support::eventually(Duration::from_secs(30), "two dead letters", || async {
+        let letters = dead_letters::list(broker).await.ok()?;
+        (letters.len() >= 2).then(|| {
+            letters
+                .into_iter()
+                .map(|l| (l.reason, l.attempts))
+                .collect()
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_delivered_twice_is_processed_once() {
+    let mut system = System::start(&[]).await;
+    let load = Load::start(system.api_url(), RATE);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = load.finish().await;
+    let topology = Topology::new("");
+    let publisher = messaging::Publisher::new(messaging::Broker::new(
+        system.rabbit.url(),
+        topology.clone(),
+    ));
+    let sent: Vec<(Uuid, Uuid, serde_json::Value, String)> = sqlx::query_as(
+        "SELECT message_id, order_id, payload, routing_key FROM outbox WHERE exchange = $1 LIMIT 20",
+    )
+    .bind(topology.orders_exchange())
+    .fetch_all(&system.pool)
+    .await
+    .unwrap();
+    println!(
+        "re-publishing {} already-published orders (a publisher retry after a lost confirm)",
+        sent.len()
+    );
+    for (message_id, order_id, payload, routing_key) in &sent {
+        let envelope = Envelope {
+            message_id: *message_id,
+            correlation_id: "duplicate".into(),
+            order_id: *order_id,
+        };
+        publisher
+            .publish(
+                &topology.orders_exchange(),
+                routing_key,
+                &serde_json::to_vec(payload).unwrap(),
+                envelope.properties(),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(!sent.is_empty());
+    check_invariants(&system, "duplicate delivery", &report.accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_everything_mid_load_and_start_again() {
+    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "50")]).await;
+    let load = Load::start(system.api_url(), RATE);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    println!("SIGTERM to every service mid-load");
+    system.stop_all().await;
+    let report = load.finish().await;
+    println!("starting every service again");
+    system.api = Some(system.service("order-api", "order-api"));
+    system.start_workers();
+    system.wait_ready().await;
+    check_invariants(&system, "SIGTERM all and restart", &report.accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_posts_with_one_key() {
+    let mut system = System::start(&[]).await;
+    let client = reqwest::Client::new();
+    let body = json!({"customer_id": "c-1", "email": "a@example.com", "items": [{"sku": "GADGET", "quantity": 1}]});
+    println!("50 concurrent POSTs with the same Idempotency-Key");
+    let responses = futures_util::future::join_all((0..50).map(|_| {
+        client
+            .post(system.api_url())
+            .header("Idempotency-Key", "same-key")
+            .json(&body)
+            .send()
+    }))
+    .await;
+    let (mut created, mut replayed, mut conflicts) = (0, 0, 0);
+    let mut accepted = std::collections::HashSet::new();
+    for response in responses {
+        let response = response.unwrap();
+        match (
+            response.status().as_u16(),
+            response.headers().contains_key("idempotent-replayed"),
+        ) {
+            (202, false) => created += 1,
+            (202, true) => replayed += 1,
+            (409, _) => conflicts += 1,
+            (status, _) => panic!("unexpected {status}"),
+        }
+        if response.status().as_u16() == 202 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            accepted.insert(body["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+        }
+    }
+    println!("created={created} replayed={replayed} conflict={conflicts}");
+    assert_eq!(created, 1);
+    assert_eq!(accepted.len(), 1, "every 202 names the same order");
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE exchange = 'orders'")
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    assert_eq!(published, 1, "one publish");
+    check_invariants(&system, "50 POSTs one key", &accepted, 0).await;
+    system.stop_all().await;
+}

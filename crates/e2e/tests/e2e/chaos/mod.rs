@@ -1,0 +1,396 @@
+//! The chaos suite: each case runs the real binaries on a private RabbitMQ
+//! node and Postgres cluster, keeps a steady stream of orders coming (some
+//! repeating an idempotency key), injects one fault, lets the system settle,
+//! and checks the invariants: every accepted order has exactly one final
+//! status; stock was reserved once per processed order and never went
+//! negative; one notification and one audit record per event; nothing left
+//! in queues or outbox; dead letters only where the case expects them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    processes::Service,
+    servers::{PrivatePostgres, PrivateRabbit},
+};
+
+mod cases;
+
+/// The whole system on private servers.
+pub struct System {
+    pub rabbit: PrivateRabbit,
+    pub postgres: PrivatePostgres,
+    pub pool: PgPool,
+    pub api: Option<Service>,
+    pub processors: Vec<Service>,
+    pub subscribers: Vec<Service>,
+    env: Vec<(&'static str, String)>,
+    log_dir: PathBuf,
+    stock_before: HashMap<String, i64>,
+}
+
+impl System {
+    pub async fn start(extra: &[(&'static str, &str)]) -> Self {
+        let rabbit = PrivateRabbit::start().await;
+        let postgres = PrivatePostgres::start().await;
+        let log_dir =
+            std::env::temp_dir().join(format!("orderflow-chaos-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let mut env = vec![
+            ("AMQP_URL", rabbit.url()),
+            ("DATABASE_URL", postgres.url("orderflow")),
+            ("DB_MAX_CONNECTIONS", "5".into()),
+            ("DB_ACQUIRE_TIMEOUT_MS", "1000".into()),
+            ("PREFETCH", "10".into()),
+            ("PAYMENT_LATENCY_MS", "20".into()),
+            ("RETRY_INITIAL_DELAY_MS", "200".into()),
+            ("RETRY_MAX_DELAY_MS", "2000".into()),
+            ("RETRY_MAX_ATTEMPTS", "30".into()),
+            ("OUTBOX_RELAY_INTERVAL_MS", "300".into()),
+            ("RUST_LOG", "info".into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let mut system = Self {
+            rabbit,
+            postgres,
+            pool: PgPool::connect_lazy("postgres://unused").unwrap(),
+            api: None,
+            processors: Vec::new(),
+            subscribers: Vec::new(),
+            env,
+            log_dir,
+            stock_before: HashMap::new(),
+        };
+        // order-api first: it creates the database and applies migrations.
+        system.api = Some(system.service("order-api", "order-api"));
+        system.wait_ready().await;
+        system.pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(3)
+            .connect(&system.postgres.url("orderflow"))
+            .await
+            .unwrap();
+        system.start_workers();
+        system.wait_ready().await;
+        system.stock_before =
+            sqlx::query_as::<_, (String, i32)>("SELECT sku, stock FROM inventory")
+                .fetch_all(&system.pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(sku, stock)| (sku, i64::from(stock)))
+                .collect();
+        system
+    }
+
+    pub fn service(&self, binary: &str, name: &str) -> Service {
+        let mut env = self.env.clone();
+        env.push(("INSTANCE_ID", name.to_owned()));
+        Service::start(binary, name, &env, &self.log_dir)
+    }
+
+    pub fn start_workers(&mut self) {
+        self.processors = (1..=3)
+            .map(|i| self.service("order-processor", &format!("processor-{i}")))
+            .collect();
+        self.subscribers = vec![
+            self.service("notification-service", "notification-service"),
+            self.service("logging-service", "logging-service"),
+        ];
+    }
+
+    pub fn api_url(&self) -> String {
+        self.api
+            .as_ref()
+            .expect("order-api is running")
+            .url("/orders")
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let services = self
+            .api
+            .iter()
+            .chain(&self.processors)
+            .chain(&self.subscribers);
+        for service in services {
+            test_support::eventually(
+                Duration::from_secs(60),
+                &format!("{} ready", service.name),
+                || async {
+                    let response = client.get(service.url("/readyz")).send().await.ok()?;
+                    response.status().is_success().then_some(())
+                },
+            )
+            .await;
+        }
+    }
+
+    /// SIGTERM every service and check each exits 0.
+    pub async fn stop_all(&mut self) {
+        let services: Vec<Service> = self
+            .processors
+            .drain(..)
+            .chain(self.subscribers.drain(..))
+            .chain(self.api.take())
+            .collect();
+        for service in services {
+            let name = service.name.clone();
+            let status = service.stop().await;
+            assert!(status.success(), "{name} exited with {status} on SIGTERM");
+        }
+    }
+
+    pub async fn amqp(&self) -> lapin::Connection {
+        lapin::Connection::connect(&self.rabbit.url(), Default::default())
+            .await
+            .expect("the private broker")
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.log_dir);
+        } else {
+            eprintln!("service logs kept in {}", self.log_dir.display());
+        }
+    }
+}
+
+/// Order `i` of the load; every tenth request repeats the key and body of
+/// the request five before it (a client retry).
+fn order(i: usize) -> Value {
+    let items = match i % 31 {
+        0 => json!([{"sku": "LIMITED-EDITION", "quantity": 1}]),
+        n => json!([{"sku": "WIDGET", "quantity": 1 + n % 3}, {"sku": "GADGET", "quantity": 1}]),
+    };
+    json!({
+        "customer_id": format!("c-{}", i % 13),
+        "email": format!("customer{i}@example.com"),
+        "items": items,
+        "express": i.is_multiple_of(7),
+    })
+}
+
+/// What the load generator saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub accepted: HashSet<Uuid>,
+    pub statuses: HashMap<u16, usize>,
+    pub replays: usize,
+    pub transport_errors: usize,
+    pub slowest_503: Duration,
+}
+
+pub struct Load {
+    stop: CancellationToken,
+    handle: JoinHandle<LoadReport>,
+}
+
+impl Load {
+    /// Post about `per_second` orders a second to `url` until stopped.
+    pub fn start(url: String, per_second: u64) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let mut report = LoadReport::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / per_second));
+            let mut i = 0usize;
+            while !token.is_cancelled() {
+                tick.tick().await;
+                i += 1;
+                let n = if i.is_multiple_of(10) { i - 5 } else { i };
+                let started = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("Idempotency-Key", format!("load-{n}"))
+                    .json(&order(n))
+                    .send()
+                    .await;
+                let Ok(response) = response else {
+                    report.transport_errors += 1;
+                    continue;
+                };
+                let status = response.status().as_u16();
+                *report.statuses.entry(status).or_default() += 1;
+                if status == 503 {
+                    report.slowest_503 = report.slowest_503.max(started.elapsed());
+                }
+                if response.headers().contains_key("idempotent-replayed") {
+                    report.replays += 1;
+                }
+                if status == 202
+                    && let Ok(body) = response.json::<Value>().await
+                    && let Some(id) = body["id"].as_str().and_then(|s| s.parse().ok())
+                {
+                    report.accepted.insert(id);
+                }
+            }
+            report
+        });
+        Self { stop, handle }
+    }
+
+    pub async fn finish(self) -> LoadReport {
+        self.stop.cancel();
+        self.handle.await.expect("the load generator")
+    }
+}
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Let the system settle, then check every invariant; prints the counts.
+pub async fn check_invariants(
+    system: &System,
+    case: &str,
+    accepted: &HashSet<Uuid>,
+    expected_dead: u32,
+) {
+    let pool = &system.pool;
+    let amqp = system.amqp().await;
+    let topology = messaging::Topology::new("");
+    let depth = |queue: String| {
+        let amqp = &amqp;
+        async move {
+            let channel = amqp.create_channel().await.unwrap();
+            let queue = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+            queue.message_count()
+        }
+    };
+    test_support::eventually(
+        Duration::from_secs(120),
+        &format!("{case}: the system to settle"),
+        || async {
+            let orders = scalar(pool, "SELECT count(*) FROM orders").await;
+            let pending = scalar(
+                pool,
+                "SELECT count(*) FROM orders WHERE status = 'accepted'",
+            )
+            .await;
+            let notified = scalar(pool, "SELECT count(*) FROM notifications").await;
+            let audited = scalar(pool, "SELECT count(*) FROM audit_log").await;
+            let unpublished = scalar(
+                pool,
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            )
+            .await;
+            let mut queued = 0;
+            for queue in topology.all_queues() {
+                if queue != topology.dead_letters() {
+                    queued += depth(queue).await;
+                }
+            }
+            (pending == 0
+                && notified == orders
+                && audited == orders
+                && unpublished == 0
+                && queued == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let orders = scalar(pool, "SELECT count(*) FROM orders").await;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM orders")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let ids: HashSet<Uuid> = ids.into_iter().collect();
+    let lost: Vec<&Uuid> = accepted.iter().filter(|id| !ids.contains(id)).collect();
+    assert!(lost.is_empty(), "{case}: accepted orders lost: {lost:?}");
+    let finals = scalar(
+        pool,
+        "SELECT count(*) FROM (SELECT order_id FROM order_status_history
+         WHERE status IN ('processed', 'rejected') GROUP BY order_id HAVING count(*) = 1) once",
+    )
+    .await;
+    assert_eq!(
+        finals, orders,
+        "{case}: every order has exactly one final status"
+    );
+    let processed_messages = scalar(
+        pool,
+        "SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor'",
+    )
+    .await;
+    assert_eq!(
+        processed_messages, orders,
+        "{case}: each order message processed once"
+    );
+    let reserved: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT line->>'sku', sum((line->>'quantity')::bigint)::bigint
+         FROM orders, jsonb_array_elements(items) AS line WHERE status = 'processed' GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let stock: Vec<(String, i32)> = sqlx::query_as("SELECT sku, stock FROM inventory")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    for (sku, now) in &stock {
+        assert!(*now >= 0, "{case}: {sku} went negative");
+        let taken = system.stock_before[sku] - i64::from(*now);
+        assert_eq!(
+            taken,
+            reserved.get(sku).copied().unwrap_or(0),
+            "{case}: {sku} reserved once per processed order"
+        );
+    }
+    let notifications = scalar(pool, "SELECT count(DISTINCT order_id) FROM notifications").await;
+    let notification_rows = scalar(pool, "SELECT count(*) FROM notifications").await;
+    let audit = scalar(pool, "SELECT count(DISTINCT order_id) FROM audit_log").await;
+    let audit_rows = scalar(pool, "SELECT count(*) FROM audit_log").await;
+    assert_eq!(
+        (notifications, notification_rows),
+        (orders, orders),
+        "{case}: one notification per event"
+    );
+    assert_eq!(
+        (audit, audit_rows),
+        (orders, orders),
+        "{case}: one audit record per event"
+    );
+    let dead = depth(topology.dead_letters()).await;
+    assert_eq!(dead, expected_dead, "{case}: dead letters");
+    let processed = scalar(
+        pool,
+        "SELECT count(*) FROM orders WHERE status = 'processed'",
+    )
+    .await;
+    println!(
+        "{case}: accepted={} orders={orders} final={finals} processed={processed} rejected={} \
+         processed_messages={processed_messages} notifications={notification_rows} audit={audit_rows} \
+         stock_ok=true outbox_unpublished=0 queued=0 dead_letters={dead}",
+        accepted.len(),
+        orders - processed,
+    );
+}
