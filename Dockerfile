@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# One image holding all four orderflow binaries; pick one with the command,
+# One image holding all orderflow binaries (the four services and the
+# dead-letters tool); pick one with the command,
 # e.g. `docker run orderflow:latest order-api` (docker-compose.yml does this).
 # Needs BuildKit (the default builder of current Docker) for the cache mounts.
 
@@ -23,11 +24,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/app/target \
     cargo build --release --locked \
         -p order-api -p order-processor -p notification-service -p logging-service \
+        -p dead-letters \
     && mkdir -p /out \
     && cp target/release/order-api \
           target/release/order-processor \
           target/release/notification-service \
           target/release/logging-service \
+          target/release/dead-letters \
           /out/
 
 # ---- runtime -------------------------------------------------------------

@@ -16,6 +16,8 @@ PROCESSORS=${PROCESSORS:-3}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow}
 export PAYMENT_LATENCY_MS=${PAYMENT_LATENCY_MS:-200}
+# Demo: customer "flaky-2" fails payment twice, then succeeds; "doomed" always fails.
+export DEMO_FAILURES=${DEMO_FAILURES:-true}
 
 scripts/wait-for-services.sh
 

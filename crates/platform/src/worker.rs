@@ -19,6 +19,10 @@ use tracing::Instrument;
 
 use crate::{db::DatabaseSettings, health};
 
+/// How long in-flight messages may take to finish after a stop is asked
+/// for: under Docker's 10 s between SIGTERM and SIGKILL.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
 /// Settings shared by every consuming service.
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkerSettings {
@@ -168,7 +172,21 @@ impl Worker {
                 }
             });
             tracing::info!(service = self.service, "ready: consuming");
-            let results = futures_util::future::join_all(consumers).await;
+            let all = futures_util::future::join_all(consumers);
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            let results = tokio::select! {
+                results = all => results,
+                () = grace => {
+                    tracing::warn!(
+                        "in-flight messages did not finish within {SHUTDOWN_GRACE:?}; \
+                         stopping anyway: the broker redelivers what was not acked"
+                    );
+                    Vec::new()
+                }
+            };
             let _ = channel.close(200, "round over".into()).await;
             if shutdown.is_cancelled() {
                 results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;

@@ -13,18 +13,29 @@ const RATE: u64 = 25;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_a_processor_mid_batch() {
-    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "100")]).await;
+    // One second of payment per order at 25 orders/s: each processor holds
+    // about eight unacked messages (prefetch 10) at any moment.
+    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "1000")]).await;
     let load = Load::start(system.api_url(), RATE);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let victim = system.processors.remove(0);
     println!(
-        "kill -9 {} (prefetch 10, 100 ms per order: it holds a batch)",
+        "kill -9 {} while it holds a batch (prefetch 10, 1 s per order)",
         victim.name
     );
     victim.kill();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
     check_invariants(&system, "kill -9 processor", &report.accepted, 0).await;
+    let redelivered: usize = ["processor-2", "processor-3"]
+        .iter()
+        .map(|name| system.log(name).matches("redelivered=true").count())
+        .sum();
+    println!("messages redelivered to the surviving processors: {redelivered}");
+    assert!(
+        redelivered > 0,
+        "the victim's unacked messages went to the others"
+    );
     system.stop_all().await;
 }
 

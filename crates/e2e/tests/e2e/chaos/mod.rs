@@ -107,6 +107,11 @@ impl System {
         ];
     }
 
+    /// What a service has logged so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     pub fn api_url(&self) -> String {
         self.api
             .as_ref()
