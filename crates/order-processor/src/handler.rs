@@ -73,11 +73,24 @@ impl Processor {
         correlation_id: &str,
         attempt: u32,
     ) -> Result<Handled, HandleError> {
-        // Payment first and outside the transaction: its latency must not
-        // hold stock row locks that every other processor is waiting for.
+        // A redelivery of a message already handled must not reach the
+        // payment provider again; the check inside the transaction below is
+        // the one that counts, this one saves the provider a call.
+        if self.already_decided(order).await? {
+            return Ok(Handled::Duplicate);
+        }
+        // Payment outside the transaction: its latency must not hold stock
+        // row locks that every other processor is waiting for. The order id
+        // is the provider's idempotency key, so a racing duplicate is not
+        // charged twice.
         let paid = self
             .payments
-            .authorise(&order.customer_id, order.total_cents, attempt)
+            .authorise(
+                order.order_id,
+                &order.customer_id,
+                order.total_cents,
+                attempt,
+            )
             .await
             .map_err(|e| HandleError::Transient(e.into()))?;
 
@@ -149,6 +162,19 @@ impl Processor {
             .await?;
         tx.commit().await?;
         Ok(Handled::Decided { outcome, outbox_id })
+    }
+
+    async fn already_decided(&self, order: &OrderPlaced) -> Result<bool, HandleError> {
+        let decided: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $1 AND message_id = $2)
+                 OR EXISTS (SELECT 1 FROM orders WHERE id = $3 AND status <> 'accepted')",
+        )
+        .bind(CONSUMER)
+        .bind(order.message_id)
+        .bind(order.order_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(decided)
     }
 
     async fn enqueue_event(

@@ -34,10 +34,12 @@ impl PaymentProvider {
         self
     }
 
-    /// Authorise `total_cents` on attempt `attempt` (1 for the first);
+    /// Authorise `total_cents` for `order_id` (the idempotency key a real
+    /// provider would be given) on attempt `attempt` (1 for the first);
     /// `Ok(false)` means declined.
     pub async fn authorise(
         &self,
+        _order_id: uuid::Uuid,
         customer_id: &str,
         total_cents: i64,
         attempt: u32,
@@ -66,21 +68,25 @@ fn injected_failure(customer_id: &str, attempt: u32) -> bool {
 mod tests {
     use super::*;
 
+    fn id() -> uuid::Uuid {
+        uuid::Uuid::new_v4()
+    }
+
     #[tokio::test]
     async fn amounts_above_the_limit_are_declined() {
         let provider = PaymentProvider::new(Duration::ZERO, 100);
-        assert!(provider.authorise("c", 100, 1).await.unwrap());
-        assert!(!provider.authorise("c", 101, 1).await.unwrap());
+        assert!(provider.authorise(id(), "c", 100, 1).await.unwrap());
+        assert!(!provider.authorise(id(), "c", 101, 1).await.unwrap());
     }
 
     #[tokio::test]
     async fn demo_failures_only_when_switched_on() {
         let off = PaymentProvider::new(Duration::ZERO, 100);
-        assert!(off.authorise("doomed", 1, 1).await.is_ok());
+        assert!(off.authorise(id(), "doomed", 1, 1).await.is_ok());
         let on = off.with_demo_failures(true);
-        assert!(on.authorise("doomed", 1, 9).await.is_err());
-        assert!(on.authorise("flaky-2", 1, 2).await.is_err());
-        assert!(on.authorise("flaky-2", 1, 3).await.unwrap());
-        assert!(on.authorise("ordinary", 1, 1).await.unwrap());
+        assert!(on.authorise(id(), "doomed", 1, 9).await.is_err());
+        assert!(on.authorise(id(), "flaky-2", 1, 2).await.is_err());
+        assert!(on.authorise(id(), "flaky-2", 1, 3).await.unwrap());
+        assert!(on.authorise(id(), "ordinary", 1, 1).await.unwrap());
     }
 }

@@ -39,7 +39,7 @@ pub struct WorkerSettings {
     #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: std::net::IpAddr,
     /// Attempts in all before a failing message is dead-lettered.
-    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub retry_max_attempts: u32,
     /// Delay before the first retry, in ms; doubled for each further retry.
     #[arg(long, env = "RETRY_INITIAL_DELAY_MS", default_value_t = 1000)]
