@@ -1,7 +1,7 @@
 //! Wires notification-service together: worker start-up and a consumer on
 //! its own durable queue on the order-events exchange.
 
-use platform::worker::{self, Worker};
+use platform::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 use crate::{configuration::Settings, handler};
@@ -25,14 +25,11 @@ impl Application {
 
     /// Consume events until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let queue = self.worker.topology().subscriber_queue(handler::CONSUMER);
         let pool = self.worker.pool().clone();
         let pool = &pool;
         self.worker
-            .run(vec![queue], shutdown, |delivery| {
-                worker::on_event(delivery, |event, _correlation_id| async move {
-                    handler::notify(pool, &event).await
-                })
+            .run_events(shutdown, |event, _correlation_id| async move {
+                handler::notify(pool, &event).await
             })
             .await
     }

@@ -204,6 +204,27 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Consume this service's own queue on the order-events exchange until
+    /// `shutdown`, handing each decoded event (and its correlation id) to
+    /// `handle`; see [`on_event`].
+    pub async fn run_events<F, Fut>(
+        self,
+        shutdown: CancellationToken,
+        handle: F,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(OrderEvent, String) -> Fut + Clone,
+        Fut: Future<Output = anyhow::Result<bool>>,
+    {
+        let queue = self.topology().subscriber_queue(self.service);
+        self.run(vec![queue], shutdown, move |delivery| {
+            on_event(delivery, handle.clone())
+        })
+        .await
+    }
+}
+
 /// Decode an order event, run `handle` inside a span naming the order and
 /// correlation id, and turn the result into a disposition: `Ok(true)` the
 /// effect happened now, `Ok(false)` it had happened before (a duplicate).

@@ -69,6 +69,16 @@ pub async fn fresh_database() -> (String, PgPool) {
     (url, pool)
 }
 
+/// Point a worker's settings at the test servers: the given database, a
+/// unique topology prefix whose queues expire, a small pool.
+pub fn isolate(settings: &mut platform::worker::WorkerSettings, database_url: String) {
+    settings.database.database_url = database_url;
+    settings.database.db_max_connections = 3;
+    settings.amqp.amqp_url = amqp_url();
+    settings.amqp.topology_prefix = unique_prefix();
+    settings.amqp.topology_queue_expires_ms = Some(QUEUE_EXPIRES_MS);
+}
+
 /// A unique topology prefix for one test.
 pub fn unique_prefix() -> String {
     format!("test-{}", Uuid::new_v4().simple())

@@ -5,6 +5,7 @@ use std::{
     net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU16, Ordering},
     time::Duration,
 };
 
@@ -24,12 +25,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago.
+/// A port that is free now and that no other call in this process got:
+/// taken from below the kernel's ephemeral range (32768 and up), so an
+/// outgoing connection can't grab it between this check and the service's
+/// bind, from a window that depends on the process id, so parallel test
+/// processes don't pick the same ones.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 24;
+    let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_768, "ran out of test ports");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running service; killed if the test ends without stopping it.

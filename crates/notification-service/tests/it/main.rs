@@ -64,11 +64,7 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["notification-service"]);
-    settings.worker.database.database_url = url;
-    settings.worker.database.db_max_connections = 3;
-    settings.worker.amqp.amqp_url = test_support::amqp_url();
-    settings.worker.amqp.topology_prefix = test_support::unique_prefix();
-    settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    test_support::isolate(&mut settings.worker, url);
     settings.http_port = 0;
     let topology = settings.worker.amqp.topology();
     let _topology = test_support::TopologyGuard(topology.clone());

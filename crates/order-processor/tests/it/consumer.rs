@@ -39,11 +39,7 @@ async fn start_with(configure: impl FnOnce(&mut Settings)) -> Running {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["order-processor"]);
-    settings.worker.database.database_url = url;
-    settings.worker.database.db_max_connections = 4;
-    settings.worker.amqp.amqp_url = test_support::amqp_url();
-    settings.worker.amqp.topology_prefix = test_support::unique_prefix();
-    settings.worker.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    test_support::isolate(&mut settings.worker, url);
     settings.http_port = 0;
     settings.payment_latency_ms = 0;
     configure(&mut settings);
