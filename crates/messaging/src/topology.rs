@@ -163,30 +163,7 @@ impl Topology {
         Ok(())
     }
 
-    async fn declare_retry_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), string("quorum"));
-        // Expired messages go back to the work queue through the default exchange.
-        args.insert("x-dead-letter-exchange".into(), string(""));
-        args.insert("x-dead-letter-routing-key".into(), string(queue));
-        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-        args.insert("x-overflow".into(), string("reject-publish"));
-        if let Some(ms) = self.queue_expires_ms {
-            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
-        }
-        channel
-            .queue_declare(
-                self.retry_queue(queue).into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
-        Ok(())
-    }
-
+    /// A work or dead-letter queue; work queues dead-letter to `dead_letter_exchange`.
     async fn declare_queue(
         &self,
         channel: &Channel,
@@ -194,19 +171,34 @@ impl Topology {
         dead_letter_exchange: Option<&str>,
     ) -> lapin::Result<()> {
         let mut args = FieldTable::default();
-        // Quorum queues: replicated on a cluster, and the only kind with
-        // at-least-once dead-lettering.
-        args.insert(ShortString::from("x-queue-type"), string("quorum"));
         if let Some(dlx) = dead_letter_exchange {
             args.insert(
                 "x-delivery-limit".into(),
                 AMQPValue::LongInt(DELIVERY_LIMIT),
             );
-            args.insert("x-dead-letter-exchange".into(), string(dlx));
-            // Keep a message until the dead-letter queue has confirmed it.
-            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-            args.insert("x-overflow".into(), string("reject-publish"));
+            dead_letter_to(&mut args, dlx, None);
         }
+        self.declare_quorum(channel, queue, args).await
+    }
+
+    /// The retry queue of `queue`: expired messages go back to `queue`
+    /// through the default exchange.
+    async fn declare_retry_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        dead_letter_to(&mut args, "", Some(queue));
+        self.declare_quorum(channel, &self.retry_queue(queue), args)
+            .await
+    }
+
+    async fn declare_quorum(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        mut args: FieldTable,
+    ) -> lapin::Result<()> {
+        // Quorum queues: replicated on a cluster, and the only kind with
+        // at-least-once dead-lettering.
+        args.insert(ShortString::from("x-queue-type"), string("quorum"));
         if let Some(ms) = self.queue_expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
         }
@@ -240,6 +232,17 @@ impl Topology {
             )
             .await
     }
+}
+
+/// Dead-letter to `exchange` (with `routing_key`, if given), keeping each
+/// message until the target queue has confirmed it.
+fn dead_letter_to(args: &mut FieldTable, exchange: &str, routing_key: Option<&str>) {
+    args.insert("x-dead-letter-exchange".into(), string(exchange));
+    if let Some(key) = routing_key {
+        args.insert("x-dead-letter-routing-key".into(), string(key));
+    }
+    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+    args.insert("x-overflow".into(), string("reject-publish"));
 }
 
 fn string(s: &str) -> AMQPValue {

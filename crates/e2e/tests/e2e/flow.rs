@@ -54,21 +54,6 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-async fn wait_ready(services: &[Service]) {
-    let client = reqwest::Client::new();
-    for service in services {
-        test_support::eventually(
-            Duration::from_secs(60),
-            &format!("{} to be ready", service.name),
-            || async {
-                let ready = client.get(service.url("/readyz")).send().await.ok()?;
-                ready.status().is_success().then_some(())
-            },
-        )
-        .await;
-    }
-}
-
 #[tokio::test]
 async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     let (database_url, pool) = test_support::fresh_database().await;
@@ -124,8 +109,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         ),
         Service::start("logging-service", "logging-service", &env, &log_dir),
     ];
-    wait_ready(std::slice::from_ref(&api)).await;
-    wait_ready(&workers).await;
+    crate::processes::wait_ready(std::iter::once(&api).chain(&workers)).await;
     println!("services ready; logs in {}", log_dir.display());
 
     let stock_before: HashMap<String, i64> =

@@ -124,3 +124,19 @@ pub async fn wait_for_port(port: u16, limit: Duration) {
     )
     .await;
 }
+
+/// Wait until every service answers `/readyz` with success.
+pub async fn wait_ready<'a>(services: impl IntoIterator<Item = &'a Service>) {
+    let client = reqwest::Client::new();
+    for service in services {
+        test_support::eventually(
+            Duration::from_secs(60),
+            &format!("{} to be ready", service.name),
+            || async {
+                let ready = client.get(service.url("/readyz")).send().await.ok()?;
+                ready.status().is_success().then_some(())
+            },
+        )
+        .await;
+    }
+}

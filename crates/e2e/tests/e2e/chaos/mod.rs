@@ -120,23 +120,12 @@ impl System {
     }
 
     pub async fn wait_ready(&self) {
-        let client = reqwest::Client::new();
         let services = self
             .api
             .iter()
             .chain(&self.processors)
             .chain(&self.subscribers);
-        for service in services {
-            test_support::eventually(
-                Duration::from_secs(60),
-                &format!("{} ready", service.name),
-                || async {
-                    let response = client.get(service.url("/readyz")).send().await.ok()?;
-                    response.status().is_success().then_some(())
-                },
-            )
-            .await;
-        }
+        crate::processes::wait_ready(services).await;
     }
 
     /// SIGTERM every service and check each exits 0.
