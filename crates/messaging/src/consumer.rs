@@ -135,6 +135,10 @@ where
         .await
         .with_context(|| format!("consuming from {}", spec.queue))?;
     tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, "consuming");
+    metrics::gauge!("consumer_prefetch", "queue" => spec.queue.clone())
+        .set(f64::from(spec.prefetch));
+    let in_flight = metrics::gauge!("consumer_in_flight", "queue" => spec.queue.clone());
+    let handling = metrics::histogram!("message_handling_seconds", "queue" => spec.queue.clone());
 
     // Stops taking deliveries on shutdown or when the stream fails; a failed
     // stream must not stop the other consumers of the service.
@@ -150,11 +154,19 @@ where
         .for_each_concurrent(usize::from(spec.prefetch.max(1)), |delivery| async {
             match delivery {
                 Ok(delivery) => {
+                    if delivery.redelivered {
+                        metrics::counter!("messages_redelivered_total", "queue" => spec.queue.clone())
+                            .increment(1);
+                    }
                     let acker = delivery.acker.clone();
                     let properties = delivery.properties.clone();
                     let data = delivery.data.clone();
+                    in_flight.increment(1.0);
+                    let started = std::time::Instant::now();
                     let disposition = handler(delivery).await;
+                    handling.record(started.elapsed().as_secs_f64());
                     settler.settle(&acker, properties, &data, disposition).await;
+                    in_flight.decrement(1.0);
                 }
                 Err(error) => {
                     tracing::error!(queue = %spec.queue, error = %error, "the consumer lost its channel");
@@ -240,6 +252,8 @@ impl Settler<'_> {
             .await
         {
             Ok(()) => {
+                metrics::counter!("messages_retried_total", "queue" => self.spec.queue.clone())
+                    .increment(1);
                 tracing::warn!(
                     attempt = attempts, reason = %reason,
                     "processing failed; retrying in {delay:?}"
@@ -282,6 +296,8 @@ impl Settler<'_> {
             .await
         {
             Ok(()) => {
+                metrics::counter!("messages_dead_lettered_total", "queue" => self.spec.queue.clone())
+                    .increment(1);
                 tracing::error!(reason = %reason, attempts, "message dead-lettered");
                 acker.ack(BasicAckOptions::default()).await
             }

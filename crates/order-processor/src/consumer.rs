@@ -31,10 +31,12 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
         let attempt = consumer::previous_attempts(&delivery.properties) + 1;
         match processor.handle(&order, &correlation_id, attempt).await {
             Ok(Handled::Duplicate) => {
+                metrics::counter!("duplicates_skipped_total").increment(1);
                 tracing::info!("already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }
             Ok(Handled::Decided { outcome, outbox_id }) => {
+                metrics::counter!("orders_decided_total", "outcome" => outcome.status()).increment(1);
                 let amount = format!("{}.{:02} {}", order.total_cents / 100, order.total_cents % 100, order.currency);
                 match &outcome {
                     Outcome::Processed => tracing::info!(

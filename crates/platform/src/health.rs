@@ -45,8 +45,8 @@ impl Readiness {
     }
 }
 
-/// The two health routes, for merging into a service's router.
-pub fn router<S>(readiness: Readiness) -> Router<S> {
+/// The health routes and `/metrics`, for merging into a service's router.
+pub fn router<S: Clone + Send + Sync + 'static>(readiness: Readiness) -> Router<S> {
     Router::new()
         .route(
             "/healthz",
@@ -54,6 +54,7 @@ pub fn router<S>(readiness: Readiness) -> Router<S> {
         )
         .route("/readyz", get(ready))
         .with_state(readiness)
+        .merge(crate::metrics::router())
 }
 
 async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {

@@ -6,5 +6,6 @@
 pub mod db;
 pub mod dedupe;
 pub mod health;
+pub mod metrics;
 pub mod outbox;
 pub mod worker;

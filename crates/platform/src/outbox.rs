@@ -132,6 +132,7 @@ impl Relay {
         let mut failure = None;
         for message in &pending {
             let body = serde_json::to_vec(&message.payload)?;
+            let started = std::time::Instant::now();
             match self
                 .publisher
                 .publish(
@@ -142,7 +143,11 @@ impl Relay {
                 )
                 .await
             {
-                Ok(()) => published.push(message.id),
+                Ok(()) => {
+                    metrics::histogram!("publish_confirm_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    published.push(message.id);
+                }
                 Err(error) => {
                     // Stop at the first failure to keep the order.
                     failure = Some(error.context(format!(
@@ -169,6 +174,9 @@ impl Relay {
     /// `shutdown`; then flush once more so nothing committed stays behind.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
         loop {
+            if let Ok(backlog) = self.backlog().await {
+                metrics::gauge!("outbox_backlog").set(backlog as f64);
+            }
             match self.publish_pending().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(published = n, "outbox relay published leftovers"),

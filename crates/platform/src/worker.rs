@@ -251,8 +251,12 @@ where
     );
     async move {
         match handle(event, correlation_id).await {
-            Ok(true) => Disposition::Ack,
+            Ok(true) => {
+                metrics::counter!("events_handled_total").increment(1);
+                Disposition::Ack
+            }
             Ok(false) => {
+                metrics::counter!("duplicates_skipped_total").increment(1);
                 tracing::info!("event already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }

@@ -119,3 +119,25 @@ async fn health_and_readiness_answer() {
     assert_eq!(body["postgres"], "ok");
     assert_eq!(body["rabbitmq"], "ok");
 }
+
+#[tokio::test]
+async fn metrics_count_accepted_orders_and_replays() {
+    let app = spawn_app().await;
+    app.post_order(&order_body(), Some("m-1")).await;
+    app.post_order(&order_body(), Some("m-1")).await;
+
+    let response = app.get("/metrics").await;
+
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+    };
+    assert!(value("orders_accepted_total{lane=\"standard\"}") >= 1.0);
+    assert!(value("idempotent_replays_total") >= 1.0);
+    assert!(text.contains("publish_confirm_seconds_bucket"), "{text}");
+}

@@ -218,3 +218,34 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
         "the dead letter is the original message"
     );
 }
+
+#[tokio::test]
+async fn metrics_show_decisions_prefetch_and_handling_time() {
+    let running = start().await;
+    let order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
+    publish_order(&running, &order, "metrics").await;
+    test_support::eventually(
+        Duration::from_secs(10),
+        "the order to be processed",
+        || async { (status(&running.pool, order.order_id).await.0 == "processed").then_some(()) },
+    )
+    .await;
+
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", running.port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    assert!(
+        text.contains("orders_decided_total{outcome=\"processed\"}"),
+        "{text}"
+    );
+    let queue = running.topology.work_queue(Lane::Standard);
+    assert!(
+        text.contains(&format!("consumer_prefetch{{queue=\"{queue}\"}} 10")),
+        "{text}"
+    );
+    assert!(text.contains("message_handling_seconds_bucket"), "{text}");
+}

@@ -53,6 +53,7 @@ pub async fn create_order(
             idempotency::try_start(&mut tx, key, &hash, state.idempotency_ttl).await?
     {
         tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
+        metrics::counter!("idempotent_replays_total").increment(1);
         tracing::info!("replaying the stored response for a repeated idempotency key");
         return Ok(respond(saved, true));
     }
@@ -70,6 +71,7 @@ pub async fn create_order(
         idempotency::save_response(&mut tx, key, &hash, &saved).await?;
     }
     tx.commit().await?;
+    metrics::counter!("orders_accepted_total", "lane" => order.lane.as_str()).increment(1);
     tracing::info!(
         lane = %view.lane, total_cents = view.total_cents, currency = %view.currency,
         items = view.items.len(), "order accepted"
