@@ -106,12 +106,7 @@ impl Broker {
         )
         .await
         .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
-        let channel = connection.create_channel().await?;
-        self.topology
-            .declare(&channel)
-            .await
-            .context("declaring the topology")?;
-        let _ = channel.close(200, "declared".into()).await;
+        declare(&connection, &self.topology).await?;
         tracing::info!(broker = %redact(&self.url), "connected to RabbitMQ, topology declared");
         let connection = Arc::new(connection);
         *current = Some(connection.clone());
@@ -140,12 +135,31 @@ impl Broker {
         }
     }
 
+    /// Declare the topology again on the live connection: after a message
+    /// came back unroutable (a queue or binding was deleted behind our back).
+    pub async fn redeclare(&self) -> anyhow::Result<()> {
+        let connection = self.connect_once().await?;
+        declare(&connection, &self.topology).await?;
+        tracing::warn!("a message was unroutable: topology declared again");
+        Ok(())
+    }
+
     /// Close the connection, if any.
     pub async fn close(&self) {
         if let Some(connection) = self.current.lock().await.take() {
             let _ = connection.close(200, "shutting down".into()).await;
         }
     }
+}
+
+async fn declare(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    topology
+        .declare(&channel)
+        .await
+        .context("declaring the topology")?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// The longest a publish may wait for its confirm (connecting included).
@@ -288,11 +302,18 @@ impl Publisher {
             .context("waiting for the publisher confirm")?;
         match confirm {
             // An unroutable mandatory message is confirmed *and* returned.
-            Confirmation::Ack(Some(returned)) => bail!(
-                "unroutable: {} {} (exchange {exchange:?}, key {routing_key:?})",
-                returned.reply_code,
-                returned.reply_text
-            ),
+            Confirmation::Ack(Some(returned)) => {
+                // The next attempt (the outbox relay retries) finds the
+                // topology whole again.
+                if let Err(error) = self.broker.redeclare().await {
+                    tracing::warn!(error = %format!("{error:#}"), "could not declare the topology again");
+                }
+                bail!(
+                    "unroutable: {} {} (exchange {exchange:?}, key {routing_key:?})",
+                    returned.reply_code,
+                    returned.reply_text
+                )
+            }
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Nack(_) => bail!("the broker refused the message (basic.nack)"),
             Confirmation::NotRequested => bail!("publisher confirms are not enabled"),

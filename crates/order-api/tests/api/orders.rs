@@ -141,3 +141,39 @@ async fn metrics_count_accepted_orders_and_replays() {
     assert!(value("idempotent_replays_total") >= 1.0);
     assert!(text.contains("publish_confirm_seconds_bucket"), "{text}");
 }
+
+#[tokio::test]
+async fn an_order_whose_queue_was_deleted_is_published_once_the_topology_is_back() {
+    let app = spawn_app().await;
+    // Warm up: the publisher connects before the queue disappears.
+    assert_eq!(
+        app.post_order(&order_body(), None).await.status().as_u16(),
+        202
+    );
+    let queue = app.topology.work_queue(Lane::Standard);
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+
+    let response = app.post_order(&order_body(), None).await;
+
+    assert_eq!(
+        response.status().as_u16(),
+        202,
+        "the order is safe in the outbox"
+    );
+    test_support::eventually(
+        std::time::Duration::from_secs(10),
+        "the relay to publish it",
+        || async {
+            (app.count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(test_support::queue_depth(&app.amqp, &queue).await, 1);
+}
