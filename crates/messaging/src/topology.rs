@@ -101,7 +101,7 @@ impl Topology {
     }
 
     /// Every queue a consumer works on (not the retry or dead-letter ones).
-    pub fn work_queues(&self) -> Vec<String> {
+    fn work_queues(&self) -> Vec<String> {
         let mut queues = vec![
             self.work_queue(Lane::Express),
             self.work_queue(Lane::Standard),

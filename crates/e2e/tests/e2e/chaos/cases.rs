@@ -51,8 +51,8 @@ async fn rabbitmq_down_for_ten_seconds() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let report = load.finish().await;
     println!(
-        "POST answers: {:?}, transport errors: {}",
-        report.statuses, report.transport_errors
+        "POST answers: {:?}, replayed: {}, transport errors: {}",
+        report.statuses, report.replays, report.transport_errors
     );
     assert_eq!(report.transport_errors, 0, "order-api kept answering");
     assert!(
@@ -77,8 +77,8 @@ async fn postgres_down_for_ten_seconds() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
     println!(
-        "POST answers: {:?}, transport errors: {}, slowest 503: {:?}",
-        report.statuses, report.transport_errors, report.slowest_503
+        "POST answers: {:?}, replayed: {}, transport errors: {}, slowest 503: {:?}",
+        report.statuses, report.replays, report.transport_errors, report.slowest_503
     );
     assert!(
         report.statuses.get(&503).copied().unwrap_or(0) > 0,
