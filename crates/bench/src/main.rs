@@ -1,0 +1,659 @@
+//! `orderflow-bench`: measures orderflow against the raw limits of its
+//! broker and database on the same machine, in one run, and writes
+//! `RESULTS.md`, `results.json` and `burst.csv` (which
+//! `scripts/plot_burst.py` draws into `burst.png`). Run it through
+//! `scripts/bench.sh`, which builds the release binaries first.
+
+mod raw;
+mod report;
+mod system;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use loadgen::{LoadOptions, Percentiles, Posted};
+use messaging::contracts::Lane;
+use report::{Burst, Express, HttpRun, Machine, Memory, Rate, Raw, Results, Sample, ScalingRun};
+use system::{Environment, Shape, System};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Measure orderflow and the raw bounds of its broker and database"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Run every part briefly: proves the tool works, numbers mean little.
+    #[arg(long)]
+    quick: bool,
+    /// Where RESULTS.md, results.json and burst.csv are written.
+    #[arg(long, default_value = "bench")]
+    out: PathBuf,
+    /// Where each service's log goes.
+    #[arg(long, default_value = "target/bench-logs")]
+    log_dir: PathBuf,
+    /// The service binaries (default: beside this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// Postgres without a database name; each part gets a fresh database.
+    #[arg(
+        long,
+        env = "BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    postgres_url: String,
+    /// The command line to print in RESULTS.md.
+    #[arg(long, default_value = "scripts/bench.sh")]
+    command_line: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The reference server: axum with one sqlx INSERT per POST (used by the
+    /// benchmark itself).
+    BareAxum {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        database_url: String,
+    },
+}
+
+/// How big each part is.
+struct Sizes {
+    amqp_messages: u64,
+    postgres: Duration,
+    http: Duration,
+    warm_up: Duration,
+    scaling_io_orders: u64,
+    scaling_cpu_orders: u64,
+    burst_orders: u64,
+    express_backlog: u64,
+    express_orders: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                amqp_messages: 2_000,
+                postgres: Duration::from_secs(2),
+                http: Duration::from_secs(3),
+                warm_up: Duration::from_millis(500),
+                scaling_io_orders: 150,
+                scaling_cpu_orders: 300,
+                burst_orders: 2_000,
+                express_backlog: 500,
+                express_orders: 20,
+            }
+        } else {
+            Self {
+                amqp_messages: 30_000,
+                postgres: Duration::from_secs(10),
+                http: Duration::from_secs(15),
+                warm_up: Duration::from_secs(2),
+                scaling_io_orders: 3_000,
+                scaling_cpu_orders: 10_000,
+                burst_orders: 20_000,
+                express_backlog: 5_000,
+                express_orders: 100,
+            }
+        }
+    }
+}
+
+/// Connections the load generator keeps busy when sending as fast as it can.
+const CONCURRENCY: usize = 64;
+/// Connections per service pool (DB_MAX_CONNECTIONS's default): the raw
+/// Postgres bound is measured at the same concurrency.
+const SERVICE_POOL: usize = 10;
+/// The processors' simulated payment I/O for the I/O-bound runs.
+const PAYMENT_IO_MS: u64 = 20;
+const WAIT: Duration = Duration::from_secs(900);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::BareAxum { port, database_url }) = cli.command {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        return raw::serve_bare_axum(listener, &database_url, SERVICE_POOL as u32, shutdown).await;
+    }
+    let bin_dir = match cli.bin_dir.clone() {
+        Some(dir) => dir,
+        None => std::env::current_exe()?
+            .parent()
+            .context("the benchmark binary has no directory")?
+            .to_path_buf(),
+    };
+    std::fs::create_dir_all(&cli.out)?;
+    std::fs::create_dir_all(&cli.log_dir)?;
+    let environment = Environment {
+        bin_dir,
+        log_dir: cli.log_dir.clone(),
+        amqp_url: cli.amqp_url.clone(),
+        postgres_url: cli.postgres_url.clone(),
+    };
+    let sizes = Sizes::new(cli.quick);
+    let results = run(&cli, &environment, &sizes).await?;
+    let json = serde_json::to_string_pretty(&results)?;
+    std::fs::write(cli.out.join("results.json"), json)?;
+    std::fs::write(cli.out.join("burst.csv"), report::burst_csv(&results.burst))?;
+    let markdown = report::markdown(&results);
+    std::fs::write(cli.out.join("RESULTS.md"), &markdown)?;
+    println!("{}", report::summary_table(&results));
+    println!("wrote {}", cli.out.join("RESULTS.md").display());
+    if let Some(failure) = results.failures().first() {
+        bail!("the run broke a guarantee: {failure}");
+    }
+    Ok(())
+}
+
+async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Result<Results> {
+    let started = chrono::Utc::now();
+    let clock = Instant::now();
+    let machine = Machine::describe(environment).await;
+    step("raw bounds: RabbitMQ publish-confirm → consume-ack, Postgres single-row commits");
+    let raw = raw_bounds(environment, sizes).await?;
+    step("HTTP: a bare axum handler with one INSERT, then order-api");
+    let http = http_runs(environment, sizes).await?;
+    step("end to end with 1, 2 and 4 processors");
+    let mut scaling = Vec::new();
+    for (payment_latency_ms, orders) in [
+        (PAYMENT_IO_MS, sizes.scaling_io_orders),
+        (0, sizes.scaling_cpu_orders),
+    ] {
+        for processors in [1, 2, 4] {
+            scaling.push(scaling_run(environment, processors, payment_latency_ms, orders).await?);
+        }
+    }
+    step(&format!(
+        "load levelling: a burst of {} orders",
+        sizes.burst_orders
+    ));
+    let (burst, memory) = burst(environment, sizes).await?;
+    step(&format!(
+        "express lane: {} express orders behind {} standard ones",
+        sizes.express_orders, sizes.express_backlog
+    ));
+    let express = express(environment, sizes).await?;
+    Ok(Results {
+        quick: cli.quick,
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        took_s: clock.elapsed().as_secs_f64(),
+        command: cli.command_line.clone(),
+        machine,
+        raw,
+        http,
+        scaling,
+        burst,
+        express,
+        memory,
+    })
+}
+
+fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+/// The JSON of an order as order-api publishes it, for the raw loops.
+fn sample_payload() -> serde_json::Value {
+    serde_json::json!({
+        "schema_version": 1,
+        "message_id": uuid::Uuid::new_v4(),
+        "occurred_at": chrono::Utc::now(),
+        "order_id": uuid::Uuid::new_v4(),
+        "customer_id": "loadgen-42",
+        "email": "loadgen@example.com",
+        "items": [{"sku": "WIDGET", "quantity": 2, "unit_price_cents": 1999}],
+        "total_cents": 3998,
+        "currency": "EUR",
+        "lane": "standard",
+        "callback_url": null,
+    })
+}
+
+async fn raw_bounds(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Raw> {
+    let payload = sample_payload();
+    let bytes = serde_json::to_vec(&payload)?;
+    let queue = |kind: &str| format!("bench-raw-{kind}-{}", uuid::Uuid::new_v4().simple());
+    let amqp_serial = raw::amqp_confirm_loop(
+        &environment.amqp_url,
+        &queue("serial"),
+        &bytes,
+        sizes.amqp_messages / 4,
+        1,
+    )
+    .await
+    .context("the serial publish-confirm loop")?;
+    eprintln!(
+        "publish, await confirm, one at a time: {:.0}/s",
+        amqp_serial.per_second()
+    );
+    let amqp_pipelined = raw::amqp_confirm_loop(
+        &environment.amqp_url,
+        &queue("pipelined"),
+        &bytes,
+        sizes.amqp_messages,
+        CONCURRENCY,
+    )
+    .await
+    .context("the pipelined publish-confirm loop")?;
+    eprintln!(
+        "publish-confirm with {CONCURRENCY} in flight: {:.0}/s",
+        amqp_pipelined.per_second()
+    );
+    let database = ScratchDatabase::create(environment, "raw").await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(SERVICE_POOL as u32)
+        .connect(&database.url)
+        .await?;
+    let mut postgres = Vec::new();
+    for concurrency in [1, SERVICE_POOL] {
+        let table = format!("raw_inserts_{concurrency}");
+        let run = raw::postgres_inserts(&pool, &table, &payload, concurrency, sizes.postgres)
+            .await
+            .context("the Postgres insert loop")?;
+        eprintln!(
+            "Postgres single-row commits, {concurrency} clients: {:.0}/s",
+            run.per_second()
+        );
+        postgres.push(Rate::of(
+            &format!("{concurrency} clients"),
+            &run,
+            concurrency,
+        ));
+    }
+    pool.close().await;
+    database.drop().await?;
+    Ok(Raw {
+        payload_bytes: bytes.len(),
+        amqp: vec![
+            Rate::of("one confirm awaited at a time", &amqp_serial, 1),
+            Rate::of(
+                &format!("{CONCURRENCY} publishers sharing a channel"),
+                &amqp_pipelined,
+                CONCURRENCY,
+            ),
+        ],
+        postgres,
+    })
+}
+
+/// A throwaway database for the raw loops and the bare server.
+struct ScratchDatabase {
+    name: String,
+    url: String,
+    environment: Environment,
+}
+
+impl ScratchDatabase {
+    async fn create(environment: &Environment, purpose: &str) -> anyhow::Result<Self> {
+        let name = format!(
+            "orderflow_bench_{purpose}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let admin = environment.admin_pool().await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
+        Ok(Self {
+            url: environment.database_url(&name),
+            name,
+            environment: environment.clone(),
+        })
+    }
+
+    async fn drop(self) -> anyhow::Result<()> {
+        let admin = self.environment.admin_pool().await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&admin)
+        .await?;
+        Ok(())
+    }
+}
+
+/// POST as fast as `concurrency` allows (or at `rate`) for `duration`,
+/// after a warm-up whose answers are not counted.
+async fn hammer(
+    url: &str,
+    sizes: &Sizes,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<Posted> {
+    let options = |duration| LoadOptions {
+        requests: None,
+        duration: Some(duration),
+        rate,
+        ..LoadOptions::new(url, 0, concurrency)
+    };
+    loadgen::post_orders(options(sizes.warm_up)).await?;
+    loadgen::post_orders(LoadOptions {
+        progress: true,
+        ..options(sizes.http)
+    })
+    .await
+}
+
+async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Vec<HttpRun>> {
+    let mut runs = Vec::new();
+
+    let database = ScratchDatabase::create(environment, "bare").await?;
+    let port = system::free_port()?;
+    let mut bare = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["bare-axum", "--port"])
+        .arg(port.to_string())
+        .args(["--database-url", &database.url])
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the bare axum server")?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_port(port).await?;
+    let posted = hammer(&url, sizes, CONCURRENCY, None).await?;
+    eprintln!(
+        "bare axum + one INSERT: {:.0}/s",
+        posted.answers_per_second()
+    );
+    runs.push(HttpRun::of(
+        "bare axum handler, one INSERT",
+        CONCURRENCY,
+        None,
+        &posted,
+    ));
+    if let Some(pid) = bare.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), bare.wait()).await;
+    database.drop().await?;
+
+    // order-api alone: accepting is all that is measured, so nothing else
+    // competes for the two cores; the accepted orders wait on their queue.
+    let system = System::start(
+        environment,
+        "http",
+        Shape {
+            processors: 0,
+            payment_latency_ms: 0,
+            subscribers: false,
+        },
+    )
+    .await?;
+    let url = system.api_url();
+    let posted = hammer(&url, sizes, CONCURRENCY, None).await?;
+    let full_rate = posted.accepted_per_second();
+    eprintln!("order-api accepting: {full_rate:.0}/s");
+    runs.push(HttpRun::of(
+        "order-api, as fast as it goes",
+        CONCURRENCY,
+        None,
+        &posted,
+    ));
+    let half = (full_rate / 2.0).max(1.0);
+    let posted = hammer(&url, sizes, CONCURRENCY, Some(half)).await?;
+    eprintln!(
+        "order-api at {half:.0}/s: p99 {:.1} ms",
+        Percentiles::of_micros(&posted.latency).p99_ms
+    );
+    runs.push(HttpRun::of(
+        "order-api at half that rate",
+        CONCURRENCY,
+        Some(half),
+        &posted,
+    ));
+    system.stop().await?;
+    Ok(runs)
+}
+
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("nothing listens on port {port} after 10 s")
+}
+
+async fn scaling_run(
+    environment: &Environment,
+    processors: usize,
+    payment_latency_ms: u64,
+    orders: u64,
+) -> anyhow::Result<ScalingRun> {
+    eprintln!("{processors} processor(s), {payment_latency_ms} ms payment I/O, {orders} orders");
+    let system = System::start(
+        environment,
+        &format!("scaling-{payment_latency_ms}ms-{processors}p"),
+        Shape {
+            processors,
+            payment_latency_ms,
+            subscribers: true,
+        },
+    )
+    .await?;
+    let posted = loadgen::post_orders(LoadOptions {
+        progress: true,
+        ..LoadOptions::new(system.api_url(), orders, CONCURRENCY)
+    })
+    .await?;
+    let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
+    eprintln!(
+        "  end to end {:.0}/s, exactly once: {}",
+        completion.completed_per_s, completion.exactly_once.ok
+    );
+    system.stop().await?;
+    Ok(ScalingRun::of(
+        processors,
+        payment_latency_ms,
+        &posted,
+        completion,
+    ))
+}
+
+/// 20,000 orders as fast as they can be posted at two processors with
+/// payment I/O, sampling queue depth, progress and memory as they drain.
+async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burst, Vec<Memory>)> {
+    let processors = 2;
+    let system = Arc::new(
+        System::start(
+            environment,
+            "burst",
+            Shape {
+                processors,
+                payment_latency_ms: PAYMENT_IO_MS,
+                subscribers: true,
+            },
+        )
+        .await?,
+    );
+    // Let start-up allocations settle before reading the idle size.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = system.rss();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let system = system.clone();
+        let done = done.clone();
+        async move {
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let (accepted, finished) = system.order_counts().await?;
+                let depth = system.queue_depth(Lane::Standard).await?;
+                samples.push(Sample {
+                    t_s: started.elapsed().as_secs_f64(),
+                    accepted,
+                    finished,
+                    queue_depth: depth,
+                    rss_bytes: system
+                        .rss()
+                        .into_iter()
+                        .map(|(_, rss)| rss.unwrap_or(0))
+                        .collect(),
+                });
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            anyhow::Ok(samples)
+        }
+    });
+    let posted = loadgen::post_orders(LoadOptions {
+        progress: true,
+        ..LoadOptions::new(system.api_url(), sizes.burst_orders, CONCURRENCY)
+    })
+    .await?;
+    let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
+    // A last second of samples shows the queue empty and memory settling.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.await.context("the sampler panicked")??;
+    let system = Arc::into_inner(system).context("the sampler still holds the system")?;
+    let names: Vec<String> = system
+        .services
+        .iter()
+        .map(|service| service.name.clone())
+        .collect();
+    let memory = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Memory {
+            service: name.clone(),
+            idle_bytes: idle.get(i).and_then(|(_, rss)| *rss).unwrap_or(0),
+            peak_bytes: samples
+                .iter()
+                .filter_map(|sample| sample.rss_bytes.get(i).copied())
+                .max()
+                .unwrap_or(0),
+        })
+        .collect();
+    eprintln!(
+        "  accepted {:.0}/s, completed {:.0}/s, deepest queue {}",
+        posted.accepted_per_second(),
+        completion.completed_per_s,
+        samples
+            .iter()
+            .map(|sample| sample.queue_depth)
+            .max()
+            .unwrap_or(0)
+    );
+    system.stop().await?;
+    Ok((
+        Burst {
+            processors,
+            payment_latency_ms: PAYMENT_IO_MS,
+            services: names,
+            run: ScalingRun::of(processors, PAYMENT_IO_MS, &posted, completion),
+            samples,
+        },
+        memory,
+    ))
+}
+
+/// A standard backlog queued while no processor runs; then two processors
+/// start and express and standard orders arrive side by side.
+async fn express(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Express> {
+    let processors = 2;
+    let mut system = System::start(
+        environment,
+        "express",
+        Shape {
+            processors: 0,
+            payment_latency_ms: PAYMENT_IO_MS,
+            subscribers: true,
+        },
+    )
+    .await?;
+    let url = system.api_url();
+    let backlog = loadgen::post_orders(LoadOptions {
+        progress: true,
+        ..LoadOptions::new(&url, sizes.express_backlog, CONCURRENCY)
+    })
+    .await?;
+    // The outbox publishes right after each commit; give stragglers a moment.
+    let mut depth = 0;
+    for _ in 0..50 {
+        depth = system.queue_depth(Lane::Standard).await?;
+        if u64::from(depth) >= backlog.accepted.len() as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("  backlog of {depth} standard orders; starting {processors} processors");
+    system.start_processors(processors).await?;
+    let rate = 50.0;
+    let side_by_side = |express: f64| LoadOptions {
+        rate: Some(rate),
+        express_fraction: express,
+        ..LoadOptions::new(&url, sizes.express_orders, 8)
+    };
+    let (express, standard) = tokio::join!(
+        loadgen::post_orders(side_by_side(1.0)),
+        loadgen::post_orders(side_by_side(0.0))
+    );
+    let (express, standard) = (express?, standard?);
+    let express_done =
+        loadgen::await_completion(&system.pool, &express.accepted, WAIT, true).await?;
+    let standard_done =
+        loadgen::await_completion(&system.pool, &standard.accepted, WAIT, true).await?;
+    let backlog_done =
+        loadgen::await_completion(&system.pool, &backlog.accepted, WAIT, true).await?;
+    let lane = |completion: &loadgen::Completion, lane: &str| {
+        completion
+            .accept_to_final
+            .get(lane)
+            .copied()
+            .unwrap_or_default()
+    };
+    let result = Express {
+        backlog: u64::from(depth),
+        processors,
+        payment_latency_ms: PAYMENT_IO_MS,
+        rate_per_lane: rate,
+        express: lane(&express_done, "express"),
+        standard_alongside: lane(&standard_done, "standard"),
+        backlog_standard: lane(&backlog_done, "standard"),
+        exactly_once: [&express_done, &standard_done, &backlog_done]
+            .iter()
+            .all(|completion| completion.complete && completion.exactly_once.ok),
+        errors: express
+            .errors
+            .values()
+            .chain(standard.errors.values())
+            .sum::<u64>()
+            + backlog.errors.values().sum::<u64>(),
+    };
+    eprintln!(
+        "  express p99 {:.0} ms, standard alongside p99 {:.0} ms",
+        result.express.p99_ms, result.standard_alongside.p99_ms
+    );
+    system.stop().await?;
+    Ok(result)
+}

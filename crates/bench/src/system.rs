@@ -1,0 +1,341 @@
+//! A running orderflow for one measurement: the service binaries as child
+//! processes on their own database and topology, torn down afterwards.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions};
+use messaging::{contracts::Lane, topology::Topology};
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+/// Where the services find their broker and database, and their binaries.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub bin_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub amqp_url: String,
+    /// A Postgres URL without a database name, e.g. `postgres://postgres@127.0.0.1:5432`.
+    pub postgres_url: String,
+}
+
+impl Environment {
+    /// A URL for `database` on the benchmark's Postgres.
+    pub fn database_url(&self, database: &str) -> String {
+        format!("{}/{database}", self.postgres_url.trim_end_matches('/'))
+    }
+
+    /// Connect to the maintenance database `postgres`.
+    pub async fn admin_pool(&self) -> anyhow::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.database_url("postgres"))
+            .await
+            .with_context(|| format!("cannot reach Postgres at {}", self.database_url("postgres")))
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub processors: usize,
+    pub payment_latency_ms: u64,
+    /// Start notification-service and logging-service.
+    pub subscribers: bool,
+}
+
+/// One service process.
+pub struct Service {
+    pub name: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl Service {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Resident set size in bytes, from /proc.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes(self.pid()?)
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            // SIGTERM lets the service drain and flush its outbox.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    bail!("{} exited with {status}", self.name);
+                }
+                Ok(())
+            }
+            Err(_) => {
+                self.child.kill().await?;
+                bail!("{} did not stop within 15 s of SIGTERM", self.name)
+            }
+        }
+    }
+}
+
+/// Resident set size of process `pid` in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// A whole orderflow on a fresh database and topology.
+pub struct System {
+    pub name: String,
+    pub database: String,
+    pub database_url: String,
+    pub topology: Topology,
+    prefix: String,
+    pub pool: PgPool,
+    pub services: Vec<Service>,
+    environment: Environment,
+    shape: Shape,
+    amqp: Connection,
+}
+
+impl System {
+    /// Create the database, start order-api (which migrates and declares),
+    /// then the processors and subscribers, and wait until all are ready.
+    pub async fn start(
+        environment: &Environment,
+        name: &str,
+        shape: Shape,
+    ) -> anyhow::Result<Self> {
+        let id = Uuid::new_v4().simple().to_string();
+        let database = format!("orderflow_bench_{}", &id[..12]);
+        let database_url = environment.database_url(&database);
+        let prefix = format!("bench-{}", &id[..12]);
+        let topology = Topology::new(prefix.clone());
+        let amqp = Connection::connect(&environment.amqp_url, ConnectionProperties::default())
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach RabbitMQ at {}",
+                    messaging::amqp::redact(&environment.amqp_url)
+                )
+            })?;
+        let admin = environment.admin_pool().await?;
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .context("creating the benchmark database")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url)
+            .await
+            .context("connecting to the benchmark database")?;
+        let mut system = Self {
+            name: name.to_string(),
+            database,
+            database_url,
+            topology,
+            prefix,
+            pool,
+            services: Vec::new(),
+            environment: environment.clone(),
+            shape,
+            amqp,
+        };
+        // order-api first: it applies the migrations the others would race for.
+        system.spawn("order-api", &[]).await?;
+        system.start_processors(shape.processors).await?;
+        if shape.subscribers {
+            system.spawn("notification-service", &[]).await?;
+            system.spawn("logging-service", &[]).await?;
+        }
+        Ok(system)
+    }
+
+    /// order-api's base URL.
+    pub fn api_url(&self) -> String {
+        let api = self
+            .services
+            .iter()
+            .find(|service| service.name == "order-api")
+            .expect("order-api is always started first");
+        format!("http://127.0.0.1:{}", api.port)
+    }
+
+    /// Start `count` more order-processors and wait until they are ready.
+    pub async fn start_processors(&mut self, count: usize) -> anyhow::Result<()> {
+        let running = self
+            .services
+            .iter()
+            .filter(|service| service.name.starts_with("order-processor"))
+            .count();
+        for n in running + 1..=running + count {
+            let instance = format!("processor-{n}");
+            self.spawn("order-processor", &[("INSTANCE_ID", instance.as_str())])
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn spawn(&mut self, binary: &str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let label = extra
+            .iter()
+            .find(|(key, _)| *key == "INSTANCE_ID")
+            .map_or(binary.to_string(), |(_, id)| format!("{binary}-{id}"));
+        let log_path = self
+            .environment
+            .log_dir
+            .join(format!("{}-{label}.log", self.name));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let path = self.environment.bin_dir.join(binary);
+        let mut command = Command::new(&path);
+        command
+            .env("AMQP_URL", &self.environment.amqp_url)
+            .env("TOPOLOGY_PREFIX", &self.prefix)
+            // A safety net: if the benchmark dies, its queues go away anyway.
+            .env("TOPOLOGY_QUEUE_EXPIRES_MS", "600000")
+            .env("DATABASE_URL", &self.database_url)
+            .env("HTTP_PORT", port.to_string())
+            .env(
+                "PAYMENT_LATENCY_MS",
+                self.shape.payment_latency_ms.to_string(),
+            )
+            .env("DEMO_FAILURES", "false")
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = command.spawn().with_context(|| {
+            format!(
+                "starting {} (build it with cargo build --release --bins)",
+                path.display()
+            )
+        })?;
+        let service = Service {
+            name: label,
+            port,
+            child,
+        };
+        wait_ready(&service, &log_path).await?;
+        self.services.push(service);
+        Ok(())
+    }
+
+    /// The processors' pids and RSS, and every other service's.
+    pub fn rss(&self) -> Vec<(String, Option<u64>)> {
+        self.services
+            .iter()
+            .map(|service| (service.name.clone(), service.rss_bytes()))
+            .collect()
+    }
+
+    /// Messages ready on `lane`'s work queue.
+    pub async fn queue_depth(&self, lane: Lane) -> anyhow::Result<u32> {
+        let channel = self.amqp.create_channel().await?;
+        let queue = channel
+            .queue_declare(
+                self.topology.work_queue(lane).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                Default::default(),
+            )
+            .await
+            .context("reading the work queue's depth")?;
+        let _ = channel.close(200, "depth read".into()).await;
+        Ok(queue.message_count())
+    }
+
+    /// Orders in the database, and how many of them are final.
+    pub async fn order_counts(&self) -> anyhow::Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status <> 'accepted') FROM orders",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Stop every service with SIGTERM, delete the topology and drop the
+    /// database. Reports the first failure after cleaning up anyway.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let mut outcome = Ok(());
+        // Processors before order-api, as in a rolling shutdown.
+        for service in self.services.into_iter().rev() {
+            if let Err(error) = service.stop().await {
+                outcome = outcome.and(Err(error));
+            }
+        }
+        if let Ok(channel) = self.amqp.create_channel().await {
+            for queue in self.topology.all_queues() {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), Default::default())
+                    .await;
+            }
+            for exchange in self.topology.exchanges() {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), Default::default())
+                    .await;
+            }
+        }
+        let _ = self.amqp.close(200, "benchmark done".into()).await;
+        self.pool.close().await;
+        let admin = self.environment.admin_pool().await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ))
+        .execute(&admin)
+        .await
+        .context("dropping the benchmark database")?;
+        outcome
+    }
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_ready(service: &Service, log: &Path) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/readyz", service.port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(&url).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "{} was not ready within 60 s; its log is {}",
+        service.name,
+        log.display()
+    )
+}
