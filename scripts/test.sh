@@ -56,3 +56,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+step "the benchmark tool, quick mode (proves it runs and every order is effective exactly once; its numbers are not measurements)"
+scripts/bench.sh --quick

@@ -82,6 +82,7 @@ struct Sizes {
     http: Duration,
     warm_up: Duration,
     scaling_io_orders: u64,
+    scaling_serial_orders: u64,
     scaling_cpu_orders: u64,
     burst_orders: u64,
     express_backlog: u64,
@@ -97,6 +98,7 @@ impl Sizes {
                 http: Duration::from_secs(3),
                 warm_up: Duration::from_millis(500),
                 scaling_io_orders: 150,
+                scaling_serial_orders: 40,
                 scaling_cpu_orders: 300,
                 burst_orders: 2_000,
                 express_backlog: 500,
@@ -109,6 +111,7 @@ impl Sizes {
                 http: Duration::from_secs(15),
                 warm_up: Duration::from_secs(2),
                 scaling_io_orders: 3_000,
+                scaling_serial_orders: 600,
                 scaling_cpu_orders: 10_000,
                 burst_orders: 20_000,
                 express_backlog: 5_000,
@@ -125,6 +128,8 @@ const CONCURRENCY: usize = 64;
 const SERVICE_POOL: usize = 10;
 /// The processors' simulated payment I/O for the I/O-bound runs.
 const PAYMENT_IO_MS: u64 = 20;
+/// The services' PREFETCH default.
+const DEFAULT_PREFETCH: u16 = 10;
 const WAIT: Duration = Duration::from_secs(900);
 
 #[tokio::main]
@@ -180,12 +185,19 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
     let http = http_runs(environment, sizes).await?;
     step("end to end with 1, 2 and 4 processors");
     let mut scaling = Vec::new();
-    for (payment_latency_ms, orders) in [
-        (PAYMENT_IO_MS, sizes.scaling_io_orders),
-        (0, sizes.scaling_cpu_orders),
+    for (payment_latency_ms, prefetch, orders) in [
+        (PAYMENT_IO_MS, 1, sizes.scaling_serial_orders),
+        (PAYMENT_IO_MS, DEFAULT_PREFETCH, sizes.scaling_io_orders),
+        (0, DEFAULT_PREFETCH, sizes.scaling_cpu_orders),
     ] {
         for processors in [1, 2, 4] {
-            scaling.push(scaling_run(environment, processors, payment_latency_ms, orders).await?);
+            let shape = Shape {
+                processors,
+                payment_latency_ms,
+                prefetch,
+                subscribers: true,
+            };
+            scaling.push(scaling_run(environment, shape, orders).await?);
         }
     }
     step(&format!(
@@ -400,6 +412,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         Shape {
             processors: 0,
             payment_latency_ms: 0,
+            prefetch: DEFAULT_PREFETCH,
             subscribers: false,
         },
     )
@@ -445,19 +458,20 @@ async fn wait_for_port(port: u16) -> anyhow::Result<()> {
 
 async fn scaling_run(
     environment: &Environment,
-    processors: usize,
-    payment_latency_ms: u64,
+    shape: Shape,
     orders: u64,
 ) -> anyhow::Result<ScalingRun> {
-    eprintln!("{processors} processor(s), {payment_latency_ms} ms payment I/O, {orders} orders");
+    eprintln!(
+        "{} processor(s), prefetch {}, {} ms payment I/O, {orders} orders",
+        shape.processors, shape.prefetch, shape.payment_latency_ms
+    );
     let system = System::start(
         environment,
-        &format!("scaling-{payment_latency_ms}ms-{processors}p"),
-        Shape {
-            processors,
-            payment_latency_ms,
-            subscribers: true,
-        },
+        &format!(
+            "scaling-{}ms-prefetch{}-{}p",
+            shape.payment_latency_ms, shape.prefetch, shape.processors
+        ),
+        shape,
     )
     .await?;
     let posted = loadgen::post_orders(LoadOptions {
@@ -471,30 +485,19 @@ async fn scaling_run(
         completion.completed_per_s, completion.exactly_once.ok
     );
     system.stop().await?;
-    Ok(ScalingRun::of(
-        processors,
-        payment_latency_ms,
-        &posted,
-        completion,
-    ))
+    Ok(ScalingRun::of(shape, &posted, completion))
 }
 
 /// 20,000 orders as fast as they can be posted at two processors with
 /// payment I/O, sampling queue depth, progress and memory as they drain.
 async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burst, Vec<Memory>)> {
-    let processors = 2;
-    let system = Arc::new(
-        System::start(
-            environment,
-            "burst",
-            Shape {
-                processors,
-                payment_latency_ms: PAYMENT_IO_MS,
-                subscribers: true,
-            },
-        )
-        .await?,
-    );
+    let shape = Shape {
+        processors: 2,
+        payment_latency_ms: PAYMENT_IO_MS,
+        prefetch: DEFAULT_PREFETCH,
+        subscribers: true,
+    };
+    let system = Arc::new(System::start(environment, "burst", shape).await?);
     // Let start-up allocations settle before reading the idle size.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = system.rss();
@@ -567,10 +570,10 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
     system.stop().await?;
     Ok((
         Burst {
-            processors,
-            payment_latency_ms: PAYMENT_IO_MS,
+            processors: shape.processors,
+            payment_latency_ms: shape.payment_latency_ms,
             services: names,
-            run: ScalingRun::of(processors, PAYMENT_IO_MS, &posted, completion),
+            run: ScalingRun::of(shape, &posted, completion),
             samples,
         },
         memory,
@@ -587,6 +590,7 @@ async fn express(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Exp
         Shape {
             processors: 0,
             payment_latency_ms: PAYMENT_IO_MS,
+            prefetch: DEFAULT_PREFETCH,
             subscribers: true,
         },
     )

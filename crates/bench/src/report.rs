@@ -6,7 +6,10 @@ use std::fmt::Write;
 use loadgen::{Completion, Percentiles, Posted};
 use serde::Serialize;
 
-use crate::{raw::Throughput, system::Environment};
+use crate::{
+    raw::Throughput,
+    system::{Environment, Shape},
+};
 
 #[derive(Debug, Serialize)]
 pub struct Results {
@@ -137,6 +140,7 @@ impl HttpRun {
 pub struct ScalingRun {
     pub processors: usize,
     pub payment_latency_ms: u64,
+    pub prefetch: u16,
     pub orders: u64,
     pub accepted_per_s: f64,
     pub post_latency: Percentiles,
@@ -148,15 +152,11 @@ pub struct ScalingRun {
 }
 
 impl ScalingRun {
-    pub fn of(
-        processors: usize,
-        payment_latency_ms: u64,
-        posted: &Posted,
-        completion: Completion,
-    ) -> Self {
+    pub fn of(shape: Shape, posted: &Posted, completion: Completion) -> Self {
         Self {
-            processors,
-            payment_latency_ms,
+            processors: shape.processors,
+            payment_latency_ms: shape.payment_latency_ms,
+            prefetch: shape.prefetch,
             orders: posted.accepted.len() as u64,
             accepted_per_s: posted.accepted_per_second(),
             post_latency: Percentiles::of_micros(&posted.latency),
@@ -234,9 +234,16 @@ impl Results {
         self.http.iter().find(|run| run.what.starts_with(prefix))
     }
 
-    fn scaling(&self, processors: usize, payment_latency_ms: u64) -> Option<&ScalingRun> {
+    fn scaling(
+        &self,
+        processors: usize,
+        payment_latency_ms: u64,
+        prefetch: u16,
+    ) -> Option<&ScalingRun> {
         self.scaling.iter().find(|run| {
-            run.processors == processors && run.payment_latency_ms == payment_latency_ms
+            run.processors == processors
+                && run.payment_latency_ms == payment_latency_ms
+                && run.prefetch == prefetch
         })
     }
 
@@ -312,20 +319,31 @@ impl Results {
                 met: best.completed_per_s >= 1000.0,
             });
         }
-        if let (Some(one), Some(four)) = (
-            self.scaling(1, crate::PAYMENT_IO_MS),
-            self.scaling(4, crate::PAYMENT_IO_MS),
-        ) {
-            let scale = ratio(four.completed_per_s, one.completed_per_s);
-            targets.push(Target {
-                name: "4 processors vs 1, 20 ms payment I/O",
-                goal: "≥ 3.5×".into(),
-                measured: format!(
-                    "{scale:.2}× ({:.0}/s vs {:.0}/s)",
-                    four.completed_per_s, one.completed_per_s
-                ),
-                met: scale >= 3.5,
-            });
+        for (prefetch, name) in [
+            (
+                1,
+                "4 processors vs 1, 20 ms payment I/O, one order at a time each",
+            ),
+            (
+                crate::DEFAULT_PREFETCH,
+                "4 processors vs 1, 20 ms payment I/O, 10 orders at a time each",
+            ),
+        ] {
+            if let (Some(one), Some(four)) = (
+                self.scaling(1, crate::PAYMENT_IO_MS, prefetch),
+                self.scaling(4, crate::PAYMENT_IO_MS, prefetch),
+            ) {
+                let scale = ratio(four.completed_per_s, one.completed_per_s);
+                targets.push(Target {
+                    name,
+                    goal: "≥ 3.5×".into(),
+                    measured: format!(
+                        "{scale:.2}× ({:.0}/s vs {:.0}/s)",
+                        four.completed_per_s, one.completed_per_s
+                    ),
+                    met: scale >= 3.5,
+                });
+            }
         }
         targets.push(Target {
             name: "express accept→final p99 behind the backlog",
@@ -508,26 +526,29 @@ pub fn markdown(results: &Results) -> String {
     let _ = writeln!(
         md,
         "\n## 3. End to end: competing consumers\n\nA fresh system per row: order-api, N \
-         order-processors (each consumes both lanes with prefetch 10, handling up to 10 orders \
-         at once), notification-service and logging-service. The orders are posted as fast as \
+         order-processors, notification-service and logging-service. The orders are posted as fast as \
          {} connections allow; *completed/s* is orders over the time from the first acceptance \
          to the last order notified and audited, by the database's clock. Accept→final is \
-         from the order's commit in order-api to its final status commit in a processor.\n",
+         from the order's commit in order-api to its final status commit in a processor. \
+         *Prefetch* is how many orders each processor works on at once per lane: 10 is the \
+         services' default; with 1 each processor is a classic one-at-a-time worker, which \
+         shows competing consumers scaling while the I/O wait, not the CPU, is the limit.\n",
         crate::CONCURRENCY
     );
     let _ = writeln!(
         md,
-        "| payment I/O | processors | orders | accepted/s | completed/s | vs 1 processor | accept→final p50 ms | p99 ms | exactly once |"
+        "| payment I/O | prefetch | processors | orders | accepted/s | completed/s | vs 1 processor | accept→final p50 ms | p99 ms | exactly once |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for run in &results.scaling {
         let one = results
-            .scaling(1, run.payment_latency_ms)
+            .scaling(1, run.payment_latency_ms, run.prefetch)
             .map_or(0.0, |one| one.completed_per_s);
         let _ = writeln!(
             md,
-            "| {} ms | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {} |",
+            "| {} ms | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {} |",
             run.payment_latency_ms,
+            run.prefetch,
             run.processors,
             run.orders,
             run.accepted_per_s,

@@ -45,6 +45,8 @@ impl Environment {
 pub struct Shape {
     pub processors: usize,
     pub payment_latency_ms: u64,
+    /// Deliveries each processor consumer holds and works on at once.
+    pub prefetch: u16,
     /// Start notification-service and logging-service.
     pub subscribers: bool,
 }
@@ -201,7 +203,7 @@ impl System {
         let label = extra
             .iter()
             .find(|(key, _)| *key == "INSTANCE_ID")
-            .map_or(binary.to_string(), |(_, id)| format!("{binary}-{id}"));
+            .map_or(binary.to_string(), |(_, id)| format!("order-{id}"));
         let log_path = self
             .environment
             .log_dir
@@ -221,6 +223,7 @@ impl System {
                 "PAYMENT_LATENCY_MS",
                 self.shape.payment_latency_ms.to_string(),
             )
+            .env("PREFETCH", self.shape.prefetch.to_string())
             .env("DEMO_FAILURES", "false")
             .envs(extra.iter().copied())
             .stdin(Stdio::null())

@@ -191,7 +191,7 @@ pub struct Publisher {
 }
 
 /// Identity of a message: what consumers dedupe and correlate on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     /// Consumers dedupe on it.
     pub message_id: Uuid,

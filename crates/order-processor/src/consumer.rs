@@ -35,7 +35,7 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
                 tracing::info!("already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }
-            Ok(Handled::Decided { outcome, outbox_id }) => {
+            Ok(Handled::Decided { outcome, event }) => {
                 metrics::counter!("orders_decided_total", "outcome" => outcome.status()).increment(1);
                 let amount = format!("{}.{:02} {}", order.total_cents / 100, order.total_cents % 100, order.currency);
                 match &outcome {
@@ -48,7 +48,7 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
                         "order rejected ({amount})"
                     ),
                 }
-                if let Err(error) = relay.publish_now(outbox_id).await {
+                if let Err(error) = relay.publish_now(&event).await {
                     tracing::warn!(error.message = %format!("{error:#}"), "event not published yet; the outbox relay will retry");
                 }
                 Disposition::Ack

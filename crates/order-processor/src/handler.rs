@@ -7,7 +7,10 @@ use messaging::{
     amqp::Envelope,
     contracts::{OrderEvent, OrderLine, OrderPlaced, Outcome, SCHEMA_VERSION},
 };
-use platform::{dedupe, outbox};
+use platform::{
+    dedupe,
+    outbox::{self, Outboxed},
+};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -20,7 +23,7 @@ pub const CONSUMER: &str = "order-processor";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
     /// The order reached a final status; the event id is in the outbox.
-    Decided { outcome: Outcome, outbox_id: i64 },
+    Decided { outcome: Outcome, event: Outboxed },
     /// This message (or this order) was handled before; nothing changed.
     Duplicate,
 }
@@ -157,11 +160,11 @@ impl Processor {
         .bind(&detail)
         .execute(&mut *tx)
         .await?;
-        let outbox_id = self
+        let event = self
             .enqueue_event(&mut tx, order, &outcome, correlation_id)
             .await?;
         tx.commit().await?;
-        Ok(Handled::Decided { outcome, outbox_id })
+        Ok(Handled::Decided { outcome, event })
     }
 
     async fn already_decided(&self, order: &OrderPlaced) -> Result<bool, HandleError> {
@@ -183,7 +186,7 @@ impl Processor {
         order: &OrderPlaced,
         outcome: &Outcome,
         correlation_id: &str,
-    ) -> Result<i64, HandleError> {
+    ) -> Result<Outboxed, HandleError> {
         let event = OrderEvent {
             schema_version: SCHEMA_VERSION,
             message_id: Uuid::new_v4(),

@@ -3,6 +3,12 @@
 //! confirms and marked published. If the broker is down, or the process dies
 //! between commit and publish, the relay publishes what is left, oldest
 //! first. A crash between confirm and mark publishes twice: consumers dedupe.
+//!
+//! The publish right after the commit holds no transaction and no pooled
+//! connection while it waits for the broker's confirm: the caller still has
+//! the message, so it publishes it and then marks the row in one statement.
+//! The relay's sweep leaves rows younger than [`SWEEP_GRACE`] to that
+//! publish, so the two don't both send a fresh row.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,6 +21,22 @@ use tokio_util::sync::CancellationToken;
 /// Messages the relay publishes per transaction.
 const BATCH: i64 = 100;
 
+/// How old an unpublished row must be before the relay's sweep takes it:
+/// younger rows are still being published by the request or delivery that
+/// wrote them.
+pub const SWEEP_GRACE: Duration = Duration::from_secs(2);
+
+/// A message written to the outbox, ready to be published once the
+/// transaction that wrote it has committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outboxed {
+    pub id: i64,
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    envelope: Envelope,
+}
+
 /// Add a message to the outbox inside the caller's transaction.
 pub async fn enqueue(
     conn: &mut PgConnection,
@@ -22,8 +44,9 @@ pub async fn enqueue(
     routing_key: &str,
     envelope: &Envelope,
     payload: &serde_json::Value,
-) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
+) -> sqlx::Result<Outboxed> {
+    let body = serde_json::to_vec(payload).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let id = sqlx::query_scalar(
         "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
     )
@@ -34,7 +57,14 @@ pub async fn enqueue(
     .bind(&envelope.correlation_id)
     .bind(envelope.order_id)
     .fetch_one(conn)
-    .await
+    .await?;
+    Ok(Outboxed {
+        id,
+        exchange: exchange.to_owned(),
+        routing_key: routing_key.to_owned(),
+        body,
+        envelope: envelope.clone(),
+    })
 }
 
 /// Publishes outbox rows and marks them published.
@@ -63,22 +93,47 @@ impl Relay {
         }
     }
 
-    /// Publish the row `id` now, unless another publisher has it or it is
-    /// already published. On failure the row stays for the background relay,
+    /// Publish a message whose transaction has just committed, then mark
+    /// its row published. On failure the row stays for the background relay,
     /// which is woken to retry.
-    pub async fn publish_now(&self, id: i64) -> anyhow::Result<()> {
-        let result = self.publish_where(Some(id)).await;
+    pub async fn publish_now(&self, message: &Outboxed) -> anyhow::Result<()> {
+        let result = self.publish_committed(message).await;
         if result.is_err() {
             self.wake.notify_one();
         }
-        result.map(|_| ())
+        result
     }
 
-    /// Publish every unpublished row, oldest first; returns how many.
-    pub async fn publish_pending(&self) -> anyhow::Result<usize> {
+    async fn publish_committed(&self, message: &Outboxed) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        self.publisher
+            .publish(
+                &message.exchange,
+                &message.routing_key,
+                &message.body,
+                message.envelope.properties(),
+            )
+            .await
+            .with_context(|| {
+                format!("publishing outbox message {}", message.envelope.message_id)
+            })?;
+        metrics::histogram!("publish_confirm_seconds").record(started.elapsed().as_secs_f64());
+        sqlx::query(
+            "UPDATE outbox SET published_at = now() WHERE id = $1 AND published_at IS NULL",
+        )
+        .bind(message.id)
+        .execute(&self.pool)
+        .await
+        .context("marking the outbox row published")?;
+        Ok(())
+    }
+
+    /// Publish every unpublished row older than `grace`, oldest first;
+    /// returns how many.
+    pub async fn publish_pending(&self, grace: Duration) -> anyhow::Result<usize> {
         let mut total = 0;
         loop {
-            let published = self.publish_where(None).await?;
+            let published = self.publish_older_than(grace).await?;
             total += published;
             if published < BATCH as usize {
                 return Ok(total);
@@ -93,7 +148,7 @@ impl Relay {
             .await
     }
 
-    async fn publish_where(&self, only: Option<i64>) -> anyhow::Result<usize> {
+    async fn publish_older_than(&self, grace: Duration) -> anyhow::Result<usize> {
         let mut tx = self
             .pool
             .begin()
@@ -104,11 +159,11 @@ impl Relay {
         let rows = sqlx::query(
             "SELECT id, message_id, exchange, routing_key, payload, correlation_id, order_id
              FROM outbox
-             WHERE published_at IS NULL AND ($1::bigint IS NULL OR id = $1)
+             WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1)
              ORDER BY id LIMIT $2
              FOR UPDATE SKIP LOCKED",
         )
-        .bind(only)
+        .bind(grace.as_secs_f64())
         .bind(BATCH)
         .fetch_all(&mut *tx)
         .await
@@ -177,7 +232,7 @@ impl Relay {
             if let Ok(backlog) = self.backlog().await {
                 metrics::gauge!("outbox_backlog").set(backlog as f64);
             }
-            match self.publish_pending().await {
+            match self.publish_pending(SWEEP_GRACE).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(published = n, "outbox relay published leftovers"),
                 Err(error) => tracing::warn!(
@@ -191,7 +246,8 @@ impl Relay {
                 () = tokio::time::sleep(interval) => {}
             }
         }
-        if let Err(error) = self.publish_pending().await {
+        // Every request and delivery has finished: nothing is in flight.
+        if let Err(error) = self.publish_pending(Duration::ZERO).await {
             tracing::warn!(error.message = %error, "final outbox flush failed; the next start publishes the rest");
         }
     }

@@ -11,6 +11,7 @@ use messaging::{
     amqp::Envelope,
     contracts::{OrderLine, OrderPlaced, SCHEMA_VERSION},
 };
+use platform::outbox::Outboxed;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -61,7 +62,7 @@ pub async fn create_order(
     let order_id = Uuid::new_v4();
     tracing::Span::current().record("order_id", tracing::field::display(order_id));
     let view = insert_order(&mut tx, order_id, &order, lines, &correlation.0).await?;
-    let outbox_id = enqueue_placed(&mut tx, &state, &order, &view).await?;
+    let placed = enqueue_placed(&mut tx, &state, &order, &view).await?;
     let saved = SavedResponse {
         status: StatusCode::ACCEPTED.as_u16(),
         body: serde_json::to_vec(&view).map_err(anyhow::Error::from)?,
@@ -77,7 +78,7 @@ pub async fn create_order(
         items = view.items.len(), "order accepted"
     );
 
-    match tokio::time::timeout(PUBLISH_WAIT, state.relay.publish_now(outbox_id)).await {
+    match tokio::time::timeout(PUBLISH_WAIT, state.relay.publish_now(&placed)).await {
         Ok(Ok(())) => tracing::info!("order published to the work queue"),
         Ok(Err(error)) => tracing::warn!(
             error.message = %format!("{error:#}"),
@@ -189,7 +190,7 @@ async fn enqueue_placed(
     state: &AppState,
     order: &ValidOrder,
     view: &OrderView,
-) -> Result<i64> {
+) -> Result<Outboxed> {
     let envelope = Envelope {
         message_id: Uuid::new_v4(),
         correlation_id: view.correlation_id.clone(),
@@ -209,15 +210,14 @@ async fn enqueue_placed(
         callback_url: order.callback_url.clone(),
     };
     let payload = serde_json::to_value(&message).map_err(anyhow::Error::from)?;
-    let id = platform::outbox::enqueue(
+    Ok(platform::outbox::enqueue(
         conn,
         &state.topology.orders_exchange(),
         order.lane.as_str(),
         &envelope,
         &payload,
     )
-    .await?;
-    Ok(id)
+    .await?)
 }
 
 fn respond(saved: SavedResponse, replayed: bool) -> Response {
