@@ -4,6 +4,7 @@
 //! `scripts/plot_burst.py` draws into `burst.png`). Run it through
 //! `scripts/bench.sh`, which builds the release binaries first.
 
+mod cpu;
 mod raw;
 mod report;
 mod system;
@@ -356,7 +357,8 @@ async fn hammer(
     sizes: &Sizes,
     concurrency: usize,
     rate: Option<f64>,
-) -> anyhow::Result<Posted> {
+    watched: &[(String, u32)],
+) -> anyhow::Result<(Posted, cpu::Usage)> {
     let options = |duration| LoadOptions {
         requests: None,
         duration: Some(duration),
@@ -364,11 +366,14 @@ async fn hammer(
         ..LoadOptions::new(url, 0, concurrency)
     };
     loadgen::post_orders(options(sizes.warm_up)).await?;
-    loadgen::post_orders(LoadOptions {
+    let before = cpu::snapshot(watched);
+    let posted = loadgen::post_orders(LoadOptions {
         progress: true,
         ..options(sizes.http)
     })
-    .await
+    .await?;
+    let usage = before.usage_since(&cpu::snapshot(watched), posted.requests);
+    Ok((posted, usage))
 }
 
 async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Vec<HttpRun>> {
@@ -385,7 +390,12 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         .context("starting the bare axum server")?;
     let url = format!("http://127.0.0.1:{port}");
     wait_for_port(port).await?;
-    let posted = hammer(&url, sizes, CONCURRENCY, None).await?;
+    let watched: Vec<(String, u32)> = bare
+        .id()
+        .map(|pid| ("bare axum".into(), pid))
+        .into_iter()
+        .collect();
+    let (posted, usage) = hammer(&url, sizes, CONCURRENCY, None, &watched).await?;
     eprintln!(
         "bare axum + one INSERT: {:.0}/s",
         posted.answers_per_second()
@@ -395,6 +405,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         CONCURRENCY,
         None,
         &posted,
+        usage,
     ));
     if let Some(pid) = bare.id() {
         let _ = std::process::Command::new("kill")
@@ -418,7 +429,8 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
     )
     .await?;
     let url = system.api_url();
-    let posted = hammer(&url, sizes, CONCURRENCY, None).await?;
+    let watched = system.pids();
+    let (posted, usage) = hammer(&url, sizes, CONCURRENCY, None, &watched).await?;
     let full_rate = posted.accepted_per_second();
     eprintln!("order-api accepting: {full_rate:.0}/s");
     runs.push(HttpRun::of(
@@ -426,9 +438,10 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         CONCURRENCY,
         None,
         &posted,
+        usage,
     ));
     let half = (full_rate / 2.0).max(1.0);
-    let posted = hammer(&url, sizes, CONCURRENCY, Some(half)).await?;
+    let (posted, usage) = hammer(&url, sizes, CONCURRENCY, Some(half), &watched).await?;
     eprintln!(
         "order-api at {half:.0}/s: p99 {:.1} ms",
         Percentiles::of_micros(&posted.latency).p99_ms
@@ -438,6 +451,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         CONCURRENCY,
         Some(half),
         &posted,
+        usage,
     ));
     system.stop().await?;
     Ok(runs)
@@ -474,18 +488,21 @@ async fn scaling_run(
         shape,
     )
     .await?;
+    let watched = system.pids();
+    let before = cpu::snapshot(&watched);
     let posted = loadgen::post_orders(LoadOptions {
         progress: true,
         ..LoadOptions::new(system.api_url(), orders, CONCURRENCY)
     })
     .await?;
     let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
+    let usage = before.usage_since(&cpu::snapshot(&watched), posted.accepted.len() as u64);
     eprintln!(
         "  end to end {:.0}/s, exactly once: {}",
         completion.completed_per_s, completion.exactly_once.ok
     );
     system.stop().await?;
-    Ok(ScalingRun::of(shape, &posted, completion))
+    Ok(ScalingRun::of(shape, &posted, completion, usage))
 }
 
 /// 20,000 orders as fast as they can be posted at two processors with
@@ -528,12 +545,15 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
             anyhow::Ok(samples)
         }
     });
+    let watched = system.pids();
+    let before = cpu::snapshot(&watched);
     let posted = loadgen::post_orders(LoadOptions {
         progress: true,
         ..LoadOptions::new(system.api_url(), sizes.burst_orders, CONCURRENCY)
     })
     .await?;
     let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
+    let usage = before.usage_since(&cpu::snapshot(&watched), posted.accepted.len() as u64);
     // A last second of samples shows the queue empty and memory settling.
     tokio::time::sleep(Duration::from_secs(1)).await;
     done.store(true, Ordering::Relaxed);
@@ -573,7 +593,7 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
             processors: shape.processors,
             payment_latency_ms: shape.payment_latency_ms,
             services: names,
-            run: ScalingRun::of(shape, &posted, completion),
+            run: ScalingRun::of(shape, &posted, completion, usage),
             samples,
         },
         memory,

@@ -7,6 +7,7 @@ use loadgen::{Completion, Percentiles, Posted};
 use serde::Serialize;
 
 use crate::{
+    cpu::Usage,
     raw::Throughput,
     system::{Environment, Shape},
 };
@@ -119,10 +120,18 @@ pub struct HttpRun {
     pub per_s: f64,
     pub latency: Percentiles,
     pub errors: u64,
+    /// CPU per request.
+    pub cpu: Usage,
 }
 
 impl HttpRun {
-    pub fn of(what: &str, concurrency: usize, rate: Option<f64>, posted: &Posted) -> Self {
+    pub fn of(
+        what: &str,
+        concurrency: usize,
+        rate: Option<f64>,
+        posted: &Posted,
+        cpu: Usage,
+    ) -> Self {
         Self {
             what: what.into(),
             concurrency,
@@ -131,6 +140,7 @@ impl HttpRun {
             per_s: posted.answers_per_second(),
             latency: Percentiles::of_micros(&posted.latency),
             errors: posted.errors.values().sum(),
+            cpu,
         }
     }
 }
@@ -149,10 +159,12 @@ pub struct ScalingRun {
     pub errors: u64,
     pub complete: bool,
     pub exactly_once: bool,
+    /// CPU per order, from the first POST to the last order audited.
+    pub cpu: Usage,
 }
 
 impl ScalingRun {
-    pub fn of(shape: Shape, posted: &Posted, completion: Completion) -> Self {
+    pub fn of(shape: Shape, posted: &Posted, completion: Completion, cpu: Usage) -> Self {
         Self {
             processors: shape.processors,
             payment_latency_ms: shape.payment_latency_ms,
@@ -169,6 +181,7 @@ impl ScalingRun {
             errors: posted.errors.values().sum(),
             complete: completion.complete,
             exactly_once: completion.exactly_once.ok,
+            cpu,
         }
     }
 }
@@ -560,6 +573,8 @@ pub fn markdown(results: &Results) -> String {
         );
     }
 
+    cpu_section(&mut md, results);
+
     let burst = &results.burst;
     let deepest = burst
         .samples
@@ -665,4 +680,85 @@ pub fn burst_csv(burst: &Burst) -> String {
         csv.push('\n');
     }
     csv
+}
+
+/// Where the CPU went, per request or per order, for the runs that are
+/// bound by it: the HTTP runs and the end-to-end runs with no payment I/O.
+fn cpu_section(md: &mut String, results: &Results) {
+    let mut rows: Vec<(String, &Usage)> = results
+        .http
+        .iter()
+        .filter(|run| run.rate.is_none())
+        .map(|run| (format!("{} (per request)", run.what), &run.cpu))
+        .collect();
+    rows.extend(
+        results
+            .scaling
+            .iter()
+            .filter(|run| run.payment_latency_ms == 0)
+            .map(|run| {
+                (
+                    format!(
+                        "end to end, {} processor(s), no I/O (per order)",
+                        run.processors
+                    ),
+                    &run.cpu,
+                )
+            }),
+    );
+    let order = [
+        "load generator",
+        "bare axum",
+        "order-api",
+        "order-processors",
+        "notification-service",
+        "logging-service",
+        "postgres",
+        "rabbitmq",
+        "other",
+    ];
+    let groups: Vec<&str> = order
+        .iter()
+        .copied()
+        .filter(|group| {
+            rows.iter()
+                .any(|(_, usage)| usage.ms_per_op.contains_key(*group))
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "\n## Where the CPU goes\n\nCPU milliseconds per request or per order, read from /proc \
+         (user + system time of each process; *other* is the rest of the machine's busy time), \
+         and how busy the {} cores were. Two cores give at most 2,000 CPU-ms per second, so \
+         *ceiling* = 2,000 / total is the most this work could do here if nothing else ran.\n",
+        results.machine.cores
+    );
+    let _ = write!(md, "| run | cores busy | total ms | ceiling/s |");
+    for group in &groups {
+        let _ = write!(md, " {group} |");
+    }
+    let _ = write!(md, "\n|---|---|---|---|");
+    for _ in &groups {
+        let _ = write!(md, "---|");
+    }
+    md.push('\n');
+    let cores = results.machine.cores.max(1) as f64;
+    for (name, usage) in rows {
+        let _ = write!(
+            md,
+            "| {name} | {:.0}% | {:.2} | {:.0} |",
+            usage.machine_busy_pct,
+            usage.total_ms_per_op,
+            ratio(cores * 1000.0, usage.total_ms_per_op)
+        );
+        for group in &groups {
+            match usage.ms_per_op.get(*group) {
+                Some(ms) => {
+                    let _ = write!(md, " {ms:.2} |");
+                }
+                None => md.push_str(" |"),
+            }
+        }
+        md.push('\n');
+    }
 }

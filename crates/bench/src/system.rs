@@ -254,6 +254,14 @@ impl System {
             .collect()
     }
 
+    /// Every running service's name and pid.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.services
+            .iter()
+            .filter_map(|service| Some((service.name.clone(), service.pid()?)))
+            .collect()
+    }
+
     /// Messages ready on `lane`'s work queue.
     pub async fn queue_depth(&self, lane: Lane) -> anyhow::Result<u32> {
         let channel = self.amqp.create_channel().await?;

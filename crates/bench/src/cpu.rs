@@ -1,0 +1,170 @@
+//! Where the CPU went during a measurement: each service, Postgres,
+//! RabbitMQ and the load generator, from /proc. Divided by the orders
+//! handled, it says what one order costs and so what two cores can do.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// Linux reports process and machine times in USER_HZ ticks, 100 per second.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds used so far, by group, and by the whole machine.
+pub struct Snapshot {
+    at: Instant,
+    groups: BTreeMap<String, f64>,
+    machine_busy_s: f64,
+}
+
+/// CPU spent between two snapshots.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub wall_s: f64,
+    /// Busy share of all cores over the interval, in percent.
+    pub machine_busy_pct: f64,
+    /// CPU milliseconds per operation (order or request), by group; `other`
+    /// is the rest of the machine.
+    pub ms_per_op: BTreeMap<String, f64>,
+    /// The sum of `ms_per_op`: what one operation costs the machine.
+    pub total_ms_per_op: f64,
+}
+
+/// Read the CPU time of `services` (name, pid), of every Postgres and
+/// RabbitMQ process, of this process, and of the whole machine.
+pub fn snapshot(services: &[(String, u32)]) -> Snapshot {
+    let mut groups = BTreeMap::new();
+    for (name, pid) in services {
+        if let Some((_, seconds)) = process_cpu(*pid) {
+            *groups.entry(group_of(name)).or_insert(0.0) += seconds;
+        }
+    }
+    let own = std::process::id();
+    if let Some((_, seconds)) = process_cpu(own) {
+        groups.insert("load generator".into(), seconds);
+    }
+    for pid in all_pids() {
+        if let Some((command, seconds)) = process_cpu(pid) {
+            let group = match command.as_str() {
+                "postgres" => "postgres",
+                "beam.smp" | "erl_child_setup" | "epmd" | "inet_gethost" => "rabbitmq",
+                _ => continue,
+            };
+            *groups.entry(group.to_string()).or_insert(0.0) += seconds;
+        }
+    }
+    Snapshot {
+        at: Instant::now(),
+        groups,
+        machine_busy_s: machine_busy_seconds().unwrap_or(0.0),
+    }
+}
+
+/// `order-processor-3` and its siblings count as one group.
+fn group_of(service: &str) -> String {
+    if service.starts_with("order-processor") {
+        "order-processors".into()
+    } else {
+        service.to_string()
+    }
+}
+
+impl Snapshot {
+    /// What was spent since `self`, per one of `operations`.
+    pub fn usage_since(&self, after: &Snapshot, operations: u64) -> Usage {
+        let wall = after.at.duration_since(self.at);
+        let ops = operations.max(1) as f64;
+        let mut ms_per_op = BTreeMap::new();
+        let mut accounted = 0.0;
+        for (group, seconds) in &after.groups {
+            let spent = (seconds - self.groups.get(group).copied().unwrap_or(0.0)).max(0.0);
+            accounted += spent;
+            ms_per_op.insert(group.clone(), spent * 1000.0 / ops);
+        }
+        let busy = (after.machine_busy_s - self.machine_busy_s).max(0.0);
+        ms_per_op.insert("other".into(), (busy - accounted).max(0.0) * 1000.0 / ops);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        Usage {
+            wall_s: wall.as_secs_f64(),
+            machine_busy_pct: percent_busy(busy, wall, cores),
+            total_ms_per_op: busy.max(accounted) * 1000.0 / ops,
+            ms_per_op,
+        }
+    }
+}
+
+fn percent_busy(busy_s: f64, wall: Duration, cores: f64) -> f64 {
+    if wall.is_zero() {
+        0.0
+    } else {
+        100.0 * busy_s / (wall.as_secs_f64() * cores)
+    }
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A process's command name and its user + system CPU seconds.
+fn process_cpu(pid: u32) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command is in parentheses and may itself contain spaces or ')'.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let command = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // After the command: state is field 3 of proc(5), utime 14, stime 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((command, (utime + stime) / TICKS_PER_SECOND))
+}
+
+/// Busy CPU seconds of the whole machine since boot (all but idle and
+/// I/O wait), from the first line of /proc/stat.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user).
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    Some(busy / TICKS_PER_SECOND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_spinning_shows_up_as_the_load_generator() {
+        let before = snapshot(&[]);
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let after = snapshot(&[]);
+        let usage = before.usage_since(&after, 1);
+        let own = usage.ms_per_op["load generator"];
+        assert!(own >= 150.0, "300 ms of spinning counted as {own} ms");
+        assert!(usage.total_ms_per_op >= own);
+        assert!(usage.machine_busy_pct > 0.0);
+    }
+}
