@@ -468,6 +468,17 @@ pub struct Progress {
     pub audited: u64,
 }
 
+async fn count_finished(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<u64> {
+    let finished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders WHERE id = ANY($1) AND status <> 'accepted'",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await
+    .context("counting final orders")?;
+    Ok(finished.try_into().unwrap_or_default())
+}
+
 /// Count the orders among `ids` that are final, notified and audited.
 pub async fn progress(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<Progress> {
     let (finished, notified, audited): (i64, i64, i64) = sqlx::query_as(
@@ -510,6 +521,18 @@ pub async fn await_completion(
     };
     let deadline = Instant::now() + timeout;
     let complete = loop {
+        // Until every order is final, count only that: the other counts
+        // cost the database as much again while they can't be complete.
+        let finished = count_finished(pool, &ids).await?;
+        if finished < total {
+            bar.set_position(finished);
+            bar.set_message(format!("final {finished}"));
+            if Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         let now = progress(pool, &ids).await?;
         bar.set_position(now.finished.min(now.notified).min(now.audited));
         bar.set_message(format!(

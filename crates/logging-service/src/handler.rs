@@ -1,7 +1,7 @@
 //! One order event: one audit record and one log line, once.
 
 use messaging::contracts::{OrderEvent, Outcome};
-use platform::dedupe;
+use platform::dedupe::FIRST_DELIVERY_CTE;
 use sqlx::PgPool;
 
 /// Name under which this service records the events it handled.
@@ -14,26 +14,28 @@ pub async fn record(
     event: &OrderEvent,
     correlation_id: &str,
 ) -> anyhow::Result<bool> {
-    let mut tx = pool.begin().await?;
-    if !dedupe::first_delivery(&mut tx, CONSUMER, event.message_id).await? {
-        return Ok(false);
-    }
     let event_type = match &event.outcome {
         Outcome::Processed => "order.processed",
         Outcome::Rejected { .. } => "order.rejected",
     };
-    sqlx::query(
-        "INSERT INTO audit_log (event_id, order_id, event_type, correlation_id, payload)
-         VALUES ($1, $2, $3, $4, $5)",
-    )
+    let recorded = sqlx::query(&format!(
+        "WITH {FIRST_DELIVERY_CTE}
+         INSERT INTO audit_log (event_id, order_id, event_type, correlation_id, payload)
+         SELECT $2, $3, $4, $5, $6 FROM first"
+    ))
+    .bind(CONSUMER)
     .bind(event.message_id)
     .bind(event.order_id)
     .bind(event_type)
     .bind(correlation_id)
     .bind(serde_json::to_value(event)?)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    if !recorded {
+        return Ok(false);
+    }
     tracing::info!(
         event_type, customer_id = %event.customer_id, total_cents = event.total_cents,
         processed_by = %event.processed_by, "audit record written"

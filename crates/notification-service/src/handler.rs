@@ -2,7 +2,7 @@
 //! person would want to read) and note it in the order's history, once.
 
 use messaging::contracts::{OrderEvent, Outcome};
-use platform::dedupe;
+use platform::dedupe::FIRST_DELIVERY_CTE;
 use sqlx::PgPool;
 
 /// Name under which this service records the events it handled.
@@ -38,31 +38,28 @@ pub fn compose(event: &OrderEvent) -> (String, String) {
 /// Send the notification for `event` unless it was sent before; returns
 /// whether it was sent now.
 pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
-    let mut tx = pool.begin().await?;
-    if !dedupe::first_delivery(&mut tx, CONSUMER, event.message_id).await? {
-        return Ok(false);
-    }
     let (subject, body) = compose(event);
-    sqlx::query(
-        "INSERT INTO notifications (event_id, order_id, channel, recipient, subject, body)
-         VALUES ($1, $2, 'email', $3, $4, $5)",
-    )
+    let sent = sqlx::query(&format!(
+        "WITH {FIRST_DELIVERY_CTE},
+         sent AS (
+             INSERT INTO notifications (event_id, order_id, channel, recipient, subject, body)
+             SELECT $2, $3, 'email', $4, $5, $6 FROM first RETURNING order_id)
+         INSERT INTO order_status_history (order_id, status, detail, service)
+         SELECT order_id, 'notified', $7, 'notification-service' FROM sent"
+    ))
+    .bind(CONSUMER)
     .bind(event.message_id)
     .bind(event.order_id)
     .bind(&event.email)
     .bind(&subject)
     .bind(&body)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO order_status_history (order_id, status, detail, service)
-         VALUES ($1, 'notified', $2, 'notification-service')",
-    )
-    .bind(event.order_id)
     .bind(format!("email to {}: {subject}", event.email))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    tracing::info!(to = %event.email, subject = %subject, "email sent: {body}");
-    Ok(true)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    if sent {
+        tracing::info!(to = %event.email, subject = %subject, "email sent: {body}");
+    }
+    Ok(sent)
 }

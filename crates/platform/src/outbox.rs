@@ -6,11 +6,16 @@
 //!
 //! The publish right after the commit holds no transaction and no pooled
 //! connection while it waits for the broker's confirm: the caller still has
-//! the message, so it publishes it and then marks the row in one statement.
-//! The relay's sweep leaves rows younger than [`SWEEP_GRACE`] to that
-//! publish, so the two don't both send a fresh row.
+//! the message, so it publishes it, and the relay marks the rows published
+//! so far in one statement every [`MARK_INTERVAL`]. The relay's sweep leaves
+//! rows younger than [`SWEEP_GRACE`] to that publish, so the two don't both
+//! send a fresh row; a row whose mark was lost (a crash) is sent again and
+//! deduped by its consumers.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context;
 use messaging::{Publisher, amqp::Envelope};
@@ -25,6 +30,9 @@ const BATCH: i64 = 100;
 /// younger rows are still being published by the request or delivery that
 /// wrote them.
 pub const SWEEP_GRACE: Duration = Duration::from_secs(2);
+
+/// How often the rows published since the last time are marked published.
+pub const MARK_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A message written to the outbox, ready to be published once the
 /// transaction that wrote it has committed.
@@ -73,6 +81,8 @@ pub struct Relay {
     pool: PgPool,
     publisher: Publisher,
     wake: Arc<Notify>,
+    /// Published by `publish_now`, not yet marked in the table.
+    unmarked: Arc<Mutex<Vec<i64>>>,
 }
 
 struct Pending {
@@ -90,6 +100,7 @@ impl Relay {
             pool,
             publisher,
             wake: Arc::new(Notify::new()),
+            unmarked: Arc::default(),
         }
     }
 
@@ -118,13 +129,38 @@ impl Relay {
                 format!("publishing outbox message {}", message.envelope.message_id)
             })?;
         metrics::histogram!("publish_confirm_seconds").record(started.elapsed().as_secs_f64());
-        sqlx::query(
-            "UPDATE outbox SET published_at = now() WHERE id = $1 AND published_at IS NULL",
+        self.unmarked
+            .lock()
+            .expect("the unmarked list is never poisoned")
+            .push(message.id);
+        Ok(())
+    }
+
+    /// Mark the rows `publish_now` has published since the last call, in
+    /// one statement; on failure they are kept for the next call.
+    pub async fn mark_published(&self) -> anyhow::Result<()> {
+        let ids = std::mem::take(
+            &mut *self
+                .unmarked
+                .lock()
+                .expect("the unmarked list is never poisoned"),
+        );
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let marked = sqlx::query(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
         )
-        .bind(message.id)
+        .bind(&ids)
         .execute(&self.pool)
-        .await
-        .context("marking the outbox row published")?;
+        .await;
+        if let Err(error) = marked {
+            self.unmarked
+                .lock()
+                .expect("the unmarked list is never poisoned")
+                .extend(ids);
+            return Err(error).context("marking outbox rows published");
+        }
         Ok(())
     }
 
@@ -225,30 +261,50 @@ impl Relay {
         }
     }
 
-    /// Publish leftovers every `interval` (and at once when woken) until
-    /// `shutdown`; then flush once more so nothing committed stays behind.
+    /// Mark what was published every [`MARK_INTERVAL`], and publish
+    /// leftovers every `interval` (and soon after a failed publish) until
+    /// `shutdown`; then flush both so nothing committed stays behind.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+        let mut mark = tokio::time::interval(MARK_INTERVAL);
+        mark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Ok(backlog) = self.backlog().await {
-                metrics::gauge!("outbox_backlog").set(backlog as f64);
-            }
-            match self.publish_pending(SWEEP_GRACE).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(published = n, "outbox relay published leftovers"),
-                Err(error) => tracing::warn!(
-                    error.cause_chain = ?error, error.message = %error,
-                    "outbox relay could not publish; will retry"
-                ),
-            }
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = self.wake.notified() => tokio::time::sleep(Duration::from_millis(200)).await,
-                () = tokio::time::sleep(interval) => {}
+                _ = mark.tick() => {
+                    if let Err(error) = self.mark_published().await {
+                        tracing::warn!(error.message = %format!("{error:#}"), "could not mark published outbox rows; will retry");
+                    }
+                }
+                _ = sweep.tick() => self.sweep().await,
+                () = self.wake.notified() => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.sweep().await;
+                }
             }
         }
         // Every request and delivery has finished: nothing is in flight.
+        // Mark first, or the flush would send the marked rows again.
+        if let Err(error) = self.mark_published().await {
+            tracing::warn!(error.message = %format!("{error:#}"), "final outbox mark failed; those rows will be sent again");
+        }
         if let Err(error) = self.publish_pending(Duration::ZERO).await {
             tracing::warn!(error.message = %error, "final outbox flush failed; the next start publishes the rest");
+        }
+    }
+
+    async fn sweep(&self) {
+        if let Ok(backlog) = self.backlog().await {
+            metrics::gauge!("outbox_backlog").set(backlog as f64);
+        }
+        match self.publish_pending(SWEEP_GRACE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(published = n, "outbox relay published leftovers"),
+            Err(error) => tracing::warn!(
+                error.cause_chain = ?error, error.message = %error,
+                "outbox relay could not publish; will retry"
+            ),
         }
     }
 }
