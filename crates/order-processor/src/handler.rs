@@ -138,9 +138,13 @@ impl Processor {
             Outcome::Processed => "stock reserved, payment captured".to_owned(),
             Outcome::Rejected { reason } => reason.clone(),
         };
+        // The decision and its history line in one round trip.
         sqlx::query(
-            "UPDATE orders SET status = $2, reason = $3, processed_by = $4, updated_at = now()
-             WHERE id = $1",
+            "WITH decided AS (
+                 UPDATE orders SET status = $2, reason = $3, processed_by = $4, updated_at = now()
+                 WHERE id = $1 RETURNING id)
+             INSERT INTO order_status_history (order_id, status, detail, service)
+             SELECT id, $2, $5, 'order-processor' FROM decided",
         )
         .bind(order.order_id)
         .bind(outcome.status())
@@ -149,14 +153,6 @@ impl Processor {
             Outcome::Processed => None,
         })
         .bind(&self.instance_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO order_status_history (order_id, status, detail, service)
-             VALUES ($1, $2, $3, 'order-processor')",
-        )
-        .bind(order.order_id)
-        .bind(outcome.status())
         .bind(&detail)
         .execute(&mut *tx)
         .await?;
@@ -225,7 +221,11 @@ impl Processor {
 async fn reserve(conn: &mut PgConnection, items: &[OrderLine]) -> sqlx::Result<Result<(), String>> {
     let mut lines: Vec<&OrderLine> = items.iter().collect();
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
-    sqlx::query("SAVEPOINT reserve").execute(&mut *conn).await?;
+    // With one line there is nothing to undo: spare the two round trips.
+    let undoable = lines.len() > 1;
+    if undoable {
+        sqlx::query("SAVEPOINT reserve").execute(&mut *conn).await?;
+    }
     for line in lines {
         let taken =
             sqlx::query("UPDATE inventory SET stock = stock - $2 WHERE sku = $1 AND stock >= $2")
@@ -234,14 +234,18 @@ async fn reserve(conn: &mut PgConnection, items: &[OrderLine]) -> sqlx::Result<R
                 .execute(&mut *conn)
                 .await?;
         if taken.rows_affected() == 0 {
-            sqlx::query("ROLLBACK TO SAVEPOINT reserve")
-                .execute(&mut *conn)
-                .await?;
+            if undoable {
+                sqlx::query("ROLLBACK TO SAVEPOINT reserve")
+                    .execute(&mut *conn)
+                    .await?;
+            }
             return Ok(Err(line.sku.clone()));
         }
     }
-    sqlx::query("RELEASE SAVEPOINT reserve")
-        .execute(&mut *conn)
-        .await?;
+    if undoable {
+        sqlx::query("RELEASE SAVEPOINT reserve")
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(Ok(()))
 }

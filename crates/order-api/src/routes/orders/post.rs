@@ -6,7 +6,6 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use chrono::Utc;
 use messaging::{
     amqp::Envelope,
     contracts::{OrderLine, OrderPlaced, SCHEMA_VERSION},
@@ -141,11 +140,16 @@ async fn insert_order(
         .iter()
         .map(|l| i64::from(l.quantity) * l.unit_price_cents)
         .sum();
-    let created_at: chrono::DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
-                             shipping, callback_url, status, correlation_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'accepted', $10)
-         RETURNING created_at",
+    // The order and its first history line in one round trip.
+    let history: HistoryEntry = sqlx::query_as(
+        "WITH placed AS (
+             INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
+                                 shipping, callback_url, status, correlation_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'accepted', $10)
+             RETURNING id, created_at)
+         INSERT INTO order_status_history (order_id, status, detail, service, at)
+         SELECT id, 'accepted', $11, 'order-api', created_at FROM placed
+         RETURNING status, detail, service, at",
     )
     .bind(id)
     .bind(&order.customer_id)
@@ -157,16 +161,10 @@ async fn insert_order(
     .bind(order.shipping.as_ref().map(sqlx::types::Json))
     .bind(&order.callback_url)
     .bind(correlation_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    let history: HistoryEntry = sqlx::query_as(
-        "INSERT INTO order_status_history (order_id, status, detail, service)
-         VALUES ($1, 'accepted', $2, 'order-api') RETURNING status, detail, service, at",
-    )
-    .bind(id)
     .bind(format!("queued on the {} lane", order.lane.as_str()))
     .fetch_one(&mut *conn)
     .await?;
+    let created_at = history.at;
     Ok(OrderView {
         id,
         status: "accepted".into(),
