@@ -162,7 +162,13 @@ async fn main() -> anyhow::Result<()> {
         postgres_url: cli.postgres_url.clone(),
     };
     let sizes = Sizes::new(cli.quick);
-    let results = run(&cli, &environment, &sizes).await?;
+    // On Ctrl-C the run is dropped, and with it every service it started.
+    let results = tokio::select! {
+        results = run(&cli, &environment, &sizes) => results?,
+        _ = tokio::signal::ctrl_c() => bail!(
+            "interrupted: the services were stopped; drop the orderflow_bench_* databases by hand"
+        ),
+    };
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(cli.out.join("results.json"), json)?;
     std::fs::write(cli.out.join("burst.csv"), report::burst_csv(&results.burst))?;
