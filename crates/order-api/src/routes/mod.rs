@@ -33,6 +33,7 @@ pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router 
         .route("/orders", post(orders::create_order))
         .route("/orders/{id}", get(orders::get_order))
         .with_state(state)
+        .merge(crate::openapi::router())
         .merge(health)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -4,4 +4,5 @@
 mod errors;
 mod helpers;
 mod idempotency;
+mod openapi;
 mod orders;

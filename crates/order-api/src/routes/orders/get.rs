@@ -6,11 +6,25 @@ use uuid::Uuid;
 
 use super::{OrderView, load_order};
 use crate::{
-    error::{ApiError, Result},
+    error::{ApiError, ErrorBody, Result},
     startup::AppState,
 };
 
 /// `GET /orders/{id}`: the order and its status history.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    summary = "An order and its history",
+    params(("id" = String, Path, description = "The order id (a UUID)")),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 400, description = "Not a UUID (`invalid_order_id`)", body = ErrorBody),
+        (status = 404, description = "No such order (`order_not_found`)", body = ErrorBody),
+        (status = 500, description = "Unexpected (`internal_error`)", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry (`service_unavailable`)", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(name = "get_order", skip_all, fields(order_id = %raw_id))]
 pub async fn get_order(
     State(state): State<AppState>,

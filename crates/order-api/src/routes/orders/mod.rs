@@ -1,7 +1,7 @@
 //! `POST /orders` and `GET /orders/{id}`, and the JSON view of an order.
 
-mod get;
-mod post;
+pub(crate) mod get;
+pub(crate) mod post;
 
 pub use get::get_order;
 pub use post::create_order;
@@ -9,21 +9,25 @@ pub use post::create_order;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::domain::Shipping;
 
 /// An order as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct OrderView {
     pub id: Uuid,
+    /// `accepted`, then `processed` or `rejected`.
     pub status: String,
+    /// Why it was rejected.
     pub reason: Option<String>,
     pub customer_id: String,
     pub email: String,
     pub items: Vec<PricedLine>,
     pub total_cents: i64,
     pub currency: String,
+    /// `standard` or `express`.
     pub lane: String,
     pub callback_url: Option<String>,
     pub shipping: Option<Shipping>,
@@ -33,7 +37,7 @@ pub struct OrderView {
 }
 
 /// One line with the price it was accepted at.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct PricedLine {
     pub sku: String,
     pub quantity: i32,
@@ -41,8 +45,9 @@ pub struct PricedLine {
 }
 
 /// One step of the order's life.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct HistoryEntry {
+    /// `accepted`, `processed`, `rejected` or `notified`.
     pub status: String,
     pub detail: Option<String>,
     pub service: String,

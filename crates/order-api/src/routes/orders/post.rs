@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::{HistoryEntry, OrderView, PricedLine};
 use crate::{
     domain::{OrderRequest, ValidOrder},
-    error::{ApiError, Result},
+    error::{ApiError, ErrorBody, Result},
     idempotency::{self, IdempotencyKey, NextAction, SavedResponse},
     routes::{CorrelationId, JsonBody},
     startup::AppState,
@@ -29,6 +29,32 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 /// `POST /orders`: validate, store the order, its idempotency key and its
 /// outbox message in one transaction, publish with confirms, answer 202.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    summary = "Place an order",
+    description = "Stores the order durably and queues it for processing; `202` means it will \
+                   be processed even if the broker is down right now. With an `Idempotency-Key`, \
+                   a retry with the same body gets the first answer again (`Idempotent-Replayed: true`).",
+    request_body(content = OrderRequest, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; makes retries safe"),
+        ("X-Correlation-Id" = Option<String>, Header, description = "Carried through every service's logs; one is made if absent"),
+    ),
+    responses(
+        (status = 202, description = "Accepted; `Location` names the order", body = OrderView,
+         headers(("Location" = String, description = "/orders/{id}"))),
+        (status = 200, description = "Never sent: a replay repeats the first answer's status (202) with `Idempotent-Replayed: true`"),
+        (status = 400, description = "Malformed JSON or a bad Idempotency-Key (`malformed_json`, `invalid_idempotency_key`)", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is still in flight (`idempotency_key_in_flight`)", body = ErrorBody),
+        (status = 413, description = "Body over the size limit (`payload_too_large`)", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json (`unsupported_media_type`)", body = ErrorBody),
+        (status = 422, description = "Wrong types, missing or unknown fields, invalid values, unknown SKUs, or a reused Idempotency-Key with another body (`invalid_body`, `validation_failed`, `unknown_sku`, `idempotency_key_reused`)", body = ErrorBody),
+        (status = 500, description = "Unexpected (`internal_error`)", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; retry (`service_unavailable`)", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(
     name = "create_order",
     skip_all,

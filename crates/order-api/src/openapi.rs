@@ -1,0 +1,36 @@
+//! The API described as OpenAPI 3.1, generated from the handlers and types:
+//! `GET /openapi.json`, and an interactive page at `GET /docs`.
+
+use axum::{Json, Router, response::Html, routing::get};
+use utoipa::OpenApi;
+use utoipa_scalar::Scalar;
+
+use crate::{
+    domain::{ItemRequest, OrderRequest, Shipping},
+    error::{ErrorBody, ErrorDetail, FieldError},
+    routes::orders::{self, HistoryEntry, OrderView, PricedLine},
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orderflow order-api",
+        description = "Place orders and follow them. Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`; `code` is stable."
+    ),
+    paths(orders::post::create_order, orders::get::get_order),
+    components(schemas(
+        OrderRequest, ItemRequest, Shipping, OrderView, PricedLine, HistoryEntry,
+        ErrorBody, ErrorDetail, FieldError
+    )),
+    tags((name = "orders", description = "Placing and reading orders"))
+)]
+pub struct ApiDoc;
+
+/// `/openapi.json` and `/docs`.
+pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    let spec = ApiDoc::openapi();
+    let page = Scalar::new(spec.clone()).to_html();
+    Router::new()
+        .route("/openapi.json", get(move || async move { Json(spec) }))
+        .route("/docs", get(move || async move { Html(page) }))
+}
