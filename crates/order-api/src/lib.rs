@@ -6,6 +6,7 @@ pub mod configuration;
 pub mod domain;
 pub mod error;
 pub mod idempotency;
+pub mod live;
 pub mod openapi;
 pub mod routes;
 pub mod startup;

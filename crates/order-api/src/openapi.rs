@@ -8,6 +8,7 @@ use utoipa_scalar::Scalar;
 use crate::{
     domain::{ItemRequest, OrderRequest, Shipping},
     error::{ErrorBody, ErrorDetail, FieldError},
+    live::LiveEvent,
     routes::orders::{self, HistoryEntry, OrderView, PricedLine},
 };
 
@@ -17,10 +18,15 @@ use crate::{
         title = "orderflow order-api",
         description = "Place orders and follow them. Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`; `code` is stable."
     ),
-    paths(orders::post::create_order, orders::get::get_order),
+    paths(
+        orders::post::create_order,
+        orders::get::get_order,
+        orders::events::order_events,
+        orders::events::all_events
+    ),
     components(schemas(
         OrderRequest, ItemRequest, Shipping, OrderView, PricedLine, HistoryEntry,
-        ErrorBody, ErrorDetail, FieldError
+        ErrorBody, ErrorDetail, FieldError, LiveEvent
     )),
     tags((name = "orders", description = "Placing and reading orders"))
 )]

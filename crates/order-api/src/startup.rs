@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{configuration::Settings, idempotency, routes};
+use crate::{configuration::Settings, idempotency, live::Feed, routes};
 
 /// What every request handler can reach.
 #[derive(Clone)]
@@ -21,6 +21,8 @@ pub struct AppState {
     pub topology: Topology,
     pub max_quantity: i32,
     pub idempotency_ttl: Duration,
+    /// Live events for Server-Sent Events clients.
+    pub feed: Feed,
 }
 
 /// A built, listening order-api.
@@ -45,6 +47,7 @@ impl Application {
             topology: broker.topology().clone(),
             max_quantity: settings.max_quantity,
             idempotency_ttl: settings.idempotency_ttl(),
+            feed: Feed::default(),
         };
         let health = health::router(health::Readiness::new(pool, broker.clone()));
         let router = routes::router(state.clone(), health, settings.max_body_bytes);
@@ -79,6 +82,12 @@ impl Application {
             Duration::from_secs(self.settings.idempotency_cleanup_interval_secs.max(1)),
             shutdown.clone(),
         ));
+        let feed = tokio::spawn(
+            self.state
+                .feed
+                .clone()
+                .run(self.broker.clone(), shutdown.clone()),
+        );
         tracing::info!(port = self.port(), "order-api listening");
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
@@ -87,6 +96,7 @@ impl Application {
         // The server may also stop on its own (an I/O error): stop the rest.
         shutdown.cancel();
         let _ = relay.await;
+        let _ = feed.await;
         cleanup.abort();
         self.broker.close().await;
         tracing::info!("order-api stopped");

@@ -32,6 +32,8 @@ pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router 
     Router::new()
         .route("/orders", post(orders::create_order))
         .route("/orders/{id}", get(orders::get_order))
+        .route("/orders/{id}/events", get(orders::events::order_events))
+        .route("/events", get(orders::events::all_events))
         .with_state(state)
         .merge(crate::openapi::router())
         .merge(health)

@@ -4,5 +4,6 @@
 mod errors;
 mod helpers;
 mod idempotency;
+mod live;
 mod openapi;
 mod orders;

@@ -1,5 +1,6 @@
 //! `POST /orders` and `GET /orders/{id}`, and the JSON view of an order.
 
+pub(crate) mod events;
 pub(crate) mod get;
 pub(crate) mod post;
 

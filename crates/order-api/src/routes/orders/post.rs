@@ -19,6 +19,7 @@ use crate::{
     domain::{OrderRequest, ValidOrder},
     error::{ApiError, ErrorBody, Result},
     idempotency::{self, IdempotencyKey, NextAction, SavedResponse},
+    live::LiveEvent,
     routes::{CorrelationId, JsonBody},
     startup::AppState,
 };
@@ -98,6 +99,14 @@ pub async fn create_order(
     }
     tx.commit().await?;
     metrics::counter!("orders_accepted_total", "lane" => order.lane.as_str()).increment(1);
+    state.feed.publish(LiveEvent {
+        order_id,
+        customer_id: view.customer_id.clone(),
+        status: view.status.clone(),
+        reason: None,
+        lane: view.lane.clone(),
+        at: view.created_at,
+    });
     tracing::info!(
         lane = %view.lane, total_cents = view.total_cents, currency = %view.currency,
         items = view.items.len(), "order accepted"

@@ -1,0 +1,175 @@
+//! Live order events, pushed to clients as Server-Sent Events.
+//!
+//! order-api binds a transient, exclusive queue of its own to the
+//! order-events fanout exchange and fans what arrives out to the connected
+//! clients through an in-process broadcast channel; it adds the acceptances
+//! it makes itself. A client that falls too far behind is dropped rather
+//! than slowing the others down.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use messaging::{
+    Broker,
+    contracts::{OrderEvent, Outcome},
+};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Events buffered per client before it counts as too slow and is dropped.
+const BUFFER: usize = 1024;
+
+/// One step of an order's life, as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct LiveEvent {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    /// `accepted`, `processed`, `rejected` or `notified`; also the SSE event name.
+    pub status: String,
+    /// Why it was rejected.
+    pub reason: Option<String>,
+    /// `standard` or `express`: the lane the order took.
+    pub lane: String,
+    pub at: DateTime<Utc>,
+}
+
+impl LiveEvent {
+    /// Whether nothing more happens to the order after this.
+    pub fn is_last(&self) -> bool {
+        self.status == "notified"
+    }
+
+    /// The order's final status (processed or rejected).
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "processed" | "rejected")
+    }
+
+    fn of_event(event: &OrderEvent) -> Self {
+        let (status, reason) = match &event.outcome {
+            Outcome::Processed => ("processed", None),
+            Outcome::Rejected { reason } => ("rejected", Some(reason.clone())),
+        };
+        Self {
+            order_id: event.order_id,
+            customer_id: event.customer_id.clone(),
+            status: status.into(),
+            reason,
+            lane: event.lane.as_str().into(),
+            at: event.occurred_at,
+        }
+    }
+}
+
+/// The in-process fan-out of live events.
+#[derive(Clone)]
+pub struct Feed {
+    sender: broadcast::Sender<Arc<LiveEvent>>,
+    /// Cancelled when order-api stops: open streams end, so the HTTP
+    /// server's graceful shutdown is not held up by them.
+    stopped: CancellationToken,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self {
+            sender: broadcast::channel(BUFFER).0,
+            stopped: CancellationToken::new(),
+        }
+    }
+}
+
+impl Feed {
+    /// Cancelled once order-api is stopping.
+    pub fn stopped(&self) -> CancellationToken {
+        self.stopped.clone()
+    }
+
+    /// Every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
+        self.sender.subscribe()
+    }
+
+    /// Hand `event` to every connected client (none may be listening).
+    pub fn publish(&self, event: LiveEvent) {
+        let _ = self.sender.send(Arc::new(event));
+    }
+
+    /// Follow the order-events exchange through a queue of this process's
+    /// own until `shutdown`, reconnecting when the broker goes away.
+    pub async fn run(self, broker: Broker, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if let Err(error) = self.follow(&broker, &shutdown).await {
+                tracing::warn!(error.message = %format!("{error:#}"), "live event feed interrupted; reconnecting");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        self.stopped.cancel();
+    }
+
+    async fn follow(&self, broker: &Broker, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let Some(connection) = broker.connect(shutdown).await else {
+            return Ok(());
+        };
+        let channel = connection.create_channel().await?;
+        // Server-named, exclusive and auto-deleted: it lives exactly as long
+        // as this connection, and only this process reads it.
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                broker.topology().events_exchange().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                queue.name().clone(),
+                "order-api-live".into(),
+                // A live view, not a record: what is missed while
+                // disconnected is read from Postgres by each new client.
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue = %queue.name(), "following order events for live clients");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                delivery = deliveries.next() => match delivery {
+                    Some(Ok(delivery)) => match serde_json::from_slice::<OrderEvent>(&delivery.data) {
+                        Ok(event) => self.publish(LiveEvent::of_event(&event)),
+                        Err(error) => tracing::warn!(error = %error, "ignoring an undecodable order event"),
+                    },
+                    Some(Err(error)) => return Err(error.into()),
+                    None => anyhow::bail!("the live event consumer was cancelled"),
+                },
+            }
+        }
+    }
+}

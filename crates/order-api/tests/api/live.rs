@@ -1,0 +1,205 @@
+//! Server-Sent Events: an order's stream shows it move, a late subscriber
+//! still sees the final state, and the all-orders stream filters by customer.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::{BasicProperties, options::BasicPublishOptions};
+use messaging::contracts::{Lane, OrderEvent, Outcome, SCHEMA_VERSION};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, order_body, spawn_app};
+
+/// Reads `event:`/`data:` pairs off an SSE response.
+struct EventReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl EventReader {
+    async fn open(app: &TestApp, path: &str) -> Self {
+        let response = app.get(path).await;
+        assert_eq!(response.status().as_u16(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event's name and data, or `None` when the stream ended.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut name = None;
+                let mut data = None;
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        name = Some(value.trim().to_owned());
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data = serde_json::from_str(value.trim()).ok();
+                    }
+                }
+                // Heartbeats are comments: no event name.
+                if let (Some(name), Some(data)) = (name, data) {
+                    return Some((name, data));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), self.response.chunk())
+                .await
+                .expect("an event within 10 s")
+                .expect("reading the stream")?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+async fn place(app: &TestApp, body: &Value) -> Uuid {
+    let response = app.post_order(body, None).await;
+    assert_eq!(response.status().as_u16(), 202);
+    let order: Value = response.json().await.unwrap();
+    order["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// What order-processor would do: decide, and announce it on the fanout.
+async fn decide(app: &TestApp, order_id: Uuid, outcome: Outcome) {
+    sqlx::query("UPDATE orders SET status = $2 WHERE id = $1")
+        .bind(order_id)
+        .bind(outcome.status())
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO order_status_history (order_id, status, service) VALUES ($1, $2, 'test')",
+    )
+    .bind(order_id)
+    .bind(outcome.status())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let event = OrderEvent {
+        schema_version: SCHEMA_VERSION,
+        message_id: Uuid::new_v4(),
+        occurred_at: Utc::now(),
+        outcome,
+        order_id,
+        customer_id: "c-42".into(),
+        email: "ada@example.com".into(),
+        total_cents: 8948,
+        currency: "EUR".into(),
+        lane: Lane::Standard,
+        processed_by: "processor-test".into(),
+        callback_url: None,
+    };
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            app.topology.events_exchange().as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&event).unwrap(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// What notification-service would do.
+async fn notify(app: &TestApp, order_id: Uuid) {
+    sqlx::query(
+        "INSERT INTO order_status_history (order_id, status, service)
+         VALUES ($1, 'notified', 'notification-service')",
+    )
+    .bind(order_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_subscriber_sees_its_order_move_in_order_and_the_stream_ends() {
+    let app = spawn_app().await;
+    let id = place(&app, &order_body()).await;
+    let mut events = EventReader::open(&app, &format!("/orders/{id}/events")).await;
+
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "accepted");
+    assert_eq!(data["order_id"], id.to_string());
+    assert_eq!(data["lane"], "standard");
+
+    // Let the feed's queue be bound before the event is published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    decide(
+        &app,
+        id,
+        Outcome::Rejected {
+            reason: "out_of_stock: WIDGET".into(),
+        },
+    )
+    .await;
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "rejected");
+    assert_eq!(data["reason"], "out_of_stock: WIDGET");
+
+    notify(&app, id).await;
+    let (name, _) = events.next().await.unwrap();
+    assert_eq!(name, "notified");
+    assert_eq!(
+        events.next().await,
+        None,
+        "the stream ends once the order is done"
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_after_the_end_still_sees_the_whole_story() {
+    let app = spawn_app().await;
+    let mut body = order_body();
+    body["express"] = json!(true);
+    let id = place(&app, &body).await;
+    decide(&app, id, Outcome::Processed).await;
+    notify(&app, id).await;
+
+    let mut events = EventReader::open(&app, &format!("/orders/{id}/events")).await;
+    let mut names = Vec::new();
+    while let Some((name, data)) = events.next().await {
+        assert_eq!(data["lane"], "express");
+        names.push(name);
+    }
+    assert_eq!(names, ["accepted", "processed", "notified"]);
+}
+
+#[tokio::test]
+async fn the_all_orders_stream_filters_by_customer() {
+    let app = spawn_app().await;
+    let mut events = EventReader::open(&app, "/events?customer_id=c-99").await;
+
+    let mut other = order_body();
+    other["customer_id"] = json!("c-1");
+    place(&app, &other).await;
+    let mut mine = order_body();
+    mine["customer_id"] = json!("c-99");
+    let id = place(&app, &mine).await;
+
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "accepted");
+    assert_eq!(data["order_id"], id.to_string(), "only c-99's orders");
+    assert_eq!(data["customer_id"], "c-99");
+}
+
+#[tokio::test]
+async fn an_unknown_order_has_no_stream() {
+    let app = spawn_app().await;
+    let missing = app.get(&format!("/orders/{}/events", Uuid::new_v4())).await;
+    assert_eq!(missing.status().as_u16(), 404);
+    let invalid = app.get("/orders/nope/events").await;
+    assert_eq!(invalid.status().as_u16(), 400);
+}
