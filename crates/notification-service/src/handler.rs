@@ -43,7 +43,10 @@ pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
         "WITH {FIRST_DELIVERY_CTE},
          sent AS (
              INSERT INTO notifications (event_id, order_id, channel, recipient, subject, body)
-             SELECT $2, $3, 'email', $4, $5, $6 FROM first RETURNING order_id)
+             SELECT $2, $3, 'email', $4, $5, $6 FROM first RETURNING order_id),
+         hook AS (
+             INSERT INTO webhook_deliveries (event_id, order_id, url, body)
+             SELECT $2, $3, $8, $9 FROM first WHERE $8::text IS NOT NULL)
          INSERT INTO order_status_history (order_id, status, detail, service)
          SELECT order_id, 'notified', $7, 'notification-service' FROM sent"
     ))
@@ -54,6 +57,9 @@ pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
     .bind(&subject)
     .bind(&body)
     .bind(format!("email to {}: {subject}", event.email))
+    // The webhook, if the order asked for one: the event as sent on the fanout.
+    .bind(&event.callback_url)
+    .bind(serde_json::to_vec(event)?)
     .execute(pool)
     .await?
     .rows_affected()

@@ -5,3 +5,4 @@
 pub mod configuration;
 pub mod handler;
 pub mod startup;
+pub mod webhooks;

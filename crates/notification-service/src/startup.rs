@@ -4,18 +4,29 @@
 use platform::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
-use crate::{configuration::Settings, handler};
+use crate::{
+    configuration::{DEV_SECRET, Settings},
+    handler,
+    webhooks::Dispatcher,
+};
 
 /// A started notification-service.
 pub struct Application {
     worker: Worker,
+    webhooks: Dispatcher,
 }
 
 impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let worker = Worker::start(handler::CONSUMER, &settings.worker, settings.http_port).await?;
-        Ok(Self { worker })
+        if settings.webhook_secret.0 == DEV_SECRET {
+            tracing::warn!(
+                "WEBHOOK_SECRET is not set: webhooks are signed with the public demo secret"
+            );
+        }
+        let webhooks = Dispatcher::new(worker.pool().clone(), settings.webhook_policy())?;
+        Ok(Self { worker, webhooks })
     }
 
     /// The health port actually bound.
@@ -23,14 +34,19 @@ impl Application {
         self.worker.port()
     }
 
-    /// Consume events until `shutdown`.
+    /// Consume events and send webhooks until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let webhooks = tokio::spawn(self.webhooks.run(shutdown.clone()));
         let pool = self.worker.pool().clone();
         let pool = &pool;
-        self.worker
-            .run_events(shutdown, |event, _correlation_id| async move {
+        let consumed = self
+            .worker
+            .run_events(shutdown.clone(), |event, _correlation_id| async move {
                 handler::notify(pool, &event).await
             })
-            .await
+            .await;
+        shutdown.cancel();
+        let _ = webhooks.await;
+        consumed
     }
 }

@@ -108,3 +108,5 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     shutdown.cancel();
     running.await.unwrap().expect("a clean shutdown");
 }
+
+mod webhooks;

@@ -202,6 +202,39 @@ fn is_plausible_email(email: &str) -> bool {
         && !domain.contains('@')
 }
 
+/// The services' and their servers' host names (as in docker-compose.yml).
+const SERVICE_HOSTS: [&str; 6] = [
+    "order-api",
+    "order-processor",
+    "notification-service",
+    "logging-service",
+    "rabbitmq",
+    "postgres",
+];
+/// The ports they listen on: a loopback callback to one of these would have
+/// a service call itself (or its broker or database).
+const SERVICE_PORTS: [u16; 7] = [8080, 8081, 8082, 8083, 5432, 5672, 15672];
+
+/// Whether a callback would make the services call themselves.
+fn points_at_a_service(url: &url::Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if SERVICE_HOSTS.contains(&name.as_str()) {
+                return true;
+            }
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        None => false,
+    };
+    loopback
+        && url
+            .port_or_known_default()
+            .is_some_and(|port| SERVICE_PORTS.contains(&port))
+}
+
 fn check_callback_url(raw: &str) -> Result<(), &'static str> {
     if raw.len() > 2048 {
         return Err("must be at most 2048 characters");
@@ -212,6 +245,9 @@ fn check_callback_url(raw: &str) -> Result<(), &'static str> {
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("must name a host");
+    }
+    if points_at_a_service(&url) {
+        return Err("must not point at orderflow's own services");
     }
     Ok(())
 }
@@ -230,6 +266,31 @@ mod tests {
 
     fn fields(result: Result<ValidOrder, Vec<FieldError>>) -> Vec<String> {
         result.unwrap_err().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn callbacks_may_not_point_at_the_services_themselves() {
+        for refused in [
+            "http://order-api:8080/x",
+            "http://RabbitMQ:15672/",
+            "http://localhost:8082/healthz",
+            "http://127.0.0.1:5432/",
+            "http://[::1]:8080/orders",
+            "http://0.0.0.0:8083/",
+        ] {
+            assert_eq!(
+                check_callback_url(refused),
+                Err("must not point at orderflow's own services"),
+                "{refused}"
+            );
+        }
+        for allowed in [
+            "https://shop.example.com/hooks/orders",
+            "http://127.0.0.1:9000/hook",
+            "http://localhost:3000/",
+        ] {
+            assert_eq!(check_callback_url(allowed), Ok(()), "{allowed}");
+        }
     }
 
     #[test]

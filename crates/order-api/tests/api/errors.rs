@@ -109,6 +109,18 @@ async fn invalid_orders_are_rejected_with_the_right_status_and_code() {
             "validation_failed",
         ),
         (
+            "callback at a service",
+            with(|b| b["callback_url"] = json!("http://notification-service:8082/healthz")),
+            422,
+            "validation_failed",
+        ),
+        (
+            "callback at order-api itself",
+            with(|b| b["callback_url"] = json!("http://127.0.0.1:8080/orders")),
+            422,
+            "validation_failed",
+        ),
+        (
             "unknown sku",
             with(|b| b["items"][0]["sku"] = json!("UNOBTAINIUM")),
             422,
