@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 use loadgen::{LoadOptions, Percentiles, Posted};
 use messaging::contracts::Lane;
 use report::{Burst, Express, HttpRun, Machine, Memory, Rate, Raw, Results, Sample, ScalingRun};
-use system::{Environment, Shape, System};
+use system::{Environment, ScratchDatabase, Shape, System};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -318,42 +318,6 @@ async fn raw_bounds(environment: &Environment, sizes: &Sizes) -> anyhow::Result<
         ],
         postgres,
     })
-}
-
-/// A throwaway database for the raw loops and the bare server.
-struct ScratchDatabase {
-    name: String,
-    url: String,
-    environment: Environment,
-}
-
-impl ScratchDatabase {
-    async fn create(environment: &Environment, purpose: &str) -> anyhow::Result<Self> {
-        let name = format!(
-            "orderflow_bench_{purpose}_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let admin = environment.admin_pool().await?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await?;
-        Ok(Self {
-            url: environment.database_url(&name),
-            name,
-            environment: environment.clone(),
-        })
-    }
-
-    async fn drop(self) -> anyhow::Result<()> {
-        let admin = self.environment.admin_pool().await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&admin)
-        .await?;
-        Ok(())
-    }
 }
 
 /// POST as fast as `concurrency` allows (or at `rate`) for `duration`,

@@ -109,8 +109,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 /// A whole orderflow on a fresh database and topology.
 pub struct System {
     pub name: String,
-    pub database: String,
-    pub database_url: String,
+    pub database: ScratchDatabase,
     pub topology: Topology,
     prefix: String,
     pub pool: PgPool,
@@ -129,8 +128,6 @@ impl System {
         shape: Shape,
     ) -> anyhow::Result<Self> {
         let id = Uuid::new_v4().simple().to_string();
-        let database = format!("orderflow_bench_{}", &id[..12]);
-        let database_url = environment.database_url(&database);
         let prefix = format!("bench-{}", &id[..12]);
         let topology = Topology::new(prefix.clone());
         let amqp = Connection::connect(&environment.amqp_url, ConnectionProperties::default())
@@ -141,20 +138,15 @@ impl System {
                     messaging::amqp::redact(&environment.amqp_url)
                 )
             })?;
-        let admin = environment.admin_pool().await?;
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&admin)
-            .await
-            .context("creating the benchmark database")?;
+        let database = ScratchDatabase::create(environment, "run").await?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
-            .connect(&database_url)
+            .connect(&database.url)
             .await
             .context("connecting to the benchmark database")?;
         let mut system = Self {
             name: name.to_string(),
             database,
-            database_url,
             topology,
             prefix,
             pool,
@@ -217,7 +209,7 @@ impl System {
             .env("TOPOLOGY_PREFIX", &self.prefix)
             // A safety net: if the benchmark dies, its queues go away anyway.
             .env("TOPOLOGY_QUEUE_EXPIRES_MS", "600000")
-            .env("DATABASE_URL", &self.database_url)
+            .env("DATABASE_URL", &self.database.url)
             .env("HTTP_PORT", port.to_string())
             .env(
                 "PAYMENT_LATENCY_MS",
@@ -300,28 +292,50 @@ impl System {
             }
         }
         if let Ok(channel) = self.amqp.create_channel().await {
-            for queue in self.topology.all_queues() {
-                let _ = channel
-                    .queue_delete(queue.as_str().into(), Default::default())
-                    .await;
-            }
-            for exchange in self.topology.exchanges() {
-                let _ = channel
-                    .exchange_delete(exchange.as_str().into(), Default::default())
-                    .await;
-            }
+            self.topology.delete(&channel).await;
         }
         let _ = self.amqp.close(200, "benchmark done".into()).await;
         self.pool.close().await;
+        self.database.drop().await?;
+        outcome
+    }
+}
+
+/// A throwaway database: each system, raw loop and bare server gets one.
+pub struct ScratchDatabase {
+    name: String,
+    pub url: String,
+    environment: Environment,
+}
+
+impl ScratchDatabase {
+    pub async fn create(environment: &Environment, purpose: &str) -> anyhow::Result<Self> {
+        let name = format!(
+            "orderflow_bench_{purpose}_{}",
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        let admin = environment.admin_pool().await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .context("creating a benchmark database")?;
+        Ok(Self {
+            url: environment.database_url(&name),
+            name,
+            environment: environment.clone(),
+        })
+    }
+
+    pub async fn drop(self) -> anyhow::Result<()> {
         let admin = self.environment.admin_pool().await?;
         sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database
+            self.name
         ))
         .execute(&admin)
         .await
-        .context("dropping the benchmark database")?;
-        outcome
+        .context("dropping a benchmark database")?;
+        Ok(())
     }
 }
 

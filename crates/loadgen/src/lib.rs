@@ -245,18 +245,18 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Tally> {
         let repeat = (fastrand::f64() < options.repeat_fraction)
             .then(|| pick_earlier(&shared))
             .flatten();
-        let (key, body, earlier) = match repeat {
+        let (key, body, kind) = match repeat {
             Some(Sent {
                 key,
                 body,
                 order_id,
-            }) => (key, body, Some(order_id)),
+            }) => (key, body, Kind::Repeat { order_id }),
             None => {
                 let express = fastrand::f64() < options.express_fraction;
                 (
                     Uuid::new_v4().to_string(),
                     Arc::new(new_order(options, express)),
-                    None,
+                    Kind::New { express },
                 )
             }
         };
@@ -270,17 +270,16 @@ async fn worker(shared: Arc<Shared>) -> anyhow::Result<Tally> {
                 if let Some(latency) = &mut tally.latency {
                     latency.saturating_record(micros(now - due));
                 }
-                match earlier {
-                    Some(order_id) => {
+                match kind {
+                    Kind::Repeat { order_id } => {
                         if answer.replayed && answer.order_id == Some(order_id) {
                             tally.replayed += 1;
                         } else {
                             tally.replay_mismatches += 1;
                         }
                     }
-                    None => match answer.order_id {
+                    Kind::New { express } => match answer.order_id {
                         Some(order_id) => {
-                            let express = body_is_express(&body);
                             tally.accepted.push(Accepted { order_id, express });
                             shared
                                 .sent
@@ -336,11 +335,10 @@ fn new_order(options: &LoadOptions, express: bool) -> Vec<u8> {
     serde_json::to_vec(&order).expect("a JSON value always serialises")
 }
 
-fn body_is_express(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|order| order.get("express")?.as_bool())
-        .unwrap_or(false)
+/// What a request is: a new order, or a client's retry of an earlier one.
+enum Kind {
+    New { express: bool },
+    Repeat { order_id: Uuid },
 }
 
 struct Answer {
@@ -655,25 +653,17 @@ async fn exactly_once(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<ExactlyOnce
     .await
     .context("counting each order's effects")?;
     let accepted = ids.len() as u64;
-    let count = |n: i64| u64::try_from(n).unwrap_or_default();
-    let check = ExactlyOnce {
-        accepted,
-        orders: count(orders),
-        final_statuses: count(finals),
-        notifications: count(notifications),
-        audit_rows: count(audits),
-        ok: false,
-    };
+    let [orders, final_statuses, notifications, audit_rows] =
+        [orders, finals, notifications, audits].map(|n| u64::try_from(n).unwrap_or_default());
     Ok(ExactlyOnce {
-        ok: [
-            check.orders,
-            check.final_statuses,
-            check.notifications,
-            check.audit_rows,
-        ]
-        .iter()
-        .all(|n| *n == accepted),
-        ..check
+        accepted,
+        orders,
+        final_statuses,
+        notifications,
+        audit_rows,
+        ok: [orders, final_statuses, notifications, audit_rows]
+            .iter()
+            .all(|n| *n == accepted),
     })
 }
 

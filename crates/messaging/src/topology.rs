@@ -110,6 +110,21 @@ impl Topology {
         queues
     }
 
+    /// Delete every queue and exchange of a throwaway topology (a test's, a
+    /// benchmark's), as far as it goes: failures are skipped.
+    pub async fn delete(&self, channel: &Channel) {
+        for queue in self.all_queues() {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+        for exchange in self.exchanges() {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+
     /// Declare every exchange, queue and binding. Safe to call concurrently
     /// from every service: declarations with equal arguments are no-ops.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {

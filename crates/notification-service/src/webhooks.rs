@@ -34,15 +34,18 @@ pub struct WebhookPolicy {
 /// `t=...,v1=...` for `body` sent at `timestamp`: HMAC-SHA256 keyed with
 /// the shared secret over `"{timestamp}.{body}"`, as the receiver recomputes it.
 pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let signature = mac(secret, timestamp, body).finalize().into_bytes();
+    format!("t={timestamp},v1={}", hex::encode(signature))
+}
+
+/// The MAC of `"{timestamp}.{body}"` keyed with `secret`.
+fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!(
-        "t={timestamp},v1={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
+    mac
 }
 
 /// Whether `header` is a valid signature of `body` under `secret` (what a
@@ -60,12 +63,9 @@ pub fn verify(secret: &str, header: &str, body: &[u8]) -> bool {
     let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
         return false;
     };
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&signature).is_ok()
+    mac(secret, timestamp, body)
+        .verify_slice(&signature)
+        .is_ok()
 }
 
 /// The wait before attempt `attempt + 1` (after `attempt` failures):

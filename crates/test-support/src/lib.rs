@@ -110,16 +110,7 @@ impl Drop for TopologyGuard {
                     .await
                     .ok()?;
                 let channel = connection.create_channel().await.ok()?;
-                for queue in topology.all_queues() {
-                    let _ = channel
-                        .queue_delete(queue.as_str().into(), Default::default())
-                        .await;
-                }
-                for exchange in topology.exchanges() {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), Default::default())
-                        .await;
-                }
+                topology.delete(&channel).await;
                 let _ = connection.close(200, "test over".into()).await;
                 Some(())
             })

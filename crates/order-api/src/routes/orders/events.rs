@@ -38,6 +38,11 @@ fn sse(events: mpsc::Receiver<Event>) -> EventStream {
         .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
 }
 
+/// What a client too slow to keep up gets before it is dropped.
+fn lagged() -> Event {
+    Event::default().event("lagged").data("too slow; reconnect")
+}
+
 fn event(live: &LiveEvent) -> Event {
     Event::default()
         .event(live.status.clone())
@@ -166,7 +171,7 @@ async fn follow_order(
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let _ = client.send(Event::default().event("lagged").data("too slow; reconnect")).await;
+                    let _ = client.send(lagged()).await;
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -255,7 +260,7 @@ pub async fn all_events(
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = client.send(Event::default().event("lagged").data("too slow; reconnect")).await;
+                        let _ = client.send(lagged()).await;
                         return;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
