@@ -52,6 +52,9 @@ struct Cli {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
+    /// RabbitMQ's management API (default: beside AMQP_URL, port 15672).
+    #[arg(long, env = "RABBITMQ_MANAGEMENT_URL", hide_env_values = true)]
+    management_url: Option<String>,
     /// Postgres without a database name; each part gets a fresh database.
     #[arg(
         long,
@@ -159,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
         bin_dir,
         log_dir: cli.log_dir.clone(),
         amqp_url: cli.amqp_url.clone(),
+        management_url: cli.management_url.clone(),
         postgres_url: cli.postgres_url.clone(),
     };
     let sizes = Sizes::new(cli.quick);

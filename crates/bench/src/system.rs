@@ -20,11 +20,22 @@ pub struct Environment {
     pub bin_dir: PathBuf,
     pub log_dir: PathBuf,
     pub amqp_url: String,
+    /// RabbitMQ's management API (default: beside `amqp_url`, port 15672).
+    pub management_url: Option<String>,
     /// A Postgres URL without a database name, e.g. `postgres://postgres@127.0.0.1:5432`.
     pub postgres_url: String,
 }
 
 impl Environment {
+    /// The broker's management API.
+    pub fn management(&self) -> anyhow::Result<messaging::Management> {
+        let url = match &self.management_url {
+            Some(url) => url.clone(),
+            None => messaging::Management::default_url_for(&self.amqp_url)?,
+        };
+        messaging::Management::new(&url, &self.amqp_url)
+    }
+
     /// A URL for `database` on the benchmark's Postgres.
     pub fn database_url(&self, database: &str) -> String {
         format!("{}/{database}", self.postgres_url.trim_end_matches('/'))
@@ -206,6 +217,12 @@ impl System {
         let mut command = Command::new(&path);
         command
             .env("AMQP_URL", &self.environment.amqp_url)
+            .envs(
+                self.environment
+                    .management_url
+                    .iter()
+                    .map(|url| ("RABBITMQ_MANAGEMENT_URL", url)),
+            )
             .env("TOPOLOGY_PREFIX", &self.prefix)
             // A safety net: if the benchmark dies, its queues go away anyway.
             .env("TOPOLOGY_QUEUE_EXPIRES_MS", "600000")
@@ -291,8 +308,8 @@ impl System {
                 outcome = outcome.and(Err(error));
             }
         }
-        if let Ok(channel) = self.amqp.create_channel().await {
-            self.topology.delete(&channel).await;
+        if let Ok(management) = self.environment.management() {
+            self.topology.delete(&self.amqp, &management).await;
         }
         let _ = self.amqp.close(200, "benchmark done".into()).await;
         self.pool.close().await;

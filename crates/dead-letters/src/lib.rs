@@ -3,11 +3,13 @@
 //! keeps its message id, so if it had in fact been processed the consumer's
 //! dedupe skips it: replaying is always safe.
 
-use anyhow::Context;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use lapin::{
     BasicProperties, Channel,
     message::Delivery,
-    options::{BasicAckOptions, BasicGetOptions},
+    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
 use messaging::{
@@ -86,12 +88,49 @@ async fn take_all(channel: &Channel, queue: &str) -> anyhow::Result<Vec<Delivery
     Ok(taken)
 }
 
+/// Give back the messages taken on `channel` by closing it, and wait until
+/// the queue holds them again: the broker puts them back asynchronously, and
+/// the next listing or replay must not miss them.
+async fn give_back(
+    connection: &lapin::Connection,
+    channel: Channel,
+    queue: &str,
+    kept: usize,
+) -> anyhow::Result<()> {
+    channel.close(200, "given back".into()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let counter = connection.create_channel().await?;
+        let ready = counter
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("counting the dead letters")?
+            .message_count();
+        let _ = counter.close(200, "counted".into()).await;
+        if usize::try_from(ready).unwrap_or(usize::MAX) >= kept {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the broker has not put the dead letters back after 30 s ({ready} of {kept})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Every dead letter, oldest first; the queue is left as it was.
 pub async fn list(broker: &Broker) -> anyhow::Result<Vec<DeadLetter>> {
     let connection = broker.connect_once().await?;
     let channel = connection.create_channel().await?;
-    let taken = take_all(&channel, &broker.topology().dead_letters()).await?;
-    channel.close(200, "listed".into()).await?;
+    let queue = broker.topology().dead_letters();
+    let taken = take_all(&channel, &queue).await?;
+    give_back(&connection, channel, &queue, taken.len()).await?;
     Ok(taken.iter().map(|d| describe(&d.properties)).collect())
 }
 
@@ -109,7 +148,9 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> anyhow::Result<Ve
     let connection = broker.connect_once().await?;
     let channel = connection.create_channel().await?;
     let publisher = Publisher::new(broker.clone());
-    let taken = take_all(&channel, &broker.topology().dead_letters()).await?;
+    let queue = broker.topology().dead_letters();
+    let taken = take_all(&channel, &queue).await?;
+    let kept = taken.len();
     let mut replayed = Vec::new();
     for delivery in taken {
         let letter = describe(&delivery.properties);
@@ -142,6 +183,6 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> anyhow::Result<Ve
         delivery.ack(BasicAckOptions::default()).await?;
         replayed.push(letter);
     }
-    channel.close(200, "replayed".into()).await?;
+    give_back(&connection, channel, &queue, kept - replayed.len()).await?;
     Ok(replayed)
 }

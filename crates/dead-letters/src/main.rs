@@ -40,7 +40,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let broker = cli.amqp.broker();
+    let broker = cli.amqp.broker()?;
     match cli.command {
         Command::List => {
             let letters = list(&broker).await?;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::{
     Topology,
     contracts::{CORRELATION_HEADER, ORDER_ID_HEADER},
+    management::Management,
 };
 
 /// How every service finds the broker and its topology.
@@ -35,6 +36,11 @@ pub struct AmqpSettings {
     /// (throwaway test topologies only).
     #[arg(long, env = "TOPOLOGY_QUEUE_EXPIRES_MS")]
     pub topology_queue_expires_ms: Option<u32>,
+    /// RabbitMQ's management API (credentials included), through which the
+    /// queues' policies are set; default: AMQP_URL's host and credentials,
+    /// port 15672.
+    #[arg(long, env = "RABBITMQ_MANAGEMENT_URL", hide_env_values = true)]
+    pub rabbitmq_management_url: Option<String>,
 }
 
 impl std::fmt::Debug for AmqpSettings {
@@ -42,6 +48,10 @@ impl std::fmt::Debug for AmqpSettings {
         f.debug_struct("AmqpSettings")
             .field("amqp_url", &redact(&self.amqp_url))
             .field("topology_prefix", &self.topology_prefix)
+            .field(
+                "rabbitmq_management_url",
+                &self.rabbitmq_management_url.as_deref().map(redact),
+            )
             .finish()
     }
 }
@@ -53,9 +63,27 @@ impl AmqpSettings {
             .with_queue_expiry_ms(self.topology_queue_expires_ms)
     }
 
+    /// The management API these settings name.
+    pub fn management(&self) -> anyhow::Result<Management> {
+        let url = match &self.rabbitmq_management_url {
+            Some(url) => url.clone(),
+            None => Management::default_url_for(&self.amqp_url)?,
+        };
+        Management::new(&url, &self.amqp_url)
+    }
+
     /// A broker handle for these settings (not connected yet).
-    pub fn broker(&self) -> Broker {
-        Broker::new(self.amqp_url.clone(), self.topology())
+    pub fn broker(&self) -> anyhow::Result<Broker> {
+        self.broker_for(self.topology())
+    }
+
+    /// A broker handle for these settings declaring `topology`.
+    pub fn broker_for(&self, topology: Topology) -> anyhow::Result<Broker> {
+        Ok(Broker::new(
+            self.amqp_url.clone(),
+            self.management()?,
+            topology,
+        ))
     }
 }
 
@@ -65,15 +93,17 @@ impl AmqpSettings {
 #[derive(Clone)]
 pub struct Broker {
     url: String,
+    management: Management,
     topology: Topology,
     current: Arc<Mutex<Option<Arc<Connection>>>>,
 }
 
 impl Broker {
     /// A handle for the broker at `url`; nothing is connected yet.
-    pub fn new(url: String, topology: Topology) -> Self {
+    pub fn new(url: String, management: Management, topology: Topology) -> Self {
         Self {
             url,
+            management,
             topology,
             current: Arc::new(Mutex::new(None)),
         }
@@ -82,6 +112,11 @@ impl Broker {
     /// The names this broker's topology uses.
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// The broker's management API.
+    pub fn management(&self) -> &Management {
+        &self.management
     }
 
     /// Whether there is a live connection right now.
@@ -106,7 +141,7 @@ impl Broker {
         )
         .await
         .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
-        declare(&connection, &self.topology).await?;
+        declare(&connection, &self.topology, &self.management).await?;
         tracing::info!(broker = %redact(&self.url), "connected to RabbitMQ, topology declared");
         let connection = Arc::new(connection);
         *current = Some(connection.clone());
@@ -139,7 +174,7 @@ impl Broker {
     /// came back unroutable (a queue or binding was deleted behind our back).
     pub async fn redeclare(&self) -> anyhow::Result<()> {
         let connection = self.connect_once().await?;
-        declare(&connection, &self.topology).await?;
+        declare(&connection, &self.topology, &self.management).await?;
         tracing::warn!("a message was unroutable: topology declared again");
         Ok(())
     }
@@ -152,14 +187,15 @@ impl Broker {
     }
 }
 
-async fn declare(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
+async fn declare(
+    connection: &Connection,
+    topology: &Topology,
+    management: &Management,
+) -> anyhow::Result<()> {
     topology
-        .declare(&channel)
+        .declare(connection, management)
         .await
-        .context("declaring the topology")?;
-    let _ = channel.close(200, "declared".into()).await;
-    Ok(())
+        .context("declaring the topology")
 }
 
 /// The longest a publish may wait for its confirm (connecting included).

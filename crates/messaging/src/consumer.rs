@@ -15,11 +15,11 @@ use lapin::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
         BasicQosOptions, BasicRejectOptions,
     },
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, LongString},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Publisher, Topology};
+use crate::{Publisher, Topology, topology::RETRY_DELAY_HEADER};
 
 /// Header counting the failed attempts a message has had so far.
 pub const ATTEMPTS_HEADER: &str = "x-orderflow-attempts";
@@ -66,6 +66,13 @@ impl RetryPolicy {
         self.initial_delay
             .saturating_mul(factor)
             .min(self.max_delay)
+    }
+
+    /// Every delay a retry can wait, each once: the retry queues to declare.
+    pub fn delays(&self) -> Vec<Duration> {
+        let mut delays: Vec<Duration> = (1..self.max_attempts).map(|r| self.delay(r)).collect();
+        delays.dedup();
+        delays
     }
 }
 
@@ -148,6 +155,7 @@ where
         topology,
         publisher,
         spec: &spec,
+        requeues: RequeueTally::default(),
     };
     consumer
         .take_until(stop.clone().cancelled_owned())
@@ -192,6 +200,7 @@ struct Settler<'a> {
     topology: &'a Topology,
     publisher: &'a Publisher,
     spec: &'a ConsumerSpec,
+    requeues: RequeueTally,
 }
 
 impl Settler<'_> {
@@ -203,7 +212,10 @@ impl Settler<'_> {
         disposition: Disposition,
     ) {
         let settled = match disposition {
-            Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
+            Disposition::Ack => {
+                self.requeues.forget(&message_key(&properties));
+                acker.ack(BasicAckOptions::default()).await
+            }
             Disposition::Retry { reason } => {
                 let attempts = previous_attempts(&properties) + 1;
                 if attempts >= self.spec.retry.max_attempts {
@@ -232,8 +244,8 @@ impl Settler<'_> {
         }
     }
 
-    /// Park the message in the retry queue with a per-message TTL; the
-    /// broker moves it back to the work queue when the TTL is up.
+    /// Park the message in the retry queue of its delay; the broker moves
+    /// it back to the work queue when the delay is up.
     async fn retry_later(
         &self,
         acker: &Acker,
@@ -242,13 +254,22 @@ impl Settler<'_> {
         attempts: u32,
         reason: &str,
     ) -> lapin::Result<bool> {
+        let key = message_key(&properties);
         let delay = self.spec.retry.delay(attempts);
-        let properties = with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts))
-            .with_expiration(ShortString::from(delay.as_millis().to_string()));
-        let retry_queue = self.topology.retry_queue(&self.spec.queue);
+        let properties = with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
+        let properties = with_header(
+            properties,
+            RETRY_DELAY_HEADER,
+            AMQPValue::LongString(LongString::from(delay.as_millis().to_string())),
+        );
         match self
             .publisher
-            .publish("", &retry_queue, data, properties)
+            .publish(
+                &self.topology.retry_exchange(),
+                &self.spec.queue,
+                data,
+                properties,
+            )
             .await
         {
             Ok(()) => {
@@ -258,11 +279,12 @@ impl Settler<'_> {
                     attempt = attempts, reason = %reason,
                     "processing failed; retrying in {delay:?}"
                 );
+                self.requeues.forget(&key);
                 acker.ack(BasicAckOptions::default()).await
             }
             Err(error) => {
-                tracing::error!(error = %format!("{error:#}"), "could not schedule the retry; requeueing");
-                requeue(acker).await
+                tracing::error!(error = %format!("{error:#}"), "could not schedule the retry");
+                self.requeue_or_give_up(acker, &key).await
             }
         }
     }
@@ -277,6 +299,7 @@ impl Settler<'_> {
         attempts: u32,
         reason: &str,
     ) -> lapin::Result<bool> {
+        self.requeues.forget(&message_key(&properties));
         let mut properties =
             with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
         for (header, value) in [
@@ -311,13 +334,69 @@ impl Settler<'_> {
     }
 }
 
-async fn requeue(acker: &Acker) -> lapin::Result<bool> {
-    acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        })
-        .await
+impl Settler<'_> {
+    /// Requeue a message whose retry could not be scheduled (the broker
+    /// refused the publish), after a pause so a failing broker is not
+    /// hammered. Counted by our own tally, not the broker's delivery count:
+    /// from RabbitMQ 4.3 a requeueing `basic.nack` no longer counts towards
+    /// the delivery limit. After [`MAX_REQUEUES`] the message is rejected
+    /// to the queue's dead-letter target, where it can be replayed.
+    async fn requeue_or_give_up(&self, acker: &Acker, key: &str) -> lapin::Result<bool> {
+        let requeues = self.requeues.record(key);
+        if requeues > MAX_REQUEUES {
+            self.requeues.forget(key);
+            tracing::error!(
+                requeues = MAX_REQUEUES,
+                "giving up requeueing: rejecting to the dead-letter queue"
+            );
+            return acker.reject(BasicRejectOptions { requeue: false }).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200) * requeues).await;
+        tracing::warn!(requeue = requeues, "requeueing");
+        acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+    }
+}
+
+/// What the requeue tally knows a message by.
+fn message_key(properties: &BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map_or_else(String::new, |id| id.to_string())
+}
+
+/// Times one message may be requeued by one consumer before it is rejected.
+pub const MAX_REQUEUES: u32 = 5;
+
+/// How often this consumer has requeued each message (by message id).
+#[derive(Default)]
+struct RequeueTally(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl RequeueTally {
+    /// Count one more requeue of `key`; returns the count.
+    fn record(&self, key: &str) -> u32 {
+        let mut tally = self.0.lock().expect("the requeue tally is never poisoned");
+        // Bounded memory: a tally this large means the broker has failed us
+        // for a long time; starting the counts over only delays giving up.
+        if tally.len() > 10_000 {
+            tally.clear();
+        }
+        let count = tally.entry(key.to_owned()).or_default();
+        *count += 1;
+        *count
+    }
+
+    fn forget(&self, key: &str) {
+        self.0
+            .lock()
+            .expect("the requeue tally is never poisoned")
+            .remove(key);
+    }
 }
 
 fn with_header(properties: BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
@@ -339,6 +418,27 @@ mod tests {
         };
         let delays: Vec<u128> = (1..=5).map(|r| policy.delay(r).as_millis()).collect();
         assert_eq!(delays, [500, 1000, 2000, 3000, 3000]);
+    }
+
+    #[test]
+    fn each_retry_delay_is_listed_once() {
+        let policy = RetryPolicy {
+            max_attempts: 8,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+        };
+        let delays: Vec<u64> = policy.delays().iter().map(Duration::as_secs).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30]);
+    }
+
+    #[test]
+    fn a_message_is_requeued_a_bounded_number_of_times() {
+        let tally = RequeueTally::default();
+        let counts: Vec<u32> = (0..3).map(|_| tally.record("m1")).collect();
+        assert_eq!(counts, [1, 2, 3]);
+        assert_eq!(tally.record("m2"), 1);
+        tally.forget("m1");
+        assert_eq!(tally.record("m1"), 1);
     }
 
     #[test]

@@ -6,9 +6,12 @@
 pub mod amqp;
 pub mod consumer;
 pub mod contracts;
+pub mod declaration;
+pub mod management;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
 
 pub use amqp::{AmqpSettings, Broker, Publisher};
+pub use management::Management;
 pub use topology::Topology;

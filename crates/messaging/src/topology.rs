@@ -1,19 +1,25 @@
-//! Every exchange and queue name in the system, and their idempotent
-//! declaration. Every service declares the whole topology at start, so the
-//! subscriber queues exist before the first event is published, whichever
-//! service happens to start first.
+//! Every exchange and queue name in the system, what each queue is bound
+//! to, and the policy that carries each queue's tunable arguments. Queues are
+//! declared with nothing but their type (arguments can never change on a
+//! declared queue); delivery limits, dead-letter targets and TTLs live in
+//! broker policies, which can change on a running broker. Declaring and
+//! migrating is in [`crate::declaration`].
 
-use lapin::{
-    Channel,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, LongString, ShortString},
-};
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use serde_json::{Value, json};
 
 use crate::contracts::Lane;
 
 /// Redeliveries after which a quorum queue dead-letters a message that keeps
-/// failing: the safety net for crash loops, not the retry mechanism.
+/// failing: the safety net for crash loops, not the retry mechanism (our own
+/// attempt counter is; see [`crate::consumer`]).
 pub const DELIVERY_LIMIT: i32 = 10;
+
+/// Header a retried message carries to pick its retry queue: the delay in
+/// milliseconds.
+pub const RETRY_DELAY_HEADER: &str = "orderflow-retry-delay-ms";
 
 /// The names of everything on the broker, optionally prefixed so that tests
 /// (and several deployments on one broker) never see each other's messages.
@@ -21,17 +27,40 @@ pub const DELIVERY_LIMIT: i32 = 10;
 pub struct Topology {
     prefix: String,
     queue_expires_ms: Option<u32>,
+    retry_delays: Vec<Duration>,
 }
 
 /// The services that own a durable queue on the order-events exchange.
 pub const SUBSCRIBERS: [&str; 2] = ["notification-service", "logging-service"];
+
+/// One queue: its name, what it is bound to and the policy it runs under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    /// The queue's name.
+    pub name: String,
+    /// The exchanges (and routing keys, and binding arguments) it is bound to.
+    pub bindings: Vec<Binding>,
+    /// The policy definition carrying its tunable arguments, if it needs one.
+    pub policy: Option<Value>,
+}
+
+/// One binding of a queue to an exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// The exchange.
+    pub exchange: String,
+    /// The routing key.
+    pub key: String,
+    /// Binding arguments (the headers a headers exchange matches).
+    pub arguments: FieldTable,
+}
 
 impl Topology {
     /// A topology whose names start with `prefix` (empty in production).
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
-            queue_expires_ms: None,
+            ..Self::default()
         }
     }
 
@@ -40,6 +69,25 @@ impl Topology {
     pub fn with_queue_expiry_ms(mut self, expires_ms: Option<u32>) -> Self {
         self.queue_expires_ms = expires_ms;
         self
+    }
+
+    /// Declare one retry queue for each of these delays (the delays a
+    /// consuming service's retry policy uses).
+    pub fn with_retry_delays(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.retry_delays = delays.into_iter().collect();
+        self.retry_delays.sort();
+        self.retry_delays.dedup();
+        self
+    }
+
+    /// The `x-expires` of a throwaway topology's queues.
+    pub fn queue_expires_ms(&self) -> Option<u32> {
+        self.queue_expires_ms
+    }
+
+    /// The prefix, if this is a prefixed (throwaway) topology.
+    pub fn prefix(&self) -> Option<&str> {
+        Some(self.prefix.as_str()).filter(|p| !p.is_empty())
     }
 
     fn name(&self, base: &str) -> String {
@@ -76,32 +124,35 @@ impl Topology {
         self.name("orders.dead")
     }
 
-    /// Where a message of `queue` waits out its retry delay (per-message
-    /// TTL) before the broker dead-letters it back onto `queue`.
-    pub fn retry_queue(&self, queue: &str) -> String {
+    /// Headers exchange a failed message is published to, with its queue as
+    /// the routing key and its delay in [`RETRY_DELAY_HEADER`]: it lands in
+    /// the retry queue of that delay, which dead-letters it back onto its
+    /// queue (through the default exchange, by that routing key) once the
+    /// delay is up.
+    pub fn retry_exchange(&self) -> String {
+        self.name("orders.retry")
+    }
+
+    /// The queue where messages wait out a retry delay of `delay`. Every
+    /// message in it has the same TTL, so each leaves exactly on time (a
+    /// per-message TTL only expires messages at the head of a queue).
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        self.name(&format!("orders.retry.{}ms", delay.as_millis()))
+    }
+
+    /// The retry queue of `queue` in orderflow versions before per-delay
+    /// retry queues; retired once empty.
+    pub fn legacy_retry_queue(&self, queue: &str) -> String {
         format!("{queue}.retry")
     }
 
-    /// Every queue of the topology, retry and dead-letter queues included.
-    pub fn all_queues(&self) -> Vec<String> {
-        let work = self.work_queues();
-        let mut queues: Vec<String> = work.iter().map(|q| self.retry_queue(q)).collect();
-        queues.extend(work);
-        queues.push(self.dead_letters());
-        queues
-    }
-
-    /// Every exchange of the topology.
-    pub fn exchanges(&self) -> [String; 3] {
-        [
-            self.orders_exchange(),
-            self.events_exchange(),
-            self.dead_letters(),
-        ]
+    /// The policy name orderflow gives the policy of `queue`.
+    pub fn policy_name(queue: &str) -> String {
+        format!("orderflow:{queue}")
     }
 
     /// Every queue a consumer works on (not the retry or dead-letter ones).
-    fn work_queues(&self) -> Vec<String> {
+    pub fn consumer_queues(&self) -> Vec<String> {
         let mut queues = vec![
             self.work_queue(Lane::Express),
             self.work_queue(Lane::Standard),
@@ -110,157 +161,114 @@ impl Topology {
         queues
     }
 
-    /// Delete every queue and exchange of a throwaway topology (a test's, a
-    /// benchmark's), as far as it goes: failures are skipped.
-    pub async fn delete(&self, channel: &Channel) {
-        for queue in self.all_queues() {
-            let _ = channel
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
-        }
-        for exchange in self.exchanges() {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await;
-        }
+    /// The retry queues this topology declares.
+    pub fn retry_queues(&self) -> Vec<String> {
+        self.retry_delays
+            .iter()
+            .map(|d| self.retry_queue(*d))
+            .collect()
     }
 
-    /// Declare every exchange, queue and binding. Safe to call concurrently
-    /// from every service: declarations with equal arguments are no-ops.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+    /// Every queue of the topology, retry and dead-letter queues included.
+    pub fn all_queues(&self) -> Vec<String> {
+        self.queues(false).into_iter().map(|q| q.name).collect()
+    }
+
+    /// Every exchange of the topology.
+    pub fn exchanges(&self) -> [(String, lapin::ExchangeKind); 4] {
+        use lapin::ExchangeKind::{Direct, Fanout, Headers};
+        [
+            (self.dead_letters(), Fanout),
+            (self.orders_exchange(), Direct),
+            (self.events_exchange(), Fanout),
+            (self.retry_exchange(), Headers),
+        ]
+    }
+
+    /// Every queue with its bindings and policy, the dead-letter queue first
+    /// (so the others' dead-letter target exists first). `broker_4` says
+    /// whether the broker is RabbitMQ 4.x, where "no delivery limit" must be
+    /// spelled out.
+    pub fn queues(&self, broker_4: bool) -> Vec<QueueSpec> {
         let dead = self.dead_letters();
-        channel
-            .exchange_declare(
-                dead.clone().into(),
-                lapin::ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        self.declare_queue(channel, &dead, None).await?;
-        self.bind(channel, &dead, &dead, "").await?;
-
-        let orders = self.orders_exchange();
-        channel
-            .exchange_declare(
-                orders.clone().into(),
-                lapin::ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
+        let mut queues = vec![QueueSpec {
+            name: dead.clone(),
+            bindings: vec![binding(&dead, "")],
+            // Dead letters stay until a person replays or deletes them,
+            // however often they are listed (every listing returns them,
+            // which counts as a delivery). 3.x has no default limit and
+            // refuses -1; 4.x defaults to 20 and takes -1 as "none".
+            policy: broker_4.then(|| json!({ "delivery-limit": -1 })),
+        }];
+        let work = json!({
+            "delivery-limit": DELIVERY_LIMIT,
+            "dead-letter-exchange": dead,
+            "dead-letter-strategy": "at-least-once",
+            "overflow": "reject-publish",
+        });
         for lane in [Lane::Standard, Lane::Express] {
-            let queue = self.work_queue(lane);
-            self.declare_queue(channel, &queue, Some(&dead)).await?;
-            self.bind(channel, &queue, &orders, lane.as_str()).await?;
-            self.declare_retry_queue(channel, &queue).await?;
+            queues.push(QueueSpec {
+                name: self.work_queue(lane),
+                bindings: vec![binding(&self.orders_exchange(), lane.as_str())],
+                policy: Some(work.clone()),
+            });
         }
-
-        let events = self.events_exchange();
-        channel
-            .exchange_declare(
-                events.clone().into(),
-                lapin::ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
         for service in SUBSCRIBERS {
-            let queue = self.subscriber_queue(service);
-            self.declare_queue(channel, &queue, Some(&dead)).await?;
-            self.bind(channel, &queue, &events, "").await?;
-            self.declare_retry_queue(channel, &queue).await?;
+            queues.push(QueueSpec {
+                name: self.subscriber_queue(service),
+                bindings: vec![binding(&self.events_exchange(), "")],
+                policy: Some(work.clone()),
+            });
         }
-        Ok(())
-    }
-
-    /// A work or dead-letter queue; work queues dead-letter to `dead_letter_exchange`.
-    async fn declare_queue(
-        &self,
-        channel: &Channel,
-        queue: &str,
-        dead_letter_exchange: Option<&str>,
-    ) -> lapin::Result<()> {
-        let mut args = FieldTable::default();
-        if let Some(dlx) = dead_letter_exchange {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongInt(DELIVERY_LIMIT),
-            );
-            dead_letter_to(&mut args, dlx, None);
+        for delay in &self.retry_delays {
+            let ms = delay.as_millis().to_string();
+            let mut matching = FieldTable::default();
+            matching.insert("x-match".into(), string("all"));
+            matching.insert(RETRY_DELAY_HEADER.into(), string(&ms));
+            queues.push(QueueSpec {
+                name: self.retry_queue(*delay),
+                bindings: vec![Binding {
+                    exchange: self.retry_exchange(),
+                    key: String::new(),
+                    arguments: matching,
+                }],
+                // Back to the queue named by the message's routing key,
+                // keeping it until that queue has confirmed it.
+                policy: Some(json!({
+                    "message-ttl": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "dead-letter-exchange": "",
+                    "dead-letter-strategy": "at-least-once",
+                    "overflow": "reject-publish",
+                })),
+            });
         }
-        self.declare_quorum(channel, queue, args).await
+        queues
     }
 
-    /// The retry queue of `queue`: expired messages go back to `queue`
-    /// through the default exchange.
-    async fn declare_retry_queue(&self, channel: &Channel, queue: &str) -> lapin::Result<()> {
+    /// The arguments every queue is declared with: only what a policy cannot
+    /// carry, so they never need to change.
+    pub fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        dead_letter_to(&mut args, "", Some(queue));
-        self.declare_quorum(channel, &self.retry_queue(queue), args)
-            .await
-    }
-
-    async fn declare_quorum(
-        &self,
-        channel: &Channel,
-        queue: &str,
-        mut args: FieldTable,
-    ) -> lapin::Result<()> {
         // Quorum queues: replicated on a cluster, and the only kind with
         // at-least-once dead-lettering.
-        args.insert(ShortString::from("x-queue-type"), string("quorum"));
+        args.insert("x-queue-type".into(), string("quorum"));
         if let Some(ms) = self.queue_expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
         }
-        channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn bind(
-        &self,
-        channel: &Channel,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-    ) -> lapin::Result<()> {
-        channel
-            .queue_bind(
-                queue.into(),
-                exchange.into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        args
     }
 }
 
-/// Dead-letter to `exchange` (with `routing_key`, if given), keeping each
-/// message until the target queue has confirmed it.
-fn dead_letter_to(args: &mut FieldTable, exchange: &str, routing_key: Option<&str>) {
-    args.insert("x-dead-letter-exchange".into(), string(exchange));
-    if let Some(key) = routing_key {
-        args.insert("x-dead-letter-routing-key".into(), string(key));
+fn binding(exchange: &str, key: &str) -> Binding {
+    Binding {
+        exchange: exchange.to_owned(),
+        key: key.to_owned(),
+        arguments: FieldTable::default(),
     }
-    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-    args.insert("x-overflow".into(), string("reject-publish"));
 }
 
-fn string(s: &str) -> AMQPValue {
+/// An AMQP long string.
+pub fn string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 

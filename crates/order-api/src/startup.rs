@@ -39,7 +39,7 @@ impl Application {
     /// the topology and bind the listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = settings.database.connect_and_migrate().await?;
-        let broker = settings.amqp.broker();
+        let broker = settings.amqp.broker()?;
         broker.connect(&CancellationToken::new()).await;
         let state = AppState {
             pool: pool.clone(),

@@ -50,6 +50,14 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// The topology a worker declares: the shared one, with the retry
+    /// queues of its retry policy.
+    pub fn topology(&self) -> Topology {
+        self.amqp
+            .topology()
+            .with_retry_delays(self.retry_policy().delays())
+    }
+
     /// The retry policy these settings describe.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -80,7 +88,7 @@ impl Worker {
         http_port: u16,
     ) -> anyhow::Result<Self> {
         let pool = settings.database.connect_and_migrate().await?;
-        let broker = settings.amqp.broker();
+        let broker = settings.amqp.broker_for(settings.topology())?;
         broker.connect(&CancellationToken::new()).await;
         let listener = TcpListener::bind(SocketAddr::new(settings.http_host, http_port))
             .await

@@ -31,6 +31,23 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// RabbitMQ's management API the tests use (policies, queue arguments).
+pub fn management_url() -> String {
+    std::env::var("TEST_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".to_owned())
+}
+
+/// A client of the test broker's management API.
+pub fn management() -> messaging::Management {
+    messaging::Management::new(&management_url(), &amqp_url())
+        .expect("TEST_MANAGEMENT_URL is a valid http URL")
+}
+
+/// A broker handle on the test broker declaring `topology`.
+pub fn broker(topology: &Topology) -> messaging::Broker {
+    messaging::Broker::new(amqp_url(), management(), topology.clone())
+}
+
 /// How long per-test queues live once idle: a backstop for tests that die
 /// before their [`TopologyGuard`] deletes them. Quorum queues hold file
 /// descriptors on the broker, so they must not pile up.
@@ -75,6 +92,7 @@ pub fn isolate(settings: &mut platform::worker::WorkerSettings, database_url: St
     settings.database.database_url = database_url;
     settings.database.db_max_connections = 3;
     settings.amqp.amqp_url = amqp_url();
+    settings.amqp.rabbitmq_management_url = Some(management_url());
     settings.amqp.topology_prefix = unique_prefix();
     settings.amqp.topology_queue_expires_ms = Some(QUEUE_EXPIRES_MS);
 }
@@ -109,8 +127,7 @@ impl Drop for TopologyGuard {
                 let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
                     .await
                     .ok()?;
-                let channel = connection.create_channel().await.ok()?;
-                topology.delete(&channel).await;
+                topology.delete(&connection, &management()).await;
                 let _ = connection.close(200, "test over".into()).await;
                 Some(())
             })
@@ -127,9 +144,8 @@ impl Drop for TopologyGuard {
 /// A declared topology under `prefix` whose queues expire when idle.
 pub async fn declare_topology(connection: &Connection, prefix: &str) -> Topology {
     let topology = Topology::new(prefix).with_queue_expiry_ms(Some(QUEUE_EXPIRES_MS));
-    let channel = connection.create_channel().await.unwrap();
     topology
-        .declare(&channel)
+        .declare(connection, &management())
         .await
         .expect("declaring the test topology");
     topology
@@ -194,7 +210,7 @@ pub async fn queue_depth(connection: &Connection, queue: &str) -> u32 {
 
 /// A confirmed publisher on the test broker for `topology`.
 pub fn publisher(topology: &Topology) -> messaging::Publisher {
-    messaging::Publisher::new(messaging::Broker::new(amqp_url(), topology.clone()))
+    messaging::Publisher::new(broker(topology))
 }
 
 /// A string header of a delivery, if present.

@@ -45,7 +45,7 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_one_recorded() {
     let mut settings = Settings::parse_from(["logging-service"]);
     test_support::isolate(&mut settings.worker, url);
     settings.http_port = 0;
-    let topology = settings.worker.amqp.topology();
+    let topology = settings.worker.topology();
     let _topology = test_support::TopologyGuard(topology.clone());
     let app = Application::build(settings).await.unwrap();
     let shutdown = CancellationToken::new();

@@ -66,7 +66,7 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     let mut settings = Settings::parse_from(["notification-service"]);
     test_support::isolate(&mut settings.worker, url);
     settings.http_port = 0;
-    let topology = settings.worker.amqp.topology();
+    let topology = settings.worker.topology();
     let _topology = test_support::TopologyGuard(topology.clone());
     let app = Application::build(settings).await.unwrap();
     let shutdown = CancellationToken::new();

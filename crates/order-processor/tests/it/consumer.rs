@@ -43,7 +43,7 @@ async fn start_with(configure: impl FnOnce(&mut Settings)) -> Running {
     settings.http_port = 0;
     settings.payment_latency_ms = 0;
     configure(&mut settings);
-    let topology = settings.worker.amqp.topology();
+    let topology = settings.worker.topology();
     let app = Application::build(settings)
         .await
         .expect("starting the processor");

@@ -134,7 +134,7 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     let mut report = load.finish().await;
     report.accepted.insert(doomed_id);
 
-    let broker = messaging::Broker::new(system.rabbit.url(), topology.clone());
+    let broker = system.broker();
     let letters = test_support_dead_letters(&broker).await;
     println!("dead letters: {letters:?}");
     assert_eq!(letters.len(), 2);
@@ -206,10 +206,7 @@ async fn the_same_message_delivered_twice_is_processed_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let report = load.finish().await;
     let topology = Topology::new("");
-    let publisher = messaging::Publisher::new(messaging::Broker::new(
-        system.rabbit.url(),
-        topology.clone(),
-    ));
+    let publisher = messaging::Publisher::new(system.broker());
     let sent: Vec<(Uuid, Uuid, serde_json::Value, String)> = sqlx::query_as(
         "SELECT message_id, order_id, payload, routing_key FROM outbox WHERE exchange = $1 LIMIT 20",
     )

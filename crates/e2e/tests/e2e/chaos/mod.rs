@@ -148,6 +148,34 @@ impl System {
             .await
             .expect("the private broker")
     }
+
+    fn setting(&self, name: &str) -> u64 {
+        self.env
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is set for the chaos services"))
+    }
+
+    /// The topology the services declared: the unprefixed one, with the
+    /// retry queues of their retry settings.
+    pub fn topology(&self) -> messaging::Topology {
+        let retry = messaging::consumer::RetryPolicy {
+            max_attempts: u32::try_from(self.setting("RETRY_MAX_ATTEMPTS")).unwrap(),
+            initial_delay: Duration::from_millis(self.setting("RETRY_INITIAL_DELAY_MS")),
+            max_delay: Duration::from_millis(self.setting("RETRY_MAX_DELAY_MS")),
+        };
+        messaging::Topology::new("").with_retry_delays(retry.delays())
+    }
+
+    /// A broker handle on the private node.
+    pub fn broker(&self) -> messaging::Broker {
+        let management =
+            messaging::Management::new(&self.rabbit.management_url(), &self.rabbit.url())
+                .expect("the private node's management URL");
+        messaging::Broker::new(self.rabbit.url(), management, self.topology())
+    }
 }
 
 impl Drop for System {
@@ -257,7 +285,7 @@ pub async fn check_invariants(
 ) {
     let pool = &system.pool;
     let amqp = system.amqp().await;
-    let topology = messaging::Topology::new("");
+    let topology = system.topology();
     let depth = |queue: String| {
         let amqp = &amqp;
         async move {
