@@ -48,7 +48,6 @@ impl System {
         let mut env = vec![
             ("AMQP_URL", rabbit.url()),
             ("DATABASE_URL", postgres.url("orderflow")),
-            ("DB_MAX_CONNECTIONS", "5".into()),
             ("DB_ACQUIRE_TIMEOUT_MS", "1000".into()),
             ("PREFETCH", "10".into()),
             ("PAYMENT_LATENCY_MS", "20".into()),
