@@ -127,7 +127,7 @@ impl Sizes {
 
 /// Connections the load generator keeps busy when sending as fast as it can.
 const CONCURRENCY: usize = 64;
-/// Connections per service pool (DB_MAX_CONNECTIONS's default): the raw
+/// Connections in order-api's pool (its DB_MAX_CONNECTIONS default): the raw
 /// Postgres bound is measured at the same concurrency.
 const SERVICE_POOL: usize = 10;
 /// The processors' simulated payment I/O for the I/O-bound runs.

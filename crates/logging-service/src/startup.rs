@@ -1,7 +1,7 @@
 //! Wires logging-service together: worker start-up and a consumer on
 //! its own durable queue on the order-events exchange.
 
-use platform::worker::Worker;
+use platform::worker::{self, Worker};
 use tokio_util::sync::CancellationToken;
 
 use crate::{configuration::Settings, handler};
@@ -14,7 +14,14 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let worker = Worker::start(handler::CONSUMER, &settings.worker, settings.http_port).await?;
+        let queues = worker::subscriber_queues(handler::CONSUMER, &settings.worker);
+        let worker = Worker::start(
+            handler::CONSUMER,
+            &settings.worker,
+            settings.http_port,
+            queues,
+        )
+        .await?;
         Ok(Self { worker })
     }
 

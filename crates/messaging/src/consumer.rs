@@ -46,6 +46,15 @@ pub enum Disposition {
         /// Why, for the log line and the dead letter.
         reason: String,
     },
+    /// Not the message's fault: something the handler needs (a pooled
+    /// database connection) was not free in time. The same delivery is
+    /// handed to the handler again after a growing pause, without counting
+    /// an attempt; see [`RetryPolicy::max_wait`]. On shutdown it goes back to
+    /// the queue.
+    Wait {
+        /// What the handler waited for, for the log line.
+        reason: String,
+    },
 }
 
 /// How failed messages are retried.
@@ -57,6 +66,11 @@ pub struct RetryPolicy {
     pub initial_delay: Duration,
     /// The longest delay.
     pub max_delay: Duration,
+    /// How long one delivery may keep answering [`Disposition::Wait`] before
+    /// that counts as a failed attempt: it bounds how long a message waits,
+    /// and stays well under the broker's consumer timeout (30 min by
+    /// default), past which it would close the channel.
+    pub max_wait: Duration,
 }
 
 impl RetryPolicy {
@@ -166,13 +180,11 @@ where
                         metrics::counter!("messages_redelivered_total", "queue" => spec.queue.clone())
                             .increment(1);
                     }
-                    let acker = delivery.acker.clone();
-                    let properties = delivery.properties.clone();
-                    let data = delivery.data.clone();
                     in_flight.increment(1.0);
                     let started = std::time::Instant::now();
-                    let disposition = handler(delivery).await;
+                    let disposition = handle_patiently(&handler, &delivery, &spec, &stop).await;
                     handling.record(started.elapsed().as_secs_f64());
+                    let Delivery { acker, properties, data, .. } = delivery;
                     settler.settle(&acker, properties, &data, disposition).await;
                     in_flight.decrement(1.0);
                 }
@@ -194,6 +206,62 @@ where
         .context("cancelling the consumer")?;
     tracing::info!(queue = %spec.queue, "consumer drained and cancelled");
     Ok(())
+}
+
+/// Hand `delivery` to `handler`, and again after a growing pause for as
+/// long as it answers [`Disposition::Wait`]: the message keeps its place
+/// while what it needs is busy, with no attempt counted and no requeue
+/// (which RabbitMQ 3.10 counts towards the delivery limit, and 4.3 does not
+/// count at all). Past `max_wait` the wait counts as one failed attempt, so
+/// a message cannot wait forever; on `stop` it is handed back.
+async fn handle_patiently<F, Fut>(
+    handler: &F,
+    delivery: &Delivery,
+    spec: &ConsumerSpec,
+    stop: &CancellationToken,
+) -> Disposition
+where
+    F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = Disposition>,
+{
+    let started = std::time::Instant::now();
+    let mut waits = 0;
+    loop {
+        let reason = match handler(copy(delivery)).await {
+            Disposition::Wait { reason } => reason,
+            done => return done,
+        };
+        metrics::counter!("messages_waited_total", "queue" => spec.queue.clone()).increment(1);
+        waits += 1;
+        let waited = started.elapsed();
+        if waited >= spec.retry.max_wait {
+            return Disposition::Retry {
+                reason: format!("still waiting after {waited:?}: {reason}"),
+            };
+        }
+        let pause = spec.retry.delay(waits);
+        tracing::warn!(
+            reason = %reason, waits,
+            "waiting {pause:?} before handling the message again (not counted as an attempt)"
+        );
+        tokio::select! {
+            () = stop.cancelled() => return Disposition::Wait { reason },
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The same delivery again, for another try of the handler.
+fn copy(delivery: &Delivery) -> Delivery {
+    Delivery {
+        delivery_tag: delivery.delivery_tag,
+        exchange: delivery.exchange.clone(),
+        routing_key: delivery.routing_key.clone(),
+        redelivered: delivery.redelivered,
+        properties: delivery.properties.clone(),
+        data: delivery.data.clone(),
+        acker: delivery.acker.clone(),
+    }
 }
 
 struct Settler<'a> {
@@ -230,6 +298,18 @@ impl Settler<'_> {
             Disposition::DeadLetter { reason } => {
                 let attempts = previous_attempts(&properties) + 1;
                 self.dead_letter(acker, properties, data, attempts, &reason)
+                    .await
+            }
+            Disposition::Wait { reason } => {
+                tracing::info!(
+                    reason = %reason,
+                    "stopping while the message waits: handing it back to the queue, no attempt counted"
+                );
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
                     .await
             }
         };
@@ -415,6 +495,7 @@ mod tests {
             max_attempts: 6,
             initial_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(3),
+            max_wait: Duration::from_secs(60),
         };
         let delays: Vec<u128> = (1..=5).map(|r| policy.delay(r).as_millis()).collect();
         assert_eq!(delays, [500, 1000, 2000, 3000, 3000]);
@@ -426,6 +507,7 @@ mod tests {
             max_attempts: 8,
             initial_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(30),
+            max_wait: Duration::from_secs(600),
         };
         let delays: Vec<u64> = policy.delays().iter().map(Duration::as_secs).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 30]);

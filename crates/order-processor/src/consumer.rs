@@ -25,7 +25,7 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
     async move {
         let order = match decode(&delivery.data) {
             Ok(order) => order,
-            Err(error) => return dead_letter(error),
+            Err(error) => return failed(error),
         };
         tracing::Span::current().record("order_id", tracing::field::display(order.order_id));
         let attempt = consumer::previous_attempts(&delivery.properties) + 1;
@@ -53,16 +53,21 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
                 }
                 Disposition::Ack
             }
-            Err(error) => dead_letter(error),
+            Err(error) => failed(error),
         }
     }
     .instrument(span)
     .await
 }
 
-fn dead_letter(error: HandleError) -> Disposition {
+/// A failure's disposition: a poison message is dead-lettered, waiting for
+/// a database connection is no failed attempt, anything else is retried.
+fn failed(error: HandleError) -> Disposition {
     match error {
         HandleError::Poison(reason) => Disposition::DeadLetter { reason },
+        HandleError::Transient(error) if platform::db::no_connection(&error) => Disposition::Wait {
+            reason: format!("{error:#}"),
+        },
         HandleError::Transient(error) => {
             tracing::error!(error.cause_chain = ?error, error.message = %error, "processing failed");
             Disposition::Retry {

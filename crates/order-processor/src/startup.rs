@@ -20,7 +20,18 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let worker = Worker::start("order-processor", &settings.worker, settings.http_port).await?;
+        let topology = settings.worker.amqp.topology();
+        let queues = vec![
+            topology.work_queue(Lane::Express),
+            topology.work_queue(Lane::Standard),
+        ];
+        let worker = Worker::start(
+            "order-processor",
+            &settings.worker,
+            settings.http_port,
+            queues,
+        )
+        .await?;
         let relay = Relay::new(worker.pool().clone(), worker.publisher().clone());
         let instance_id = settings.instance_id();
         tracing::info!(instance_id = %instance_id, "order-processor starting");
@@ -54,16 +65,11 @@ impl Application {
                 .clone()
                 .run(self.relay_interval, shutdown.clone()),
         );
-        let topology = self.worker.topology().clone();
-        let queues = vec![
-            topology.work_queue(Lane::Express),
-            topology.work_queue(Lane::Standard),
-        ];
         let processor = &self.processor;
         let relay = &self.relay;
         let consumed = self
             .worker
-            .run(queues, shutdown.clone(), |delivery| {
+            .run(shutdown.clone(), |delivery| {
                 consumer::on_delivery(processor, relay, delivery)
             })
             .await;

@@ -14,6 +14,9 @@ use sqlx::{
 /// needed to build).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// The pool size of a service that does not say otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+
 /// How every service finds Postgres.
 #[derive(clap::Args, Clone)]
 pub struct DatabaseSettings {
@@ -25,9 +28,11 @@ pub struct DatabaseSettings {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// Connections in this service's pool.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
-    pub db_max_connections: u32,
+    /// Connections in this service's pool, at most. Unset: 10 for order-api;
+    /// for a consuming service, one per message it handles at once plus one
+    /// (see `worker::Concurrency::plan`).
+    #[arg(long, env = "DB_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_max_connections: Option<u32>,
     /// How long a query waits for a free connection before failing, so a
     /// request fails fast with 503 instead of hanging when Postgres is gone.
     #[arg(long, env = "DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
@@ -87,10 +92,22 @@ impl DatabaseSettings {
             // Failures are logged by the services, with context.
             .disable_statement_logging();
         let pool = PgPoolOptions::new()
-            .max_connections(self.db_max_connections)
+            .max_connections(self.db_max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
             .acquire_timeout(Duration::from_millis(self.db_acquire_timeout_ms))
             .connect_with(options)
             .await?;
         Ok(pool)
     }
+}
+
+/// Whether `error` comes from a pool that had no connection to give within
+/// its acquire timeout (every connection busy, or Postgres slow or down):
+/// the work that wanted one was waiting for the database, not failing.
+pub fn no_connection(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut)
+        )
+    })
 }

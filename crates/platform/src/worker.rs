@@ -47,6 +47,11 @@ pub struct WorkerSettings {
     /// The longest delay between retries, in ms.
     #[arg(long, env = "RETRY_MAX_DELAY_MS", default_value_t = 30_000)]
     pub retry_max_delay_ms: u64,
+    /// How long a message may wait for a database connection, in ms, before
+    /// the wait counts as a failed attempt (keep it under RabbitMQ's
+    /// consumer timeout, 30 min by default).
+    #[arg(long, env = "RETRY_MAX_WAIT_MS", default_value_t = 600_000)]
+    pub retry_max_wait_ms: u64,
 }
 
 impl WorkerSettings {
@@ -64,6 +69,61 @@ impl WorkerSettings {
             max_attempts: self.retry_max_attempts,
             initial_delay: Duration::from_millis(self.retry_initial_delay_ms),
             max_delay: Duration::from_millis(self.retry_max_delay_ms),
+            max_wait: Duration::from_millis(self.retry_max_wait_ms),
+        }
+    }
+}
+
+/// Connections kept for what a service does besides handling messages: its
+/// outbox relay or webhook dispatcher, and health checks.
+const RESERVED_CONNECTIONS: u32 = 1;
+
+/// How many messages a service handles at once, and the pool that serves
+/// them: each handler holds at most one connection at a time, so a pool
+/// with fewer connections than handlers makes handlers time out waiting
+/// for one while the database is merely slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Concurrency {
+    /// Prefetch of each consumer, which is also how many of its messages are
+    /// handled at once.
+    pub prefetch: u16,
+    /// Connections in the pool.
+    pub pool: u32,
+}
+
+impl Concurrency {
+    /// Bound PREFETCH on `queues` queues and DB_MAX_CONNECTIONS by each
+    /// other. Unset, the pool is sized to the handlers. Set, it is a limit
+    /// someone chose (Postgres serves every service from one
+    /// `max_connections`), so it is kept and the prefetch lowered to fit,
+    /// with a warning naming both: the service runs, slower, rather than
+    /// refusing to start or opening more connections than allowed.
+    pub fn plan(settings: &WorkerSettings, queues: usize) -> Self {
+        let queues = u32::try_from(queues.max(1)).unwrap_or(u32::MAX);
+        let handlers = u32::from(settings.prefetch).saturating_mul(queues);
+        let needed = handlers.saturating_add(RESERVED_CONNECTIONS);
+        match settings.database.db_max_connections {
+            None => Self {
+                prefetch: settings.prefetch,
+                pool: needed,
+            },
+            Some(pool) if pool >= needed => Self {
+                prefetch: settings.prefetch,
+                pool,
+            },
+            Some(pool) => {
+                let fits = (pool.saturating_sub(RESERVED_CONNECTIONS) / queues).max(1);
+                let prefetch = u16::try_from(fits).unwrap_or(u16::MAX);
+                tracing::warn!(
+                    "DB_MAX_CONNECTIONS={pool} is too small for PREFETCH={} on {queues} queue(s) \
+                     ({handlers} messages handled at once, each holding a connection, plus \
+                     {RESERVED_CONNECTIONS} for the service's own work): handling {prefetch} per \
+                     queue at once instead; set DB_MAX_CONNECTIONS to at least {needed}, or leave \
+                     it unset to size the pool from PREFETCH",
+                    settings.prefetch
+                );
+                Self { prefetch, pool }
+            }
         }
     }
 }
@@ -75,19 +135,33 @@ pub struct Worker {
     broker: Broker,
     publisher: Publisher,
     listener: TcpListener,
+    queues: Vec<String>,
     prefetch: u16,
     retry: RetryPolicy,
 }
 
 impl Worker {
-    /// Connect (waiting for both servers), migrate, declare the topology and
-    /// bind the health listener on `http_port` (0 picks a free one).
+    /// Connect (waiting for both servers) with a pool sized for consuming
+    /// `queues` (see [`Concurrency::plan`]), migrate, declare the topology
+    /// and bind the health listener on `http_port` (0 picks a free one).
     pub async fn start(
         service: &'static str,
         settings: &WorkerSettings,
         http_port: u16,
+        queues: Vec<String>,
     ) -> anyhow::Result<Self> {
-        let pool = settings.database.connect_and_migrate().await?;
+        let concurrency = Concurrency::plan(settings, queues.len());
+        let database = DatabaseSettings {
+            db_max_connections: Some(concurrency.pool),
+            ..settings.database.clone()
+        };
+        tracing::info!(
+            pool = concurrency.pool,
+            prefetch = concurrency.prefetch,
+            queues = queues.len(),
+            "database pool sized for the messages handled at once"
+        );
+        let pool = database.connect_and_migrate().await?;
         let broker = settings.amqp.broker_for(settings.topology())?;
         broker.connect(&CancellationToken::new()).await;
         let listener = TcpListener::bind(SocketAddr::new(settings.http_host, http_port))
@@ -99,7 +173,8 @@ impl Worker {
             publisher: Publisher::new(broker.clone()),
             broker,
             listener,
-            prefetch: settings.prefetch,
+            queues,
+            prefetch: concurrency.prefetch,
             retry: settings.retry_policy(),
         })
     }
@@ -125,16 +200,12 @@ impl Worker {
         self.broker.topology()
     }
 
-    /// Serve health and consume `queues` with `handler` until `shutdown`.
+    /// Serve health and consume the queues given at start with `handler`
+    /// until `shutdown`.
     /// A lost connection or channel is re-established and the consumers
     /// re-subscribed; in-flight messages finish and are settled before this
     /// returns.
-    pub async fn run<F, Fut>(
-        self,
-        queues: Vec<String>,
-        shutdown: CancellationToken,
-        handler: F,
-    ) -> anyhow::Result<()>
+    pub async fn run<F, Fut>(self, shutdown: CancellationToken, handler: F) -> anyhow::Result<()>
     where
         F: Fn(Delivery) -> Fut + Clone,
         Fut: Future<Output = Disposition>,
@@ -161,7 +232,7 @@ impl Worker {
             // One round of consuming: ends on shutdown, or when any consumer
             // fails (they share the channel), to reconnect and resubscribe.
             let round = shutdown.child_token();
-            let consumers = queues.iter().map(|queue| {
+            let consumers = self.queues.iter().map(|queue| {
                 let spec = ConsumerSpec {
                     tag: format!("{}-{instance}-{queue}", self.service),
                     queue: queue.clone(),
@@ -213,9 +284,9 @@ impl Worker {
 }
 
 impl Worker {
-    /// Consume this service's own queue on the order-events exchange until
-    /// `shutdown`, handing each decoded event (and its correlation id) to
-    /// `handle`; see [`on_event`].
+    /// Consume the service's queue on the order-events exchange (given at
+    /// start, see [`subscriber_queues`]) until `shutdown`, handing each
+    /// decoded event (and its correlation id) to `handle`; see [`on_event`].
     pub async fn run_events<F, Fut>(
         self,
         shutdown: CancellationToken,
@@ -225,12 +296,15 @@ impl Worker {
         F: Fn(OrderEvent, String) -> Fut + Clone,
         Fut: Future<Output = anyhow::Result<bool>>,
     {
-        let queue = self.topology().subscriber_queue(self.service);
-        self.run(vec![queue], shutdown, move |delivery| {
-            on_event(delivery, handle.clone())
-        })
-        .await
+        self.run(shutdown, move |delivery| on_event(delivery, handle.clone()))
+            .await
     }
+}
+
+/// The queues a subscribing service consumes: its own on the order-events
+/// exchange.
+pub fn subscriber_queues(service: &str, settings: &WorkerSettings) -> Vec<String> {
+    vec![settings.amqp.topology().subscriber_queue(service)]
 }
 
 /// Decode an order event, run `handle` inside a span naming the order and
@@ -268,6 +342,9 @@ where
                 tracing::info!("event already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }
+            Err(error) if crate::db::no_connection(&error) => Disposition::Wait {
+                reason: format!("{error:#}"),
+            },
             Err(error) => {
                 tracing::error!(error.cause_chain = ?error, error.message = %error, "handling the event failed");
                 Disposition::Retry {
@@ -278,4 +355,80 @@ where
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerSettings,
+    }
+
+    fn settings(prefetch: u16, pool: Option<u32>) -> WorkerSettings {
+        let mut settings = Cli::parse_from(["worker"]).worker;
+        settings.prefetch = prefetch;
+        settings.database.db_max_connections = pool;
+        settings
+    }
+
+    #[test]
+    fn an_unset_pool_is_sized_for_every_handler_and_one_more() {
+        let planned = Concurrency::plan(&settings(10, None), 2);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 10,
+                pool: 21
+            }
+        );
+    }
+
+    #[test]
+    fn a_pool_big_enough_is_kept_as_set() {
+        let planned = Concurrency::plan(&settings(10, Some(40)), 1);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 10,
+                pool: 40
+            }
+        );
+    }
+
+    #[test]
+    fn a_pool_too_small_keeps_its_size_and_lowers_the_prefetch_to_fit() {
+        let planned = Concurrency::plan(&settings(10, Some(9)), 2);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 4,
+                pool: 9
+            }
+        );
+    }
+
+    #[test]
+    fn even_a_one_connection_pool_handles_one_message_per_queue() {
+        let planned = Concurrency::plan(&settings(10, Some(1)), 2);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 1,
+                pool: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_pool_timeout_is_waiting_for_the_database_and_other_errors_are_not() {
+        let timed_out = anyhow::Error::from(sqlx::Error::PoolTimedOut).context("recording");
+        assert!(crate::db::no_connection(&timed_out));
+        let failed = anyhow::Error::from(sqlx::Error::RowNotFound);
+        assert!(!crate::db::no_connection(&failed));
+    }
 }

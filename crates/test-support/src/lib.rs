@@ -90,7 +90,7 @@ pub async fn fresh_database() -> (String, PgPool) {
 /// unique topology prefix whose queues expire, a small pool.
 pub fn isolate(settings: &mut platform::worker::WorkerSettings, database_url: String) {
     settings.database.database_url = database_url;
-    settings.database.db_max_connections = 3;
+    settings.database.db_max_connections = Some(3);
     settings.amqp.amqp_url = amqp_url();
     settings.amqp.rabbitmq_management_url = Some(management_url());
     settings.amqp.topology_prefix = unique_prefix();

@@ -30,7 +30,7 @@ pub async fn test_settings() -> (Settings, PgPool) {
     let mut settings = Settings::parse_from(["order-api"]);
     settings.http_port = 0;
     settings.database.database_url = database_url;
-    settings.database.db_max_connections = 5;
+    settings.database.db_max_connections = Some(5);
     settings.amqp.amqp_url = test_support::amqp_url();
     settings.amqp.topology_prefix = test_support::unique_prefix();
     settings.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);

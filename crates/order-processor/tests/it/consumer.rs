@@ -221,7 +221,8 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
 
 #[tokio::test]
 async fn metrics_show_decisions_prefetch_and_handling_time() {
-    let running = start().await;
+    // An unset DB_MAX_CONNECTIONS sizes the pool for the whole prefetch.
+    let running = start_with(|s| s.worker.database.db_max_connections = None).await;
     let order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
     publish_order(&running, &order, "metrics").await;
     test_support::eventually(
@@ -248,4 +249,38 @@ async fn metrics_show_decisions_prefetch_and_handling_time() {
         "{text}"
     );
     assert!(text.contains("message_handling_seconds_bucket"), "{text}");
+}
+
+#[tokio::test]
+async fn a_pool_too_small_for_the_prefetch_lowers_the_prefetch_to_what_it_can_serve() {
+    // Three connections, one kept for the relay and health checks: one
+    // message at a time on each of the two lanes instead of ten.
+    let running = start_with(|s| {
+        s.worker.database.db_max_connections = Some(3);
+        s.worker.prefetch = 10;
+    })
+    .await;
+    let order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
+    publish_order(&running, &order, "small-pool").await;
+    test_support::eventually(
+        Duration::from_secs(10),
+        "the order to be processed",
+        || async { (status(&running.pool, order.order_id).await.0 == "processed").then_some(()) },
+    )
+    .await;
+
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", running.port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    for lane in [Lane::Express, Lane::Standard] {
+        let queue = running.topology.work_queue(lane);
+        assert!(
+            text.contains(&format!("consumer_prefetch{{queue=\"{queue}\"}} 1\n")),
+            "{text}"
+        );
+    }
 }

@@ -3,3 +3,4 @@
 mod consumer;
 mod handler;
 mod helpers;
+mod waiting;

@@ -48,7 +48,6 @@ impl System {
         let mut env = vec![
             ("AMQP_URL", rabbit.url()),
             ("DATABASE_URL", postgres.url("orderflow")),
-            ("DB_MAX_CONNECTIONS", "5".into()),
             ("DB_ACQUIRE_TIMEOUT_MS", "1000".into()),
             ("PREFETCH", "10".into()),
             ("PAYMENT_LATENCY_MS", "20".into()),
@@ -165,6 +164,7 @@ impl System {
             max_attempts: u32::try_from(self.setting("RETRY_MAX_ATTEMPTS")).unwrap(),
             initial_delay: Duration::from_millis(self.setting("RETRY_INITIAL_DELAY_MS")),
             max_delay: Duration::from_millis(self.setting("RETRY_MAX_DELAY_MS")),
+            max_wait: Duration::ZERO,
         };
         messaging::Topology::new("").with_retry_delays(retry.delays())
     }
