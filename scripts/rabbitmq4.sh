@@ -76,7 +76,10 @@ build() {
   if [ -e "$ROOT" ]; then
     say "$ROOT is half-built (no $(basename "$MARKER")): building it again"
     [ -z "$(users)" ] || die "processes run inside the half-built chroot ($(users | tr '\n' ' ')); stop them first."
-    unmount_all
+    # Ours (/proc, /dev) and whatever an interrupted debootstrap left
+    # mounted, innermost first.
+    awk -v root="$(readlink -f "$ROOT")/" 'index($2, root) == 1 { print $2 }' /proc/self/mounts | sort -r |
+      while read -r mounted; do umount "$mounted" || die "cannot unmount $mounted."; done
     # --one-file-system: never follow a mount out of the chroot.
     rm -rf --one-file-system "$ROOT"
   fi

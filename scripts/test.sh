@@ -8,7 +8,7 @@
 # RabbitMQ 3.10. Then a second pass on RabbitMQ 4.x (Debian trixie's 4.0.5 in
 # a chroot that scripts/rabbitmq4.sh builds once and reuses; one private node
 # on free ports): the end-to-end flow, the dead-letter tests, the integration
-# tests of the processors and subscribers, and the chaos suite. Every test
+# tests of every crate that talks to RabbitMQ, and the chaos suite. Every test
 # step and every failure names the broker it ran on; the run goes on after a
 # failed test step and lists every failure at the end.
 set -euo pipefail
@@ -117,8 +117,9 @@ if scripts/rabbitmq4.sh ensure && NODE_ENV=$(scripts/rabbitmq4.sh start); then
   RABBITMQ4_NODE=$ORDERFLOW_RABBITMQ4_NODE
   BROKER4="RabbitMQ $(broker_version "$TEST_MANAGEMENT_URL") (chroot)"
   on_broker "$BROKER4" "the end-to-end flow" run_tests -p e2e -- flow::
-  on_broker "$BROKER4" "the dead-letter tests and the integration tests of order-processor, notification-service and logging-service" \
-    run_tests -p dead-letters -p order-processor -p notification-service -p logging-service
+  on_broker "$BROKER4" "the dead-letter tests and the integration tests of every crate that talks to RabbitMQ" \
+    run_tests -p dead-letters -p messaging -p platform -p order-api -p order-processor \
+    -p notification-service -p logging-service
   # Each chaos case (and the test of the private node itself) starts its
   # own 4.x node in the chroot; --no-capture shows the broker version and
   # the invariant counts of every case.
