@@ -38,12 +38,6 @@ async fn run(command: &mut Command, what: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The management API of the shared broker the tests use.
-pub fn shared_management_url() -> String {
-    std::env::var("TEST_MANAGEMENT_URL")
-        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".to_owned())
-}
-
 /// Where private RabbitMQ nodes run: `ORDERFLOW_TEST_BROKER` unset or `3`
 /// for the host's 3.10, `4` for the 4.x chroot.
 fn rabbitmq4_root() -> Option<PathBuf> {
