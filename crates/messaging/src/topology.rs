@@ -82,6 +82,18 @@ impl Topology {
         format!("{queue}.retry")
     }
 
+    /// Every queue that can hold an order message on its way to a processor:
+    /// the lanes' work queues and their retry queues (not the dead letters).
+    pub fn order_queues(&self) -> Vec<String> {
+        [Lane::Express, Lane::Standard]
+            .into_iter()
+            .flat_map(|lane| {
+                let work = self.work_queue(lane);
+                [self.retry_queue(&work), work]
+            })
+            .collect()
+    }
+
     /// Every queue of the topology, retry and dead-letter queues included.
     pub fn all_queues(&self) -> Vec<String> {
         let work = self.work_queues();
