@@ -103,6 +103,29 @@ impl PrivateRabbit {
         )
         .await;
     }
+
+    /// Run `rabbitmqctl` against this node; its standard output.
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> String {
+        let output = self
+            .command("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .await
+            .expect("rabbitmqctl");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Delete the stopped node's data: the next start is a blank broker
+    /// with the same node name.
+    pub fn wipe_data(&self) {
+        std::fs::remove_dir_all(self.dir.join("mnesia")).expect("removing the node's data");
+    }
 }
 
 impl Drop for PrivateRabbit {
