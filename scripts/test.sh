@@ -4,7 +4,13 @@
 # It makes sure RabbitMQ and Postgres answer on 127.0.0.1 (installing or
 # starting them where it can), lints the compose file and the Dockerfile,
 # runs fmt and clippy, builds the binaries and runs the whole test suite
-# (unit, integration, end-to-end) against the real servers.
+# (unit, integration, end-to-end, chaos) against the real servers: the host's
+# RabbitMQ 3.10. Then a second pass on RabbitMQ 4.x (Debian trixie's 4.0.5 in
+# a chroot that scripts/rabbitmq4.sh builds once and reuses; one private node
+# on free ports): the end-to-end flow, the dead-letter tests, the integration
+# tests of every crate that talks to RabbitMQ, and the chaos suite. Every test
+# step and every failure names the broker it ran on; the run goes on after a
+# failed test step and lists every failure at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +27,10 @@ INSTALL_MISSING=${INSTALL_MISSING:-1} scripts/wait-for-services.sh
 
 export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export TEST_AMQP_URL=${TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export TEST_MANAGEMENT_URL=${TEST_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}
+export ORDERFLOW_RABBITMQ4_ROOT=${ORDERFLOW_RABBITMQ4_ROOT:-/var/tmp/orderflow-rabbitmq4}
+# Private nodes run the host's RabbitMQ unless a step below says otherwise.
+unset ORDERFLOW_TEST_BROKER
 
 drop_test_databases() {
   command -v psql >/dev/null 2>&1 || return 0
@@ -28,7 +38,46 @@ drop_test_databases() {
     while read -r db; do psql "$TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true; done
 }
 drop_test_databases
-trap drop_test_databases EXIT
+RABBITMQ4_NODE=""
+cleanup() {
+  [ -z "$RABBITMQ4_NODE" ] || scripts/rabbitmq4.sh stop "$RABBITMQ4_NODE" || true
+  drop_test_databases
+}
+trap cleanup EXIT
+
+# What the broker behind a management API says it is.
+broker_version() { # management_url
+  curl -fsS --max-time 10 "$1/api/overview" | sed -n 's/.*"rabbitmq_version":"\([^"]*\)".*/\1/p' ||
+    echo "(version unknown)"
+}
+
+FAILED=()
+# Run a test step on a broker; a failure is named and remembered, and the
+# run goes on.
+on_broker() { # broker what command...
+  local broker=$1 what=$2
+  shift 2
+  step "$what, on $broker"
+  if ! "$@"; then
+    echo "FAILED on $broker: $what" >&2
+    FAILED+=("FAILED on $broker: $what")
+  fi
+}
+
+run_tests() { # [--no-capture] packages [-- filters]
+  local show="" args
+  if [ "${1:-}" = --no-capture ]; then
+    show=1
+    shift
+  fi
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast ${show:+--no-capture} "$@"
+  else
+    args=("$@")
+    [[ " ${args[*]} " == *" -- "* ]] || args+=(--)
+    cargo test --no-fail-fast "${args[@]}" ${show:+--nocapture}
+  fi
+}
 
 step "docker-compose.yml against the Compose spec, Dockerfile with hadolint"
 tools=target/tools-venv
@@ -55,12 +104,35 @@ step "order-api's OpenAPI document against the OpenAPI 3.1 specification"
 target/debug/openapi > target/openapi.json
 "$tools/bin/openapi-spec-validator" target/openapi.json
 
-step "tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
+BROKER3="RabbitMQ $(broker_version "$TEST_MANAGEMENT_URL") (host)"
+on_broker "$BROKER3" "the whole test suite (private nodes in the chaos suite: the host's RabbitMQ too)" \
+  run_tests --workspace
+
+on_broker "$BROKER3" "the benchmark tool, quick mode (proves it runs and every order is effective exactly once; its numbers are not measurements)" \
+  scripts/bench.sh --quick
+
+step "RabbitMQ 4.x: the chroot at $ORDERFLOW_RABBITMQ4_ROOT (built once, then reused) and one private node"
+if scripts/rabbitmq4.sh ensure && NODE_ENV=$(scripts/rabbitmq4.sh start); then
+  eval "$NODE_ENV"
+  RABBITMQ4_NODE=$ORDERFLOW_RABBITMQ4_NODE
+  BROKER4="RabbitMQ $(broker_version "$TEST_MANAGEMENT_URL") (chroot)"
+  on_broker "$BROKER4" "the end-to-end flow" run_tests -p e2e -- flow::
+  on_broker "$BROKER4" "the dead-letter tests and the integration tests of every crate that talks to RabbitMQ" \
+    run_tests -p dead-letters -p messaging -p platform -p order-api -p order-processor \
+    -p notification-service -p logging-service
+  # Each chaos case (and the test of the private node itself) starts its
+  # own 4.x node in the chroot; --no-capture shows the broker version and
+  # the invariant counts of every case.
+  export ORDERFLOW_TEST_BROKER=4
+  on_broker "$BROKER4" "the chaos suite" run_tests --no-capture -p e2e -- chaos:: servers::
+  unset ORDERFLOW_TEST_BROKER
 else
-  cargo test --workspace --no-fail-fast
+  FAILED+=("FAILED on RabbitMQ 4.x (chroot): building the chroot or starting its node (see above)")
 fi
 
-step "the benchmark tool, quick mode (proves it runs and every order is effective exactly once; its numbers are not measurements)"
-scripts/bench.sh --quick
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf '\n'
+  printf '%s\n' "${FAILED[@]}" >&2
+  exit 1
+fi
+printf '\nAll checks and tests passed on %s and %s.\n' "$BROKER3" "$BROKER4"

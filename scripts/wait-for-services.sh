@@ -7,6 +7,7 @@ AMQP_HOST=${AMQP_HOST:-127.0.0.1}
 AMQP_PORT=${AMQP_PORT:-5672}
 PG_HOST=${PG_HOST:-127.0.0.1}
 PG_PORT=${PG_PORT:-5432}
+MANAGEMENT_URL=${TEST_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}
 
 # On a fresh Debian/Ubuntu machine (as root, with INSTALL_MISSING=1, as
 # scripts/test.sh sets it), install what is missing from Debian's packages.
@@ -67,4 +68,27 @@ if ! port_open "$AMQP_HOST" "$AMQP_PORT"; then
     exit 1
   fi
 fi
-echo "RabbitMQ ($AMQP_HOST:$AMQP_PORT) and Postgres ($PG_HOST:$PG_PORT) are reachable."
+# The services apply their queue policies through the management API, so the
+# broker must have the management plugin.
+command -v curl >/dev/null 2>&1 || install_missing curl || {
+  echo "ERROR: curl is missing (apt-get install curl); it checks RabbitMQ's management API." >&2
+  exit 1
+}
+management_answers() { curl -fsS -o /dev/null --max-time 5 "$MANAGEMENT_URL/api/overview" 2>/dev/null; }
+if ! management_answers; then
+  if command -v rabbitmq-plugins >/dev/null 2>&1; then
+    echo "RabbitMQ's management API does not answer at ${MANAGEMENT_URL#*@}; enabling the management plugin..."
+    rabbitmq-plugins enable rabbitmq_management >/dev/null || true
+  fi
+  for ((i = 0; i < 60; i++)); do
+    management_answers && break
+    sleep 1
+  done
+  if ! management_answers; then
+    echo "ERROR: RabbitMQ's management API does not answer at ${MANAGEMENT_URL#*@} (guest/guest)." >&2
+    echo "       Enable the plugin (rabbitmq-plugins enable rabbitmq_management)," >&2
+    echo "       or point TEST_MANAGEMENT_URL at the management API of your broker." >&2
+    exit 1
+  fi
+fi
+echo "RabbitMQ ($AMQP_HOST:$AMQP_PORT, management at ${MANAGEMENT_URL#*@}) and Postgres ($PG_HOST:$PG_PORT) are reachable."

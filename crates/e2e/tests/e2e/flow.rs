@@ -63,6 +63,10 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     std::fs::create_dir_all(&log_dir).unwrap();
     let env = vec![
         ("AMQP_URL", test_support::amqp_url()),
+        (
+            "RABBITMQ_MANAGEMENT_URL",
+            crate::servers::shared_management_url(),
+        ),
         ("DATABASE_URL", database_url),
         ("TOPOLOGY_PREFIX", prefix.clone()),
         (

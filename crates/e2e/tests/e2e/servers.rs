@@ -2,16 +2,29 @@
 //! a temp dir on free ports, never the shared servers on 5672/5432. The
 //! recipes are the ones in shared/FIELD-NOTES.md (run as root; Postgres runs
 //! as the `postgres` user).
+//!
+//! A private RabbitMQ node is the host's 3.10, or with
+//! `ORDERFLOW_TEST_BROKER=4` a 4.x node inside the Debian trixie chroot that
+//! `scripts/rabbitmq4.sh ensure` builds (at `ORDERFLOW_RABBITMQ4_ROOT`,
+//! default /var/tmp/orderflow-rabbitmq4). Either kind runs the management
+//! plugin, and its own epmd so that it never meets the shared node's.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use tokio::process::Command;
 
-use crate::processes::free_port;
+use crate::processes::{free_port, wait_for_port};
 
 const RABBIT_BIN: &str = "/usr/lib/rabbitmq/bin";
+const DEFAULT_RABBITMQ4_ROOT: &str = "/var/tmp/orderflow-rabbitmq4";
+/// Written by `scripts/rabbitmq4.sh` once the chroot is completely built.
+const RABBITMQ4_MARKER: &str = ".orderflow-rabbitmq4-complete";
 
-async fn run(command: &mut Command, what: &str) {
+async fn run(command: &mut Command, what: &str) -> String {
     let output = command
         .output()
         .await
@@ -22,47 +35,124 @@ async fn run(command: &mut Command, what: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The management API of the shared broker the tests use.
+pub fn shared_management_url() -> String {
+    std::env::var("TEST_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://guest:guest@127.0.0.1:15672".to_owned())
+}
+
+/// Where private RabbitMQ nodes run: `ORDERFLOW_TEST_BROKER` unset or `3`
+/// for the host's 3.10, `4` for the 4.x chroot.
+fn rabbitmq4_root() -> Option<PathBuf> {
+    match std::env::var("ORDERFLOW_TEST_BROKER").as_deref() {
+        Err(_) | Ok("" | "3") => None,
+        Ok("4") => {
+            let root = PathBuf::from(
+                std::env::var("ORDERFLOW_RABBITMQ4_ROOT")
+                    .unwrap_or_else(|_| DEFAULT_RABBITMQ4_ROOT.to_owned()),
+            );
+            assert!(
+                root.join(RABBITMQ4_MARKER).exists(),
+                "no complete RabbitMQ 4.x chroot at {}: run `scripts/rabbitmq4.sh ensure` first",
+                root.display()
+            );
+            Some(root)
+        }
+        Ok(other) => panic!("ORDERFLOW_TEST_BROKER={other}: expected 3 or 4"),
+    }
 }
 
 /// A RabbitMQ node of our own.
 pub struct PrivateRabbit {
+    /// The 4.x chroot, or `None` for the host's 3.10.
+    root: Option<PathBuf>,
+    /// The node's files, as the node sees the path.
     dir: PathBuf,
     node: String,
     pub port: u16,
     dist_port: u16,
+    epmd_port: u16,
+    management_port: u16,
+    epmd: std::process::Child,
+    version: String,
 }
 
 impl PrivateRabbit {
     pub async fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "orderflow-rabbit-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
-        std::fs::write(dir.join("rabbitmq.conf"), "loopback_users = none\n").unwrap();
-        let cookie = dir.join(".erlang.cookie");
+        let root = rabbitmq4_root();
+        let unique = format!("orderflow-rabbit-{}", uuid::Uuid::new_v4().simple());
+        let dir = match root {
+            Some(_) => Path::new("/var/tmp").join(unique),
+            None => std::env::temp_dir().join(unique),
+        };
+        let management_port = free_port();
+        let host_dir = host_path(root.as_deref(), &dir);
+        std::fs::create_dir_all(&host_dir).unwrap();
+        std::fs::write(host_dir.join("enabled_plugins"), "[rabbitmq_management].").unwrap();
+        std::fs::write(
+            host_dir.join("rabbitmq.conf"),
+            format!(
+                "loopback_users = none\nmanagement.tcp.port = {management_port}\n\
+                 management.tcp.ip = 127.0.0.1\n"
+            ),
+        )
+        .unwrap();
+        let cookie = host_dir.join(".erlang.cookie");
         std::fs::write(&cookie, format!("cookie-{}", uuid::Uuid::new_v4().simple())).unwrap();
         run(
             Command::new("chmod").arg("400").arg(&cookie),
             "chmod cookie",
         )
         .await;
-        let rabbit = Self {
+        if let Some(root) = &root {
+            run(
+                Command::new(rabbitmq4_script())
+                    .arg("mount")
+                    .env("ORDERFLOW_RABBITMQ4_ROOT", root),
+                "scripts/rabbitmq4.sh mount",
+            )
+            .await;
+        }
+        let epmd_port = free_port();
+        let epmd = start_epmd(root.as_deref(), epmd_port);
+        wait_for_port(epmd_port, Duration::from_secs(30)).await;
+        let mut rabbit = Self {
             node: format!("chaos{}@localhost", free_port()),
             port: free_port(),
             dist_port: free_port(),
+            epmd_port,
+            management_port,
+            epmd,
+            root,
             dir,
+            version: String::new(),
         };
         rabbit.start_again().await;
+        rabbit.version = rabbit.rabbitmqctl(&["version"]).await.trim().to_owned();
         rabbit
     }
 
+    fn host_path(&self, path: &Path) -> PathBuf {
+        host_path(self.root.as_deref(), path)
+    }
+
     fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(format!("{RABBIT_BIN}/{program}"));
+        let program = format!("{RABBIT_BIN}/{program}");
+        let mut command = match &self.root {
+            None => Command::new(program),
+            Some(root) => {
+                let mut command = Command::new("chroot");
+                command.arg(root).arg(program);
+                command
+            }
+        };
         let d = &self.dir;
         command
             .env("HOME", d)
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -74,12 +164,39 @@ impl PrivateRabbit {
         command
     }
 
+    /// The AMQP URL of the node.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    /// Start the node (again, keeping its data) and wait until it is up.
+    /// The node's management API, with guest's credentials in it.
+    pub fn management_url(&self) -> String {
+        format!("http://guest:guest@127.0.0.1:{}", self.management_port)
+    }
+
+    /// The RabbitMQ version the node reported, e.g. "3.10.8" or "4.0.5".
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Run `rabbitmqctl <args>` against the node; its standard output.
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> String {
+        run(
+            self.command("rabbitmqctl")
+                .args(["-n", &self.node])
+                .args(args),
+            &format!("rabbitmqctl {}", args.join(" ")),
+        )
+        .await
+    }
+
+    /// Start the node (again, keeping its data) and wait until it accepts
+    /// AMQP connections and its management API answers. `rabbitmqctl wait`
+    /// alone returns before the AMQP listener takes connections.
     pub async fn start_again(&self) {
+        // A pid file left by a killed node would make `rabbitmqctl wait`
+        // watch the dead process.
+        let _ = std::fs::remove_file(self.host_path(&self.dir.join("pid")));
         run(
             self.command("rabbitmq-server").arg("-detached"),
             "rabbitmq-server -detached",
@@ -87,58 +204,141 @@ impl PrivateRabbit {
         .await;
         run(
             self.command("rabbitmqctl")
-                .args(["-n", &self.node, "wait", "--timeout", "60"])
+                .args(["-n", &self.node, "wait", "--timeout", "120"])
                 .arg(self.dir.join("pid")),
             "rabbitmqctl wait",
         )
         .await;
-        crate::processes::wait_for_port(self.port, Duration::from_secs(30)).await;
+        let url = self.url();
+        test_support::eventually(
+            Duration::from_secs(60),
+            &format!("RabbitMQ {} to accept AMQP connections", self.node),
+            || async {
+                let connecting = lapin::Connection::connect(&url, Default::default());
+                let connection = tokio::time::timeout(Duration::from_secs(5), connecting)
+                    .await
+                    .ok()?
+                    .ok()?;
+                let _ = connection.close(200, "ready".into()).await;
+                Some(())
+            },
+        )
+        .await;
+        let overview = format!("{}/api/overview", self.management_url());
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        test_support::eventually(
+            Duration::from_secs(60),
+            &format!("the management API of {}", self.node),
+            || async {
+                let response = client.get(&overview).send().await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
     }
 
-    /// Stop the node cleanly (its queues survive).
+    /// Stop the node cleanly (its queues survive); returns once its process
+    /// has exited.
     pub async fn stop(&self) {
+        let pid_file = self.dir.join("pid");
         run(
-            self.command("rabbitmqctl").args(["-n", &self.node, "stop"]),
+            self.command("rabbitmqctl")
+                .args(["-n", &self.node, "stop"])
+                .arg(&pid_file),
             "rabbitmqctl stop",
         )
         .await;
     }
 
-    /// Run `rabbitmqctl` against this node; its standard output.
-    pub async fn rabbitmqctl(&self, args: &[&str]) -> String {
-        let output = self
-            .command("rabbitmqctl")
-            .args(["-n", &self.node])
-            .args(args)
-            .output()
-            .await
-            .expect("rabbitmqctl");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+    /// Kill the node's Erlang VM outright (SIGKILL): a crash. Returns once
+    /// the process is gone.
+    pub fn kill(&self) {
+        let Some(pid) = self.pid() else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        for _ in 0..200 {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie that no one has reaped yet.
+            if state.is_empty()
+                || state
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|s| s.trim_start().starts_with('Z'))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("RabbitMQ {} (pid {pid}) survived kill -9", self.node);
     }
 
-    /// Delete the stopped node's data: the next start is a blank broker
-    /// with the same node name.
-    pub fn wipe_data(&self) {
-        std::fs::remove_dir_all(self.dir.join("mnesia")).expect("removing the node's data");
+    /// Delete the stopped node's data, so that its next start is a blank
+    /// broker with the same name: a broker that forgot everything.
+    pub async fn wipe_data(&self) {
+        let data = self.host_path(&self.dir.join("mnesia"));
+        tokio::fs::remove_dir_all(&data)
+            .await
+            .unwrap_or_else(|e| panic!("deleting {}: {e}", data.display()));
+    }
+
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.host_path(&self.dir.join("pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
-        let pid = std::fs::read_to_string(self.dir.join("pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<u32>() {
+        if let Some(pid) = self.pid() {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .status();
         }
-        // epmd and any node leftovers are harmless; the data goes.
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.epmd.kill();
+        let _ = self.epmd.wait();
+        let _ = std::fs::remove_dir_all(self.host_path(&self.dir));
     }
+}
+
+/// `path` as the host sees it: inside the chroot for a 4.x node.
+fn host_path(root: Option<&Path>, path: &Path) -> PathBuf {
+    match root {
+        None => path.to_owned(),
+        Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
+    }
+}
+
+fn rabbitmq4_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/rabbitmq4.sh")
+}
+
+/// An epmd of the node's own on `port`, in the foreground so that its pid is
+/// ours to end; the node finds it through `ERL_EPMD_PORT`.
+fn start_epmd(root: Option<&Path>, port: u16) -> std::process::Child {
+    let mut command = match root {
+        None => std::process::Command::new("epmd"),
+        Some(root) => {
+            let mut command = std::process::Command::new("chroot");
+            command.arg(root).arg("epmd");
+            command
+        }
+    };
+    command
+        .args(["-port", &port.to_string(), "-address", "127.0.0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting epmd on port {port}: {e}"))
 }
 
 /// A Postgres cluster of our own.
@@ -225,5 +425,115 @@ impl Drop for PrivatePostgres {
             .args(["-m", "immediate", "stop"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The private broker itself, on whichever RabbitMQ `ORDERFLOW_TEST_BROKER`
+/// picks: what the chaos cases rely on.
+mod tests {
+    use lapin::{
+        BasicProperties,
+        options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+        types::{AMQPValue, FieldTable},
+    };
+
+    use super::*;
+
+    /// Messages in `queue` as `rabbitmqctl list_queues` counts them.
+    async fn messages(rabbit: &PrivateRabbit, queue: &str) -> Option<u64> {
+        let listing = rabbit
+            .rabbitmqctl(&[
+                "list_queues",
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
+            .await;
+        listing.lines().find_map(|line| {
+            let (name, count) = line.split_once('\t')?;
+            (name == queue).then(|| count.trim().parse().ok())?
+        })
+    }
+
+    async fn wait_for_messages(rabbit: &PrivateRabbit, queue: &str, expected: Option<u64>) {
+        test_support::eventually(
+            Duration::from_secs(60),
+            &format!("{queue} to hold {expected:?} messages"),
+            || async { (messages(rabbit, queue).await == expected).then_some(()) },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_private_broker_keeps_its_queues_through_a_stop_and_a_kill_and_forgets_them_when_wiped()
+     {
+        let rabbit = PrivateRabbit::start().await;
+        let expected = match std::env::var("ORDERFLOW_TEST_BROKER").as_deref() {
+            Ok("4") => "4.",
+            _ => "3.",
+        };
+        println!("broker: RabbitMQ {}", rabbit.version());
+        assert!(
+            rabbit.version().starts_with(expected),
+            "{}",
+            rabbit.version()
+        );
+
+        let connection = lapin::Connection::connect(&rabbit.url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        channel
+            .queue_declare(
+                "kept".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        channel
+            .basic_publish(
+                "".into(),
+                "kept".into(),
+                BasicPublishOptions::default(),
+                b"kept",
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let _ = connection.close(200, "published".into()).await;
+        wait_for_messages(&rabbit, "kept", Some(1)).await;
+
+        rabbit.stop().await;
+        rabbit.start_again().await;
+        wait_for_messages(&rabbit, "kept", Some(1)).await;
+
+        rabbit.kill();
+        rabbit.start_again().await;
+        wait_for_messages(&rabbit, "kept", Some(1)).await;
+
+        rabbit.stop().await;
+        rabbit.wipe_data().await;
+        rabbit.start_again().await;
+        wait_for_messages(&rabbit, "kept", None).await;
+        let queue = reqwest::get(format!("{}/api/queues/%2F/kept", rabbit.management_url()))
+            .await
+            .unwrap();
+        assert_eq!(queue.status(), 404, "the wiped broker has no queue `kept`");
     }
 }

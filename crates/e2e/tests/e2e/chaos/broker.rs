@@ -186,7 +186,7 @@ async fn a_broker_restarted_without_its_data_loses_no_order() {
         report.accepted.len()
     );
     system.rabbit.stop().await;
-    system.rabbit.wipe_data();
+    system.rabbit.wipe_data().await;
     system.rabbit.start_again().await;
     system.processors = (1..=3)
         .map(|i| system.service("order-processor", &format!("processor-{i}")))

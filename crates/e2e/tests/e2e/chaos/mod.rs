@@ -42,12 +42,14 @@ pub struct System {
 impl System {
     pub async fn start(extra: &[(&'static str, &str)]) -> Self {
         let rabbit = PrivateRabbit::start().await;
+        println!("broker: RabbitMQ {}", rabbit.version());
         let postgres = PrivatePostgres::start().await;
         let log_dir =
             std::env::temp_dir().join(format!("orderflow-chaos-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&log_dir).unwrap();
         let mut env = vec![
             ("AMQP_URL", rabbit.url()),
+            ("RABBITMQ_MANAGEMENT_URL", rabbit.management_url()),
             ("DATABASE_URL", postgres.url("orderflow")),
             ("DB_MAX_CONNECTIONS", "5".into()),
             ("DB_ACQUIRE_TIMEOUT_MS", "1000".into()),
@@ -387,9 +389,10 @@ pub async fn check_invariants(
     )
     .await;
     println!(
-        "{case}: accepted={} orders={orders} final={finals} processed={processed} rejected={} \
+        "{case} on RabbitMQ {}: accepted={} orders={orders} final={finals} processed={processed} rejected={} \
          processed_messages={processed_messages} notifications={notification_rows} audit={audit_rows} \
          stock_ok=true outbox_unpublished=0 queued=0 dead_letters={dead}",
+        system.rabbit.version(),
         accepted.len(),
         orders - processed,
     );
