@@ -126,6 +126,15 @@ impl Broker {
             .is_ok_and(|current| current.as_ref().is_some_and(|c| c.status().connected()))
     }
 
+    /// Whether the broker has blocked the live connection (`connection.blocked`:
+    /// a memory or disk alarm). lapin then writes nothing on it, so a publish
+    /// would wait for the alarm to clear.
+    pub fn is_blocked(&self) -> bool {
+        self.current
+            .try_lock()
+            .is_ok_and(|current| current.as_ref().is_some_and(|c| c.status().blocked()))
+    }
+
     /// The live connection, or one attempt (at most 5 s) to make one.
     pub async fn connect_once(&self) -> anyhow::Result<Arc<Connection>> {
         let mut current = self.current.lock().await;
@@ -274,6 +283,12 @@ impl Publisher {
             broker,
             channel: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Whether the broker is blocking publishers right now; see
+    /// [`Broker::is_blocked`].
+    pub fn is_blocked(&self) -> bool {
+        self.broker.is_blocked()
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {

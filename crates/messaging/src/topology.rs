@@ -151,6 +151,18 @@ impl Topology {
         format!("orderflow:{queue}")
     }
 
+    /// Every queue that can hold an order message on its way to a processor:
+    /// the lanes' work queues and the retry queues (which the subscribers'
+    /// retries share, so this may count a few events too).
+    pub fn order_queues(&self) -> Vec<String> {
+        let mut queues = vec![
+            self.work_queue(Lane::Express),
+            self.work_queue(Lane::Standard),
+        ];
+        queues.extend(self.retry_queues());
+        queues
+    }
+
     /// Every queue a consumer works on (not the retry or dead-letter ones).
     pub fn consumer_queues(&self) -> Vec<String> {
         let mut queues = vec![

@@ -41,9 +41,18 @@ pub struct Settings {
     /// How often the outbox relay looks for unpublished orders, in ms.
     #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 1000)]
     pub outbox_relay_interval_ms: u64,
+    /// How long an order may stay accepted after its message was published
+    /// before it is published again, if the broker holds too few order
+    /// messages to still have it, in seconds.
+    #[arg(long, env = "ORDER_REPUBLISH_AFTER_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub order_republish_after_secs: u64,
 }
 
 impl Settings {
+    pub fn order_republish_after(&self) -> Duration {
+        Duration::from_secs(self.order_republish_after_secs)
+    }
+
     pub fn idempotency_ttl(&self) -> Duration {
         Duration::from_secs(self.idempotency_ttl_secs)
     }

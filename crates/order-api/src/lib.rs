@@ -8,5 +8,6 @@ pub mod error;
 pub mod idempotency;
 pub mod live;
 pub mod openapi;
+pub mod republish;
 pub mod routes;
 pub mod startup;

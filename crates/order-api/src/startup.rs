@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{configuration::Settings, idempotency, live::Feed, routes};
+use crate::{configuration::Settings, idempotency, live::Feed, republish::Republisher, routes};
 
 /// What every request handler can reach.
 #[derive(Clone)]
@@ -31,6 +31,7 @@ pub struct Application {
     router: Router,
     state: AppState,
     broker: Broker,
+    republisher: Republisher,
     settings: Settings,
 }
 
@@ -41,9 +42,16 @@ impl Application {
         let pool = settings.database.connect_and_migrate().await?;
         let broker = settings.amqp.broker()?;
         broker.connect(&CancellationToken::new()).await;
+        let publisher = Publisher::new(broker.clone());
+        let republisher = Republisher::new(
+            pool.clone(),
+            broker.clone(),
+            publisher.clone(),
+            settings.order_republish_after(),
+        );
         let state = AppState {
             pool: pool.clone(),
-            relay: Relay::new(pool.clone(), Publisher::new(broker.clone())),
+            relay: Relay::new(pool.clone(), publisher),
             topology: broker.topology().clone(),
             max_quantity: settings.max_quantity,
             idempotency_ttl: settings.idempotency_ttl(),
@@ -60,6 +68,7 @@ impl Application {
             router,
             state,
             broker,
+            republisher,
             settings,
         })
     }
@@ -72,9 +81,12 @@ impl Application {
     /// Serve until `shutdown`; then stop accepting, finish in-flight requests,
     /// and flush the outbox before returning.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Not a child of `shutdown`: the relay's final flush must wait for the
+        // requests still committing orders when shutdown is asked for.
+        let relay_stop = CancellationToken::new();
         let relay = tokio::spawn(self.state.relay.clone().run(
             Duration::from_millis(self.settings.outbox_relay_interval_ms),
-            shutdown.clone(),
+            relay_stop.clone(),
         ));
         let cleanup = tokio::spawn(clean_up_keys(
             self.state.pool.clone(),
@@ -82,6 +94,7 @@ impl Application {
             Duration::from_secs(self.settings.idempotency_cleanup_interval_secs.max(1)),
             shutdown.clone(),
         ));
+        let republisher = tokio::spawn(self.republisher.clone().run(shutdown.clone()));
         let feed = tokio::spawn(
             self.state
                 .feed
@@ -95,8 +108,11 @@ impl Application {
             .context("serving HTTP");
         // The server may also stop on its own (an I/O error): stop the rest.
         shutdown.cancel();
+        // Every request has finished: what they committed is flushed now.
+        relay_stop.cancel();
         let _ = relay.await;
         let _ = feed.await;
+        let _ = republisher.await;
         cleanup.abort();
         self.broker.close().await;
         tracing::info!("order-api stopped");

@@ -60,10 +60,13 @@ impl Application {
 
     /// Consume both lanes until `shutdown`, then flush the outbox.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Not a child of `shutdown`: the relay's final flush must wait for the
+        // deliveries still committing events when shutdown is asked for.
+        let relay_stop = CancellationToken::new();
         let relay_task = tokio::spawn(
             self.relay
                 .clone()
-                .run(self.relay_interval, shutdown.clone()),
+                .run(self.relay_interval, relay_stop.clone()),
         );
         let processor = &self.processor;
         let relay = &self.relay;
@@ -74,6 +77,8 @@ impl Application {
             })
             .await;
         shutdown.cancel();
+        // The consumers have drained: what they committed is flushed now.
+        relay_stop.cancel();
         let _ = relay_task.await;
         tracing::info!("order-processor stopped");
         consumed

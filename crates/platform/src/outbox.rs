@@ -11,13 +11,18 @@
 //! rows younger than [`SWEEP_GRACE`] to that publish, so the two don't both
 //! send a fresh row; a row whose mark was lost (a crash) is sent again and
 //! deduped by its consumers.
+//!
+//! While the broker blocks publishers (a memory or disk alarm), nothing is
+//! published: the rows wait in the table, committed, and the relay sends
+//! them once the alarm clears. Publishing into a blocked connection would
+//! only pile messages up in the client's buffer and hold the caller.
 
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use messaging::{Publisher, amqp::Envelope};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::Notify;
@@ -106,8 +111,12 @@ impl Relay {
 
     /// Publish a message whose transaction has just committed, then mark
     /// its row published. On failure the row stays for the background relay,
-    /// which is woken to retry.
+    /// which is woken to retry; while the broker blocks publishers it stays
+    /// for the relay without a try.
     pub async fn publish_now(&self, message: &Outboxed) -> anyhow::Result<()> {
+        if self.publisher.is_blocked() {
+            bail!("the broker is blocking publishers (resource alarm)");
+        }
         let result = self.publish_committed(message).await;
         if result.is_err() {
             self.wake.notify_one();
@@ -222,6 +231,12 @@ impl Relay {
         let mut published: Vec<i64> = Vec::with_capacity(pending.len());
         let mut failure = None;
         for message in &pending {
+            if self.publisher.is_blocked() {
+                failure = Some(anyhow::anyhow!(
+                    "the broker is blocking publishers (resource alarm)"
+                ));
+                break;
+            }
             let body = serde_json::to_vec(&message.payload)?;
             let started = std::time::Instant::now();
             match self
@@ -263,24 +278,28 @@ impl Relay {
 
     /// Mark what was published every [`MARK_INTERVAL`], and publish
     /// leftovers every `interval` (and soon after a failed publish) until
-    /// `shutdown`; then flush both so nothing committed stays behind.
-    pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+    /// `stop`; then flush both so nothing committed stays behind. Cancel
+    /// `stop` only once every request and delivery that writes to the outbox
+    /// has finished, or what they commit after the flush waits for the next
+    /// start.
+    pub async fn run(self, interval: Duration, stop: CancellationToken) {
         let mut mark = tokio::time::interval(MARK_INTERVAL);
         mark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut blocked = false;
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = stop.cancelled() => break,
                 _ = mark.tick() => {
                     if let Err(error) = self.mark_published().await {
                         tracing::warn!(error.message = %format!("{error:#}"), "could not mark published outbox rows; will retry");
                     }
                 }
-                _ = sweep.tick() => self.sweep().await,
+                _ = sweep.tick() => self.sweep(&mut blocked).await,
                 () = self.wake.notified() => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.sweep().await;
+                    self.sweep(&mut blocked).await;
                 }
             }
         }
@@ -294,9 +313,25 @@ impl Relay {
         }
     }
 
-    async fn sweep(&self) {
+    /// One pass of the relay; `blocked` remembers whether the last pass
+    /// found the broker blocking publishers, to log each change once.
+    async fn sweep(&self, blocked: &mut bool) {
         if let Ok(backlog) = self.backlog().await {
             metrics::gauge!("outbox_backlog").set(backlog as f64);
+        }
+        let now_blocked = self.publisher.is_blocked();
+        if now_blocked != *blocked {
+            *blocked = now_blocked;
+            if now_blocked {
+                tracing::warn!(
+                    "the broker is blocking publishers: the outbox keeps what is accepted until the alarm clears"
+                );
+            } else {
+                tracing::info!("the broker accepts publishes again: the outbox relay catches up");
+            }
+        }
+        if now_blocked {
+            return;
         }
         match self.publish_pending(SWEEP_GRACE).await {
             Ok(0) => {}

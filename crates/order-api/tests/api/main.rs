@@ -7,3 +7,5 @@ mod idempotency;
 mod live;
 mod openapi;
 mod orders;
+mod republish;
+mod shutdown;

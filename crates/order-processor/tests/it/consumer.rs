@@ -284,3 +284,70 @@ async fn a_pool_too_small_for_the_prefetch_lowers_the_prefetch_to_what_it_can_se
         );
     }
 }
+
+#[tokio::test]
+async fn the_final_outbox_flush_waits_for_a_delivery_still_committing() {
+    test_support::init_tracing();
+    let (url, pool) = test_support::fresh_database().await;
+    let mut settings = Settings::parse_from(["order-processor"]);
+    test_support::isolate(&mut settings.worker, url);
+    settings.http_port = 0;
+    settings.payment_latency_ms = 0;
+    let topology = settings.worker.amqp.topology();
+    let _guard = test_support::TopologyGuard(topology.clone());
+    let app = Application::build(settings).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let order = accepted_order(&pool, &[("GADGET", 1)]).await;
+
+    // Hold the orders table, so the delivery waits inside its transaction.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let envelope = Envelope {
+        message_id: order.message_id,
+        correlation_id: "corr-flush".into(),
+        order_id: order.order_id,
+    };
+    test_support::publisher(&topology)
+        .publish(
+            &topology.orders_exchange(),
+            order.lane.as_str(),
+            &serde_json::to_vec(&order).unwrap(),
+            envelope.properties(),
+        )
+        .await
+        .unwrap();
+    test_support::eventually(
+        Duration::from_secs(30),
+        "the delivery waiting for the lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+
+    shutdown.cancel();
+    lock.commit().await.unwrap();
+    running.await.unwrap().unwrap();
+
+    assert_eq!(status(&pool, order.order_id).await.0, "processed");
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        unpublished, 0,
+        "the event committed during shutdown was published and marked"
+    );
+}

@@ -23,6 +23,7 @@ use crate::{
     servers::{PrivatePostgres, PrivateRabbit},
 };
 
+mod broker;
 mod cases;
 
 /// The whole system on private servers.
@@ -213,6 +214,8 @@ pub struct LoadReport {
     pub replays: usize,
     pub transport_errors: usize,
     pub slowest_503: Duration,
+    /// When each accepted POST was sent, and how long its answer took.
+    pub accepted_latencies: Vec<(Instant, Duration)>,
 }
 
 pub struct Load {
@@ -255,6 +258,9 @@ impl Load {
                 }
                 if response.headers().contains_key("idempotent-replayed") {
                     report.replays += 1;
+                }
+                if status == 202 {
+                    report.accepted_latencies.push((started, started.elapsed()));
                 }
                 if status == 202
                     && let Ok(body) = response.json::<Value>().await
