@@ -9,13 +9,14 @@ use anyhow::{Context, bail};
 use lapin::{
     BasicProperties, Channel,
     message::Delivery,
-    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicGetOptions},
     types::{AMQPValue, FieldTable},
 };
 use messaging::{
     Broker, Publisher,
     consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER, SERVICE_HEADER, previous_attempts},
     contracts::ORDER_ID_HEADER,
+    declaration::queue_counts,
 };
 
 /// What a person wants to know about one dead letter.
@@ -100,20 +101,10 @@ async fn give_back(
     channel.close(200, "given back".into()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let counter = connection.create_channel().await?;
-        let ready = counter
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let (ready, _) = queue_counts(connection, queue)
             .await
             .context("counting the dead letters")?
-            .message_count();
-        let _ = counter.close(200, "counted".into()).await;
+            .context("the dead-letter queue is gone")?;
         if usize::try_from(ready).unwrap_or(usize::MAX) >= kept {
             return Ok(());
         }

@@ -197,7 +197,10 @@ impl Topology {
     async fn retire_legacy_retry_queues(&self, connection: &Connection) -> anyhow::Result<()> {
         for queue in self.consumer_queues() {
             let legacy = self.legacy_retry_queue(&queue);
-            match depth(connection, &legacy).await?.map(|(ready, _)| ready) {
+            match queue_counts(connection, &legacy)
+                .await?
+                .map(|(ready, _)| ready)
+            {
                 None => {}
                 Some(0) => {
                     delete_queue(connection, &legacy).await?;
@@ -305,9 +308,12 @@ async fn unbind(channel: &Channel, queue: &str, binding: &Binding) -> anyhow::Re
         .with_context(|| format!("unbinding {queue} from {}", binding.exchange))
 }
 
-/// Messages ready in `queue` and its consumers, or `None` if there is no
-/// such queue.
-async fn depth(connection: &Connection, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
+/// Messages ready in `queue` and its consumers (a passive declare on a
+/// channel of its own), or `None` if there is no such queue.
+pub async fn queue_counts(
+    connection: &Connection,
+    queue: &str,
+) -> anyhow::Result<Option<(u32, u32)>> {
     let channel = connection.create_channel().await?;
     let declared = channel
         .queue_declare(
@@ -347,7 +353,7 @@ async fn drain_and_delete(connection: &Connection, from: &str, to: &str) -> anyh
     let mut moved = 0;
     loop {
         moved += move_messages(connection, from, to).await?;
-        match depth(connection, from).await? {
+        match queue_counts(connection, from).await? {
             None | Some((0, 0)) => break,
             // Deleting the queue would drop what a consumer still holds (an
             // older release still running): wait for it to let go.

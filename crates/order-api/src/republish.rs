@@ -16,8 +16,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::{options::QueueDeclareOptions, types::FieldTable};
-use messaging::{Broker, Publisher, amqp::Envelope};
+use messaging::{Broker, Publisher, amqp::Envelope, declaration::queue_counts};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -182,12 +181,6 @@ impl Republisher {
     /// replays it, and its message is still on the broker.
     async fn held_by_broker(&self) -> anyhow::Result<u64> {
         let connection = self.broker.connect_once().await?;
-        // A channel of its own: a queue that does not exist (a broker
-        // recreated empty, before the topology is declared again) closes it.
-        let channel = connection
-            .create_channel()
-            .await
-            .context("opening a channel to count messages")?;
         let topology = self.broker.topology();
         let mut held = 0;
         for queue in topology
@@ -195,20 +188,13 @@ impl Republisher {
             .into_iter()
             .chain([topology.dead_letters()])
         {
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .with_context(|| format!("counting the messages in {queue}"))?;
-            held += u64::from(declared.message_count());
+            // A queue that does not exist (a broker recreated empty, before
+            // the topology is declared again) makes the count meaningless.
+            let (ready, _) = queue_counts(&connection, &queue)
+                .await?
+                .with_context(|| format!("{queue} does not exist"))?;
+            held += u64::from(ready);
         }
-        let _ = channel.close(200, "counted".into()).await;
         Ok(held)
     }
 }
