@@ -74,7 +74,7 @@ pub struct OrderPlaced {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Outcome {
-    /// Stock reserved and payment taken.
+    /// Stock reserved and payment captured.
     #[serde(rename = "order.processed")]
     Processed,
     /// The order cannot be fulfilled; `reason` says why.
@@ -91,6 +91,29 @@ impl Outcome {
         match self {
             Outcome::Processed => "processed",
             Outcome::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// What became of an order's money, as the payment provider confirmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentOutcome {
+    /// The authorised amount was taken.
+    Captured,
+    /// The authorisation was released: nothing was taken.
+    Voided,
+    /// The provider refused to authorise: nothing was held or taken.
+    Declined,
+}
+
+impl PaymentOutcome {
+    /// The word used in the payment's history and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentOutcome::Captured => "captured",
+            PaymentOutcome::Voided => "voided",
+            PaymentOutcome::Declined => "declined",
         }
     }
 }
@@ -124,6 +147,10 @@ pub struct OrderEvent {
     /// Optional webhook the client asked to be called.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// What became of the money (absent in events from before payments
+    /// were two steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment: Option<PaymentOutcome>,
 }
 
 #[cfg(test)]
@@ -144,6 +171,7 @@ mod tests {
             lane: Lane::Express,
             processed_by: "p-1".into(),
             callback_url: None,
+            payment: Some(PaymentOutcome::Voided),
         }
     }
 

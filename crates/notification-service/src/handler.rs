@@ -1,7 +1,7 @@
 //! One order event: "send" the customer's email (a row and a log line a
 //! person would want to read) and note it in the order's history, once.
 
-use messaging::contracts::{OrderEvent, Outcome};
+use messaging::contracts::{OrderEvent, Outcome, PaymentOutcome};
 use platform::dedupe::FIRST_DELIVERY_CTE;
 use sqlx::PgPool;
 
@@ -17,22 +17,33 @@ pub fn compose(event: &OrderEvent) -> (String, String) {
         event.total_cents % 100,
         event.currency
     );
-    match &event.outcome {
-        Outcome::Processed => (
-            format!("Your order {short} is confirmed"),
-            format!(
-                "Thank you! Order {} for {amount} is paid and its items are reserved.",
-                event.order_id
-            ),
+    let subject = match &event.outcome {
+        Outcome::Processed => format!("Your order {short} is confirmed"),
+        Outcome::Rejected { .. } => format!("We could not complete your order {short}"),
+    };
+    let id = event.order_id;
+    let body = match (&event.outcome, event.payment) {
+        (Outcome::Processed, Some(PaymentOutcome::Captured)) => format!(
+            "Thank you! Order {id} is confirmed: its items are reserved and {amount} has been charged."
         ),
-        Outcome::Rejected { reason } => (
-            format!("We could not complete your order {short}"),
-            format!(
-                "Sorry: order {} for {amount} was not completed ({reason}). You have not been charged.",
-                event.order_id
-            ),
+        (Outcome::Rejected { reason }, Some(PaymentOutcome::Declined)) => format!(
+            "Sorry: order {id} was not completed ({reason}). Your payment of {amount} was declined; \
+             you have not been charged."
         ),
-    }
+        (Outcome::Rejected { reason }, Some(PaymentOutcome::Voided)) => format!(
+            "Sorry: order {id} was not completed ({reason}). The {amount} held on your card has been \
+             released; you have not been charged."
+        ),
+        // An event from before payments were two steps says nothing of the
+        // money, and neither does its email.
+        (Outcome::Processed, _) => {
+            format!("Thank you! Order {id} for {amount} is confirmed: its items are reserved.")
+        }
+        (Outcome::Rejected { reason }, _) => {
+            format!("Sorry: order {id} for {amount} was not completed ({reason}).")
+        }
+    };
+    (subject, body)
 }
 
 /// Send the notification for `event` unless it was sent before; returns

@@ -9,7 +9,7 @@ use crate::{
     domain::{ItemRequest, OrderRequest, Shipping},
     error::{ErrorBody, ErrorDetail, FieldError},
     live::LiveEvent,
-    routes::orders::{self, HistoryEntry, OrderView, PricedLine},
+    routes::orders::{self, HistoryEntry, OrderView, PaymentStep, PaymentView, PricedLine},
 };
 
 #[derive(OpenApi)]
@@ -25,7 +25,7 @@ use crate::{
         orders::events::all_events
     ),
     components(schemas(
-        OrderRequest, ItemRequest, Shipping, OrderView, PricedLine, HistoryEntry,
+        OrderRequest, ItemRequest, Shipping, OrderView, PricedLine, HistoryEntry, PaymentView, PaymentStep,
         ErrorBody, ErrorDetail, FieldError, LiveEvent
     )),
     tags((name = "orders", description = "Placing and reading orders"))

@@ -15,21 +15,38 @@ pub struct Settings {
     /// Port of /healthz and /readyz; 0 picks a free one.
     #[arg(long, env = "HTTP_PORT", default_value_t = 8081)]
     pub http_port: u16,
-    /// Simulated payment-provider latency per order, in milliseconds.
+    /// Simulated payment-provider latency per call (authorise, capture or
+    /// void), in milliseconds.
     #[arg(long, env = "PAYMENT_LATENCY_MS", default_value_t = 20)]
     pub payment_latency_ms: u64,
     /// Orders whose total is above this many cents are declined by the
     /// simulated payment provider (a deterministic rule, for demos and tests).
     #[arg(long, env = "PAYMENT_DECLINE_OVER_CENTS", default_value_t = 1_000_000)]
     pub payment_decline_over_cents: i64,
-    /// Let customer ids inject payment failures: `flaky-N` fails the first N
-    /// attempts, `doomed` every attempt (to watch retries and dead letters).
+    /// Let customer ids inject payment-provider failures (to watch retries,
+    /// dead letters and the sweeper): `flaky-N` / `flaky-<step>-N` fail the
+    /// first N calls, `doomed` / `doomed-<step>` every call, and
+    /// `timeout-<step>-N` time out after doing the work, where `<step>` is
+    /// authorise, capture or void (plain `flaky-N` and `doomed`: authorise).
     #[arg(long, env = "DEMO_FAILURES", default_value_t = false, action = clap::ArgAction::Set)]
     pub demo_failures: bool,
     /// Name of this instance in logs and in `orders.processed_by`
     /// (default: host name and process id).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// How often the sweeper looks for payments left half done, in ms.
+    #[arg(long, env = "PAYMENT_SWEEP_INTERVAL_MS", default_value_t = 5000)]
+    pub payment_sweep_interval_ms: u64,
+    /// A payment decided (capture or void) but not settled this many
+    /// seconds later is settled by the sweeper.
+    #[arg(long, env = "PAYMENT_SETTLE_AFTER_SECS", default_value_t = 30)]
+    pub payment_settle_after_secs: u64,
+    /// A payment not decided this many seconds after its last step (its
+    /// message gone: dead-lettered, or forgotten) is abandoned by the
+    /// sweeper: its authorisation voided, the order rejected. Keep it above
+    /// RETRY_MAX_WAIT_MS, the longest a message is retried.
+    #[arg(long, env = "PAYMENT_ABANDON_AFTER_SECS", default_value_t = 900)]
+    pub payment_abandon_after_secs: u64,
     /// How often the outbox relay looks for unpublished events, in ms.
     #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 1000)]
     pub outbox_relay_interval_ms: u64,

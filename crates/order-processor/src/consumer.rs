@@ -1,12 +1,8 @@
-//! From a delivery to a disposition: decode, handle, publish the event,
-//! and say in the log what happened to the order.
+//! From a delivery to a disposition: decode, handle (which says in the log
+//! what happened to the order and its money), publish the event.
 
 use lapin::message::Delivery;
-use messaging::{
-    amqp,
-    consumer::{self, Disposition},
-    contracts::Outcome,
-};
+use messaging::{amqp, consumer::Disposition};
 use platform::outbox::Relay;
 use tracing::Instrument;
 
@@ -28,26 +24,13 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
             Err(error) => return failed(error),
         };
         tracing::Span::current().record("order_id", tracing::field::display(order.order_id));
-        let attempt = consumer::previous_attempts(&delivery.properties) + 1;
-        match processor.handle(&order, &correlation_id, attempt).await {
+        match processor.handle(&order).await {
             Ok(Handled::Duplicate) => {
                 metrics::counter!("duplicates_skipped_total").increment(1);
                 tracing::info!("already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }
-            Ok(Handled::Decided { outcome, event }) => {
-                metrics::counter!("orders_decided_total", "outcome" => outcome.status()).increment(1);
-                let amount = format!("{}.{:02} {}", order.total_cents / 100, order.total_cents % 100, order.currency);
-                match &outcome {
-                    Outcome::Processed => tracing::info!(
-                        lane = order.lane.as_str(), items = order.items.len(),
-                        "order processed: stock reserved, payment of {amount} captured"
-                    ),
-                    Outcome::Rejected { reason } => tracing::warn!(
-                        lane = order.lane.as_str(), reason = %reason,
-                        "order rejected ({amount})"
-                    ),
-                }
+            Ok(Handled::Decided { event, .. }) => {
                 if let Err(error) = relay.publish_now(&event).await {
                     tracing::warn!(error.message = %format!("{error:#}"), "event not published yet; the outbox relay will retry");
                 }

@@ -8,3 +8,4 @@ pub mod consumer;
 pub mod handler;
 pub mod payment;
 pub mod startup;
+pub mod sweeper;

@@ -1,5 +1,6 @@
 //! Wires order-processor together: worker start-up, the event publisher and
-//! its outbox relay, and consumers on both lanes' work queues.
+//! its outbox relay, the payment sweeper, and consumers on both lanes' work
+//! queues.
 
 use std::time::Duration;
 
@@ -7,7 +8,10 @@ use messaging::contracts::Lane;
 use platform::{outbox::Relay, worker::Worker};
 use tokio_util::sync::CancellationToken;
 
-use crate::{configuration::Settings, consumer, handler::Processor, payment::PaymentProvider};
+use crate::{
+    configuration::Settings, consumer, handler::Processor, payment::PaymentProvider,
+    sweeper::Sweeper,
+};
 
 /// A started order-processor.
 pub struct Application {
@@ -15,6 +19,8 @@ pub struct Application {
     processor: Processor,
     relay: Relay,
     relay_interval: Duration,
+    sweeper: Sweeper,
+    sweep_interval: Duration,
 }
 
 impl Application {
@@ -39,15 +45,23 @@ impl Application {
             pool: worker.pool().clone(),
             topology: worker.topology().clone(),
             payments: PaymentProvider::new(
+                worker.pool().clone(),
                 Duration::from_millis(settings.payment_latency_ms),
                 settings.payment_decline_over_cents,
             )
             .with_demo_failures(settings.demo_failures),
             instance_id,
         };
+        let sweeper = Sweeper::new(
+            processor.clone(),
+            Duration::from_secs(settings.payment_settle_after_secs),
+            Duration::from_secs(settings.payment_abandon_after_secs),
+        );
         Ok(Self {
             worker,
             processor,
+            sweeper,
+            sweep_interval: Duration::from_millis(settings.payment_sweep_interval_ms),
             relay,
             relay_interval: Duration::from_millis(settings.outbox_relay_interval_ms),
         })
@@ -68,6 +82,11 @@ impl Application {
                 .clone()
                 .run(self.relay_interval, relay_stop.clone()),
         );
+        let sweeper_task = tokio::spawn(
+            self.sweeper
+                .clone()
+                .run(self.sweep_interval, shutdown.child_token()),
+        );
         let processor = &self.processor;
         let relay = &self.relay;
         let consumed = self
@@ -77,6 +96,7 @@ impl Application {
             })
             .await;
         shutdown.cancel();
+        let _ = sweeper_task.await;
         // The consumers have drained: what they committed is flushed now.
         relay_stop.cancel();
         let _ = relay_task.await;

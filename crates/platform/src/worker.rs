@@ -75,7 +75,7 @@ impl WorkerSettings {
 }
 
 /// Connections kept for what a service does besides handling messages: its
-/// outbox relay or webhook dispatcher, and health checks.
+/// outbox relay, webhook dispatcher or payment sweeper, and health checks.
 const RESERVED_CONNECTIONS: u32 = 1;
 
 /// How many messages a service handles at once, and the pool that serves

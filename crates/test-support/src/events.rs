@@ -1,12 +1,17 @@
 //! Order events for the subscriber services' tests.
 
 use chrono::Utc;
-use messaging::contracts::{Lane, OrderEvent, Outcome, SCHEMA_VERSION};
+use messaging::contracts::{Lane, OrderEvent, Outcome, PaymentOutcome, SCHEMA_VERSION};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 /// An event about an order that exists (as processed or rejected) in `pool`.
+/// Its payment is captured if it was processed, voided if it was rejected.
 pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEvent {
+    let payment = match outcome {
+        Outcome::Processed => PaymentOutcome::Captured,
+        Outcome::Rejected { .. } => PaymentOutcome::Voided,
+    };
     let event = OrderEvent {
         schema_version: SCHEMA_VERSION,
         message_id: Uuid::new_v4(),
@@ -20,6 +25,7 @@ pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEve
         lane: Lane::Standard,
         processed_by: "processor-1".into(),
         callback_url: None,
+        payment: Some(payment),
     };
     sqlx::query(
         "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane, status, correlation_id)

@@ -240,6 +240,75 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         (0..DISTINCT).filter(|i| i % 27 == 1).count() as i64,
         "the deterministic decline rule held"
     );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
+             WHERE operation = 'capture' AND outcome = 'captured'"
+        )
+        .await,
+        scalar(
+            &pool,
+            "SELECT coalesce(sum(total_cents), 0)::bigint FROM orders WHERE status = 'processed'"
+        )
+        .await,
+        "captured exactly the processed orders' total"
+    );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM provider_authorisations WHERE state = 'authorised'"
+        )
+        .await,
+        0,
+        "no authorisation left open"
+    );
+    // Each kind of ending, as GET /orders/{id} and the email tell it.
+    for (condition, steps, email) in [
+        (
+            "status = 'processed'",
+            vec!["authorised", "capturing", "captured"],
+            "has been charged",
+        ),
+        (
+            "reason LIKE 'out_of_stock%'",
+            vec!["authorised", "voiding", "voided"],
+            "has been released",
+        ),
+        (
+            "reason = 'payment_declined'",
+            vec!["declined"],
+            "was declined",
+        ),
+    ] {
+        let id: uuid::Uuid =
+            sqlx::query_scalar(&format!("SELECT id FROM orders WHERE {condition} LIMIT 1"))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let view: Value = client
+            .get(api.url(&format!("/orders/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let history: Vec<&str> = view["payment"]["history"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{condition}: no payment history in {view}"))
+            .iter()
+            .map(|step| step["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(history, steps, "{condition}: {view}");
+        assert_eq!(view["payment"]["state"], *steps.last().unwrap());
+        let body: String = sqlx::query_scalar("SELECT body FROM notifications WHERE order_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(body.contains(email), "{condition}: {body}");
+    }
 
     let per_processor: Vec<(String, i64)> =
         sqlx::query_as("SELECT processed_by, count(*) FROM orders GROUP BY 1 ORDER BY 1")

@@ -98,6 +98,7 @@ async fn decide(app: &TestApp, order_id: Uuid, outcome: Outcome) {
         lane: Lane::Standard,
         processed_by: "processor-test".into(),
         callback_url: None,
+        payment: None,
     };
     let channel = app.amqp.create_channel().await.unwrap();
     channel

@@ -13,7 +13,7 @@ use order_processor::{configuration::Settings, startup::Application};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{accepted_order, status};
+use crate::helpers::{accepted_order, accepted_order_of, status};
 
 struct Running {
     pool: PgPool,
@@ -86,7 +86,8 @@ async fn an_order_on_the_work_queue_is_processed_and_announced_on_the_fanout() {
     let running = start().await;
     let order = accepted_order(&running.pool, &[("GADGET", 1)]).await;
 
-    publish_order(&running, &order, "corr-e2e").await;
+    // The correlation id order-api stored with the order, and sent.
+    publish_order(&running, &order, "corr-1").await;
 
     // Both subscriber queues get the event; read one without a consumer.
     let queue = running.topology.subscriber_queue("logging-service");
@@ -101,7 +102,7 @@ async fn an_order_on_the_work_queue_is_processed_and_announced_on_the_fanout() {
             .as_ref()
             .unwrap()
             .as_str(),
-        "corr-e2e"
+        "corr-1"
     );
     assert_eq!(status(&running.pool, order.order_id).await.0, "processed");
     let other = running.topology.subscriber_queue("notification-service");
@@ -190,8 +191,7 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
         s.worker.retry_initial_delay_ms = 100;
     })
     .await;
-    let mut order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
-    order.customer_id = "doomed".into();
+    let order = accepted_order_of(&running.pool, "doomed", &[("WIDGET", 1)]).await;
 
     publish_order(&running, &order, "doomed").await;
 

@@ -16,7 +16,7 @@ async fn an_order_is_processed_stock_reserved_and_its_event_queued() {
     let before = stock(&pool, "WIDGET").await;
     let order = accepted_order(&pool, &[("WIDGET", 3)]).await;
 
-    let handled = processor(&pool).handle(&order, "corr-1", 1).await.unwrap();
+    let handled = processor(&pool).handle(&order).await.unwrap();
 
     assert!(matches!(
         handled,
@@ -51,8 +51,8 @@ async fn a_redelivered_message_has_its_effect_once() {
     let order = accepted_order(&pool, &[("WIDGET", 2)]).await;
     let processor = processor(&pool);
 
-    processor.handle(&order, "c", 1).await.unwrap();
-    let again = processor.handle(&order, "c", 1).await.unwrap();
+    processor.handle(&order).await.unwrap();
+    let again = processor.handle(&order).await.unwrap();
 
     assert_eq!(again, Handled::Duplicate);
     assert_eq!(stock(&pool, "WIDGET").await, before - 2);
@@ -66,8 +66,7 @@ async fn concurrent_deliveries_of_one_message_have_their_effect_once() {
     let order = accepted_order(&pool, &[("WIDGET", 1)]).await;
     let processor = processor(&pool);
 
-    let results =
-        futures_util::future::join_all((0..5).map(|_| processor.handle(&order, "c", 1))).await;
+    let results = futures_util::future::join_all((0..5).map(|_| processor.handle(&order))).await;
 
     let decided = results
         .iter()
@@ -84,7 +83,7 @@ async fn short_stock_rejects_the_order_and_reserves_nothing() {
     // WIDGET is fine, LIMITED-EDITION (5 in stock) is not: all or nothing.
     let order = accepted_order(&pool, &[("WIDGET", 1), ("LIMITED-EDITION", 6)]).await;
 
-    let handled = processor(&pool).handle(&order, "c", 1).await.unwrap();
+    let handled = processor(&pool).handle(&order).await.unwrap();
 
     let Handled::Decided {
         outcome: Outcome::Rejected { reason },
@@ -115,7 +114,7 @@ async fn racing_processors_never_oversell() {
         orders
             .iter()
             .enumerate()
-            .map(|(i, order)| processors[i % 4].handle(order, "c", 1)),
+            .map(|(i, order)| processors[i % 4].handle(order)),
     )
     .await;
 
@@ -149,9 +148,9 @@ async fn payment_above_the_limit_is_declined_and_reserves_nothing() {
     let before = stock(&pool, "WIDGET").await;
     let order = accepted_order(&pool, &[("WIDGET", 10)]).await;
     let mut processor = processor(&pool);
-    processor.payments = PaymentProvider::new(Duration::ZERO, 100);
+    processor.payments = PaymentProvider::new(pool.clone(), Duration::ZERO, 100);
 
-    processor.handle(&order, "c", 1).await.unwrap();
+    processor.handle(&order).await.unwrap();
 
     assert_eq!(
         status(&pool, order.order_id).await,
@@ -178,7 +177,7 @@ async fn messages_that_can_never_succeed_are_poison() {
     ));
 
     order.order_id = uuid::Uuid::new_v4();
-    let unknown = processor(&pool).handle(&order, "c", 1).await;
+    let unknown = processor(&pool).handle(&order).await;
     assert!(
         matches!(unknown, Err(HandleError::Poison(_))),
         "{unknown:?}"

@@ -13,13 +13,23 @@ pub fn processor(pool: &PgPool) -> Processor {
     Processor {
         pool: pool.clone(),
         topology: Topology::new("unused"),
-        payments: PaymentProvider::new(Duration::ZERO, 1_000_000),
+        payments: PaymentProvider::new(pool.clone(), Duration::ZERO, 1_000_000),
         instance_id: "test-processor".into(),
     }
 }
 
 /// An accepted order in the database and the message announcing it.
 pub async fn accepted_order(pool: &PgPool, items: &[(&str, i32)]) -> OrderPlaced {
+    accepted_order_of(pool, "c-1", items).await
+}
+
+/// An accepted order placed by `customer_id` (a demo customer makes the
+/// payment provider fail on request).
+pub async fn accepted_order_of(
+    pool: &PgPool,
+    customer_id: &str,
+    items: &[(&str, i32)],
+) -> OrderPlaced {
     let items: Vec<OrderLine> = items
         .iter()
         .map(|(sku, quantity)| OrderLine {
@@ -32,7 +42,7 @@ pub async fn accepted_order(pool: &PgPool, items: &[(&str, i32)]) -> OrderPlaced
         message_id: Uuid::new_v4(),
         occurred_at: Utc::now(),
         order_id: Uuid::new_v4(),
-        customer_id: "c-1".into(),
+        customer_id: customer_id.into(),
         email: "ada@example.com".into(),
         total_cents: 1999 * i64::from(items.iter().map(|l| l.quantity).sum::<i32>()),
         currency: "EUR".into(),
@@ -42,7 +52,7 @@ pub async fn accepted_order(pool: &PgPool, items: &[(&str, i32)]) -> OrderPlaced
     };
     sqlx::query(
         "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane, status, correlation_id)
-         VALUES ($1, $2, $3, $4, $5, $6, 'standard', 'accepted', 'test')",
+         VALUES ($1, $2, $3, $4, $5, $6, 'standard', 'accepted', 'corr-1')",
     )
     .bind(order.order_id)
     .bind(&order.customer_id)

@@ -3,4 +3,5 @@
 mod consumer;
 mod handler;
 mod helpers;
+mod money;
 mod waiting;

@@ -67,7 +67,7 @@ async fn starved_consumer(retry: RetryPolicy) -> Starved {
     let processor = Processor {
         pool: starved.clone(),
         topology: topology.clone(),
-        payments: PaymentProvider::new(Duration::ZERO, 1_000_000),
+        payments: PaymentProvider::new(starved.clone(), Duration::ZERO, 1_000_000),
         instance_id: "starved-processor".into(),
     };
     let relay = Relay::new(starved, publisher.clone());

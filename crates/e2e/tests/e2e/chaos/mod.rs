@@ -4,7 +4,9 @@
 //! and checks the invariants: every accepted order has exactly one final
 //! status; stock was reserved once per processed order and never went
 //! negative; one notification and one audit record per event; nothing left
-//! in queues or outbox; dead letters only where the case expects them.
+//! in queues or outbox; dead letters only where the case expects them; and
+//! the money adds up (captured total = processed orders' total, nothing
+//! captured twice, no authorisation left open).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -409,6 +411,7 @@ pub async fn check_invariants(
         (orders, orders),
         "{case}: one audit record per event"
     );
+    let money = check_money(pool, case).await;
     let dead = depth(topology.dead_letters()).await;
     assert_eq!(dead, expected_dead, "{case}: dead letters");
     let processed = scalar(
@@ -419,9 +422,85 @@ pub async fn check_invariants(
     println!(
         "{case} on RabbitMQ {}: accepted={} orders={orders} final={finals} processed={processed} rejected={} \
          processed_messages={processed_messages} notifications={notification_rows} audit={audit_rows} \
-         stock_ok=true outbox_unpublished=0 queued=0 dead_letters={dead}",
+         stock_ok=true outbox_unpublished=0 queued=0 dead_letters={dead} {money}",
         system.rabbit.version(),
         accepted.len(),
         orders - processed,
     );
+}
+
+/// The money invariants, on the provider's books and orderflow's: the
+/// captured total is the processed orders' total, nothing was captured
+/// twice, no authorisation is left neither captured nor voided, and each
+/// order's payment ended as its status says. Returns the counts.
+async fn check_money(pool: &PgPool, case: &str) -> String {
+    let captured_cents = scalar(
+        pool,
+        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
+         WHERE operation = 'capture' AND outcome = 'captured'",
+    )
+    .await;
+    let processed_cents = scalar(
+        pool,
+        "SELECT coalesce(sum(total_cents), 0)::bigint FROM orders WHERE status = 'processed'",
+    )
+    .await;
+    assert_eq!(
+        captured_cents, processed_cents,
+        "{case}: captured total = processed orders' total"
+    );
+    let captured_twice = scalar(
+        pool,
+        "SELECT count(*) FROM (SELECT reference FROM provider_ledger
+         WHERE operation = 'capture' AND outcome = 'captured' GROUP BY reference HAVING count(*) > 1) twice",
+    )
+    .await;
+    assert_eq!(captured_twice, 0, "{case}: nothing captured twice");
+    let open = scalar(
+        pool,
+        "SELECT count(*) FROM provider_authorisations WHERE state = 'authorised'",
+    )
+    .await;
+    assert_eq!(open, 0, "{case}: no authorisation left open");
+    let mismatched = scalar(
+        pool,
+        "SELECT count(*) FROM orders o LEFT JOIN payments p ON p.order_id = o.id
+         LEFT JOIN provider_authorisations a ON a.reference = o.id
+         WHERE NOT ((o.status = 'processed' AND p.state = 'captured' AND a.state = 'captured')
+                 OR (o.status = 'rejected' AND p.state = 'voided' AND a.state = 'voided')
+                 OR (o.status = 'rejected' AND p.state = 'declined' AND a.state = 'declined'))",
+    )
+    .await;
+    assert_eq!(
+        mismatched, 0,
+        "{case}: every order's payment ended as its status says"
+    );
+    let count = |operation: &'static str, outcome: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM provider_ledger WHERE operation = $1 AND outcome = $2",
+        )
+        .bind(operation)
+        .bind(outcome)
+        .fetch_one(pool)
+    };
+    let authorised = count("authorise", "authorised").await.unwrap();
+    let captures = count("capture", "captured").await.unwrap();
+    let voids = count("void", "voided").await.unwrap();
+    let declined = count("authorise", "declined").await.unwrap();
+    let unsettled = scalar(
+        pool,
+        "SELECT count(*) FROM provider_ledger a WHERE operation = 'authorise' AND outcome = 'authorised'
+         AND (SELECT count(*) FROM provider_ledger s WHERE s.reference = a.reference
+              AND ((s.operation = 'capture' AND s.outcome = 'captured')
+                OR (s.operation = 'void' AND s.outcome = 'voided'))) <> 1",
+    )
+    .await;
+    assert_eq!(
+        unsettled, 0,
+        "{case}: every authorisation captured or voided, once"
+    );
+    format!(
+        "authorised={authorised} captured={captures} ({captured_cents} cents = processed total) \
+         voided={voids} declined={declined} captured_twice=0 open_authorisations=0"
+    )
 }

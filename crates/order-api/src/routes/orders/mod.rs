@@ -35,6 +35,28 @@ pub struct OrderView {
     pub correlation_id: String,
     pub created_at: DateTime<Utc>,
     pub history: Vec<HistoryEntry>,
+    /// The order's money, once a processor has started taking it.
+    pub payment: Option<PaymentView>,
+}
+
+/// Where an order's payment stands, and how it got there.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PaymentView {
+    /// `authorising`, `authorised`, `capturing` or `voiding` while under
+    /// way; `captured`, `voided` or `declined` once settled.
+    pub state: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub history: Vec<PaymentStep>,
+}
+
+/// One step of a payment.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+pub struct PaymentStep {
+    pub state: String,
+    pub detail: String,
+    pub service: String,
+    pub at: DateTime<Utc>,
 }
 
 /// One line with the price it was accepted at.
@@ -91,6 +113,7 @@ pub async fn load_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Optio
     .bind(id)
     .fetch_all(&mut *conn)
     .await?;
+    let payment = load_payment(conn, id).await?;
     Ok(Some(OrderView {
         id: row.id,
         status: row.status,
@@ -105,6 +128,31 @@ pub async fn load_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Optio
         shipping: row.shipping.map(|s| s.0),
         correlation_id: row.correlation_id,
         created_at: row.created_at,
+        history,
+        payment,
+    }))
+}
+
+async fn load_payment(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<PaymentView>> {
+    let Some((state, amount_cents, currency)) = sqlx::query_as::<_, (String, i64, String)>(
+        "SELECT state, amount_cents, currency FROM payments WHERE order_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let history = sqlx::query_as::<_, PaymentStep>(
+        "SELECT state, detail, service, at FROM payment_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(PaymentView {
+        state,
+        amount_cents,
+        currency,
         history,
     }))
 }

@@ -215,6 +215,7 @@ async fn insert_order(
         correlation_id: correlation_id.into(),
         created_at,
         history: vec![history],
+        payment: None,
     })
 }
 
