@@ -1,4 +1,4 @@
-//! The seven faults. Each prints what it injected and the counts it checked.
+//! The faults. Each prints what it injected and the counts it checked.
 
 use std::time::Duration;
 
@@ -297,5 +297,74 @@ async fn fifty_concurrent_posts_with_one_key() {
             .unwrap();
     assert_eq!(published, 1, "one publish");
     check_invariants(&system, "50 POSTs one key", &accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
+    // Every provider call takes 300 ms, so the kill below falls between
+    // money steps; a capture that outlives its message's three attempts is
+    // left to the sweeper.
+    let mut system = System::start(&[
+        ("DEMO_FAILURES", "true"),
+        ("PAYMENT_LATENCY_MS", "300"),
+        ("RETRY_MAX_ATTEMPTS", "3"),
+        ("PAYMENT_SWEEP_INTERVAL_MS", "500"),
+        ("PAYMENT_SETTLE_AFTER_SECS", "2"),
+    ])
+    .await;
+    let load = Load::start(system.api_url(), RATE);
+    let client = reqwest::Client::new();
+    // (customer, item, quantity, final status): each step failing, or timing
+    // out after the provider did it.
+    let troubled = [
+        ("timeout-authorise-1", "WIDGET", 1, "processed"),
+        ("timeout-capture-1", "GADGET", 1, "processed"),
+        ("timeout-void-1", "LIMITED-EDITION", 6, "rejected"),
+        ("flaky-void-2", "LIMITED-EDITION", 6, "rejected"),
+        ("flaky-capture-8", "GIZMO", 1, "processed"),
+    ];
+    let mut ids = Vec::new();
+    for (customer, sku, quantity, _) in troubled {
+        let order: serde_json::Value = client
+            .post(system.api_url())
+            .json(&json!({"customer_id": customer, "email": "m@example.com",
+                          "items": [{"sku": sku, "quantity": quantity}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(order["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    println!("posted orders whose provider calls fail, or time out after doing the work");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let victim = system.processors.remove(0);
+    println!(
+        "kill -9 {} mid-payment (300 ms per provider call)",
+        victim.name
+    );
+    victim.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut report = load.finish().await;
+    report.accepted.extend(ids.iter().copied());
+    // The capture failing eight times: its message is dead-lettered after
+    // three, and the sweeper captures it.
+    check_invariants(&system, "payment provider faults", &report.accepted, 1).await;
+    for (id, (customer, _, _, expected)) in ids.iter().zip(troubled) {
+        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+        assert_eq!(status, expected, "{customer}");
+    }
+    let swept: usize = ["processor-2", "processor-3"]
+        .iter()
+        .map(|name| system.log(name).matches("sweeper=true").count())
+        .sum();
+    println!("log lines of the sweeper finishing payments: {swept}");
+    assert!(swept > 0, "the sweeper finished the dead-lettered capture");
     system.stop_all().await;
 }
