@@ -95,6 +95,11 @@ impl Outcome {
     }
 }
 
+/// An amount as people read it: `39.98 EUR` for 3998 cents of EUR.
+pub fn display_amount(cents: i64, currency: &str) -> String {
+    format!("{}.{:02} {currency}", cents / 100, cents % 100)
+}
+
 /// What became of an order's money, as the payment provider confirmed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

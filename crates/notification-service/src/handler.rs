@@ -1,7 +1,7 @@
 //! One order event: "send" the customer's email (a row and a log line a
 //! person would want to read) and note it in the order's history, once.
 
-use messaging::contracts::{OrderEvent, Outcome, PaymentOutcome};
+use messaging::contracts::{OrderEvent, Outcome, PaymentOutcome, display_amount};
 use platform::dedupe::FIRST_DELIVERY_CTE;
 use sqlx::PgPool;
 
@@ -11,12 +11,7 @@ pub const CONSUMER: &str = "notification-service";
 /// The email for an event.
 pub fn compose(event: &OrderEvent) -> (String, String) {
     let short = &event.order_id.to_string()[..8];
-    let amount = format!(
-        "{}.{:02} {}",
-        event.total_cents / 100,
-        event.total_cents % 100,
-        event.currency
-    );
+    let amount = display_amount(event.total_cents, &event.currency);
     let subject = match &event.outcome {
         Outcome::Processed => format!("Your order {short} is confirmed"),
         Outcome::Rejected { .. } => format!("We could not complete your order {short}"),

@@ -53,21 +53,13 @@ impl Republisher {
     /// 30 s) until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let every = (self.after / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    if let Err(error) = self.check().await {
-                        tracing::warn!(
-                            error.message = %format!("{error:#}"),
-                            "could not check for orders the broker forgot; will retry"
-                        );
-                    }
-                }
-            }
-        }
+        platform::periodic::every(
+            every,
+            shutdown,
+            "check for orders the broker forgot",
+            || self.check(),
+        )
+        .await;
     }
 
     /// One check; returns how many orders were published again (0 when

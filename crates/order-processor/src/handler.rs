@@ -24,6 +24,7 @@ use messaging::{
     amqp::Envelope,
     contracts::{
         Lane, OrderEvent, OrderLine, OrderPlaced, Outcome, PaymentOutcome, SCHEMA_VERSION,
+        display_amount,
     },
 };
 use platform::outbox::{self, Outboxed};
@@ -124,12 +125,7 @@ impl Pending {
     }
 
     fn amount(&self) -> String {
-        format!(
-            "{}.{:02} {}",
-            self.total_cents / 100,
-            self.total_cents % 100,
-            self.currency
-        )
+        display_amount(self.total_cents, &self.currency)
     }
 }
 
@@ -238,9 +234,16 @@ impl Processor {
                 {
                     Answer::Authorised => {
                         let detail = format!("{} authorised", pending.amount());
-                        if self
-                            .record(order_id, "authorising", "authorised", &detail)
-                            .await?
+                        if move_payment(
+                            &self.pool,
+                            order_id,
+                            &["authorising"],
+                            "authorised",
+                            None,
+                            &detail,
+                            CONSUMER,
+                        )
+                        .await?
                         {
                             tracing::info!("payment of {} authorised", pending.amount());
                         }
@@ -345,31 +348,6 @@ impl Processor {
         )))
     }
 
-    /// Move the payment `from` → `to` with a line of history, in one
-    /// statement; `false` if it was no longer `from`.
-    async fn record(
-        &self,
-        order_id: Uuid,
-        from: &str,
-        to: &str,
-        detail: &str,
-    ) -> sqlx::Result<bool> {
-        let moved = sqlx::query(
-            "WITH moved AS (
-                 UPDATE payments SET state = $3, updated_at = now()
-                 WHERE order_id = $1 AND state = $2 RETURNING order_id)
-             INSERT INTO payment_history (order_id, state, detail, service)
-             SELECT order_id, $3, $4, 'order-processor' FROM moved",
-        )
-        .bind(order_id)
-        .bind(from)
-        .bind(to)
-        .bind(detail)
-        .execute(&self.pool)
-        .await?;
-        Ok(moved.rows_affected() == 1)
-    }
-
     /// The authorisation is held: reserve the stock and decide to capture,
     /// or, short of stock, to void. The decision is the payment's next
     /// state, committed with the reservation.
@@ -400,18 +378,16 @@ impl Processor {
                 ("voiding", Some(reason), detail)
             }
         };
-        sqlx::query(
-            "WITH moved AS (
-                 UPDATE payments SET state = $2, reason = $3, updated_at = now()
-                 WHERE order_id = $1 RETURNING order_id)
-             INSERT INTO payment_history (order_id, state, detail, service)
-             SELECT order_id, $2, $4, 'order-processor' FROM moved",
+        // The row is locked and was `authorised`: this moves it.
+        move_payment(
+            &mut *tx,
+            order_id,
+            &["authorised"],
+            next,
+            reason.as_deref(),
+            &detail,
+            CONSUMER,
         )
-        .bind(order_id)
-        .bind(next)
-        .bind(&reason)
-        .bind(&detail)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         tracing::info!("{detail}");
@@ -542,6 +518,36 @@ impl Processor {
         )
         .await?)
     }
+}
+
+/// Move the payment of `order_id` from one of `from` to `to` with a
+/// line of history by `service` (and, given one, the reason it is being
+/// voided), in one statement; `false` if it was in none of `from`.
+pub(crate) async fn move_payment(
+    conn: impl sqlx::PgExecutor<'_>,
+    order_id: Uuid,
+    from: &[&str],
+    to: &str,
+    reason: Option<&str>,
+    detail: &str,
+    service: &str,
+) -> sqlx::Result<bool> {
+    let moved = sqlx::query(
+        "WITH moved AS (
+             UPDATE payments SET state = $3, reason = coalesce($4, reason), updated_at = now()
+             WHERE order_id = $1 AND state = ANY($2) RETURNING order_id)
+         INSERT INTO payment_history (order_id, state, detail, service)
+         SELECT order_id, $3, $5, $6 FROM moved",
+    )
+    .bind(order_id)
+    .bind(from)
+    .bind(to)
+    .bind(reason)
+    .bind(detail)
+    .bind(service)
+    .execute(conn)
+    .await?;
+    Ok(moved.rows_affected() == 1)
 }
 
 /// Count the decision and say in the log what happened, money included.

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::handler::{Handled, Processor};
+use crate::handler::{Handled, Processor, move_payment};
 
 /// Payments looked at per round, at most.
 const BATCH: i64 = 50;
@@ -48,21 +48,8 @@ impl Sweeper {
 
     /// Sweep every `every` until `shutdown`.
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    if let Err(error) = self.sweep().await {
-                        tracing::warn!(
-                            error.message = %format!("{error:#}"),
-                            "could not sweep half-done payments; will retry"
-                        );
-                    }
-                }
-            }
-        }
+        platform::periodic::every(every, shutdown, "sweep half-done payments", || self.sweep())
+            .await;
     }
 
     /// One round; returns how many orders it brought to a final status.
@@ -122,18 +109,17 @@ impl Sweeper {
             "payment_abandoned: not decided within {} s",
             self.abandon_after.as_secs()
         );
-        let moved = sqlx::query(
-            "WITH moved AS (
-                 UPDATE payments SET state = 'voiding', reason = 'payment_abandoned', updated_at = now()
-                 WHERE order_id = $1 AND state IN ('authorising', 'authorised') RETURNING order_id)
-             INSERT INTO payment_history (order_id, state, detail, service)
-             SELECT order_id, 'voiding', $2, 'order-processor (sweeper)' FROM moved",
+        let moved = move_payment(
+            &self.processor.pool,
+            order_id,
+            &["authorising", "authorised"],
+            "voiding",
+            Some("payment_abandoned"),
+            &reason,
+            "order-processor (sweeper)",
         )
-        .bind(order_id)
-        .bind(&reason)
-        .execute(&self.processor.pool)
         .await?;
-        if moved.rows_affected() == 1 {
+        if moved {
             tracing::warn!("{reason}; voiding its authorisation");
         }
         Ok(())

@@ -8,4 +8,5 @@ pub mod dedupe;
 pub mod health;
 pub mod metrics;
 pub mod outbox;
+pub mod periodic;
 pub mod worker;

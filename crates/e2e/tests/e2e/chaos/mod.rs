@@ -433,7 +433,7 @@ pub async fn check_invariants(
 /// captured total is the processed orders' total, nothing was captured
 /// twice, no authorisation is left neither captured nor voided, and each
 /// order's payment ended as its status says. Returns the counts.
-async fn check_money(pool: &PgPool, case: &str) -> String {
+pub(crate) async fn check_money(pool: &PgPool, case: &str) -> String {
     let captured_cents = scalar(
         pool,
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
