@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# One image holding all orderflow binaries (the four services and the
-# dead-letters tool); pick one with the command,
+# One image holding all orderflow binaries (the four services, the
+# dead-letters tool and the api-keys tool); pick one with the command,
 # e.g. `docker run orderflow:latest order-api` (docker-compose.yml does this).
 # Needs BuildKit (the default builder of current Docker) for the cache mounts.
 
@@ -31,6 +31,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
           target/release/notification-service \
           target/release/logging-service \
           target/release/dead-letters \
+          target/release/api-keys \
           /out/
 
 # ---- runtime -------------------------------------------------------------

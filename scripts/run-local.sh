@@ -52,10 +52,13 @@ for _ in $(seq 1 60); do
   curl -fsS localhost:8080/readyz >/dev/null 2>&1 && break
   sleep 1
 done
-cat <<'MSG'
+# The demo client's key (set DEMO_API_KEY to choose it); made once, kept.
+API_KEY=${DEMO_API_KEY:-orderflow-demo-key} "$target_dir/api-keys" create --client demo
+cat <<MSG
 
 orderflow is running. Place an order:
-  curl -s localhost:8080/orders -H 'content-type: application/json' \
+  curl -s localhost:8080/orders -H 'authorization: Bearer ${DEMO_API_KEY:-orderflow-demo-key}' \\
+    -H 'content-type: application/json' \\
     -d '{"customer_id":"c-42","email":"ada@example.com","items":[{"sku":"WIDGET","quantity":2}]}'
 Ctrl-C stops every service.
 

@@ -328,6 +328,7 @@ async fn raw_bounds(environment: &Environment, sizes: &Sizes) -> anyhow::Result<
 /// after a warm-up whose answers are not counted.
 async fn hammer(
     url: &str,
+    api_key: Option<&str>,
     sizes: &Sizes,
     concurrency: usize,
     rate: Option<f64>,
@@ -337,6 +338,7 @@ async fn hammer(
         requests: None,
         duration: Some(duration),
         rate,
+        api_key: api_key.map(str::to_owned),
         ..LoadOptions::new(url, 0, concurrency)
     };
     loadgen::post_orders(options(sizes.warm_up)).await?;
@@ -369,7 +371,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         .map(|pid| ("bare axum".into(), pid))
         .into_iter()
         .collect();
-    let (posted, usage) = hammer(&url, sizes, CONCURRENCY, None, &watched).await?;
+    let (posted, usage) = hammer(&url, None, sizes, CONCURRENCY, None, &watched).await?;
     eprintln!(
         "bare axum + one INSERT: {:.0}/s",
         posted.answers_per_second()
@@ -403,8 +405,9 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
     )
     .await?;
     let url = system.api_url();
+    let key = Some(system.api_key());
     let watched = system.pids();
-    let (posted, usage) = hammer(&url, sizes, CONCURRENCY, None, &watched).await?;
+    let (posted, usage) = hammer(&url, key, sizes, CONCURRENCY, None, &watched).await?;
     let full_rate = posted.accepted_per_second();
     eprintln!("order-api accepting: {full_rate:.0}/s");
     runs.push(HttpRun::of(
@@ -415,7 +418,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         usage,
     ));
     let half = (full_rate / 2.0).max(1.0);
-    let (posted, usage) = hammer(&url, sizes, CONCURRENCY, Some(half), &watched).await?;
+    let (posted, usage) = hammer(&url, key, sizes, CONCURRENCY, Some(half), &watched).await?;
     eprintln!(
         "order-api at {half:.0}/s: p99 {:.1} ms",
         Percentiles::of_micros(&posted.latency).p99_ms
@@ -466,7 +469,7 @@ async fn scaling_run(
     let before = cpu::snapshot(&watched);
     let posted = loadgen::post_orders(LoadOptions {
         progress: true,
-        ..LoadOptions::new(system.api_url(), orders, CONCURRENCY)
+        ..system.load(orders, CONCURRENCY)
     })
     .await?;
     let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
@@ -523,7 +526,7 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
     let before = cpu::snapshot(&watched);
     let posted = loadgen::post_orders(LoadOptions {
         progress: true,
-        ..LoadOptions::new(system.api_url(), sizes.burst_orders, CONCURRENCY)
+        ..system.load(sizes.burst_orders, CONCURRENCY)
     })
     .await?;
     let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
@@ -589,10 +592,9 @@ async fn express(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Exp
         },
     )
     .await?;
-    let url = system.api_url();
     let backlog = loadgen::post_orders(LoadOptions {
         progress: true,
-        ..LoadOptions::new(&url, sizes.express_backlog, CONCURRENCY)
+        ..system.load(sizes.express_backlog, CONCURRENCY)
     })
     .await?;
     // The outbox publishes right after each commit; give stragglers a moment.
@@ -610,7 +612,7 @@ async fn express(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Exp
     let side_by_side = |express: f64| LoadOptions {
         rate: Some(rate),
         express_fraction: express,
-        ..LoadOptions::new(&url, sizes.express_orders, 8)
+        ..system.load(sizes.express_orders, 8)
     };
     let (express, standard) = tokio::join!(
         loadgen::post_orders(side_by_side(1.0)),

@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions};
+use loadgen::LoadOptions;
 use messaging::{contracts::Lane, topology::Topology};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::process::{Child, Command};
@@ -128,6 +129,8 @@ pub struct System {
     environment: Environment,
     shape: Shape,
     amqp: Connection,
+    /// The client key the load is posted with.
+    api_key: String,
 }
 
 impl System {
@@ -165,9 +168,11 @@ impl System {
             environment: environment.clone(),
             shape,
             amqp,
+            api_key: String::new(),
         };
         // order-api first: it applies the migrations the others would race for.
         system.spawn("order-api", &[]).await?;
+        system.api_key = system.make_api_key()?;
         system.start_processors(shape.processors).await?;
         if shape.subscribers {
             system.spawn("notification-service", &[]).await?;
@@ -184,6 +189,35 @@ impl System {
             .find(|service| service.name == "order-api")
             .expect("order-api is always started first");
         format!("http://127.0.0.1:{}", api.port)
+    }
+
+    /// The client key the load is posted with.
+    pub fn api_key(&self) -> &str {
+        &self.api_key
+    }
+
+    /// `requests` orders at order-api with the benchmark's key, at most
+    /// `concurrency` in flight.
+    pub fn load(&self, requests: u64, concurrency: usize) -> LoadOptions {
+        LoadOptions {
+            api_key: Some(self.api_key.clone()),
+            ..LoadOptions::new(self.api_url(), requests, concurrency)
+        }
+    }
+
+    /// A client key, made with the `api-keys` binary as a person would.
+    fn make_api_key(&self) -> anyhow::Result<String> {
+        let output = std::process::Command::new(self.environment.bin_dir.join("api-keys"))
+            .args(["create", "--client", "bench", "--quiet"])
+            .env("DATABASE_URL", &self.database.url)
+            .output()
+            .context("running api-keys")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "api-keys create failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?.trim().to_owned())
     }
 
     /// Start `count` more order-processors and wait until they are ready.
@@ -234,6 +268,9 @@ impl System {
             )
             .env("PREFETCH", self.shape.prefetch.to_string())
             .env("DEMO_FAILURES", "false")
+            // The benchmark measures throughput, not the per-key limit.
+            .env("RATE_LIMIT_PER_SECOND", "1000000")
+            .env("RATE_LIMIT_BURST", "1000000")
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

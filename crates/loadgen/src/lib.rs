@@ -41,6 +41,8 @@ pub struct LoadOptions {
     pub skus: Vec<String>,
     /// Show a progress bar on stderr (only drawn on a terminal).
     pub progress: bool,
+    /// Sent as `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 impl LoadOptions {
@@ -57,6 +59,7 @@ impl LoadOptions {
             express_fraction: 0.0,
             skus: vec!["WIDGET".into(), "GADGET".into(), "GIZMO".into()],
             progress: false,
+            api_key: None,
         }
     }
 }
@@ -146,9 +149,17 @@ pub async fn post_orders(options: LoadOptions) -> anyhow::Result<Posted> {
         "give a number of requests or a duration"
     );
     anyhow::ensure!(!options.skus.is_empty(), "give at least one SKU");
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &options.api_key {
+        let mut value = reqwest::header::HeaderValue::try_from(format!("Bearer {key}"))
+            .context("the API key is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(options.concurrency)
+        .default_headers(headers)
         .build()
         .context("building the HTTP client")?;
     let progress = progress_bar(&options);

@@ -21,6 +21,9 @@ struct Cli {
     /// order-api's base URL.
     #[arg(long, env = "ORDER_API_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// order-api key to send (`api-keys create --client NAME` makes one).
+    #[arg(long, env = "ORDERFLOW_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// The services' database, read to follow each order to its end.
     #[arg(
         long,
@@ -111,6 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<Summary> {
         express_fraction: cli.express_fraction,
         skus: cli.skus,
         progress: !cli.json,
+        api_key: cli.api_key,
     };
     let posted = loadgen::post_orders(options).await?;
     let completion = match &pool {

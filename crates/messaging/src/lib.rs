@@ -8,6 +8,7 @@ pub mod consumer;
 pub mod contracts;
 pub mod declaration;
 pub mod management;
+pub mod privacy;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

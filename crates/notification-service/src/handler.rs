@@ -71,7 +71,7 @@ pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
     .rows_affected()
         == 1;
     if sent {
-        tracing::info!(to = %event.email, subject = %subject, "email sent: {body}");
+        tracing::info!(to = %messaging::privacy::email(&event.email), subject = %subject, "email sent: {body}");
     }
     Ok(sent)
 }

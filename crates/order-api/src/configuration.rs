@@ -1,11 +1,11 @@
 //! order-api's settings, from environment variables (or flags), parsed once
 //! at start. A bad value stops the service with a message naming it.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, num::NonZeroU32, time::Duration};
 
 use clap::Parser;
 use messaging::{AmqpSettings, telemetry::LogSettings};
-use platform::db::DatabaseSettings;
+use platform::{db::DatabaseSettings, http::HttpLimits};
 
 /// Settings of order-api.
 #[derive(Parser, Clone, Debug)]
@@ -20,6 +20,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     #[command(flatten)]
     pub log: LogSettings,
+    #[command(flatten)]
+    pub http: HttpLimits,
     /// Address to listen on (0.0.0.0 inside a container).
     #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: IpAddr,
@@ -46,6 +48,23 @@ pub struct Settings {
     /// messages to still have it, in seconds.
     #[arg(long, env = "ORDER_REPUBLISH_AFTER_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub order_republish_after_secs: u64,
+    /// Requests per second each API key may make, on average.
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value = "20")]
+    pub rate_limit_per_second: NonZeroU32,
+    /// Requests an API key may make at once above its rate.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value = "40")]
+    pub rate_limit_burst: NonZeroU32,
+    /// Event streams (`/orders/{id}/events`, `/events`) open at once per API
+    /// key; over it: `429`.
+    #[arg(long, env = "SSE_MAX_STREAMS_PER_KEY", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sse_max_streams_per_key: u32,
+    /// Event streams open at once in all.
+    #[arg(long, env = "SSE_MAX_STREAMS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sse_max_streams: u32,
+    /// The longest an order's event stream stays open, in seconds (it ends
+    /// at the order's final status anyway).
+    #[arg(long, env = "SSE_MAX_LIFETIME_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sse_max_lifetime_secs: u64,
 }
 
 impl Settings {

@@ -4,10 +4,13 @@
 use axum::{
     Json,
     extract::rejection::JsonRejection,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::{Value, json};
+
+/// What a client over its stream cap is told to wait, in seconds.
+const STREAM_RETRY_SECS: u64 = 5;
 
 /// The crate's result type.
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
@@ -41,6 +44,16 @@ pub enum ApiError {
     RouteNotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("authentication required: {0}")]
+    Unauthenticated(&'static str),
+    #[error("the API key is not valid (unknown, malformed or revoked)")]
+    InvalidKey,
+    #[error("this API key may not do that: {0}")]
+    Forbidden(&'static str),
+    #[error("too many requests for this API key; retry after the Retry-After seconds")]
+    RateLimited(std::time::Duration),
+    #[error("too many open event streams ({0}); close one or retry later")]
+    TooManyStreams(&'static str),
     #[error("the database is unavailable; retry later")]
     Unavailable(#[source] anyhow::Error),
     #[error("internal error")]
@@ -101,6 +114,11 @@ impl ApiError {
             OrderNotFound(_) => (StatusCode::NOT_FOUND, "order_not_found"),
             RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -176,6 +194,33 @@ impl IntoResponse for ApiError {
                 details,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            // RFC 6750: a missing key gets the bare challenge, a bad one
+            // says so.
+            ApiError::Unauthenticated(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"orderflow\""),
+                );
+            }
+            ApiError::InvalidKey => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"orderflow\", error=\"invalid_token\""),
+                );
+            }
+            ApiError::RateLimited(wait) => {
+                // Whole seconds, rounded up: never invite a retry too early.
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            }
+            ApiError::TooManyStreams(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(STREAM_RETRY_SECS));
+            }
+            _ => {}
+        }
+        response
     }
 }

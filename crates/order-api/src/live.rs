@@ -173,3 +173,67 @@ impl Feed {
         }
     }
 }
+
+/// Caps on open event streams, per API key and in all: each open stream
+/// holds a [`StreamSlot`], given back when the stream ends.
+#[derive(Clone)]
+pub struct Streams {
+    open: Arc<std::sync::Mutex<OpenStreams>>,
+    per_key: u32,
+    total: u32,
+}
+
+#[derive(Default)]
+struct OpenStreams {
+    total: u32,
+    by_key: std::collections::HashMap<Uuid, u32>,
+}
+
+/// One open stream, counted until dropped.
+pub struct StreamSlot {
+    streams: Streams,
+    key: Uuid,
+}
+
+impl Streams {
+    pub fn new(per_key: u32, total: u32) -> Self {
+        Self {
+            open: Arc::default(),
+            per_key,
+            total,
+        }
+    }
+
+    /// A slot for one more stream of `key`, or which cap it would break.
+    pub fn open(&self, key: Uuid) -> Result<StreamSlot, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.total >= self.total {
+            return Err("the server's limit");
+        }
+        let of_key = open.by_key.entry(key).or_default();
+        if *of_key >= self.per_key {
+            return Err("this API key's limit");
+        }
+        *of_key += 1;
+        open.total += 1;
+        metrics::gauge!("sse_streams_open").set(f64::from(open.total));
+        Ok(StreamSlot {
+            streams: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(of_key) = open.by_key.get_mut(&self.key) {
+            *of_key -= 1;
+            if *of_key == 0 {
+                open.by_key.remove(&self.key);
+            }
+        }
+        metrics::gauge!("sse_streams_open").set(f64::from(open.total));
+    }
+}

@@ -2,7 +2,10 @@
 //! `GET /openapi.json`, and an interactive page at `GET /docs`.
 
 use axum::{Json, Router, response::Html, routing::get};
-use utoipa::OpenApi;
+use utoipa::{
+    Modify, OpenApi,
+    openapi::security::{Http, HttpAuthScheme, SecurityScheme},
+};
 use utoipa_scalar::Scalar;
 
 use crate::{
@@ -16,8 +19,13 @@ use crate::{
 #[openapi(
     info(
         title = "orderflow order-api",
-        description = "Place orders and follow them. Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`; `code` is stable."
+        description = "Place orders and follow them. Every request but the health checks and \
+                       this document needs `Authorization: Bearer <API key>` (made with \
+                       `api-keys create`). A client key sees only its own orders; an admin key \
+                       sees all. Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`; \
+                       `code` is stable."
     ),
+    modifiers(&BearerKeys),
     paths(
         orders::post::create_order,
         orders::get::get_order,
@@ -31,6 +39,23 @@ use crate::{
     tags((name = "orders", description = "Placing and reading orders"))
 )]
 pub struct ApiDoc;
+
+/// The `api_key` security scheme the paths name.
+struct BearerKeys;
+
+impl Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "An order-api key (`api-keys create --client NAME`); wrong, missing or revoked: 401"
+                .into(),
+        );
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("api_key", SecurityScheme::Http(scheme));
+    }
+}
 
 /// `/openapi.json` and `/docs`.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {

@@ -11,7 +11,14 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{configuration::Settings, idempotency, live::Feed, republish::Republisher, routes};
+use crate::{
+    auth::RateLimits,
+    configuration::Settings,
+    idempotency,
+    live::{Feed, Streams},
+    republish::Republisher,
+    routes,
+};
 
 /// What every request handler can reach.
 #[derive(Clone)]
@@ -23,6 +30,12 @@ pub struct AppState {
     pub idempotency_ttl: Duration,
     /// Live events for Server-Sent Events clients.
     pub feed: Feed,
+    /// Open event streams, capped per key and in all.
+    pub streams: Streams,
+    /// The longest an order's event stream stays open.
+    pub sse_max_lifetime: Duration,
+    /// Requests per API key.
+    pub rate_limits: RateLimits,
 }
 
 /// A built, listening order-api.
@@ -56,6 +69,9 @@ impl Application {
             max_quantity: settings.max_quantity,
             idempotency_ttl: settings.idempotency_ttl(),
             feed: Feed::default(),
+            streams: Streams::new(settings.sse_max_streams_per_key, settings.sse_max_streams),
+            sse_max_lifetime: Duration::from_secs(settings.sse_max_lifetime_secs),
+            rate_limits: RateLimits::new(settings.rate_limit_per_second, settings.rate_limit_burst),
         };
         let health = health::router(health::Readiness::new(pool, broker.clone()));
         let router = routes::router(state.clone(), health, settings.max_body_bytes);
@@ -89,7 +105,7 @@ impl Application {
             relay_stop.clone(),
         ));
         let cleanup = tokio::spawn(clean_up_keys(
-            self.state.pool.clone(),
+            self.state.clone(),
             self.settings.idempotency_ttl(),
             Duration::from_secs(self.settings.idempotency_cleanup_interval_secs.max(1)),
             shutdown.clone(),
@@ -102,10 +118,14 @@ impl Application {
                 .run(self.broker.clone(), shutdown.clone()),
         );
         tracing::info!(port = self.port(), "order-api listening");
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("serving HTTP");
+        let served = platform::http::serve(
+            self.listener,
+            self.router,
+            self.settings.http,
+            shutdown.clone(),
+        )
+        .await
+        .context("serving HTTP");
         // The server may also stop on its own (an I/O error): stop the rest.
         shutdown.cancel();
         // Every request has finished: what they committed is flushed now.
@@ -120,9 +140,17 @@ impl Application {
     }
 }
 
-async fn clean_up_keys(pool: PgPool, ttl: Duration, every: Duration, shutdown: CancellationToken) {
+/// Forget expired idempotency keys, and the rate-limit state of keys that
+/// have been quiet.
+async fn clean_up_keys(
+    state: AppState,
+    ttl: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
-        match idempotency::delete_expired(&pool, ttl).await {
+        state.rate_limits.forget_idle();
+        match idempotency::delete_expired(&state.pool, ttl).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "expired idempotency keys deleted"),
             Err(error) => tracing::warn!(error.message = %error, "idempotency key clean-up failed"),

@@ -1,5 +1,7 @@
 //! `/healthz` (the process is alive) and `/readyz` (its Postgres and
-//! RabbitMQ are reachable), served by every service.
+//! RabbitMQ are reachable), served by every service. Both are public, so
+//! `/readyz` says which dependency is down but never why: the error text
+//! (addresses, user names) goes to the log.
 
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ impl Readiness {
         Self { pool, broker }
     }
 
-    /// `Ok` when both dependencies answer; otherwise what is wrong with each.
+    /// `Ok` when both dependencies answer; otherwise which is unreachable.
     pub async fn check(&self) -> Result<(), serde_json::Value> {
         let postgres = match tokio::time::timeout(
             Duration::from_secs(2),
@@ -28,14 +30,21 @@ impl Readiness {
         )
         .await
         {
-            Ok(Ok(_)) => "ok".to_owned(),
-            Ok(Err(error)) => format!("unreachable: {error}"),
-            Err(_) => "unreachable: timed out".to_owned(),
+            Ok(Ok(_)) => "ok",
+            Ok(Err(error)) => {
+                tracing::warn!(error.message = %error, "not ready: Postgres does not answer");
+                "unreachable"
+            }
+            Err(_) => {
+                tracing::warn!("not ready: Postgres did not answer within 2 s");
+                "unreachable"
+            }
         };
         let rabbitmq = if self.broker.is_connected() {
-            "ok".to_owned()
+            "ok"
         } else {
-            "unreachable: connection closed".to_owned()
+            tracing::warn!("not ready: the RabbitMQ connection is closed");
+            "unreachable"
         };
         if postgres == "ok" && rabbitmq == "ok" {
             Ok(())
@@ -45,7 +54,7 @@ impl Readiness {
     }
 }
 
-/// The health routes and `/metrics`, for merging into a service's router.
+/// The health routes, for merging into a service's router.
 pub fn router<S: Clone + Send + Sync + 'static>(readiness: Readiness) -> Router<S> {
     Router::new()
         .route(
@@ -54,7 +63,6 @@ pub fn router<S: Clone + Send + Sync + 'static>(readiness: Readiness) -> Router<
         )
         .route("/readyz", get(ready))
         .with_state(readiness)
-        .merge(crate::metrics::router())
 }
 
 async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {

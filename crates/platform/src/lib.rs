@@ -6,6 +6,7 @@
 pub mod db;
 pub mod dedupe;
 pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod periodic;

@@ -32,6 +32,8 @@ pub struct WorkerSettings {
     pub database: DatabaseSettings,
     #[command(flatten)]
     pub log: LogSettings,
+    #[command(flatten)]
+    pub http: crate::http::HttpLimits,
     /// Unacked messages per consumer, and how many are handled at once.
     #[arg(long, env = "PREFETCH", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
@@ -135,6 +137,7 @@ pub struct Worker {
     broker: Broker,
     publisher: Publisher,
     listener: TcpListener,
+    http: crate::http::HttpLimits,
     queues: Vec<String>,
     prefetch: u16,
     retry: RetryPolicy,
@@ -173,6 +176,7 @@ impl Worker {
             publisher: Publisher::new(broker.clone()),
             broker,
             listener,
+            http: settings.http,
             queues,
             prefetch: concurrency.prefetch,
             retry: settings.retry_policy(),
@@ -211,12 +215,11 @@ impl Worker {
         Fut: Future<Output = Disposition>,
     {
         let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
-        let app = health::router(readiness);
+        // The health port is not published: its metrics need no key.
+        let app = health::router(readiness).merge(crate::metrics::router());
         let server_shutdown = shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(self.listener, app)
-                .with_graceful_shutdown(server_shutdown.cancelled_owned())
-                .await
+            crate::http::serve(self.listener, app, self.http, server_shutdown).await
         });
 
         let instance = std::process::id();

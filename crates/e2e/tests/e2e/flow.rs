@@ -64,8 +64,11 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     let env = vec![
         ("AMQP_URL", test_support::amqp_url()),
         ("RABBITMQ_MANAGEMENT_URL", test_support::management_url()),
-        ("DATABASE_URL", database_url),
+        ("DATABASE_URL", database_url.clone()),
         ("TOPOLOGY_PREFIX", prefix.clone()),
+        // The flow posts as fast as it can; the limit has its own tests.
+        ("RATE_LIMIT_PER_SECOND", "100000".into()),
+        ("RATE_LIMIT_BURST", "100000".into()),
         (
             "TOPOLOGY_QUEUE_EXPIRES_MS",
             test_support::QUEUE_EXPIRES_MS.to_string(),
@@ -122,7 +125,10 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
             .map(|(sku, stock)| (sku, i64::from(stock)))
             .collect();
 
-    let client = reqwest::Client::new();
+    let client = crate::processes::keyed_client(
+        &crate::processes::api_key(&database_url, "e2e-shop", "client"),
+        Duration::from_secs(60),
+    );
     let url = api.url("/orders");
     let originals: Vec<Posted> = stream::iter(0..DISTINCT)
         .map(|i| {

@@ -140,3 +140,40 @@ pub async fn wait_ready<'a>(services: impl IntoIterator<Item = &'a Service>) {
         .await;
     }
 }
+
+/// A new API key of `client` with `scope`, made as a person would: with the
+/// `api-keys` binary against `database_url`.
+pub fn api_key(database_url: &str, client: &str, scope: &str) -> String {
+    let output = Command::new(binary("api-keys"))
+        .args(["create", "--client", client, "--scope", scope, "--quiet"])
+        .env("DATABASE_URL", database_url)
+        .env_remove("API_KEY")
+        .output()
+        .expect("running api-keys");
+    assert!(
+        output.status.success(),
+        "api-keys create failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("a key is ASCII")
+        .trim()
+        .to_owned()
+}
+
+/// An HTTP client that sends `key` as its bearer token and gives up on a
+/// request after `timeout`.
+pub fn keyed_client(key: &str, timeout: Duration) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}")
+            .parse()
+            .expect("a key is a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(timeout)
+        .build()
+        .expect("an HTTP client")
+}

@@ -29,18 +29,23 @@ pub fn request_hash(request: &OrderRequest) -> String {
     hex::encode(Sha256::digest(canonical))
 }
 
-/// Claim `key` for this transaction. The transaction-scoped advisory lock is
+/// Claim `client`'s `key` for this transaction (each client's keys are its
+/// own: another client's equal key is another key). The transaction-scoped advisory lock is
 /// held until commit or rollback, so a concurrent request with the same key
 /// learns at once that the first is still in flight (409) instead of
 /// waiting, and a crashed request leaves nothing stuck behind.
 pub async fn try_start(
     tx: &mut PgConnection,
+    client: &str,
     key: &IdempotencyKey,
     request_hash: &str,
     ttl: Duration,
 ) -> Result<NextAction, ApiError> {
     let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+        // A key is visible ASCII and a client name has no newline: the pair
+        // is unambiguous.
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1 || E'\\n' || $2, 0))")
+            .bind(client)
             .bind(key.as_ref())
             .fetch_one(&mut *tx)
             .await?;
@@ -49,8 +54,10 @@ pub async fn try_start(
     }
     let saved: Option<(String, i16, Vec<u8>, Uuid)> = sqlx::query_as(
         "SELECT request_hash, response_status, response_body, order_id FROM idempotency_keys
-         WHERE idempotency_key = $1 AND created_at > now() - make_interval(secs => $2)",
+         WHERE client = $1 AND idempotency_key = $2
+           AND created_at > now() - make_interval(secs => $3)",
     )
+    .bind(client)
     .bind(key.as_ref())
     .bind(ttl.as_secs_f64())
     .fetch_optional(&mut *tx)
@@ -64,7 +71,8 @@ pub async fn try_start(
         })),
         None => {
             // An expired key may still be there until the next clean-up.
-            sqlx::query("DELETE FROM idempotency_keys WHERE idempotency_key = $1")
+            sqlx::query("DELETE FROM idempotency_keys WHERE client = $1 AND idempotency_key = $2")
+                .bind(client)
                 .bind(key.as_ref())
                 .execute(&mut *tx)
                 .await?;
@@ -76,14 +84,16 @@ pub async fn try_start(
 /// Store the response for `key`, in the transaction that made the order.
 pub async fn save_response(
     tx: &mut PgConnection,
+    client: &str,
     key: &IdempotencyKey,
     request_hash: &str,
     response: &SavedResponse,
 ) -> Result<(), ApiError> {
     sqlx::query(
-        "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body, order_id)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO idempotency_keys (client, idempotency_key, request_hash, response_status, response_body, order_id)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
+    .bind(client)
     .bind(key.as_ref())
     .bind(request_hash)
     .bind(response.status as i16)

@@ -4,17 +4,34 @@
 pub mod orders;
 
 use axum::{
-    Router,
+    Extension, Router,
     extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request},
-    http::{HeaderName, HeaderValue},
+    http::{HeaderName, HeaderValue, header},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
-use crate::{error::ApiError, startup::AppState};
+use crate::{
+    auth::{self, Caller},
+    error::ApiError,
+    startup::AppState,
+};
+
+/// `GET /metrics`: Prometheus text, for admin keys (a scraper sends one as
+/// its bearer token).
+async fn metrics(Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError::Forbidden("metrics are for admin keys"));
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        platform::metrics::handle().render(),
+    )
+        .into_response())
+}
 
 /// Header carrying the correlation id in and out.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
@@ -28,13 +45,24 @@ pub struct CorrelationId(pub String);
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
 
+/// Every route. Orders, their events and `/metrics` need an API key;
+/// `/healthz`, `/readyz` and the API's documentation are public.
 pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router {
-    Router::new()
+    // Install the recorder now: what is counted before the first scrape counts.
+    platform::metrics::handle();
+    let keyed = Router::new()
         .route("/orders", post(orders::create_order))
         .route("/orders/{id}", get(orders::get_order))
         .route("/orders/{id}/events", get(orders::events::order_events))
         .route("/events", get(orders::events::all_events))
-        .with_state(state)
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .with_state(state);
+    Router::new()
+        .merge(keyed)
         .merge(crate::openapi::router())
         .merge(health)
         .fallback(|| async { ApiError::RouteNotFound })

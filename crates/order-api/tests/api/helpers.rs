@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use messaging::{Topology, contracts::OrderPlaced};
-use order_api::{configuration::Settings, startup::Application};
+use order_api::{auth::Scope, configuration::Settings, startup::Application};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +12,12 @@ pub struct TestApp {
     pub pool: PgPool,
     pub topology: Topology,
     pub amqp: lapin::Connection,
+    /// Sends the key of client `test-client` on every request.
     pub client: reqwest::Client,
+    /// That key.
+    pub key: String,
+    /// Sends an admin key.
+    pub admin: reqwest::Client,
     shutdown: CancellationToken,
     _topology: test_support::TopologyGuard,
 }
@@ -51,15 +56,40 @@ pub async fn spawn_with(settings: Settings, pool: PgPool) -> TestApp {
     let address = format!("http://127.0.0.1:{}", application.port());
     let shutdown = CancellationToken::new();
     tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    let key = new_key(&pool, "test-client", Scope::Client).await;
+    let admin = client_with(&new_key(&pool, "test-admin", Scope::Admin).await);
     TestApp {
         address,
         pool,
         topology,
         amqp: test_support::amqp().await,
-        client: reqwest::Client::new(),
+        client: client_with(&key),
+        key,
+        admin,
         shutdown,
         _topology: test_support::TopologyGuard(topology_for_guard),
     }
+}
+
+/// A new key of `client` with `scope`.
+pub async fn new_key(pool: &PgPool, client: &str, scope: Scope) -> String {
+    order_api::auth::create_key(pool, client, scope, None)
+        .await
+        .expect("creating an API key")
+        .key
+}
+
+/// An HTTP client that sends `key` as its bearer token.
+pub fn client_with(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// A valid order body.

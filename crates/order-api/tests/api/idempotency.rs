@@ -65,7 +65,8 @@ async fn a_key_whose_first_request_is_in_flight_is_a_409() {
     let app = spawn_app().await;
     // Play the first request: hold the key's lock in an open transaction.
     let mut first = app.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || E'\\n' || $2, 0))")
+        .bind("test-client")
         .bind("key-3")
         .execute(&mut *first)
         .await

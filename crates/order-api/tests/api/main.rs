@@ -8,4 +8,5 @@ mod live;
 mod openapi;
 mod orders;
 mod republish;
+mod security;
 mod shutdown;

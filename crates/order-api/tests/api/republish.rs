@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use lapin::options::QueuePurgeOptions;
 use messaging::contracts::Lane;
-use order_api::{republish::Republisher, startup::Application};
+use order_api::{auth::Scope, republish::Republisher, startup::Application};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{order_body, test_settings};
+use crate::helpers::{client_with, new_key, order_body, test_settings};
 
 #[tokio::test]
 async fn an_accepted_order_the_broker_no_longer_has_is_published_again_once() {
@@ -23,12 +23,8 @@ async fn an_accepted_order_the_broker_no_longer_has_is_published_again_once() {
     let url = format!("http://127.0.0.1:{}/orders", application.port());
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(application.run_until_stopped(shutdown.clone()));
-    let response = reqwest::Client::new()
-        .post(url)
-        .json(&order_body())
-        .send()
-        .await
-        .unwrap();
+    let client = client_with(&new_key(&pool, "test-client", Scope::Client).await);
+    let response = client.post(url).json(&order_body()).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 202);
     shutdown.cancel();
     running.await.unwrap().unwrap();

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use order_api::startup::Application;
+use order_api::{auth::Scope, startup::Application};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{order_body, test_settings};
+use crate::helpers::{client_with, new_key, order_body, test_settings};
 
 #[tokio::test]
 async fn the_final_outbox_flush_waits_for_a_request_still_committing() {
@@ -22,7 +22,8 @@ async fn the_final_outbox_flush_waits_for_a_request_still_committing() {
         .execute(&mut *lock)
         .await
         .unwrap();
-    let post = tokio::spawn(reqwest::Client::new().post(url).json(&order_body()).send());
+    let client = client_with(&new_key(&pool, "test-client", Scope::Client).await);
+    let post = tokio::spawn(client.post(url).json(&order_body()).send());
     test_support::eventually(
         Duration::from_secs(30),
         "the POST waiting for the lock",

@@ -21,7 +21,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_blocks_publishers_and_orders_are_still_accepted_at_once() {
     let mut system = System::start(&[]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("memory alarm on (vm_memory_high_watermark 0) for 8 s while orders are posted");
     system
@@ -147,7 +147,7 @@ async fn purging_the_work_queues_under_load_loses_no_order() {
         REPUBLISH_AFTER,
     ])
     .await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(6)).await;
     let topology = Topology::new("");
     for lane in [Lane::Standard, Lane::Express] {
@@ -171,7 +171,7 @@ async fn a_broker_restarted_without_its_data_loses_no_order() {
     for processor in system.processors.drain(..) {
         assert!(processor.stop().await.success());
     }
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
     let amqp = system.amqp().await;

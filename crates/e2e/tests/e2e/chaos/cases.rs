@@ -16,7 +16,7 @@ async fn kill_9_a_processor_mid_batch() {
     // One second of payment per order at 25 orders/s: each processor holds
     // about eight unacked messages (prefetch 10) at any moment.
     let mut system = System::start(&[("PAYMENT_LATENCY_MS", "1000")]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let victim = system.processors.remove(0);
     println!(
@@ -42,7 +42,7 @@ async fn kill_9_a_processor_mid_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_down_for_ten_seconds() {
     let mut system = System::start(&[]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("stopping RabbitMQ for 10 s while orders are posted");
     system.rabbit.stop().await;
@@ -68,7 +68,7 @@ async fn rabbitmq_down_for_ten_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_for_ten_seconds() {
     let mut system = System::start(&[]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("stopping Postgres for 10 s while orders are posted");
     system.postgres.stop().await;
@@ -101,7 +101,7 @@ async fn postgres_down_for_ten_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     let mut system = System::start(&[("DEMO_FAILURES", "true"), ("RETRY_MAX_ATTEMPTS", "3")]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     let amqp = system.amqp().await;
     let channel = amqp.create_channel().await.unwrap();
     let topology = Topology::new("");
@@ -119,7 +119,7 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
         .await
         .unwrap();
     println!("posting an order that fails every attempt (customer \"doomed\")");
-    let client = reqwest::Client::new();
+    let client = system.client();
     let doomed: serde_json::Value = client
         .post(system.api_url())
         .json(&json!({"customer_id": "doomed", "email": "d@example.com", "items": [{"sku": "WIDGET", "quantity": 1}]}))
@@ -202,7 +202,7 @@ async fn test_support_dead_letters(broker: &messaging::Broker) -> Vec<(String, u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_delivered_twice_is_processed_once() {
     let mut system = System::start(&[]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let report = load.finish().await;
     let topology = Topology::new("");
@@ -242,7 +242,7 @@ async fn the_same_message_delivered_twice_is_processed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_everything_mid_load_and_start_again() {
     let mut system = System::start(&[("PAYMENT_LATENCY_MS", "50")]).await;
-    let load = Load::start(system.api_url(), RATE);
+    let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(4)).await;
     println!("SIGTERM to every service mid-load");
     system.stop_all().await;
@@ -258,7 +258,7 @@ async fn sigterm_everything_mid_load_and_start_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_posts_with_one_key() {
     let mut system = System::start(&[]).await;
-    let client = reqwest::Client::new();
+    let client = system.client();
     let body = json!({"customer_id": "c-1", "email": "a@example.com", "items": [{"sku": "GADGET", "quantity": 1}]});
     println!("50 concurrent POSTs with the same Idempotency-Key");
     let responses = futures_util::future::join_all((0..50).map(|_| {
@@ -313,8 +313,8 @@ async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
         ("PAYMENT_SETTLE_AFTER_SECS", "2"),
     ])
     .await;
-    let load = Load::start(system.api_url(), RATE);
-    let client = reqwest::Client::new();
+    let load = Load::start(system.api_url(), system.client(), RATE);
+    let client = system.client();
     // (customer, item, quantity, final status): each step failing, or timing
     // out after the provider did it.
     let troubled = [

@@ -39,6 +39,8 @@ pub struct System {
     env: Vec<(&'static str, String)>,
     log_dir: PathBuf,
     stock_before: HashMap<String, i64>,
+    /// A client key, made once order-api has migrated.
+    key: String,
 }
 
 impl System {
@@ -61,6 +63,9 @@ impl System {
             ("RETRY_MAX_ATTEMPTS", "30".into()),
             ("OUTBOX_RELAY_INTERVAL_MS", "300".into()),
             ("RUST_LOG", "info".into()),
+            // The load is steady and known; the limit has its own tests.
+            ("RATE_LIMIT_PER_SECOND", "100000".into()),
+            ("RATE_LIMIT_BURST", "100000".into()),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let mut system = Self {
@@ -73,10 +78,13 @@ impl System {
             env,
             log_dir,
             stock_before: HashMap::new(),
+            key: String::new(),
         };
         // order-api first: it creates the database and applies migrations.
         system.api = Some(system.service("order-api", "order-api"));
         system.wait_ready().await;
+        system.key =
+            crate::processes::api_key(&system.postgres.url("orderflow"), "chaos-shop", "client");
         system.pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(3)
             .connect(&system.postgres.url("orderflow"))
@@ -114,6 +122,12 @@ impl System {
     /// What a service has logged so far.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.log_dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// An HTTP client sending the system's client key; a request not
+    /// answered within 5 s counts as a transport error.
+    pub fn client(&self) -> reqwest::Client {
+        crate::processes::keyed_client(&self.key, Duration::from_secs(5))
     }
 
     pub fn api_url(&self) -> String {
@@ -227,14 +241,10 @@ pub struct Load {
 
 impl Load {
     /// Post about `per_second` orders a second to `url` until stopped.
-    pub fn start(url: String, per_second: u64) -> Self {
+    pub fn start(url: String, client: reqwest::Client, per_second: u64) -> Self {
         let stop = CancellationToken::new();
         let token = stop.clone();
         let handle = tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap();
             let mut report = LoadReport::default();
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / per_second));
             let mut i = 0usize;

@@ -4,18 +4,19 @@
 use std::{collections::HashSet, convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
+    Extension,
     extract::{Path, Query, State},
     response::sse::{Event, KeepAlive, Sse},
 };
 use futures_util::Stream;
 use serde::Deserialize;
-use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc};
 use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::load_order;
 use crate::{
+    auth::Caller,
     error::{ApiError, ErrorBody, Result},
     live::LiveEvent,
     startup::AppState,
@@ -23,9 +24,6 @@ use crate::{
 
 /// Comments sent on an idle stream so proxies don't close it.
 const HEARTBEAT: Duration = Duration::from_secs(15);
-/// How long an order's stream waits for its notification after the final
-/// status.
-const NOTIFIED_WAIT: Duration = Duration::from_secs(60);
 
 type Events = std::pin::Pin<Box<dyn Stream<Item = std::result::Result<Event, Infallible>> + Send>>;
 type EventStream = Sse<axum::response::sse::KeepAliveStream<Events>>;
@@ -51,7 +49,7 @@ fn event(live: &LiveEvent) -> Event {
 }
 
 /// `GET /orders/{id}/events`: the order's history so far, then each status
-/// change as it happens; ends once the customer has been notified.
+/// change as it happens; ends at the order's final status.
 #[utoipa::path(
     get,
     path = "/orders/{id}/events",
@@ -60,28 +58,39 @@ fn event(live: &LiveEvent) -> Event {
     description = "A `text/event-stream`: one event per status change, named `accepted`, \
                    `processed`, `rejected` or `notified`, its data a LiveEvent. What already \
                    happened comes first (read from the database after subscribing, so nothing \
-                   is missed); the stream ends after `notified`. Idle streams get a heartbeat \
+                   is missed); the stream ends after the final status (`processed` or \
+                   `rejected`), or after SSE_MAX_LIFETIME_SECS. Idle streams get a heartbeat \
                    comment every 15 s. A client that falls too far behind gets a `lagged` event \
-                   and is disconnected.",
-    params(("id" = String, Path, description = "The order id (a UUID)")),
+                   and is disconnected. Each API key may hold SSE_MAX_STREAMS_PER_KEY streams \
+                   open at once.",
+    params(("id" = Uuid, Path, description = "The order id")),
+    security(("api_key" = [])),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = LiveEvent),
         (status = 400, description = "Not a UUID (`invalid_order_id`)", body = ErrorBody),
-        (status = 404, description = "No such order (`order_not_found`)", body = ErrorBody),
+        (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
+        (status = 404, description = "No such order among the caller's (`order_not_found`)", body = ErrorBody),
+        (status = 429, description = "Over the request rate or the open-stream cap (`rate_limited`, `too_many_streams`)", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 500, description = "Unexpected (`internal_error`)", body = ErrorBody),
         (status = 503, description = "The database is unavailable; retry (`service_unavailable`)", body = ErrorBody),
     )
 )]
 pub async fn order_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw_id): Path<String>,
 ) -> Result<EventStream> {
     let id = Uuid::parse_str(&raw_id).map_err(|_| ApiError::InvalidOrderId(raw_id.clone()))?;
+    let slot = state
+        .streams
+        .open(caller.key_id)
+        .map_err(ApiError::TooManyStreams)?;
     // Subscribe before reading, so an event between the two is not lost;
     // one seen both ways is sent once.
     let live = state.feed.subscribe();
     let mut conn = state.pool.acquire().await?;
-    let order = load_order(&mut conn, id)
+    let order = load_order(&mut conn, id, caller.owner())
         .await?
         .ok_or(ApiError::OrderNotFound(id))?;
     drop(conn);
@@ -100,16 +109,16 @@ pub async fn order_events(
         })
         .collect();
     let (sender, receiver) = mpsc::channel(16);
-    tokio::spawn(follow_order(
-        id,
-        past,
-        live,
-        state.pool.clone(),
-        Client {
-            sender,
-            stopped: state.feed.stopped(),
-        },
-    ));
+    let client = Client {
+        sender,
+        stopped: state.feed.stopped(),
+    };
+    tokio::spawn(async move {
+        // Ends when the stream does: the stream's slot with it.
+        let _slot = slot;
+        let _ = tokio::time::timeout(state.sse_max_lifetime, follow_order(id, past, live, client))
+            .await;
+    });
     Ok(sse(receiver))
 }
 
@@ -137,25 +146,25 @@ impl Client {
     }
 }
 
+/// Send what happened, then what happens, until the final status: nothing
+/// is read from the database while the stream is open.
 async fn follow_order(
     id: Uuid,
     past: Vec<LiveEvent>,
     mut live: broadcast::Receiver<Arc<LiveEvent>>,
-    pool: PgPool,
     client: Client,
 ) {
     let mut sent = HashSet::new();
-    let mut last = None;
+    let mut done = false;
     for entry in past {
         if sent.insert(entry.status.clone()) {
             if !client.send(event(&entry)).await {
                 return;
             }
-            last = Some(entry);
+            done |= entry.is_final() || entry.is_last();
         }
     }
-    let mut final_event = last.filter(|entry| entry.is_final() || entry.is_last());
-    while final_event.is_none() {
+    while !done {
         tokio::select! {
             () = client.gone() => return,
             received = live.recv() => match received {
@@ -164,9 +173,7 @@ async fn follow_order(
                         if !client.send(event(&entry)).await {
                             return;
                         }
-                        if entry.is_final() {
-                            final_event = Some((*entry).clone());
-                        }
+                        done = entry.is_final();
                     }
                 }
                 Ok(_) => {}
@@ -176,37 +183,6 @@ async fn follow_order(
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-        }
-    }
-    let Some(final_event) = final_event.filter(|entry| !entry.is_last()) else {
-        return;
-    };
-    // The notification is recorded by notification-service in the order's
-    // history: wait for it there.
-    let deadline = tokio::time::Instant::now() + NOTIFIED_WAIT;
-    while tokio::time::Instant::now() < deadline {
-        let notified: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-            "SELECT at FROM order_status_history
-             WHERE order_id = $1 AND status = 'notified' ORDER BY id LIMIT 1",
-        )
-        .bind(id)
-        .fetch_optional(&pool)
-        .await
-        .ok()
-        .flatten();
-        if let Some(at) = notified {
-            let notified = LiveEvent {
-                status: "notified".into(),
-                reason: None,
-                at,
-                ..final_event
-            };
-            let _ = client.send(event(&notified)).await;
-            return;
-        }
-        tokio::select! {
-            () = client.gone() => return,
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
 }
@@ -226,19 +202,35 @@ pub struct EventFilter {
     path = "/events",
     tag = "orders",
     summary = "Follow every order live (Server-Sent Events)",
-    description = "A `text/event-stream` of `accepted`, `processed` and `rejected` events from \
-                   now on, each a LiveEvent; with `customer_id`, only that customer's. Idle \
+    description = "Admin keys only. A `text/event-stream` of `accepted`, `processed` and \
+                   `rejected` events from now on, each a LiveEvent; with `customer_id`, only that \
+                   customer's. Idle \
                    streams get a heartbeat comment every 15 s; a client that falls too far \
                    behind gets a `lagged` event and is disconnected.",
     params(EventFilter),
+    security(("api_key" = [])),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = LiveEvent),
+        (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
+        (status = 403, description = "A client key: the firehose is for admin keys (`forbidden`)", body = ErrorBody),
+        (status = 429, description = "Over the request rate or the open-stream cap (`rate_limited`, `too_many_streams`)", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub async fn all_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(filter): Query<EventFilter>,
-) -> EventStream {
+) -> Result<EventStream> {
+    if !caller.is_admin() {
+        return Err(ApiError::Forbidden(
+            "every order's events are for admin keys; follow your own orders at /orders/{id}/events",
+        ));
+    }
+    let slot = state
+        .streams
+        .open(caller.key_id)
+        .map_err(ApiError::TooManyStreams)?;
     let mut live = state.feed.subscribe();
     let (sender, receiver) = mpsc::channel(16);
     let client = Client {
@@ -246,6 +238,7 @@ pub async fn all_events(
         stopped: state.feed.stopped(),
     };
     tokio::spawn(async move {
+        let _slot = slot;
         loop {
             tokio::select! {
                 () = client.gone() => return,
@@ -268,5 +261,5 @@ pub async fn all_events(
             }
         }
     });
-    sse(receiver)
+    Ok(sse(receiver))
 }

@@ -94,14 +94,20 @@ struct OrderRow {
     created_at: DateTime<Utc>,
 }
 
-/// Read an order and its history; `None` if there is no such order.
-pub async fn load_order(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<OrderView>> {
+/// Read an order and its history; `None` if there is no such order, or
+/// none of `owner`'s (`None`: anyone's).
+pub async fn load_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+    owner: Option<&str>,
+) -> sqlx::Result<Option<OrderView>> {
     let Some(row) = sqlx::query_as::<_, OrderRow>(
         "SELECT id, status, reason, customer_id, email, items, total_cents, currency, lane,
                 callback_url, shipping, correlation_id, created_at
-         FROM orders WHERE id = $1",
+         FROM orders WHERE id = $1 AND ($2::text IS NULL OR client = $2)",
     )
     .bind(id)
+    .bind(owner)
     .fetch_optional(&mut *conn)
     .await?
     else {

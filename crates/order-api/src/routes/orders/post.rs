@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::{HistoryEntry, OrderView, PricedLine};
 use crate::{
+    auth::Caller,
     domain::{OrderRequest, ValidOrder},
     error::{ApiError, ErrorBody, Result},
     idempotency::{self, IdempotencyKey, NextAction, SavedResponse},
@@ -39,8 +40,9 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
                    be processed even if the broker is down right now. With an `Idempotency-Key`, \
                    a retry with the same body gets the first answer again (`Idempotent-Replayed: true`).",
     request_body(content = OrderRequest, content_type = "application/json"),
+    security(("api_key" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; makes retries safe"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; makes retries safe. Each client's keys are its own."),
         ("X-Correlation-Id" = Option<String>, Header, description = "Carried through every service's logs; one is made if absent"),
     ),
     responses(
@@ -48,10 +50,13 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
          headers(("Location" = String, description = "/orders/{id}"))),
         (status = 200, description = "Never sent: a replay repeats the first answer's status (202) with `Idempotent-Replayed: true`"),
         (status = 400, description = "Malformed JSON or a bad Idempotency-Key (`malformed_json`, `invalid_idempotency_key`)", body = ErrorBody),
+        (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
         (status = 409, description = "A request with this Idempotency-Key is still in flight (`idempotency_key_in_flight`)", body = ErrorBody),
         (status = 413, description = "Body over the size limit (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Wrong types, missing or unknown fields, invalid values, unknown SKUs, or a reused Idempotency-Key with another body (`invalid_body`, `validation_failed`, `unknown_sku`, `idempotency_key_reused`)", body = ErrorBody),
+        (status = 429, description = "Over the API key's request rate (`rate_limited`)", body = ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 500, description = "Unexpected (`internal_error`)", body = ErrorBody),
         (status = 503, description = "The database is unavailable; retry (`service_unavailable`)", body = ErrorBody),
     )
@@ -63,6 +68,7 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 )]
 pub async fn create_order(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Extension(correlation): Extension<CorrelationId>,
     headers: HeaderMap,
     body: std::result::Result<JsonBody<OrderRequest>, ApiError>,
@@ -77,7 +83,8 @@ pub async fn create_order(
     let mut tx = state.pool.begin().await?;
     if let Some(key) = &key
         && let NextAction::ReturnSavedResponse(saved) =
-            idempotency::try_start(&mut tx, key, &hash, state.idempotency_ttl).await?
+            idempotency::try_start(&mut tx, &caller.client, key, &hash, state.idempotency_ttl)
+                .await?
     {
         tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
         metrics::counter!("idempotent_replays_total").increment(1);
@@ -87,7 +94,15 @@ pub async fn create_order(
     let lines = price(&mut tx, &order.items).await?;
     let order_id = Uuid::new_v4();
     tracing::Span::current().record("order_id", tracing::field::display(order_id));
-    let view = insert_order(&mut tx, order_id, &order, lines, &correlation.0).await?;
+    let view = insert_order(
+        &mut tx,
+        order_id,
+        &caller.client,
+        &order,
+        lines,
+        &correlation.0,
+    )
+    .await?;
     let placed = enqueue_placed(&mut tx, &state, &order, &view).await?;
     let saved = SavedResponse {
         status: StatusCode::ACCEPTED.as_u16(),
@@ -95,7 +110,7 @@ pub async fn create_order(
         order_id,
     };
     if let Some(key) = &key {
-        idempotency::save_response(&mut tx, key, &hash, &saved).await?;
+        idempotency::save_response(&mut tx, &caller.client, key, &hash, &saved).await?;
     }
     tx.commit().await?;
     metrics::counter!("orders_accepted_total", "lane" => order.lane.as_str()).increment(1);
@@ -167,6 +182,7 @@ async fn price(conn: &mut PgConnection, items: &[OrderLine]) -> Result<Vec<Price
 async fn insert_order(
     conn: &mut PgConnection,
     id: Uuid,
+    client: &str,
     order: &ValidOrder,
     items: Vec<PricedLine>,
     correlation_id: &str,
@@ -179,8 +195,8 @@ async fn insert_order(
     let history: HistoryEntry = sqlx::query_as(
         "WITH placed AS (
              INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
-                                 shipping, callback_url, status, correlation_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'accepted', $10)
+                                 shipping, callback_url, status, correlation_id, client)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'accepted', $10, $12)
              RETURNING id, created_at)
          INSERT INTO order_status_history (order_id, status, detail, service, at)
          SELECT id, 'accepted', $11, 'order-api', created_at FROM placed
@@ -197,6 +213,7 @@ async fn insert_order(
     .bind(&order.callback_url)
     .bind(correlation_id)
     .bind(format!("queued on the {} lane", order.lane.as_str()))
+    .bind(client)
     .fetch_one(&mut *conn)
     .await?;
     let created_at = history.at;
