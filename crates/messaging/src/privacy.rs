@@ -45,7 +45,11 @@ mod tests {
             url("https://user:pw@hooks.example.com:8443/t/abc?token=s3cret#x"),
             "https://hooks.example.com:8443"
         );
-        assert_eq!(url("http://[::1]/a?b=c"), "http://[::1]");
+        assert_eq!(url("http://[::1]:80/a?b=c"), "http://[::1]");
+        assert_eq!(
+            url("http://127.0.0.1:9000/hook?sig=1"),
+            "http://127.0.0.1:9000"
+        );
         assert_eq!(url("not a url"), "(not a URL)");
     }
 }

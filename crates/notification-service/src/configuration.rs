@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use platform::worker::WorkerSettings;
 
-use crate::webhooks::WebhookPolicy;
+use crate::{egress::AllowList, webhooks::WebhookPolicy};
 
 /// Settings of notification-service.
 #[derive(Parser, Clone, Debug)]
@@ -33,6 +33,11 @@ pub struct Settings {
     /// Webhooks in flight at once.
     #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value_t = 32)]
     pub webhook_concurrency: usize,
+    /// Comma-separated host names and IPs that webhooks may reach even though
+    /// they are (or resolve to) loopback, private or otherwise inward
+    /// addresses: for a receiver on localhost. Empty (none) by default.
+    #[arg(long, env = "WEBHOOK_ALLOWED_HOSTS", default_value = "")]
+    pub webhook_allowed_hosts: AllowList,
 }
 
 /// The secret used when none is configured: fine for a demo, logged as a
@@ -60,12 +65,13 @@ impl Settings {
     /// How webhooks are sent.
     pub fn webhook_policy(&self) -> WebhookPolicy {
         WebhookPolicy {
-            secret: self.webhook_secret.0.clone(),
+            secret: self.webhook_secret.clone(),
             max_attempts: self.webhook_max_attempts.max(1),
             initial_backoff: Duration::from_millis(self.webhook_initial_backoff_ms),
             max_backoff: Duration::from_millis(self.webhook_max_backoff_ms),
             timeout: Duration::from_millis(self.webhook_timeout_ms),
             concurrency: self.webhook_concurrency.max(1),
+            allowed_hosts: self.webhook_allowed_hosts.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! event is delivered.
 
 pub mod configuration;
+pub mod egress;
 pub mod handler;
 pub mod startup;
 pub mod webhooks;

@@ -32,6 +32,12 @@ impl Application {
                 "WEBHOOK_SECRET is not set: webhooks are signed with the public demo secret"
             );
         }
+        if !settings.webhook_allowed_hosts.is_empty() {
+            tracing::warn!(
+                allowed = ?settings.webhook_allowed_hosts,
+                "WEBHOOK_ALLOWED_HOSTS is set: webhooks to these hosts may reach inward addresses"
+            );
+        }
         let webhooks = Dispatcher::new(worker.pool().clone(), settings.webhook_policy())?;
         Ok(Self { worker, webhooks })
     }

@@ -6,16 +6,26 @@
 //! so each event gets exactly one). A dispatcher claims due rows with a
 //! lease and sends them concurrently, each with its own timeout, so a slow
 //! or failing receiver never holds up the others.
+//!
+//! A URL that reaches inside, or resolves there (see [`crate::egress`]), is
+//! refused: recorded with its reason as the terminal state `refused` after
+//! that one attempt, never retried, no packet sent.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use hmac::{Hmac, Mac};
+use reqwest::dns::Resolve;
 use sha2::Sha256;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::{
+    configuration::Secret,
+    egress::{self, AllowList, GuardedResolver, SystemResolver},
+};
 
 /// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256>`.
 pub const SIGNATURE_HEADER: &str = "Orderflow-Signature";
@@ -23,12 +33,15 @@ pub const SIGNATURE_HEADER: &str = "Orderflow-Signature";
 /// How webhooks are sent.
 #[derive(Clone, Debug)]
 pub struct WebhookPolicy {
-    pub secret: String,
+    /// Debug-printed as `Secret(***)`.
+    pub secret: Secret,
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub timeout: Duration,
     pub concurrency: usize,
+    /// Hosts let through the inward-address check (empty: none).
+    pub allowed_hosts: AllowList,
 }
 
 /// `t=...,v1=...` for `body` sent at `timestamp`: HMAC-SHA256 keyed with
@@ -96,10 +109,24 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(pool: PgPool, policy: WebhookPolicy) -> anyhow::Result<Self> {
+        Self::with_resolver(pool, policy, Arc::new(SystemResolver))
+    }
+
+    /// A dispatcher that looks host names up with `resolver` (tests answer
+    /// names themselves); every answer is checked before it is connected to.
+    pub fn with_resolver(
+        pool: PgPool,
+        policy: WebhookPolicy,
+        resolver: Arc<dyn Resolve>,
+    ) -> anyhow::Result<Self> {
+        let resolver = GuardedResolver::new(resolver, policy.allowed_hosts.clone());
         let client = reqwest::Client::builder()
             .timeout(policy.timeout)
             // A receiver must not bounce us to somewhere else.
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would be resolved instead of the receiver, unchecked.
+            .no_proxy()
+            .dns_resolver(Arc::new(resolver))
             .build()
             .context("building the webhook client")?;
         Ok(Self {
@@ -165,41 +192,55 @@ impl Dispatcher {
         Ok(due)
     }
 
-    async fn attempt(&self, delivery: Due) {
-        let attempt = u32::try_from(delivery.attempts).unwrap_or(0) + 1;
+    async fn send(&self, url: url::Url, delivery: &Due) -> reqwest::Result<reqwest::Response> {
         let timestamp = chrono::Utc::now().timestamp();
-        let started = std::time::Instant::now();
-        let sent = self
-            .client
-            .post(&delivery.url)
+        self.client
+            .post(url)
             .header("content-type", "application/json")
             .header(
                 SIGNATURE_HEADER,
-                sign(&self.policy.secret, timestamp, &delivery.body),
+                sign(&self.policy.secret.0, timestamp, &delivery.body),
             )
             .header("Orderflow-Event-Id", delivery.event_id.to_string())
             .body(delivery.body.clone())
             .send()
-            .await;
+            .await
+    }
+
+    async fn attempt(&self, delivery: Due) {
+        let attempt = u32::try_from(delivery.attempts).unwrap_or(0) + 1;
+        let started = std::time::Instant::now();
+        // IP literals are checked here (reqwest connects to them without
+        // asking the resolver); host names by the resolver, at connect time.
+        let (status, error, refused) =
+            match egress::check_url(&delivery.url, &self.policy.allowed_hosts) {
+                Err(refusal) => (None, Some(refusal.to_string()), true),
+                Ok(url) => match self.send(url, &delivery).await {
+                    Ok(response) if response.status().is_success() => {
+                        (Some(response.status().as_u16()), None, false)
+                    }
+                    Ok(response) => (
+                        Some(response.status().as_u16()),
+                        Some(format!("answered {}", response.status())),
+                        false,
+                    ),
+                    Err(error) => match egress::refusal_in(&error) {
+                        Some(refusal) => (None, Some(refusal.to_string()), true),
+                        None if error.is_timeout() => (
+                            None,
+                            Some(format!("no answer within {:?}", self.policy.timeout)),
+                            false,
+                        ),
+                        None => (None, Some(describe(error)), false),
+                    },
+                },
+            };
         let latency_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
-        let (status, error) = match &sent {
-            Ok(response) if response.status().is_success() => {
-                (Some(response.status().as_u16()), None)
-            }
-            Ok(response) => (
-                Some(response.status().as_u16()),
-                Some(format!("answered {}", response.status())),
-            ),
-            Err(error) if error.is_timeout() => (
-                None,
-                Some(format!("no answer within {:?}", self.policy.timeout)),
-            ),
-            Err(error) => (None, Some(format!("{error}"))),
-        };
-        let outcome = match (&error, attempt >= self.policy.max_attempts) {
-            (None, _) => Outcome::Delivered,
-            (Some(_), true) => Outcome::Dead,
-            (Some(_), false) => Outcome::Retry(backoff(&self.policy, attempt)),
+        let outcome = match (&error, refused, attempt >= self.policy.max_attempts) {
+            (None, _, _) => Outcome::Delivered,
+            (Some(_), true, _) => Outcome::Refused,
+            (Some(_), false, true) => Outcome::Dead,
+            (Some(_), false, false) => Outcome::Retry(backoff(&self.policy, attempt)),
         };
         if let Err(error) = self
             .record(
@@ -216,20 +257,26 @@ impl Dispatcher {
             tracing::warn!(error.message = %format!("{error:#}"), "could not record a webhook attempt");
             return;
         }
+        let url = messaging::privacy::url(&delivery.url);
         match outcome {
             Outcome::Delivered => tracing::info!(
-                event_id = %delivery.event_id, url = %delivery.url, attempt, latency_ms,
+                event_id = %delivery.event_id, %url, attempt, latency_ms,
                 "webhook delivered"
             ),
             Outcome::Retry(wait) => tracing::warn!(
-                event_id = %delivery.event_id, url = %delivery.url, attempt, latency_ms,
+                event_id = %delivery.event_id, %url, attempt, latency_ms,
                 error = error.as_deref().unwrap_or_default(),
                 "webhook failed; retrying in {wait:?}"
             ),
             Outcome::Dead => tracing::error!(
-                event_id = %delivery.event_id, url = %delivery.url, attempt,
+                event_id = %delivery.event_id, %url, attempt,
                 error = error.as_deref().unwrap_or_default(),
                 "webhook failed on its last attempt; delivery dead-lettered"
+            ),
+            Outcome::Refused => tracing::warn!(
+                event_id = %delivery.event_id, %url, attempt,
+                reason = error.as_deref().unwrap_or_default(),
+                "webhook refused; not sent and not retried"
             ),
         }
     }
@@ -247,6 +294,7 @@ impl Dispatcher {
             Outcome::Delivered => ("delivered", Duration::ZERO),
             Outcome::Retry(wait) => ("pending", *wait),
             Outcome::Dead => ("dead", Duration::ZERO),
+            Outcome::Refused => ("refused", Duration::ZERO),
         };
         sqlx::query(
             "WITH attempt AS (
@@ -276,6 +324,22 @@ enum Outcome {
     Delivered,
     Retry(Duration),
     Dead,
+    /// Not sent: the URL reaches inside. Terminal.
+    Refused,
+}
+
+/// A send error with its causes, without its URL (whose path or query may
+/// carry the receiver's token).
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -294,12 +358,13 @@ mod tests {
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {
         let policy = WebhookPolicy {
-            secret: String::new(),
+            secret: Secret(String::new()),
             max_attempts: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             concurrency: 1,
+            allowed_hosts: AllowList::default(),
         };
         for _ in 0..100 {
             let first = backoff(&policy, 1);

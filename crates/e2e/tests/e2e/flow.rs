@@ -8,7 +8,7 @@ use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::processes::Service;
+use crate::processes::Stack;
 
 const DISTINCT: usize = 270;
 const REPEATED: usize = 30;
@@ -56,65 +56,20 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn three_hundred_orders_flow_through_every_service_exactly_once() {
-    let (database_url, pool) = test_support::fresh_database().await;
-    let prefix = test_support::unique_prefix();
-    let _topology = test_support::TopologyGuard(messaging::Topology::new(prefix.clone()));
-    let log_dir = std::env::temp_dir().join(format!("orderflow-e2e-{prefix}"));
-    std::fs::create_dir_all(&log_dir).unwrap();
-    let env = vec![
-        ("AMQP_URL", test_support::amqp_url()),
-        ("RABBITMQ_MANAGEMENT_URL", test_support::management_url()),
-        ("DATABASE_URL", database_url.clone()),
-        ("TOPOLOGY_PREFIX", prefix.clone()),
+    let Stack {
+        api,
+        workers,
+        log_dir,
+        pool,
+        database_url,
+        _topology,
+    } = Stack::start(&[
+        ("PAYMENT_DECLINE_OVER_CENTS", "200000".into()),
         // The flow posts as fast as it can; the limit has its own tests.
         ("RATE_LIMIT_PER_SECOND", "100000".into()),
         ("RATE_LIMIT_BURST", "100000".into()),
-        (
-            "TOPOLOGY_QUEUE_EXPIRES_MS",
-            test_support::QUEUE_EXPIRES_MS.to_string(),
-        ),
-        ("DB_MAX_CONNECTIONS", "4".into()),
-        ("PREFETCH", "5".into()),
-        ("PAYMENT_LATENCY_MS", "20".into()),
-        ("PAYMENT_DECLINE_OVER_CENTS", "200000".into()),
-        ("LOG_FORMAT", "json".into()),
-        ("RUST_LOG", "info".into()),
-    ];
-    let with_instance = |id: &str| {
-        let mut env = env.clone();
-        env.push(("INSTANCE_ID", id.to_owned()));
-        env
-    };
-    let api = Service::start("order-api", "order-api", &env, &log_dir);
-    let workers = vec![
-        Service::start(
-            "order-processor",
-            "processor-1",
-            &with_instance("processor-1"),
-            &log_dir,
-        ),
-        Service::start(
-            "order-processor",
-            "processor-2",
-            &with_instance("processor-2"),
-            &log_dir,
-        ),
-        Service::start(
-            "order-processor",
-            "processor-3",
-            &with_instance("processor-3"),
-            &log_dir,
-        ),
-        Service::start(
-            "notification-service",
-            "notification-service",
-            &env,
-            &log_dir,
-        ),
-        Service::start("logging-service", "logging-service", &env, &log_dir),
-    ];
-    crate::processes::wait_ready(std::iter::once(&api).chain(&workers)).await;
-    println!("services ready; logs in {}", log_dir.display());
+    ])
+    .await;
 
     let stock_before: HashMap<String, i64> =
         sqlx::query_as::<_, (String, i32)>("SELECT sku, stock FROM inventory")

@@ -3,5 +3,6 @@
 mod chaos;
 mod compose;
 mod flow;
+mod privacy;
 mod processes;
 mod servers;

@@ -177,3 +177,99 @@ pub fn keyed_client(key: &str, timeout: Duration) -> reqwest::Client {
         .build()
         .expect("an HTTP client")
 }
+
+/// The four services (three order-processors) on a fresh database and
+/// topology, ready, logging JSON to `log_dir`.
+pub struct Stack {
+    pub api: Service,
+    pub workers: Vec<Service>,
+    pub log_dir: std::path::PathBuf,
+    pub pool: sqlx::PgPool,
+    pub database_url: String,
+    pub _topology: test_support::TopologyGuard,
+}
+
+impl Stack {
+    /// Start them on a fresh database with `extra` settings on top of (and
+    /// over) the defaults.
+    pub async fn start(extra: &[(&'static str, String)]) -> Self {
+        let (database_url, pool) = test_support::fresh_database().await;
+        Self::start_on(database_url, pool, extra).await
+    }
+
+    /// Start them on `database_url` (`pool` connects to it).
+    pub async fn start_on(
+        database_url: String,
+        pool: sqlx::PgPool,
+        extra: &[(&'static str, String)],
+    ) -> Self {
+        let prefix = test_support::unique_prefix();
+        let topology = test_support::TopologyGuard(messaging::Topology::new(prefix.clone()));
+        let log_dir = std::env::temp_dir().join(format!("orderflow-e2e-{prefix}"));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let mut env = vec![
+            ("AMQP_URL", test_support::amqp_url()),
+            ("RABBITMQ_MANAGEMENT_URL", test_support::management_url()),
+            ("DATABASE_URL", database_url.clone()),
+            ("TOPOLOGY_PREFIX", prefix),
+            (
+                "TOPOLOGY_QUEUE_EXPIRES_MS",
+                test_support::QUEUE_EXPIRES_MS.to_string(),
+            ),
+            ("DB_MAX_CONNECTIONS", "4".into()),
+            ("PREFETCH", "5".into()),
+            ("PAYMENT_LATENCY_MS", "20".into()),
+            ("LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "info".into()),
+        ];
+        // Later entries win.
+        env.extend(extra.iter().cloned());
+        let with_instance = |id: &str| {
+            let mut env = env.clone();
+            env.push(("INSTANCE_ID", id.to_owned()));
+            env
+        };
+        let api = Service::start("order-api", "order-api", &env, &log_dir);
+        let mut workers: Vec<Service> = (1..=3)
+            .map(|i| {
+                let id = format!("processor-{i}");
+                Service::start("order-processor", &id, &with_instance(&id), &log_dir)
+            })
+            .collect();
+        workers.push(Service::start(
+            "notification-service",
+            "notification-service",
+            &env,
+            &log_dir,
+        ));
+        workers.push(Service::start(
+            "logging-service",
+            "logging-service",
+            &env,
+            &log_dir,
+        ));
+        wait_ready(std::iter::once(&api).chain(&workers)).await;
+        println!("services ready; logs in {}", log_dir.display());
+        Self {
+            api,
+            workers,
+            log_dir,
+            pool,
+            database_url,
+            _topology: topology,
+        }
+    }
+
+    /// Everything every service has logged so far, by service name.
+    pub fn logs(&self) -> Vec<(String, String)> {
+        std::iter::once(&self.api)
+            .chain(&self.workers)
+            .map(|service| {
+                let log =
+                    std::fs::read_to_string(self.log_dir.join(format!("{}.log", service.name)))
+                        .unwrap_or_default();
+                (service.name.clone(), log)
+            })
+            .collect()
+    }
+}

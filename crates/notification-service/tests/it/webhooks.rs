@@ -29,10 +29,10 @@ const SECRET: &str = "test-webhook-secret";
 
 /// A receiver that fails its first `failures` calls (or all, or slowly).
 #[derive(Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     failures: u32,
     delay: Duration,
-    calls: AtomicU32,
+    pub(crate) calls: AtomicU32,
     received: Mutex<Vec<(String, Bytes)>>,
 }
 
@@ -56,7 +56,7 @@ async fn receive(
     }
 }
 
-async fn start_receiver(receiver: Receiver) -> (String, Arc<Receiver>) {
+pub(crate) async fn start_receiver(receiver: Receiver) -> (String, Arc<Receiver>) {
     let receiver = Arc::new(receiver);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
@@ -67,27 +67,29 @@ async fn start_receiver(receiver: Receiver) -> (String, Arc<Receiver>) {
     (url, receiver)
 }
 
-fn policy(max_attempts: u32) -> WebhookPolicy {
+/// Lets webhooks reach the loopback receivers (`WEBHOOK_ALLOWED_HOSTS=127.0.0.1`).
+pub(crate) fn policy(max_attempts: u32) -> WebhookPolicy {
     WebhookPolicy {
-        secret: SECRET.into(),
+        secret: notification_service::configuration::Secret(SECRET.into()),
         max_attempts,
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(400),
         timeout: Duration::from_millis(500),
         concurrency: 8,
+        allowed_hosts: "127.0.0.1".parse().unwrap(),
     }
 }
 
 /// An event for a stored order whose callback is `url`, notified (which
 /// queues its webhook).
-async fn notified_with_callback(pool: &PgPool, url: &str) -> uuid::Uuid {
+pub(crate) async fn notified_with_callback(pool: &PgPool, url: &str) -> uuid::Uuid {
     let mut event = test_support::events::event_for_stored_order(pool, Outcome::Processed).await;
     event.callback_url = Some(url.into());
     assert!(handler::notify(pool, &event).await.unwrap());
     event.message_id
 }
 
-async fn delivery(pool: &PgPool, event_id: uuid::Uuid) -> (String, i32) {
+pub(crate) async fn delivery(pool: &PgPool, event_id: uuid::Uuid) -> (String, i32) {
     sqlx::query_as("SELECT state, attempts FROM webhook_deliveries WHERE event_id = $1")
         .bind(event_id)
         .fetch_one(pool)
@@ -95,7 +97,7 @@ async fn delivery(pool: &PgPool, event_id: uuid::Uuid) -> (String, i32) {
         .unwrap()
 }
 
-fn run(pool: &PgPool, policy: WebhookPolicy) -> CancellationToken {
+pub(crate) fn run(pool: &PgPool, policy: WebhookPolicy) -> CancellationToken {
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(pool.clone(), policy).unwrap();
     tokio::spawn(dispatcher.run(stop.clone()));

@@ -246,6 +246,10 @@ fn check_callback_url(raw: &str) -> Result<(), &'static str> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err("must name a host");
     }
+    // They would be sent as Basic auth, and logged with the URL.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry a user name or password");
+    }
     if points_at_a_service(&url) {
         return Err("must not point at orderflow's own services");
     }
@@ -291,6 +295,24 @@ mod tests {
         ] {
             assert_eq!(check_callback_url(allowed), Ok(()), "{allowed}");
         }
+    }
+
+    #[test]
+    fn callbacks_may_not_carry_credentials() {
+        for refused in [
+            "https://user:pw@shop.example.com/hooks",
+            "https://token@shop.example.com/hooks",
+            "http://:pw@shop.example.com/",
+        ] {
+            assert_eq!(
+                check_callback_url(refused),
+                Err("must not carry a user name or password"),
+                "{refused}"
+            );
+        }
+        let mut r = request();
+        r.callback_url = Some("https://user:pw@shop.example.com/hooks".into());
+        assert_eq!(fields(r.validate(1000)), ["callback_url"]);
     }
 
     #[test]
