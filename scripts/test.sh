@@ -3,7 +3,8 @@
 #   scripts/test.sh
 # It makes sure RabbitMQ and Postgres answer on 127.0.0.1 (installing or
 # starting them where it can), lints the compose file and the Dockerfile,
-# runs fmt and clippy, builds the binaries and runs the whole test suite
+# runs fmt and clippy, builds the binaries, fuzzes order-api against its
+# OpenAPI document (scripts/fuzz-api.sh) and runs the whole test suite
 # (unit, integration, end-to-end, chaos) against the real servers: the host's
 # RabbitMQ 3.10. Then a second pass on RabbitMQ 4.x (Debian trixie's 4.0.5 in
 # a chroot that scripts/rabbitmq4.sh builds once and reuses; one private node
@@ -105,6 +106,9 @@ target/debug/openapi > target/openapi.json
 "$tools/bin/openapi-spec-validator" target/openapi.json
 
 BROKER3="RabbitMQ $(broker_version "$TEST_MANAGEMENT_URL") (host)"
+# Needs the binaries built above: it runs target/debug/order-api.
+on_broker "$BROKER3" "order-api fuzzed against its OpenAPI document (schemathesis)" \
+  scripts/fuzz-api.sh
 on_broker "$BROKER3" "the whole test suite (private nodes in the chaos suite: the host's RabbitMQ too)" \
   run_tests --workspace
 

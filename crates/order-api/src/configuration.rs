@@ -7,6 +7,9 @@ use clap::Parser;
 use messaging::{AmqpSettings, telemetry::LogSettings};
 use platform::{db::DatabaseSettings, http::HttpLimits};
 
+/// MAX_QUANTITY unless set.
+pub const DEFAULT_MAX_QUANTITY: i32 = 1000;
+
 /// Settings of order-api.
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -32,7 +35,7 @@ pub struct Settings {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
     /// Largest quantity of one line.
-    #[arg(long, env = "MAX_QUANTITY", default_value_t = 1000)]
+    #[arg(long, env = "MAX_QUANTITY", default_value_t = DEFAULT_MAX_QUANTITY)]
     pub max_quantity: i32,
     /// How long an idempotency key is remembered, in seconds.
     #[arg(long, env = "IDEMPOTENCY_TTL_SECS", default_value_t = 24 * 60 * 60)]

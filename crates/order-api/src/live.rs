@@ -19,6 +19,7 @@ use messaging::{
     contracts::{OrderEvent, Outcome},
 };
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
@@ -67,6 +68,39 @@ impl LiveEvent {
         }
     }
 }
+
+/// One Server-Sent Event as it arrives, for the document: in OpenAPI 3.1 a
+/// `text/event-stream` schema describes each event's fields, so `data` is a
+/// string holding a [`LiveEvent`] as JSON (`contentSchema`), or the `lagged`
+/// notice. Heartbeats are comments, not events.
+pub struct SseEvent;
+
+impl utoipa::PartialSchema for SseEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let name = |names: serde_json::Value| json!({"type": "string", "enum": names});
+        serde_json::from_value(json!({"oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": name(json!(["accepted", "processed", "rejected", "notified"])),
+                    // Its `contentSchema`, a LiveEvent, is added by
+                    // `openapi::document`: utoipa's types cannot hold it.
+                    "data": {"type": "string", "contentMediaType": "application/json"}
+                }
+            },
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {"event": name(json!(["lagged"])), "data": {"type": "string"}},
+                "description": "Too slow to keep up: the stream ends after this"
+            }
+        ]}))
+        .expect("a valid schema")
+    }
+}
+
+impl ToSchema for SseEvent {}
 
 /// The in-process fan-out of live events.
 #[derive(Clone)]

@@ -2,12 +2,12 @@
 //! serves), e.g. to validate it or generate a client:
 //! `cargo run -p order-api --bin openapi > openapi.json`.
 
-use utoipa::OpenApi;
+use order_api::{configuration::DEFAULT_MAX_QUANTITY, openapi};
 
 fn main() -> Result<(), serde_json::Error> {
     println!(
         "{}",
-        order_api::openapi::ApiDoc::openapi().to_pretty_json()?
+        serde_json::to_string_pretty(&openapi::document(DEFAULT_MAX_QUANTITY))?
     );
     Ok(())
 }

@@ -23,21 +23,45 @@ pub const MAX_LINES: usize = 100;
     "express": false
 }))]
 pub struct OrderRequest {
-    /// The customer's own id, 1–64 visible characters.
+    /// The customer's own id: 1–64 characters, not only whitespace, no
+    /// control characters. Surrounding whitespace is trimmed.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub customer_id: String,
-    /// Where the confirmation goes.
+    /// Where the confirmation goes: `local@domain`, the domain with a dot
+    /// inside it, no whitespace or control characters, at most 254
+    /// characters.
+    #[schema(
+        max_length = 254,
+        pattern = r"^[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000@]+@[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000@.][^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000@]*\.[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000@]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000@.]$"
+    )]
     pub email: String,
-    /// 1–100 lines; SKUs must exist in the inventory.
+    /// 1–100 lines, each SKU once (compared trimmed and in upper case); SKUs
+    /// must exist in the inventory (else `422 unknown_sku`).
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<ItemRequest>,
-    /// EUR (the default), USD or GBP.
+    /// EUR (the default), USD or GBP (lower case is accepted too).
     #[serde(default = "default_currency")]
-    #[schema(default = "EUR")]
+    #[schema(default = "EUR", pattern = "^(EUR|USD|GBP)$")]
     pub currency: String,
     /// Take the express lane: processed ahead of standard orders.
     #[serde(default)]
     pub express: bool,
-    /// An http(s) URL to receive the order's events.
+    /// An absolute http(s) URL to receive the order's events, at most 2048
+    /// characters, without a user name or password; not one of orderflow's
+    /// own services (their host names, or a loopback host, with their ports
+    /// 8080–8083, 5432, 5672, 15672). The pattern is the canonical form
+    /// (lower-case scheme and host name); any such URL the WHATWG URL
+    /// standard parses is accepted.
     #[serde(default)]
+    #[schema(
+        format = "uri",
+        max_length = 2048,
+        pattern = r"^(?!https?://(?:[^/?#]*\.)?(?:localhost|order-api|order-processor|notification-service|logging-service|rabbitmq|postgres):(?:808[0-3]|5432|5672)(?:[/?#]|$))https?://(?:(?!xn--)[a-z0-9-]+\.)*(?!xn--)[a-z][a-z0-9-]*(?::[0-9]{1,4})?(?:[/?](?:[-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?(?:#(?:[-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?$"
+    )]
     pub callback_url: Option<String>,
     #[serde(default)]
     pub shipping: Option<Shipping>,
@@ -48,8 +72,19 @@ pub struct OrderRequest {
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemRequest {
+    /// 1–64 characters, not only whitespace, no control characters;
+    /// trimmed and upper-cased before it is looked up.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$",
+        example = "WIDGET"
+    )]
     pub sku: String,
-    /// 1 to MAX_QUANTITY (1000 by default).
+    /// 1 to MAX_QUANTITY (1000 by default; `/openapi.json` states the
+    /// server's own).
+    #[schema(minimum = 1, maximum = 1000, example = 2)]
+    #[serde(deserialize_with = "whole_number")]
     pub quantity: i64,
 }
 
@@ -57,12 +92,58 @@ pub struct ItemRequest {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shipping {
+    /// 1–200 characters, not only whitespace, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub name: String,
+    /// 1–500 characters, not only whitespace, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub address: String,
+    /// 1–200 characters, not only whitespace, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub city: String,
+    /// 1–20 characters, not only whitespace, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 20,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub postal_code: String,
-    /// ISO 3166-1 alpha-2, e.g. `DE`.
+    /// ISO 3166-1 alpha-2 in upper case, e.g. `DE` (the form is checked,
+    /// not the list).
+    #[schema(min_length = 2, max_length = 2, pattern = "^[A-Z]{2}$")]
     pub country: String,
+}
+
+/// JSON Schema's `integer` is any number without a fraction, `2.0` too, so
+/// take those; past i64 it saturates and fails the range check instead.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(n) = number.as_i64() {
+        return Ok(n);
+    }
+    if number.is_u64() {
+        return Ok(i64::MAX);
+    }
+    match number.as_f64() {
+        // `as` saturates at the i64 bounds.
+        Some(f) if f.is_finite() && f.fract() == 0.0 => Ok(f as i64),
+        _ => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Other(&number.to_string()),
+            &"a whole number",
+        )),
+    }
 }
 
 fn default_currency() -> String {
@@ -104,8 +185,10 @@ impl OrderRequest {
         }
         let mut items: Vec<OrderLine> = Vec::with_capacity(self.items.len());
         for (i, item) in self.items.into_iter().enumerate() {
-            let sku = item.sku.trim().to_uppercase();
-            check_text(&mut errors, &format!("items[{i}].sku"), &sku, 64);
+            // Measured as sent: upper-casing may lengthen it (`ß` is `SS`).
+            let sku = item.sku.trim();
+            check_text(&mut errors, &format!("items[{i}].sku"), sku, 64);
+            let sku = sku.to_uppercase();
             if items.iter().any(|line| line.sku == sku) {
                 errors.push(FieldError::new(
                     format!("items[{i}].sku"),
@@ -193,7 +276,8 @@ fn is_plausible_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
     };
-    email.len() <= 254
+    // Characters, as every length of the API (and JSON Schema) counts them.
+    email.chars().count() <= 254
         && !local.is_empty()
         && domain.contains('.')
         && !domain.starts_with('.')
@@ -360,6 +444,29 @@ mod tests {
             quantity: 1,
         });
         assert_eq!(fields(r.validate(1000)), ["items[1].sku"]);
+    }
+
+    #[test]
+    fn whole_quantities_may_be_written_as_decimals() {
+        let item = |quantity: &str| {
+            serde_json::from_str::<ItemRequest>(&format!(
+                r#"{{"sku": "W", "quantity": {quantity}}}"#
+            ))
+            .map(|item| item.quantity)
+        };
+        assert_eq!(item("85.0").unwrap(), 85);
+        assert_eq!(item("1e2").unwrap(), 100);
+        assert_eq!(item("18446744073709551615").unwrap(), i64::MAX);
+        assert!(item("2.5").is_err());
+        assert!(item("\"2\"").is_err());
+    }
+
+    #[test]
+    fn lengths_are_counted_as_sent() {
+        let mut r = request();
+        r.items[0].sku = "ß".repeat(64);
+        r.email = format!("{}@example.com", "é".repeat(200));
+        assert!(r.validate(1000).is_ok());
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub struct JsonBody<T>(pub T);
 pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router {
     // Install the recorder now: what is counted before the first scrape counts.
     platform::metrics::handle();
+    let max_quantity = state.max_quantity;
     let keyed = Router::new()
         .route("/orders", post(orders::create_order))
         .route("/orders/{id}", get(orders::get_order))
@@ -63,7 +64,7 @@ pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router 
         .with_state(state);
     Router::new()
         .merge(keyed)
-        .merge(crate::openapi::router())
+        .merge(crate::openapi::router(max_quantity))
         .merge(health)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

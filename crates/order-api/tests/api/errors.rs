@@ -54,8 +54,15 @@ async fn invalid_orders_are_rejected_with_the_right_status_and_code() {
             "invalid_body",
         ),
         (
+            // A whole number (JSON Schema's `integer`), just out of range.
             "quantity beyond i64",
             with(|b| b["items"][0]["quantity"] = json!(1e30)),
+            422,
+            "validation_failed",
+        ),
+        (
+            "fractional quantity",
+            with(|b| b["items"][0]["quantity"] = json!(2.5)),
             422,
             "invalid_body",
         ),

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, order_body, spawn_app};
+use crate::helpers::{TestApp, order_body, spawn_app, spawn_with, test_settings};
 
 async fn spec(app: &TestApp) -> Value {
     let response = app.get("/openapi.json").await;
@@ -73,6 +73,100 @@ async fn the_openapi_document_is_3_1_and_declares_every_error() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn the_document_states_the_rules_the_server_enforces() {
+    let (mut settings, pool) = test_settings().await;
+    settings.max_quantity = 50;
+    let app = spawn_with(settings, pool).await;
+    let spec = spec(&app).await;
+    let schemas = &spec["components"]["schemas"];
+
+    let item = &schemas["ItemRequest"];
+    assert_eq!(item["properties"]["quantity"]["minimum"], 1);
+    assert_eq!(
+        item["properties"]["quantity"]["maximum"], 50,
+        "the configured MAX_QUANTITY"
+    );
+    assert_eq!(item["properties"]["sku"]["maxLength"], 64);
+    let order = &schemas["OrderRequest"];
+    assert_eq!(order["properties"]["items"]["minItems"], 1);
+    assert_eq!(order["properties"]["items"]["maxItems"], 100);
+    assert_eq!(order["properties"]["customer_id"]["maxLength"], 64);
+    assert_eq!(order["properties"]["callback_url"]["format"], "uri");
+    assert_eq!(
+        schemas["Shipping"]["properties"]["country"]["pattern"],
+        "^[A-Z]{2}$"
+    );
+    for name in ["OrderRequest", "ItemRequest", "Shipping"] {
+        assert_eq!(
+            schemas[name]["additionalProperties"], false,
+            "{name} refuses unknown fields"
+        );
+    }
+    let key = spec["paths"]["/orders"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Idempotency-Key")
+        .unwrap();
+    assert_eq!(key["schema"]["pattern"], r"^[\x21-\x7E]{1,255}$");
+    let id = &spec["paths"]["/orders/{id}"]["get"]["parameters"][0];
+    assert_eq!(id["schema"]["format"], "uuid");
+    assert_eq!(
+        spec["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
+
+    // Every keyed operation declares what the key check, the rate limit,
+    // the deadline and the database can answer.
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            assert!(operation["security"].is_array(), "{method} {path} is keyed");
+            let responses = &operation["responses"];
+            for status in ["401", "408", "429", "500", "503"] {
+                assert!(
+                    responses[status].is_object(),
+                    "{method} {path} lacks {status}"
+                );
+            }
+            assert!(responses["401"]["headers"]["WWW-Authenticate"].is_object());
+            assert!(responses["429"]["headers"]["Retry-After"].is_object());
+            for (status, response) in responses.as_object().unwrap() {
+                assert!(
+                    response["headers"]["X-Correlation-Id"].is_object(),
+                    "{method} {path} {status} names the correlation id it echoes"
+                );
+            }
+        }
+    }
+}
+
+/// Orders the document calls valid, at the edges of every rule, are taken.
+#[tokio::test]
+async fn bodies_at_the_documented_limits_are_accepted() {
+    let app = spawn_app().await;
+    let items: Vec<Value> = (0..100)
+        .map(|i| json!({"sku": if i == 0 { "WIDGET".to_owned() } else { format!("NO-SUCH-{i}") }, "quantity": 1000.0}))
+        .collect();
+    let body = json!({
+        "customer_id": "ü".repeat(64),
+        "email": format!("{}@example.com", "é".repeat(242)),
+        "items": items,
+        "callback_url": "https://shop.example.com/hooks/orders?x=1#top",
+        "shipping": {"name": "N", "address": "A", "city": "C", "postal_code": "1".repeat(20), "country": "DE"}
+    });
+    let response = app.post_order(&body, Some(&"~".repeat(255))).await;
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.unwrap();
+    // Every rule passed: what is left is the inventory, which is data.
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_sku", "{answer}");
+    assert_eq!(
+        answer["error"]["details"]["skus"].as_array().unwrap().len(),
+        99
+    );
 }
 
 #[tokio::test]
@@ -157,6 +251,11 @@ async fn real_answers_match_the_openapi_document() {
             .await,
     )
     .await;
+    let keyless = reqwest::get(format!("{}/orders/{}", app.address, uuid::Uuid::nil()))
+        .await
+        .unwrap();
+    assert!(keyless.headers().contains_key("www-authenticate"));
+    conforms(&spec, "get", "/orders/{id}", keyless).await;
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use super::load_order;
 use crate::{
     auth::Caller,
     error::{ApiError, ErrorBody, Result},
-    live::LiveEvent,
+    live::{LiveEvent, SseEvent},
     startup::AppState,
 };
 
@@ -66,7 +66,7 @@ fn event(live: &LiveEvent) -> Event {
     params(("id" = Uuid, Path, description = "The order id")),
     security(("api_key" = [])),
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = LiveEvent),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseEvent),
         (status = 400, description = "Not a UUID (`invalid_order_id`)", body = ErrorBody),
         (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
         (status = 404, description = "No such order among the caller's (`order_not_found`)", body = ErrorBody),
@@ -210,7 +210,7 @@ pub struct EventFilter {
     params(EventFilter),
     security(("api_key" = [])),
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = LiveEvent),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseEvent),
         (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
         (status = 403, description = "A client key: the firehose is for admin keys (`forbidden`)", body = ErrorBody),
         (status = 429, description = "Over the request rate or the open-stream cap (`rate_limited`, `too_many_streams`)", body = ErrorBody,

@@ -42,17 +42,22 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
     request_body(content = OrderRequest, content_type = "application/json"),
     security(("api_key" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; makes retries safe. Each client's keys are its own."),
-        ("X-Correlation-Id" = Option<String>, Header, description = "Carried through every service's logs; one is made if absent"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 255, pattern = r"^[\x21-\x7E]{1,255}$",
+         description = "1–255 visible ASCII characters (no spaces); makes retries safe. Each client's keys are its own; \
+                        reused with another body: `422 idempotency_key_reused`."),
+        ("X-Correlation-Id" = Option<String>, Header, nullable = false,
+         description = "Carried through every service's logs and echoed in the answer. Never refused: \
+                        anything but 1–128 visible ASCII characters is replaced by a new id, as is an absent one."),
     ),
     responses(
         (status = 202, description = "Accepted; `Location` names the order", body = OrderView,
-         headers(("Location" = String, description = "/orders/{id}"))),
+         headers(("Location" = String, description = "/orders/{id}"),
+                 ("Idempotent-Replayed" = String, description = "`true` on the replayed answer to a repeated Idempotency-Key"))),
         (status = 200, description = "Never sent: a replay repeats the first answer's status (202) with `Idempotent-Replayed: true`"),
         (status = 400, description = "Malformed JSON or a bad Idempotency-Key (`malformed_json`, `invalid_idempotency_key`)", body = ErrorBody),
         (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
         (status = 409, description = "A request with this Idempotency-Key is still in flight (`idempotency_key_in_flight`)", body = ErrorBody),
-        (status = 413, description = "Body over the size limit (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES, 64 KiB by default (`payload_too_large`)", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json (`unsupported_media_type`)", body = ErrorBody),
         (status = 422, description = "Wrong types, missing or unknown fields, invalid values, unknown SKUs, or a reused Idempotency-Key with another body (`invalid_body`, `validation_failed`, `unknown_sku`, `idempotency_key_reused`)", body = ErrorBody),
         (status = 429, description = "Over the API key's request rate (`rate_limited`)", body = ErrorBody,
