@@ -129,7 +129,12 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
+        self.get_as(&self.client, path).await
+    }
+
+    /// `GET path` sent by `client` (with its key, or none).
+    pub async fn get_as(&self, client: &reqwest::Client, path: &str) -> reqwest::Response {
+        client
             .get(format!("{}{path}", self.address))
             .send()
             .await

@@ -24,11 +24,7 @@ impl EventReader {
     }
 
     async fn open_with(app: &TestApp, client: &reqwest::Client, path: &str) -> Self {
-        let response = client
-            .get(format!("{}{path}", app.address))
-            .send()
-            .await
-            .unwrap();
+        let response = app.get_as(client, path).await;
         assert_eq!(response.status().as_u16(), 200);
         assert!(
             response.headers()["content-type"]

@@ -134,12 +134,7 @@ async fn metrics_count_accepted_orders_and_replays() {
     app.post_order(&order_body(), Some("m-1")).await;
     app.post_order(&order_body(), Some("m-1")).await;
 
-    let response = app
-        .admin
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as(&app.admin, "/metrics").await;
 
     assert_eq!(response.status().as_u16(), 200);
     let text = response.text().await.unwrap();

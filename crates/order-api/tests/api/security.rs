@@ -48,11 +48,7 @@ async fn no_key_is_401_with_a_challenge_and_stores_nothing() {
         "/events",
         "/metrics",
     ] {
-        let response = anonymous
-            .get(format!("{}{path}", app.address))
-            .send()
-            .await
-            .unwrap();
+        let response = app.get_as(&anonymous, path).await;
         assert_error(response, 401, "unauthenticated").await;
     }
     // A Basic header is no key either.
@@ -68,11 +64,7 @@ async fn no_key_is_401_with_a_challenge_and_stores_nothing() {
     assert_eq!(app.count("SELECT count(*) FROM idempotency_keys").await, 0);
     // The public routes stay public.
     for path in ["/healthz", "/readyz", "/openapi.json"] {
-        let response = anonymous
-            .get(format!("{}{path}", app.address))
-            .send()
-            .await
-            .unwrap();
+        let response = app.get_as(&anonymous, path).await;
         assert_eq!(response.status().as_u16(), 200, "{path}");
     }
 }
@@ -135,11 +127,7 @@ async fn another_clients_order_and_its_stream_do_not_exist_for_you() {
     let other = client_with(&new_key(&app.pool, "other-shop", Scope::Client).await);
 
     for path in [format!("/orders/{id}"), format!("/orders/{id}/events")] {
-        let response = other
-            .get(format!("{}{path}", app.address))
-            .send()
-            .await
-            .unwrap();
+        let response = app.get_as(&other, &path).await;
         let body = assert_error(response, 404, "order_not_found").await;
         assert!(!body.to_string().contains("ada@example.com"), "{body}");
     }
@@ -149,18 +137,9 @@ async fn another_clients_order_and_its_stream_do_not_exist_for_you() {
         200
     );
     let rotated = client_with(&new_key(&app.pool, "test-client", Scope::Client).await);
-    let response = rotated
-        .get(format!("{}/orders/{id}", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get_as(&rotated, &format!("/orders/{id}")).await;
     assert_eq!(response.status().as_u16(), 200);
-    let admin = app
-        .admin
-        .get(format!("{}/orders/{id}", app.address))
-        .send()
-        .await
-        .unwrap();
+    let admin = app.get_as(&app.admin, &format!("/orders/{id}")).await;
     assert_eq!(admin.status().as_u16(), 200);
 }
 
@@ -170,12 +149,7 @@ async fn the_firehose_and_metrics_are_for_admins_only() {
     for path in ["/events", "/metrics"] {
         let response = app.get(path).await;
         assert_error(response, 403, "forbidden").await;
-        let admin = app
-            .admin
-            .get(format!("{}{path}", app.address))
-            .send()
-            .await
-            .unwrap();
+        let admin = app.get_as(&app.admin, path).await;
         assert_eq!(admin.status().as_u16(), 200, "{path}");
     }
 }
