@@ -3,7 +3,8 @@
 # One image holding all orderflow binaries (the four services, the
 # dead-letters tool and the api-keys tool); pick one with the command,
 # e.g. `docker run orderflow:latest order-api` (docker-compose.yml does this).
-# Needs BuildKit (the default builder of current Docker) for the cache mounts.
+# Needs BuildKit for the cache mounts: Docker 23+ with the buildx plugin
+# (Docker Desktop has it; on Debian, the docker-buildx package).
 
 # ---- build ---------------------------------------------------------------
 # Edition 2024 needs Rust >= 1.88; rust:1 tracks the latest 1.x release.

@@ -78,7 +78,7 @@ impl Topology {
                 .await
                 .with_context(|| format!("declaring the queue {}", queue.name))?;
         }
-        self.retire_legacy_retry_queues(connection)
+        self.retire_legacy_retry_queues(connection, management)
             .await
             .context("retiring the retry queues of an older release")
     }
@@ -193,10 +193,20 @@ impl Topology {
     }
 
     /// Delete the retry queues of older orderflow versions once they are
-    /// empty; until then they still send their messages back on time.
-    async fn retire_legacy_retry_queues(&self, connection: &Connection) -> anyhow::Result<()> {
+    /// empty; until then they still send their messages back on time. Asked
+    /// of the management API first: a passive declare of a queue that is not
+    /// there closes its channel, which lapin and the broker log as errors on
+    /// every fresh start.
+    async fn retire_legacy_retry_queues(
+        &self,
+        connection: &Connection,
+        management: &Management,
+    ) -> anyhow::Result<()> {
         for queue in self.consumer_queues() {
             let legacy = self.legacy_retry_queue(&queue);
+            if management.queue(&legacy).await?.is_none() {
+                continue;
+            }
             match queue_counts(connection, &legacy)
                 .await?
                 .map(|(ready, _)| ready)
