@@ -160,10 +160,10 @@ pub async fn create_key(
         None => random_key(),
     };
     let id = Uuid::new_v4();
-    let stored: Option<(Uuid, String, String)> = sqlx::query_as(
+    let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO api_keys (id, client, scope, key_hash, key_prefix) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (key_hash) DO NOTHING
-         RETURNING id, client, scope",
+         RETURNING id",
     )
     .bind(id)
     .bind(client)
@@ -172,20 +172,21 @@ pub async fn create_key(
     .bind(shown(&key))
     .fetch_optional(pool)
     .await?;
-    let (id, client, scope) = match stored {
-        Some(row) => row,
-        None => sqlx::query_as(
-            "SELECT id, client, scope FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(hash(&key))
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("that key was revoked; choose another"))?,
+    let made = match inserted {
+        Some(key_id) => Caller {
+            key_id,
+            client: client.to_owned(),
+            scope,
+        },
+        // A chosen key made before: it is kept as it is, if it is live.
+        None => caller_of(pool, &key)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("that key was revoked; choose another"))?,
     };
     Ok(NewKey {
-        id,
-        client,
-        scope: scope.parse().map_err(anyhow::Error::msg)?,
+        id: made.key_id,
+        client: made.client,
+        scope: made.scope,
         key,
     })
 }

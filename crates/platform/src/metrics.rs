@@ -4,7 +4,12 @@
 
 use std::sync::OnceLock;
 
-use axum::{Router, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    http::header,
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Buckets for durations in seconds: 1 ms to 10 s.
@@ -27,17 +32,17 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// Every metric so far, as a Prometheus text answer.
+pub fn render() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle().render(),
+    )
+        .into_response()
+}
+
 /// `GET /metrics` in the Prometheus text format.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     handle();
-    Router::new().route(
-        "/metrics",
-        get(|| async {
-            (
-                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                handle().render(),
-            )
-                .into_response()
-        }),
-    )
+    Router::new().route("/metrics", get(|| async { render() }))
 }

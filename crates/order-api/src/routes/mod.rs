@@ -6,9 +6,9 @@ pub mod orders;
 use axum::{
     Extension, Router,
     extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request},
-    http::{HeaderName, HeaderValue, header},
+    http::{HeaderName, HeaderValue},
     middleware::{self, Next},
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{get, post},
 };
 use tower_http::trace::TraceLayer;
@@ -26,11 +26,7 @@ async fn metrics(Extension(caller): Extension<Caller>) -> Result<Response, ApiEr
     if !caller.is_admin() {
         return Err(ApiError::Forbidden("metrics are for admin keys"));
     }
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        platform::metrics::handle().render(),
-    )
-        .into_response())
+    Ok(platform::metrics::render())
 }
 
 /// Header carrying the correlation id in and out.
