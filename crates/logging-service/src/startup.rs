@@ -32,12 +32,9 @@ impl Application {
 
     /// Consume events until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let pool = self.worker.pool().clone();
-        let pool = &pool;
-        self.worker
-            .run_events(shutdown, |event, correlation_id| async move {
-                handler::record(pool, &event, &correlation_id).await
-            })
-            .await
+        let trail = handler::AuditTrail {
+            pool: self.worker.pool().clone(),
+        };
+        self.worker.run_events(shutdown, trail).await
     }
 }

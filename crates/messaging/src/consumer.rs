@@ -1,4 +1,5 @@
 //! The consume loop shared by every consuming service: bounded prefetch,
+//! the deliveries already waiting handled as one batch and acked together,
 //! bounded concurrency, ack only after the handler has committed its work,
 //! retries after a growing delay, dead letters with the reason, and a drain
 //! on shutdown. What to do with one message is the handler's business; what
@@ -102,6 +103,10 @@ pub struct ConsumerSpec {
     /// Unacked messages the broker may push to this consumer, which is also
     /// how many are handled at once.
     pub prefetch: u16,
+    /// Most deliveries handed to the handler together (see
+    /// [`Handler::handle_batch`]); batches of up to this many are handled
+    /// at once until `prefetch` deliveries are in hand.
+    pub batch_size: u16,
     /// How failures are retried.
     pub retry: RetryPolicy,
 }
@@ -121,25 +126,63 @@ pub fn previous_attempts(properties: &BasicProperties) -> u32 {
     }
 }
 
+/// What a consumer does with its deliveries.
+pub trait Handler {
+    /// Handle one delivery.
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = Disposition>;
+
+    /// Handle deliveries that were waiting together, in one go: one
+    /// disposition per delivery, in their order, or `None` when the batch
+    /// failed as a whole and was rolled back; each delivery is then handed
+    /// to [`Handler::handle`] on its own, so only the message at fault is
+    /// retried or dead-lettered. A [`Disposition::Wait`] in the answer hands
+    /// that delivery to [`Handler::handle`] too. By default each delivery is
+    /// handled on its own, all of them at once.
+    fn handle_batch(
+        &self,
+        deliveries: &[Delivery],
+    ) -> impl Future<Output = Option<Vec<Disposition>>> {
+        async move {
+            Some(
+                futures_util::future::join_all(deliveries.iter().map(|d| self.handle(copy(d))))
+                    .await,
+            )
+        }
+    }
+}
+
+/// A handler of one delivery at a time, from a function.
+#[derive(Clone)]
+pub struct Each<F>(pub F);
+
+impl<F, Fut> Handler for Each<F>
+where
+    F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = Disposition>,
+{
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = Disposition> {
+        (self.0)(delivery)
+    }
+}
+
 /// Consume `spec.queue` until `shutdown` is cancelled or the channel fails,
-/// handing each delivery to `handler` and settling it by the returned
-/// [`Disposition`]. On shutdown no new message is started, in-flight ones
-/// finish and are settled, then the consumer is cancelled; prefetched but
-/// unstarted messages go back to the queue when the channel closes.
-pub async fn run<F, Fut>(
+/// handing the deliveries that are waiting, up to `spec.batch_size` at a
+/// time, to `handler` and settling each by its [`Disposition`]. Acks are
+/// sent with `multiple` once every earlier delivery is settled, so the
+/// channel must be this consumer's own. On shutdown no new batch is
+/// started, in-flight ones finish and are settled, then the consumer is
+/// cancelled; prefetched but unstarted messages go back to the queue when
+/// the channel closes.
+pub async fn run<H: Handler>(
     channel: &Channel,
     topology: &Topology,
     publisher: &Publisher,
     spec: ConsumerSpec,
     shutdown: CancellationToken,
-    handler: F,
-) -> anyhow::Result<()>
-where
-    F: Fn(Delivery) -> Fut,
-    Fut: Future<Output = Disposition>,
-{
+    handler: H,
+) -> anyhow::Result<()> {
     // Per-consumer prefetch (global QoS is refused by quorum queues on 3.10).
-    // A small prefetch keeps work spread across the competing consumers
+    // A bounded prefetch keeps work spread across the competing consumers
     // instead of piling up in one process's buffer, and bounds memory.
     channel
         .basic_qos(spec.prefetch, BasicQosOptions { global: false })
@@ -155,11 +198,14 @@ where
         )
         .await
         .with_context(|| format!("consuming from {}", spec.queue))?;
-    tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, "consuming");
+    let batch_size = usize::from(spec.batch_size.clamp(1, spec.prefetch.max(1)));
+    let batches = usize::from(spec.prefetch.max(1)).div_ceil(batch_size);
+    tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, batch_size, "consuming");
     metrics::gauge!("consumer_prefetch", "queue" => spec.queue.clone())
         .set(f64::from(spec.prefetch));
     let in_flight = metrics::gauge!("consumer_in_flight", "queue" => spec.queue.clone());
     let handling = metrics::histogram!("message_handling_seconds", "queue" => spec.queue.clone());
+    let batch_sizes = metrics::histogram!("consumer_batch_size", "queue" => spec.queue.clone());
 
     // Stops taking deliveries on shutdown or when the stream fails; a failed
     // stream must not stop the other consumers of the service.
@@ -170,30 +216,47 @@ where
         publisher,
         spec: &spec,
         requeues: RequeueTally::default(),
+        window: AckWindow::default(),
     };
     consumer
         .take_until(stop.clone().cancelled_owned())
-        .for_each_concurrent(usize::from(spec.prefetch.max(1)), |delivery| async {
-            match delivery {
-                Ok(delivery) => {
-                    if delivery.redelivered {
-                        metrics::counter!("messages_redelivered_total", "queue" => spec.queue.clone())
-                            .increment(1);
+        // Known to the ack window as soon as it arrives, before any later
+        // delivery can be acked past it.
+        .inspect(|delivery| {
+            if let Ok(delivery) = delivery {
+                settler.window.received(delivery.delivery_tag);
+            }
+        })
+        // What is already there, up to a batch; never a wait to fill one,
+        // so at low load a batch is one message and adds no latency.
+        .ready_chunks(batch_size)
+        .for_each_concurrent(batches, |received| async {
+            let mut deliveries = Vec::with_capacity(received.len());
+            for delivery in received {
+                match delivery {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(error) => {
+                        tracing::error!(queue = %spec.queue, error = %error, "the consumer lost its channel");
+                        failed.cancel();
+                        stop.cancel();
                     }
-                    in_flight.increment(1.0);
-                    let started = std::time::Instant::now();
-                    let disposition = handle_patiently(&handler, &delivery, &spec, &stop).await;
-                    handling.record(started.elapsed().as_secs_f64());
-                    let Delivery { acker, properties, data, .. } = delivery;
-                    settler.settle(&acker, properties, &data, disposition).await;
-                    in_flight.decrement(1.0);
-                }
-                Err(error) => {
-                    tracing::error!(queue = %spec.queue, error = %error, "the consumer lost its channel");
-                    failed.cancel();
-                    stop.cancel();
                 }
             }
+            if deliveries.is_empty() {
+                return;
+            }
+            let redelivered = deliveries.iter().filter(|d| d.redelivered).count();
+            metrics::counter!("messages_redelivered_total", "queue" => spec.queue.clone())
+                .increment(redelivered as u64);
+            in_flight.increment(deliveries.len() as f64);
+            batch_sizes.record(deliveries.len() as f64);
+            let started = std::time::Instant::now();
+            let dispositions = handle_batch(&handler, &deliveries, &spec, &stop).await;
+            for _ in &deliveries {
+                handling.record(started.elapsed().as_secs_f64());
+            }
+            in_flight.decrement(deliveries.len() as f64);
+            settler.settle_all(deliveries, dispositions).await;
         })
         .await;
 
@@ -208,26 +271,63 @@ where
     Ok(())
 }
 
+/// A batch's dispositions, one per delivery: from the handler's batch if it
+/// succeeded, otherwise (and for each delivery it answered with
+/// [`Disposition::Wait`]) from handling the delivery on its own.
+async fn handle_batch<H: Handler>(
+    handler: &H,
+    deliveries: &[Delivery],
+    spec: &ConsumerSpec,
+    stop: &CancellationToken,
+) -> Vec<Disposition> {
+    // `None`: the delivery is handled on its own.
+    let answered: Vec<Option<Disposition>> = match deliveries {
+        [_] => vec![None],
+        _ => match handler.handle_batch(deliveries).await {
+            Some(dispositions) if dispositions.len() == deliveries.len() => dispositions
+                .into_iter()
+                .map(|d| match d {
+                    Disposition::Wait { .. } => None,
+                    done => Some(done),
+                })
+                .collect(),
+            _ => {
+                metrics::counter!("consumer_batches_split_total", "queue" => spec.queue.clone())
+                    .increment(1);
+                tracing::warn!(
+                    messages = deliveries.len(),
+                    "the batch failed as a whole: handling its messages one at a time"
+                );
+                vec![None; deliveries.len()]
+            }
+        },
+    };
+    let mut dispositions = Vec::with_capacity(deliveries.len());
+    for (delivery, answer) in deliveries.iter().zip(answered) {
+        dispositions.push(match answer {
+            Some(done) => done,
+            None => handle_patiently(handler, delivery, spec, stop).await,
+        });
+    }
+    dispositions
+}
+
 /// Hand `delivery` to `handler`, and again after a growing pause for as
 /// long as it answers [`Disposition::Wait`]: the message keeps its place
 /// while what it needs is busy, with no attempt counted and no requeue
 /// (which RabbitMQ 3.10 counts towards the delivery limit, and 4.3 does not
 /// count at all). Past `max_wait` the wait counts as one failed attempt, so
 /// a message cannot wait forever; on `stop` it is handed back.
-async fn handle_patiently<F, Fut>(
-    handler: &F,
+async fn handle_patiently<H: Handler>(
+    handler: &H,
     delivery: &Delivery,
     spec: &ConsumerSpec,
     stop: &CancellationToken,
-) -> Disposition
-where
-    F: Fn(Delivery) -> Fut,
-    Fut: Future<Output = Disposition>,
-{
+) -> Disposition {
     let started = std::time::Instant::now();
     let mut waits = 0;
     loop {
-        let reason = match handler(copy(delivery)).await {
+        let reason = match handler.handle(copy(delivery)).await {
             Disposition::Wait { reason } => reason,
             done => return done,
         };
@@ -269,17 +369,41 @@ struct Settler<'a> {
     publisher: &'a Publisher,
     spec: &'a ConsumerSpec,
     requeues: RequeueTally,
+    window: AckWindow,
 }
 
 impl Settler<'_> {
+    /// Settle a batch: the deliveries to ack wait in the window for one
+    /// `multiple` ack; the others are settled one by one.
+    async fn settle_all(&self, deliveries: Vec<Delivery>, dispositions: Vec<Disposition>) {
+        for (delivery, disposition) in deliveries.into_iter().zip(dispositions) {
+            let Delivery {
+                delivery_tag,
+                acker,
+                properties,
+                data,
+                ..
+            } = delivery;
+            if disposition == Disposition::Ack {
+                self.requeues.forget(&message_key(&properties));
+                self.window.ready(delivery_tag, acker);
+                continue;
+            }
+            let settled = self.settle(&acker, properties, &data, disposition).await;
+            report(settled);
+            self.window.settled(delivery_tag);
+        }
+        self.window.flush().await;
+    }
+
     async fn settle(
         &self,
         acker: &Acker,
         properties: BasicProperties,
         data: &[u8],
         disposition: Disposition,
-    ) {
-        let settled = match disposition {
+    ) -> lapin::Result<bool> {
+        match disposition {
             Disposition::Ack => {
                 self.requeues.forget(&message_key(&properties));
                 acker.ack(BasicAckOptions::default()).await
@@ -311,15 +435,6 @@ impl Settler<'_> {
                         multiple: false,
                     })
                     .await
-            }
-        };
-        match settled {
-            Ok(true) => {}
-            // The channel went away since the delivery: the broker requeues
-            // it, and the idempotent handler skips the redelivery.
-            Ok(false) => tracing::warn!("delivery not settled: it will be redelivered"),
-            Err(error) => {
-                tracing::warn!(error = %error, "settling the delivery failed: it will be redelivered")
             }
         }
     }
@@ -439,6 +554,72 @@ impl Settler<'_> {
                 multiple: false,
             })
             .await
+    }
+}
+
+/// Log a settlement that did not reach the broker.
+fn report(settled: lapin::Result<bool>) {
+    match settled {
+        Ok(true) => {}
+        // The channel went away since the delivery: the broker requeues
+        // it, and the idempotent handler skips the redelivery.
+        Ok(false) => tracing::warn!("delivery not settled: it will be redelivered"),
+        Err(error) => {
+            tracing::warn!(error = %error, "settling the delivery failed: it will be redelivered")
+        }
+    }
+}
+
+/// The deliveries of one channel not yet settled, by delivery tag: `None`
+/// while being handled, the acker once ready to be acked. A `multiple` ack
+/// covers every earlier unsettled delivery of the channel, so it is sent
+/// for the last of the ready deliveries that no unsettled one precedes; and
+/// never for a tag settled before (which would close the channel).
+#[derive(Default)]
+struct AckWindow {
+    unsettled: std::sync::Mutex<std::collections::BTreeMap<u64, Option<Acker>>>,
+    /// Held while acking, so acks leave in the order of their tags.
+    acking: tokio::sync::Mutex<()>,
+}
+
+impl AckWindow {
+    fn slots(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Option<Acker>>> {
+        self.unsettled
+            .lock()
+            .expect("the ack window is never poisoned")
+    }
+
+    fn received(&self, tag: u64) {
+        self.slots().insert(tag, None);
+    }
+
+    fn ready(&self, tag: u64, acker: Acker) {
+        self.slots().insert(tag, Some(acker));
+    }
+
+    /// Settled on its own (retried, dead-lettered, handed back).
+    fn settled(&self, tag: u64) {
+        self.slots().remove(&tag);
+    }
+
+    /// Ack every ready delivery that no unsettled one precedes, in one
+    /// `multiple` ack.
+    async fn flush(&self) {
+        let _acking = self.acking.lock().await;
+        let last = {
+            let mut slots = self.slots();
+            let mut last = None;
+            while let Some(slot) = slots.first_entry() {
+                if slot.get().is_none() {
+                    break;
+                }
+                last = slot.remove();
+            }
+            last
+        };
+        if let Some(acker) = last {
+            report(acker.ack(BasicAckOptions { multiple: true }).await);
+        }
     }
 }
 

@@ -2,8 +2,11 @@
 //! person would want to read) and note it in the order's history, once.
 
 use messaging::contracts::{OrderEvent, Outcome, PaymentOutcome, display_amount};
-use platform::dedupe::FIRST_DELIVERY_CTE;
+use std::collections::HashSet;
+
+use platform::worker::{EventHandler, Received};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 /// Name under which this service records the events it handled.
 pub const CONSUMER: &str = "notification-service";
@@ -41,37 +44,101 @@ pub fn compose(event: &OrderEvent) -> (String, String) {
     (subject, body)
 }
 
+/// The customer's emails and webhooks, as an [`EventHandler`].
+#[derive(Clone)]
+pub struct Notifier {
+    pub pool: PgPool,
+}
+
+impl EventHandler for Notifier {
+    async fn handle(&self, received: &Received) -> anyhow::Result<bool> {
+        notify(&self.pool, &received.event).await
+    }
+
+    async fn handle_batch(&self, received: &[Received]) -> anyhow::Result<Vec<bool>> {
+        let events: Vec<OrderEvent> = received.iter().map(|r| r.event.clone()).collect();
+        let sent = notify_all(&self.pool, &events).await?;
+        for (received, (sent, event)) in received.iter().zip(sent.iter().zip(&events)) {
+            if *sent {
+                received.span().in_scope(|| sent_log(event));
+            }
+        }
+        Ok(sent)
+    }
+}
+
 /// Send the notification for `event` unless it was sent before; returns
 /// whether it was sent now.
 pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
-    let (subject, body) = compose(event);
-    let sent = sqlx::query(&format!(
-        "WITH {FIRST_DELIVERY_CTE},
-         sent AS (
-             INSERT INTO notifications (event_id, order_id, channel, recipient, subject, body)
-             SELECT $2, $3, 'email', $4, $5, $6 FROM first RETURNING order_id),
-         hook AS (
-             INSERT INTO webhook_deliveries (event_id, order_id, url, body)
-             SELECT $2, $3, $8, $9 FROM first WHERE $8::text IS NOT NULL)
-         INSERT INTO order_status_history (order_id, status, detail, service)
-         SELECT order_id, 'notified', $7, 'notification-service' FROM sent"
-    ))
-    .bind(CONSUMER)
-    .bind(event.message_id)
-    .bind(event.order_id)
-    .bind(&event.email)
-    .bind(&subject)
-    .bind(&body)
-    .bind(format!("email to {}: {subject}", event.email))
-    // The webhook, if the order asked for one: the event as sent on the fanout.
-    .bind(&event.callback_url)
-    .bind(serde_json::to_vec(event)?)
-    .execute(pool)
-    .await?
-    .rows_affected()
-        == 1;
+    let sent = notify_all(pool, std::slice::from_ref(event)).await?[0];
     if sent {
-        tracing::info!(to = %messaging::privacy::email(&event.email), subject = %subject, "email sent: {body}");
+        sent_log(event);
     }
     Ok(sent)
+}
+
+fn sent_log(event: &OrderEvent) {
+    let (subject, body) = compose(event);
+    tracing::info!(to = %messaging::privacy::email(&event.email), subject = %subject, "email sent: {body}");
+}
+
+/// Send the notification of every event not handled before, in one
+/// statement: the events' ids go into `processed_messages`, and only those
+/// inserted now get their email, webhook and line of history. Returns, per
+/// event, whether it was sent now (of one event sent twice in the batch,
+/// the first).
+async fn notify_all(pool: &PgPool, events: &[OrderEvent]) -> anyhow::Result<Vec<bool>> {
+    let mut ids = (Vec::new(), Vec::new());
+    let mut texts = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut hooks = Vec::new();
+    for event in events {
+        let (subject, body) = compose(event);
+        ids.0.push(event.message_id);
+        ids.1.push(event.order_id);
+        texts.0.push(event.email.clone());
+        texts.2.push(body);
+        texts.3.push(format!("email to {}: {subject}", event.email));
+        texts.1.push(subject);
+        texts.4.push(event.callback_url.clone());
+        // The webhook, if the order asked for one: the event as sent on the fanout.
+        hooks.push(serde_json::to_vec(event)?);
+    }
+    let sent: Vec<Uuid> = sqlx::query_scalar(
+        "WITH batch AS (
+             SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                                  $7::text[], $8::text[], $9::bytea[])
+                 AS b(event_id, order_id, recipient, subject, body, detail, url, hook)),
+         first AS (
+             INSERT INTO processed_messages (consumer, message_id)
+             SELECT DISTINCT $1, event_id FROM batch
+             ON CONFLICT DO NOTHING RETURNING message_id),
+         fresh AS (
+             SELECT DISTINCT ON (b.event_id) b.* FROM batch b JOIN first f ON f.message_id = b.event_id),
+         sent AS (
+             INSERT INTO notifications (event_id, order_id, channel, recipient, subject, body)
+             SELECT event_id, order_id, 'email', recipient, subject, body FROM fresh),
+         hook AS (
+             INSERT INTO webhook_deliveries (event_id, order_id, url, body)
+             SELECT event_id, order_id, url, hook FROM fresh WHERE url IS NOT NULL),
+         noted AS (
+             INSERT INTO order_status_history (order_id, status, detail, service)
+             SELECT order_id, 'notified', detail, 'notification-service' FROM fresh)
+         SELECT event_id FROM fresh",
+    )
+    .bind(CONSUMER)
+    .bind(&ids.0)
+    .bind(&ids.1)
+    .bind(&texts.0)
+    .bind(&texts.1)
+    .bind(&texts.2)
+    .bind(&texts.3)
+    .bind(&texts.4)
+    .bind(&hooks)
+    .fetch_all(pool)
+    .await?;
+    let mut fresh: HashSet<Uuid> = sent.into_iter().collect();
+    Ok(events
+        .iter()
+        .map(|event| fresh.remove(&event.message_id))
+        .collect())
 }

@@ -50,14 +50,10 @@ impl Application {
     /// Consume events and send webhooks until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let webhooks = tokio::spawn(self.webhooks.run(shutdown.clone()));
-        let pool = self.worker.pool().clone();
-        let pool = &pool;
-        let consumed = self
-            .worker
-            .run_events(shutdown.clone(), |event, _correlation_id| async move {
-                handler::notify(pool, &event).await
-            })
-            .await;
+        let notifier = handler::Notifier {
+            pool: self.worker.pool().clone(),
+        };
+        let consumed = self.worker.run_events(shutdown.clone(), notifier).await;
         shutdown.cancel();
         let _ = webhooks.await;
         consumed

@@ -1,10 +1,11 @@
 //! Live order events, pushed to clients as Server-Sent Events.
 //!
-//! order-api binds a transient, exclusive queue of its own to the
-//! order-events fanout exchange and fans what arrives out to the connected
-//! clients through an in-process broadcast channel; it adds the acceptances
-//! it makes itself. A client that falls too far behind is dropped rather
-//! than slowing the others down.
+//! While at least one client is connected, order-api binds a transient,
+//! exclusive queue of its own to the order-events fanout exchange and fans
+//! what arrives out to the connected clients through an in-process
+//! broadcast channel; it adds the acceptances it makes itself. While no one
+//! watches, the queue is gone and no order costs it anything. A client that
+//! falls too far behind is dropped rather than slowing the others down.
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,13 +21,20 @@ use messaging::{
 };
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Events buffered per client before it counts as too slow and is dropped.
 const BUFFER: usize = 1024;
+
+/// How often the feed looks whether anyone still watches.
+const WATCHERS_CHECK: Duration = Duration::from_secs(1);
+
+/// How long a new client waits for the feed's queue to be bound before its
+/// stream starts anyway (the broker may be down).
+const BIND_WAIT: Duration = Duration::from_secs(2);
 
 /// One step of an order's life, as a client sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -109,6 +117,11 @@ pub struct Feed {
     /// Cancelled when order-api stops: open streams end, so the HTTP
     /// server's graceful shutdown is not held up by them.
     stopped: CancellationToken,
+    /// Whether the feed's queue is bound and consumed: events published
+    /// from now on reach the clients.
+    live: Arc<watch::Sender<bool>>,
+    /// Wakes the feed when a client arrives.
+    arrived: Arc<Notify>,
 }
 
 impl Default for Feed {
@@ -116,6 +129,8 @@ impl Default for Feed {
         Self {
             sender: broadcast::channel(BUFFER).0,
             stopped: CancellationToken::new(),
+            live: Arc::new(watch::channel(false).0),
+            arrived: Arc::default(),
         }
     }
 }
@@ -126,9 +141,25 @@ impl Feed {
         self.stopped.clone()
     }
 
-    /// Every event from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
-        self.sender.subscribe()
+    /// Every event from now on: once this returns, the feed follows the
+    /// exchange (or could not within [`BIND_WAIT`], the broker being away).
+    pub async fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
+        let receiver = self.sender.subscribe();
+        self.arrived.notify_one();
+        let mut live = self.live.subscribe();
+        let _ = tokio::time::timeout(BIND_WAIT, live.wait_for(|live| *live)).await;
+        receiver
+    }
+
+    /// Whether no client is connected, now that the feed says it is not
+    /// live: a client arriving after this waits for the feed to come back.
+    fn unwatched(&self) -> bool {
+        self.live.send_replace(false);
+        let unwatched = self.sender.receiver_count() == 0;
+        if !unwatched {
+            self.live.send_replace(true);
+        }
+        unwatched
     }
 
     /// Hand `event` to every connected client (none may be listening).
@@ -137,10 +168,19 @@ impl Feed {
     }
 
     /// Follow the order-events exchange through a queue of this process's
-    /// own until `shutdown`, reconnecting when the broker goes away.
+    /// own while anyone watches, until `shutdown`, reconnecting when the
+    /// broker goes away.
     pub async fn run(self, broker: Broker, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            if let Err(error) = self.follow(&broker, &shutdown).await {
+            if self.sender.receiver_count() == 0 {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.arrived.notified() => continue,
+                }
+            }
+            let followed = self.follow(&broker, &shutdown).await;
+            self.live.send_replace(false);
+            if let Err(error) = followed {
                 tracing::warn!(error.message = %format!("{error:#}"), "live event feed interrupted; reconnecting");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -192,9 +232,17 @@ impl Feed {
             )
             .await?;
         tracing::info!(queue = %queue.name(), "following order events for live clients");
+        self.live.send_replace(true);
+        let mut check = tokio::time::interval(WATCHERS_CHECK);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
+                _ = check.tick() => if self.unwatched() {
+                    // The queue is auto-deleted with its consumer.
+                    channel.close(200, "no one is watching".into()).await?;
+                    tracing::info!("no live clients: stopped following order events");
+                    return Ok(());
+                },
                 delivery = deliveries.next() => match delivery {
                     Some(Ok(delivery)) => match serde_json::from_slice::<OrderEvent>(&delivery.data) {
                         Ok(event) => self.publish(LiveEvent::of_event(&event)),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use messaging::contracts::Lane;
+use messaging::{consumer::Each, contracts::Lane};
 use platform::{outbox::Relay, worker::Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -91,9 +91,10 @@ impl Application {
         let relay = &self.relay;
         let consumed = self
             .worker
-            .run(shutdown.clone(), |delivery| {
-                consumer::on_delivery(processor, relay, delivery)
-            })
+            .run(
+                shutdown.clone(),
+                Each(|delivery| consumer::on_delivery(processor, relay, delivery)),
+            )
             .await;
         shutdown.cancel();
         let _ = sweeper_task.await;

@@ -4,7 +4,6 @@
 //! loop of the three worker services.
 
 pub mod db;
-pub mod dedupe;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use lapin::message::Delivery;
 use messaging::{
     AmqpSettings, Broker, Publisher, Topology,
-    consumer::{self, ConsumerSpec, Disposition, RetryPolicy},
+    consumer::{self, ConsumerSpec, Disposition, Handler, RetryPolicy},
     contracts::OrderEvent,
     telemetry::LogSettings,
 };
@@ -35,8 +35,13 @@ pub struct WorkerSettings {
     #[command(flatten)]
     pub http: crate::http::HttpLimits,
     /// Unacked messages per consumer, and how many are handled at once.
-    #[arg(long, env = "PREFETCH", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "PREFETCH", default_value_t = 40, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Most messages handled together, in one transaction where the
+    /// service can: the ones already waiting, never a wait to fill a batch.
+    /// 1 handles each message on its own.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
     /// Address the health endpoints listen on.
     #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: std::net::IpAddr,
@@ -140,6 +145,7 @@ pub struct Worker {
     http: crate::http::HttpLimits,
     queues: Vec<String>,
     prefetch: u16,
+    batch_size: u16,
     retry: RetryPolicy,
 }
 
@@ -179,6 +185,7 @@ impl Worker {
             http: settings.http,
             queues,
             prefetch: concurrency.prefetch,
+            batch_size: settings.batch_size,
             retry: settings.retry_policy(),
         })
     }
@@ -209,10 +216,9 @@ impl Worker {
     /// A lost connection or channel is re-established and the consumers
     /// re-subscribed; in-flight messages finish and are settled before this
     /// returns.
-    pub async fn run<F, Fut>(self, shutdown: CancellationToken, handler: F) -> anyhow::Result<()>
+    pub async fn run<H>(self, shutdown: CancellationToken, handler: H) -> anyhow::Result<()>
     where
-        F: Fn(Delivery) -> Fut + Clone,
-        Fut: Future<Output = Disposition>,
+        H: Handler + Clone,
     {
         let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
         // The health port is not published: its metrics need no key.
@@ -223,27 +229,36 @@ impl Worker {
         });
 
         let instance = std::process::id();
-        while let Some(connection) = self.broker.connect(&shutdown).await {
-            let channel = match connection.create_channel().await {
-                Ok(channel) => channel,
-                Err(error) => {
-                    tracing::warn!(error = %error, "could not open a channel; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+        'connections: while let Some(connection) = self.broker.connect(&shutdown).await {
+            // A channel per consumer: a `multiple` ack covers every earlier
+            // delivery of its channel, so consumers must not share one.
+            let mut channels = Vec::with_capacity(self.queues.len());
+            for _ in &self.queues {
+                match connection.create_channel().await {
+                    Ok(channel) => channels.push(channel),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not open a channel; reconnecting");
+                        for channel in &channels {
+                            let _ = channel.close(200, "reconnecting".into()).await;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue 'connections;
+                    }
                 }
-            };
+            }
             // One round of consuming: ends on shutdown, or when any consumer
-            // fails (they share the channel), to reconnect and resubscribe.
+            // fails, to reconnect and resubscribe.
             let round = shutdown.child_token();
-            let consumers = self.queues.iter().map(|queue| {
+            let consumers = self.queues.iter().zip(&channels).map(|(queue, channel)| {
                 let spec = ConsumerSpec {
                     tag: format!("{}-{instance}-{queue}", self.service),
                     queue: queue.clone(),
                     service: self.service.to_owned(),
                     prefetch: self.prefetch,
+                    batch_size: self.batch_size,
                     retry: self.retry,
                 };
-                let (round, handler, channel) = (round.clone(), handler.clone(), &channel);
+                let (round, handler) = (round.clone(), handler.clone());
                 let (topology, publisher) = (self.broker.topology(), &self.publisher);
                 async move {
                     let result =
@@ -269,7 +284,9 @@ impl Worker {
                     Vec::new()
                 }
             };
-            let _ = channel.close(200, "round over".into()).await;
+            for channel in &channels {
+                let _ = channel.close(200, "round over".into()).await;
+            }
             if shutdown.is_cancelled() {
                 results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
                 break;
@@ -288,19 +305,13 @@ impl Worker {
 
 impl Worker {
     /// Consume the service's queue on the order-events exchange (given at
-    /// start, see [`subscriber_queues`]) until `shutdown`, handing each
-    /// decoded event (and its correlation id) to `handle`; see [`on_event`].
-    pub async fn run_events<F, Fut>(
-        self,
-        shutdown: CancellationToken,
-        handle: F,
-    ) -> anyhow::Result<()>
+    /// start, see [`subscriber_queues`]) until `shutdown`, handing the
+    /// decoded events to `handler`.
+    pub async fn run_events<E>(self, shutdown: CancellationToken, handler: E) -> anyhow::Result<()>
     where
-        F: Fn(OrderEvent, String) -> Fut + Clone,
-        Fut: Future<Output = anyhow::Result<bool>>,
+        E: EventHandler + Clone,
     {
-        self.run(shutdown, move |delivery| on_event(delivery, handle.clone()))
-            .await
+        self.run(shutdown, Events(handler)).await
     }
 }
 
@@ -310,54 +321,118 @@ pub fn subscriber_queues(service: &str, settings: &WorkerSettings) -> Vec<String
     vec![settings.amqp.topology().subscriber_queue(service)]
 }
 
-/// Decode an order event, run `handle` inside a span naming the order and
-/// correlation id, and turn the result into a disposition: `Ok(true)` the
-/// effect happened now, `Ok(false)` it had happened before (a duplicate).
-/// The two subscriber services share this.
-pub async fn on_event<F, Fut>(delivery: Delivery, handle: F) -> Disposition
-where
-    F: FnOnce(OrderEvent, String) -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let correlation_id = messaging::amqp::correlation_id(&delivery.properties);
-    let event: OrderEvent = match serde_json::from_slice(&delivery.data) {
-        Ok(event) => event,
-        Err(error) => {
-            return Disposition::DeadLetter {
-                reason: format!("not an OrderEvent message: {error}"),
-            };
-        }
-    };
-    let span = tracing::info_span!(
-        "event",
-        order_id = %event.order_id,
-        correlation_id = %correlation_id,
-        event_id = %event.message_id,
-    );
-    async move {
-        match handle(event, correlation_id).await {
-            Ok(true) => {
-                metrics::counter!("events_handled_total").increment(1);
-                Disposition::Ack
-            }
-            Ok(false) => {
-                metrics::counter!("duplicates_skipped_total").increment(1);
-                tracing::info!("event already handled; skipping the duplicate delivery");
-                Disposition::Ack
-            }
+/// An order event with the correlation id it came with.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub event: OrderEvent,
+    pub correlation_id: String,
+}
+
+impl Received {
+    /// The span naming the event's order and correlation id, for its log
+    /// lines.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "event",
+            order_id = %self.event.order_id,
+            correlation_id = %self.correlation_id,
+            event_id = %self.event.message_id,
+        )
+    }
+}
+
+/// What a subscribing service does with order events: each effect once,
+/// answered `true` if it happened now and `false` if it had happened
+/// before (a duplicate).
+pub trait EventHandler {
+    /// One event, in a transaction of its own.
+    fn handle(&self, event: &Received) -> impl Future<Output = anyhow::Result<bool>>;
+
+    /// Several events in one transaction: one answer per event, in order. An
+    /// error leaves none of them done.
+    fn handle_batch(&self, events: &[Received]) -> impl Future<Output = anyhow::Result<Vec<bool>>>;
+}
+
+/// A [`Handler`] of deliveries carrying order events.
+#[derive(Clone)]
+struct Events<E>(E);
+
+impl<E: EventHandler> Handler for Events<E> {
+    /// Decode the event, handle it inside its span, and turn the result
+    /// into a disposition.
+    async fn handle(&self, delivery: Delivery) -> Disposition {
+        let received = match decode(&delivery) {
+            Ok(received) => received,
+            Err(poison) => return poison,
+        };
+        let span = received.span();
+        match self.0.handle(&received).instrument(span.clone()).await {
+            Ok(done) => span.in_scope(|| handled(done)),
             Err(error) if crate::db::no_connection(&error) => Disposition::Wait {
                 reason: format!("{error:#}"),
             },
-            Err(error) => {
+            Err(error) => span.in_scope(|| {
                 tracing::error!(error.cause_chain = ?error, error.message = %error, "handling the event failed");
                 Disposition::Retry {
                     reason: format!("{error:#}"),
                 }
-            }
+            }),
         }
     }
-    .instrument(span)
-    .await
+
+    /// Poison is dead-lettered on its own; the events go to the handler
+    /// together. If that fails, every delivery is handled on its own.
+    async fn handle_batch(&self, deliveries: &[Delivery]) -> Option<Vec<Disposition>> {
+        let decoded: Vec<Result<Received, Disposition>> = deliveries.iter().map(decode).collect();
+        let events: Vec<Received> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok().cloned())
+            .collect();
+        let mut answers = match self.0.handle_batch(&events).await {
+            Ok(answers) if answers.len() == events.len() => answers.into_iter(),
+            Ok(_) => return None,
+            Err(error) => {
+                tracing::warn!(error.message = %format!("{error:#}"), events = events.len(), "handling the events together failed");
+                return None;
+            }
+        };
+        Some(
+            decoded
+                .into_iter()
+                .map(|d| match d {
+                    Ok(received) => {
+                        let done = answers.next().unwrap_or(false);
+                        received.span().in_scope(|| handled(done))
+                    }
+                    Err(poison) => poison,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// An order event, or the disposition of a delivery that is none.
+fn decode(delivery: &Delivery) -> Result<Received, Disposition> {
+    match serde_json::from_slice(&delivery.data) {
+        Ok(event) => Ok(Received {
+            event,
+            correlation_id: messaging::amqp::correlation_id(&delivery.properties),
+        }),
+        Err(error) => Err(Disposition::DeadLetter {
+            reason: format!("not an OrderEvent message: {error}"),
+        }),
+    }
+}
+
+/// Count an event handled now, or one handled before.
+fn handled(now: bool) -> Disposition {
+    if now {
+        metrics::counter!("events_handled_total").increment(1);
+    } else {
+        metrics::counter!("duplicates_skipped_total").increment(1);
+        tracing::info!("event already handled; skipping the duplicate delivery");
+    }
+    Disposition::Ack
 }
 
 #[cfg(test)]

@@ -2,5 +2,6 @@
 //! `TEST_AMQP_URL` names): policies in force, exact retry delays, and an
 //! upgrade from the queues the previous release declared.
 
+mod batches;
 mod policies;
 mod upgrade;

@@ -12,7 +12,7 @@ use std::{
 use messaging::{
     Publisher, Topology,
     amqp::Envelope,
-    consumer::{self, ConsumerSpec, Disposition, RetryPolicy},
+    consumer::{self, ConsumerSpec, Disposition, Each, RetryPolicy},
     contracts::{Lane, OrderPlaced},
 };
 use order_processor::{consumer::on_delivery, handler::Processor, payment::PaymentProvider};
@@ -79,6 +79,7 @@ async fn starved_consumer(retry: RetryPolicy) -> Starved {
         service: "order-processor".into(),
         // Ten handlers at once on one connection.
         prefetch: 10,
+        batch_size: 5,
         retry,
     };
     let channel = amqp.create_channel().await.unwrap();
@@ -104,7 +105,7 @@ async fn starved_consumer(retry: RetryPolicy) -> Starved {
                 disposition
             }
         };
-        consumer::run(&channel, &consumed, &publishing, spec, stop, handler).await
+        consumer::run(&channel, &consumed, &publishing, spec, stop, Each(handler)).await
     });
     Starved {
         pool,

@@ -88,7 +88,7 @@ pub async fn order_events(
         .map_err(ApiError::TooManyStreams)?;
     // Subscribe before reading, so an event between the two is not lost;
     // one seen both ways is sent once.
-    let live = state.feed.subscribe();
+    let live = state.feed.subscribe().await;
     let mut conn = state.pool.acquire().await?;
     let order = load_order(&mut conn, id, caller.owner())
         .await?
@@ -231,7 +231,7 @@ pub async fn all_events(
         .streams
         .open(caller.key_id)
         .map_err(ApiError::TooManyStreams)?;
-    let mut live = state.feed.subscribe();
+    let mut live = state.feed.subscribe().await;
     let (sender, receiver) = mpsc::channel(16);
     let client = Client {
         sender,
