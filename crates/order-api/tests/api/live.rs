@@ -141,8 +141,7 @@ async fn a_subscriber_sees_its_order_move_in_order_and_the_stream_ends() {
     assert_eq!(data["order_id"], id.to_string());
     assert_eq!(data["lane"], "standard");
 
-    // Let the feed's queue be bound before the event is published.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No pause: the stream opens once the feed's queue is bound.
     decide(
         &app,
         id,
@@ -159,6 +158,53 @@ async fn a_subscriber_sees_its_order_move_in_order_and_the_stream_ends() {
         None,
         "the stream ends at the final status"
     );
+}
+
+/// Queues of order-api's live feed bound to the order-events exchange (the
+/// subscribers' own queues are named; the feed's is server-named).
+async fn live_feed_queues(app: &TestApp) -> usize {
+    let url = format!(
+        "{}/api/exchanges/%2F/{}/bindings/source",
+        test_support::management_url(),
+        app.topology.events_exchange()
+    );
+    let bindings: Vec<Value> = reqwest::get(url).await.unwrap().json().await.unwrap();
+    bindings
+        .iter()
+        .filter(|b| {
+            b["destination"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("amq.gen-")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn the_live_feed_receives_events_only_while_a_client_watches() {
+    let app = spawn_app().await;
+    let id = place(&app, &order_body()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(live_feed_queues(&app).await, 0, "no one watches: no queue");
+
+    let mut events = EventReader::open(&app, &format!("/orders/{id}/events")).await;
+    assert_eq!(
+        live_feed_queues(&app).await,
+        1,
+        "bound before the stream opens"
+    );
+    assert_eq!(events.next().await.unwrap().0, "accepted");
+    decide(&app, id, Outcome::Processed).await;
+    assert_eq!(events.next().await.unwrap().0, "processed");
+    assert_eq!(events.next().await, None);
+    drop(events);
+
+    test_support::eventually(
+        Duration::from_secs(30),
+        "the live feed's queue to go once no one watches",
+        || async { (live_feed_queues(&app).await == 0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
