@@ -368,3 +368,72 @@ async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
     assert!(swept > 0, "the sweeper finished the dead-lettered capture");
     system.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
+    let mut system = System::start(&[
+        ("DEMO_FAILURES", "true"),
+        ("RETRY_MAX_ATTEMPTS", "3"),
+        ("PREFETCH", "40"),
+        ("BATCH_SIZE", "20"),
+    ])
+    .await;
+    for processor in system.processors.drain(..) {
+        assert!(processor.stop().await.success());
+    }
+    println!(
+        "processors stopped; queueing 30 orders, one flaky, and a poison message between them"
+    );
+    let client = system.client();
+    let mut accepted = std::collections::HashSet::new();
+    let amqp = system.amqp().await;
+    let channel = amqp.create_channel().await.unwrap();
+    for i in 0..30 {
+        if i == 10 {
+            channel
+                .basic_publish(
+                    Topology::new("").orders_exchange().as_str().into(),
+                    "standard".into(),
+                    BasicPublishOptions::default(),
+                    b"{\"order_id\": oops",
+                    BasicProperties::default().with_message_id("poison-in-a-batch".into()),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let customer = if i == 20 {
+            "flaky-authorise-1".to_owned()
+        } else {
+            format!("c-{i}")
+        };
+        let order: serde_json::Value = client
+            .post(system.api_url())
+            .json(&json!({"customer_id": customer, "email": "b@example.com", "items": [{"sku": "WIDGET", "quantity": 1}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        accepted.insert(order["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    println!("one processor starts on the waiting messages (batches of up to 20)");
+    system.processors = vec![system.service("order-processor", "processor-1")];
+    system.wait_ready().await;
+    check_invariants(&system, "poison and flaky in a batch", &accepted, 1).await;
+    let letters = test_support::eventually(Duration::from_secs(30), "the dead letter", || async {
+        dead_letters::list(&system.broker())
+            .await
+            .ok()
+            .filter(|l| !l.is_empty())
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "only the poison is dead-lettered");
+    assert!(letters[0].reason.starts_with("not an OrderPlaced message"));
+    let retries = system.log("processor-1").matches("retrying in").count();
+    println!("dead letters: 1 (the poison); retries: {retries} (the flaky order)");
+    assert_eq!(retries, 1, "only the flaky order was retried, once");
+    system.stop_all().await;
+}
