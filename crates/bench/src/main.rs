@@ -133,7 +133,7 @@ const SERVICE_POOL: usize = 10;
 /// The processors' simulated payment I/O for the I/O-bound runs.
 const PAYMENT_IO_MS: u64 = 20;
 /// The services' PREFETCH default.
-const DEFAULT_PREFETCH: u16 = 40;
+const DEFAULT_PREFETCH: u16 = 10;
 const WAIT: Duration = Duration::from_secs(900);
 
 #[tokio::main]

@@ -339,7 +339,7 @@ impl Results {
             ),
             (
                 crate::DEFAULT_PREFETCH,
-                "4 processors vs 1, 20 ms payment I/O, 40 orders at a time each (the default)",
+                "4 processors vs 1, 20 ms payment I/O, 10 orders at a time each (the default)",
             ),
         ] {
             if let (Some(one), Some(four)) = (
@@ -544,7 +544,7 @@ pub fn markdown(results: &Results) -> String {
          to the last order notified and audited, by the database's clock. Accept→final is \
          from the order's commit in order-api to its final status commit in a processor. \
          *Prefetch* is how many orders each processor works on at once per lane: {} is the \
-         services' default, in batches of up to 20 (BATCH_SIZE); with 1 each processor is a classic one-at-a-time worker, which \
+         services' default, in batches of up to 10 (BATCH_SIZE); with 1 each processor is a classic one-at-a-time worker, which \
          shows competing consumers scaling while the I/O wait, not the CPU, is the limit.\n",
         crate::CONCURRENCY,
         crate::DEFAULT_PREFETCH

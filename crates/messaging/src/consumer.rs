@@ -199,7 +199,9 @@ pub async fn run<H: Handler>(
         .await
         .with_context(|| format!("consuming from {}", spec.queue))?;
     let batch_size = usize::from(spec.batch_size.clamp(1, spec.prefetch.max(1)));
-    let batches = usize::from(spec.prefetch.max(1)).div_ceil(batch_size);
+    // The prefetch bounds the deliveries in hand: a batch never waits for
+    // another to finish.
+    let batches = usize::from(spec.prefetch.max(1));
     tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, batch_size, "consuming");
     metrics::gauge!("consumer_prefetch", "queue" => spec.queue.clone())
         .set(f64::from(spec.prefetch));
@@ -602,11 +604,12 @@ impl AckWindow {
         self.slots().remove(&tag);
     }
 
-    /// Ack every ready delivery that no unsettled one precedes, in one
-    /// `multiple` ack.
+    /// Ack every ready delivery: those that no unsettled one precedes in
+    /// one `multiple` ack, the others (behind a delivery still being
+    /// handled, which may take long) one by one, so none waits for it.
     async fn flush(&self) {
         let _acking = self.acking.lock().await;
-        let last = {
+        let (last, behind) = {
             let mut slots = self.slots();
             let mut last = None;
             while let Some(slot) = slots.first_entry() {
@@ -615,10 +618,21 @@ impl AckWindow {
                 }
                 last = slot.remove();
             }
-            last
+            let behind: Vec<u64> = slots
+                .iter()
+                .filter_map(|(tag, slot)| slot.as_ref().map(|_| *tag))
+                .collect();
+            let behind: Vec<Acker> = behind
+                .into_iter()
+                .filter_map(|tag| slots.remove(&tag).flatten())
+                .collect();
+            (last, behind)
         };
         if let Some(acker) = last {
             report(acker.ack(BasicAckOptions { multiple: true }).await);
+        }
+        for acker in behind {
+            report(acker.ack(BasicAckOptions::default()).await);
         }
     }
 }

@@ -35,12 +35,12 @@ pub struct WorkerSettings {
     #[command(flatten)]
     pub http: crate::http::HttpLimits,
     /// Unacked messages per consumer, and how many are handled at once.
-    #[arg(long, env = "PREFETCH", default_value_t = 40, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "PREFETCH", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
     /// Most messages handled together, in one transaction where the
     /// service can: the ones already waiting, never a wait to fill a batch.
     /// 1 handles each message on its own.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
     /// Address the health endpoints listen on.
     #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]

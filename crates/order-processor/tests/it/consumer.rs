@@ -245,7 +245,7 @@ async fn metrics_show_decisions_prefetch_and_handling_time() {
     );
     let queue = running.topology.work_queue(Lane::Standard);
     assert!(
-        text.contains(&format!("consumer_prefetch{{queue=\"{queue}\"}} 40")),
+        text.contains(&format!("consumer_prefetch{{queue=\"{queue}\"}} 10")),
         "{text}"
     );
     assert!(text.contains("message_handling_seconds_bucket"), "{text}");
