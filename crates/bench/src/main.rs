@@ -6,6 +6,7 @@
 
 mod cpu;
 mod raw;
+mod reference;
 mod report;
 mod system;
 
@@ -22,7 +23,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use loadgen::{LoadOptions, Percentiles, Posted};
 use messaging::contracts::Lane;
-use report::{Burst, Express, HttpRun, Machine, Memory, Rate, Raw, Results, Sample, ScalingRun};
+use report::{
+    Burst, Express, HttpRun, Machine, Memory, Rate, Raw, Reference, Results, Sample, ScalingRun,
+};
 use system::{Environment, ScratchDatabase, Shape, System};
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +75,14 @@ enum Command {
     /// The reference server: axum with one sqlx INSERT per POST (used by the
     /// benchmark itself).
     BareAxum {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        database_url: String,
+    },
+    /// The reference pipeline: orderflow's hops with no guarantees beyond
+    /// confirms and acks (used by the benchmark itself).
+    ReferencePipeline {
         #[arg(long)]
         port: u16,
         #[arg(long)]
@@ -139,15 +150,32 @@ const WAIT: Duration = Duration::from_secs(900);
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::BareAxum { port, database_url }) = cli.command {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    if let Some(
+        Command::BareAxum { port, database_url }
+        | Command::ReferencePipeline { port, database_url },
+    ) = &cli.command
+    {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", *port)).await?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _ = tokio::signal::ctrl_c().await;
             stop.cancel();
         });
-        return raw::serve_bare_axum(listener, &database_url, SERVICE_POOL as u32, shutdown).await;
+        return match cli.command {
+            Some(Command::ReferencePipeline { .. }) => {
+                reference::serve(
+                    listener,
+                    database_url,
+                    &cli.amqp_url,
+                    SERVICE_POOL as u32,
+                    DEFAULT_PREFETCH,
+                    shutdown,
+                )
+                .await
+            }
+            _ => raw::serve_bare_axum(listener, database_url, SERVICE_POOL as u32, shutdown).await,
+        };
     }
     let bin_dir = match cli.bin_dir.clone() {
         Some(dir) => dir,
@@ -194,6 +222,8 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
     let raw = raw_bounds(environment, sizes).await?;
     step("HTTP: a bare axum handler with one INSERT, then order-api");
     let http = http_runs(environment, sizes).await?;
+    step("the reference pipeline: the same hops, no guarantees beyond confirms and acks");
+    let reference = reference_run(environment, sizes).await?;
     step("end to end with 1, 2 and 4 processors");
     let mut scaling = Vec::new();
     for (payment_latency_ms, prefetch, orders) in [
@@ -229,6 +259,7 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         machine,
         raw,
         http,
+        reference,
         scaling,
         burst,
         express,
@@ -432,6 +463,72 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
     ));
     system.stop().await?;
     Ok(runs)
+}
+
+/// The reference pipeline with as many orders as the no-I/O end-to-end
+/// runs, posted as fast as they go: orders over the time from the first
+/// POST to the last order acked by both subscribers.
+async fn reference_run(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Reference> {
+    let database = ScratchDatabase::create(environment, "reference").await?;
+    let port = system::free_port()?;
+    let mut pipeline = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["reference-pipeline", "--port"])
+        .arg(port.to_string())
+        .args(["--database-url", &database.url])
+        .env("AMQP_URL", &environment.amqp_url)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the reference pipeline")?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for_port(port).await?;
+    let watched: Vec<(String, u32)> = pipeline
+        .id()
+        .map(|pid| ("reference pipeline".into(), pid))
+        .into_iter()
+        .collect();
+    let orders = sizes.scaling_cpu_orders;
+    let before = cpu::snapshot(&watched);
+    let started = Instant::now();
+    let posted = loadgen::post_orders(LoadOptions {
+        progress: true,
+        ..LoadOptions::new(&url, orders, CONCURRENCY)
+    })
+    .await?;
+    let accepted = posted.accepted.len() as u64;
+    let client = reqwest::Client::new();
+    loop {
+        let done: u64 = client
+            .get(format!("{url}/done"))
+            .send()
+            .await?
+            .text()
+            .await?
+            .parse()?;
+        if done >= accepted {
+            break;
+        }
+        if started.elapsed() > WAIT {
+            bail!("the reference pipeline finished {done} of {accepted} orders in {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let usage = before.usage_since(&cpu::snapshot(&watched), accepted);
+    let completed_per_s = accepted as f64 / elapsed.as_secs_f64();
+    eprintln!("reference pipeline end to end: {completed_per_s:.0}/s");
+    if let Some(pid) = pipeline.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), pipeline.wait()).await;
+    database.drop().await?;
+    Ok(Reference {
+        orders: accepted,
+        errors: posted.errors.values().sum(),
+        completed_per_s,
+        cpu: usage,
+    })
 }
 
 async fn wait_for_port(port: u16) -> anyhow::Result<()> {

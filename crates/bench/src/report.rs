@@ -21,6 +21,7 @@ pub struct Results {
     pub machine: Machine,
     pub raw: Raw,
     pub http: Vec<HttpRun>,
+    pub reference: Reference,
     pub scaling: Vec<ScalingRun>,
     pub burst: Burst,
     pub express: Express,
@@ -146,6 +147,17 @@ impl HttpRun {
 }
 
 /// Orders posted at a whole system and followed to the end.
+/// The reference pipeline's run (see `reference.rs`).
+#[derive(Debug, Serialize)]
+pub struct Reference {
+    pub orders: u64,
+    pub errors: u64,
+    /// Orders over the time from the first POST to the last order acked by
+    /// both subscribers.
+    pub completed_per_s: f64,
+    pub cpu: Usage,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ScalingRun {
     pub processors: usize,
@@ -282,6 +294,12 @@ impl Results {
                 self.express.exactly_once, self.express.errors
             ));
         }
+        if self.reference.errors > 0 {
+            failures.push(format!(
+                "reference pipeline: {} failed requests",
+                self.reference.errors
+            ));
+        }
         for run in &self.http {
             if run.errors > 0 {
                 failures.push(format!("{}: {} failed requests", run.what, run.errors));
@@ -330,6 +348,25 @@ impl Results {
                     best.completed_per_s, best.processors
                 ),
                 met: best.completed_per_s >= 1000.0,
+            });
+            let share = ratio(best.completed_per_s, self.reference.completed_per_s);
+            targets.push(Target {
+                name: "end to end vs the reference pipeline (same hops, confirms and acks only)",
+                goal: "≥ 0.7×".into(),
+                measured: format!(
+                    "{share:.2}× ({:.0}/s vs {:.0}/s)",
+                    best.completed_per_s, self.reference.completed_per_s
+                ),
+                met: share >= 0.7,
+            });
+            targets.push(Target {
+                name: "CPU per order end to end (best no-I/O run)",
+                goal: "≤ 2.0 ms".into(),
+                measured: format!(
+                    "{:.1} ms (reference pipeline {:.1} ms)",
+                    best.cpu.total_ms_per_op, self.reference.cpu.total_ms_per_op
+                ),
+                met: best.cpu.total_ms_per_op <= 2.0,
             });
         }
         for (prefetch, name) in [
@@ -573,6 +610,37 @@ pub fn markdown(results: &Results) -> String {
             if run.exactly_once { "yes" } else { "**NO**" }
         );
     }
+
+    let reference = &results.reference;
+    let best = results
+        .scaling
+        .iter()
+        .filter(|run| run.payment_latency_ms == 0)
+        .map(|run| run.completed_per_s)
+        .fold(0.0, f64::max);
+    let groups: Vec<String> = reference
+        .cpu
+        .ms_per_op
+        .iter()
+        .filter(|(_, ms)| **ms >= 0.05)
+        .map(|(group, ms)| format!("{group} {ms:.1}"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "\n**The reference pipeline** (`reference.rs` in the benchmark): the same hops with no \
+         guarantee beyond confirms and acks. HTTP → one INSERT and a confirmed publish to a quorum \
+         work queue → a consumer (prefetch {}): one INSERT and a confirmed publish to a fanout, \
+         then ack → two subscribers on quorum queues that ack. {} orders posted as fast as {} \
+         connections allow went through at **{:.0}/s** (first POST to last ack by both), \
+         {:.1} CPU-ms per order ({}). orderflow's best no-I/O run above: **{:.2}×** that rate.\n",
+        crate::DEFAULT_PREFETCH,
+        reference.orders,
+        crate::CONCURRENCY,
+        reference.completed_per_s,
+        reference.cpu.total_ms_per_op,
+        groups.join(", "),
+        ratio(best, reference.completed_per_s)
+    );
 
     cpu_section(&mut md, results);
 
