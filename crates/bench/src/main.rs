@@ -387,22 +387,8 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
     let mut runs = Vec::new();
 
     let database = ScratchDatabase::create(environment, "bare").await?;
-    let port = system::free_port()?;
-    let mut bare = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["bare-axum", "--port"])
-        .arg(port.to_string())
-        .args(["--database-url", &database.url])
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the bare axum server")?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_port(port).await?;
-    let watched: Vec<(String, u32)> = bare
-        .id()
-        .map(|pid| ("bare axum".into(), pid))
-        .into_iter()
-        .collect();
-    let (posted, usage) = hammer(&url, None, sizes, CONCURRENCY, None, &watched).await?;
+    let bare = Helper::start("bare-axum", "bare axum", &database, environment).await?;
+    let (posted, usage) = hammer(&bare.url, None, sizes, CONCURRENCY, None, &bare.watched).await?;
     eprintln!(
         "bare axum + one INSERT: {:.0}/s",
         posted.answers_per_second()
@@ -414,12 +400,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         &posted,
         usage,
     ));
-    if let Some(pid) = bare.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(10), bare.wait()).await;
+    bare.stop().await;
     database.drop().await?;
 
     // order-api alone: accepting is all that is measured, so nothing else
@@ -470,28 +451,20 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
 /// POST to the last order acked by both subscribers.
 async fn reference_run(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Reference> {
     let database = ScratchDatabase::create(environment, "reference").await?;
-    let port = system::free_port()?;
-    let mut pipeline = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["reference-pipeline", "--port"])
-        .arg(port.to_string())
-        .args(["--database-url", &database.url])
-        .env("AMQP_URL", &environment.amqp_url)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the reference pipeline")?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_for_port(port).await?;
-    let watched: Vec<(String, u32)> = pipeline
-        .id()
-        .map(|pid| ("reference pipeline".into(), pid))
-        .into_iter()
-        .collect();
+    let pipeline = Helper::start(
+        "reference-pipeline",
+        "reference pipeline",
+        &database,
+        environment,
+    )
+    .await?;
+    let (url, watched) = (&pipeline.url, &pipeline.watched);
     let orders = sizes.scaling_cpu_orders;
-    let before = cpu::snapshot(&watched);
+    let before = cpu::snapshot(watched);
     let started = Instant::now();
     let posted = loadgen::post_orders(LoadOptions {
         progress: true,
-        ..LoadOptions::new(&url, orders, CONCURRENCY)
+        ..LoadOptions::new(url, orders, CONCURRENCY)
     })
     .await?;
     let accepted = posted.accepted.len() as u64;
@@ -513,15 +486,10 @@ async fn reference_run(environment: &Environment, sizes: &Sizes) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let usage = before.usage_since(&cpu::snapshot(&watched), accepted);
+    let usage = before.usage_since(&cpu::snapshot(watched), accepted);
     let completed_per_s = accepted as f64 / elapsed.as_secs_f64();
     eprintln!("reference pipeline end to end: {completed_per_s:.0}/s");
-    if let Some(pid) = pipeline.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(10), pipeline.wait()).await;
+    pipeline.stop().await;
     database.drop().await?;
     Ok(Reference {
         orders: accepted,
@@ -529,6 +497,54 @@ async fn reference_run(environment: &Environment, sizes: &Sizes) -> anyhow::Resu
         completed_per_s,
         cpu: usage,
     })
+}
+
+/// One of this binary's own servers (a subcommand) on a scratch database.
+struct Helper {
+    child: tokio::process::Child,
+    url: String,
+    /// Its pid, for the CPU table.
+    watched: Vec<(String, u32)>,
+}
+
+impl Helper {
+    async fn start(
+        subcommand: &str,
+        name: &str,
+        database: &ScratchDatabase,
+        environment: &Environment,
+    ) -> anyhow::Result<Self> {
+        let port = system::free_port()?;
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .args([subcommand, "--port"])
+            .arg(port.to_string())
+            .args(["--database-url", &database.url])
+            .env("AMQP_URL", &environment.amqp_url)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        wait_for_port(port).await?;
+        let watched = child
+            .id()
+            .map(|pid| (name.to_owned(), pid))
+            .into_iter()
+            .collect();
+        Ok(Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            watched,
+        })
+    }
+
+    /// Stop it with SIGINT, as a person would, and wait a while for it.
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
 }
 
 async fn wait_for_port(port: u16) -> anyhow::Result<()> {

@@ -153,8 +153,11 @@ impl System {
                 )
             })?;
         let database = ScratchDatabase::create(environment, "run").await?;
+        // Opened now and kept: while the services under test hold every
+        // connection Postgres allows, the benchmark still counts.
         let pool = PgPoolOptions::new()
             .max_connections(4)
+            .min_connections(4)
             .connect(&database.url)
             .await
             .context("connecting to the benchmark database")?;

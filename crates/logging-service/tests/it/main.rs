@@ -6,6 +6,7 @@ use clap::Parser;
 use lapin::BasicProperties;
 use logging_service::{configuration::Settings, handler, startup::Application};
 use messaging::contracts::Outcome;
+use platform::worker::EventHandler;
 use test_support::events::event_for_stored_order;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,34 @@ async fn one_audit_record_per_event_however_often_it_is_delivered() {
     assert_eq!(correlation, "corr-l");
     assert_eq!(reason, "payment_declined");
     assert_eq!(count(&pool, "SELECT count(*) FROM audit_log").await, 1);
+}
+
+#[tokio::test]
+async fn a_batch_records_each_new_event_once_in_one_statement() {
+    let (_, pool) = test_support::fresh_database().await;
+    let before = event_for_stored_order(&pool, Outcome::Processed).await;
+    let fresh = event_for_stored_order(&pool, Outcome::Processed).await;
+    assert!(handler::record(&pool, &before, "corr-0").await.unwrap());
+    let received = |event: &messaging::contracts::OrderEvent| platform::worker::Received {
+        event: event.clone(),
+        correlation_id: "corr-b".into(),
+    };
+    let trail = handler::AuditTrail { pool: pool.clone() };
+
+    // Handled before, new, and the new one delivered twice in the batch.
+    let batch = [received(&before), received(&fresh), received(&fresh)];
+    let recorded = trail.handle_batch(&batch).await.unwrap();
+
+    assert_eq!(recorded, [false, true, false]);
+    assert_eq!(count(&pool, "SELECT count(*) FROM audit_log").await, 2);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM processed_messages WHERE consumer = 'logging-service'"
+        )
+        .await,
+        2
+    );
 }
 
 #[tokio::test]

@@ -106,18 +106,7 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     let channel = amqp.create_channel().await.unwrap();
     let topology = Topology::new("");
     println!("publishing invalid JSON straight onto the work queue");
-    channel
-        .basic_publish(
-            topology.orders_exchange().as_str().into(),
-            "standard".into(),
-            BasicPublishOptions::default(),
-            b"{\"order_id\": oops",
-            BasicProperties::default().with_message_id("poison-json".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_poison(&channel, &topology, "poison-json").await;
     println!("posting an order that fails every attempt (customer \"doomed\")");
     let client = system.client();
     let doomed: serde_json::Value = client
@@ -184,6 +173,22 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
         "the replayed order was processed"
     );
     system.stop_all().await;
+}
+
+/// Invalid JSON, straight onto the standard work queue.
+async fn publish_poison(channel: &lapin::Channel, topology: &Topology, message_id: &str) {
+    channel
+        .basic_publish(
+            topology.orders_exchange().as_str().into(),
+            "standard".into(),
+            BasicPublishOptions::default(),
+            b"{\"order_id\": oops",
+            BasicProperties::default().with_message_id(message_id.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 async fn test_support_dead_letters(broker: &messaging::Broker) -> Vec<(String, u32)> {
@@ -390,18 +395,7 @@ async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
     let channel = amqp.create_channel().await.unwrap();
     for i in 0..30 {
         if i == 10 {
-            channel
-                .basic_publish(
-                    Topology::new("").orders_exchange().as_str().into(),
-                    "standard".into(),
-                    BasicPublishOptions::default(),
-                    b"{\"order_id\": oops",
-                    BasicProperties::default().with_message_id("poison-in-a-batch".into()),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            publish_poison(&channel, &Topology::new(""), "poison-in-a-batch").await;
         }
         let customer = if i == 20 {
             "flaky-authorise-1".to_owned()
