@@ -175,6 +175,27 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     system.stop_all().await;
 }
 
+/// POST an order of `quantity` × `sku` for `customer`; its id.
+async fn place(
+    client: &reqwest::Client,
+    url: &str,
+    customer: &str,
+    sku: &str,
+    quantity: u32,
+) -> Uuid {
+    let order: serde_json::Value = client
+        .post(url)
+        .json(&json!({"customer_id": customer, "email": "m@example.com",
+                      "items": [{"sku": sku, "quantity": quantity}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    order["id"].as_str().unwrap().parse().unwrap()
+}
+
 /// Invalid JSON, straight onto the standard work queue.
 async fn publish_poison(channel: &lapin::Channel, topology: &Topology, message_id: &str) {
     channel
@@ -331,17 +352,7 @@ async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
     ];
     let mut ids = Vec::new();
     for (customer, sku, quantity, _) in troubled {
-        let order: serde_json::Value = client
-            .post(system.api_url())
-            .json(&json!({"customer_id": customer, "email": "m@example.com",
-                          "items": [{"sku": sku, "quantity": quantity}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.push(order["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+        ids.push(place(&client, &system.api_url(), customer, sku, quantity).await);
     }
     println!("posted orders whose provider calls fail, or time out after doing the work");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -402,16 +413,7 @@ async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
         } else {
             format!("c-{i}")
         };
-        let order: serde_json::Value = client
-            .post(system.api_url())
-            .json(&json!({"customer_id": customer, "email": "b@example.com", "items": [{"sku": "WIDGET", "quantity": 1}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        accepted.insert(order["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+        accepted.insert(place(&client, &system.api_url(), &customer, "WIDGET", 1).await);
     }
     println!("one processor starts on the waiting messages (batches of up to 20)");
     system.processors = vec![system.service("order-processor", "processor-1")];
