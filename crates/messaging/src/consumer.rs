@@ -254,8 +254,9 @@ pub async fn run<H: Handler>(
             batch_sizes.record(deliveries.len() as f64);
             let started = std::time::Instant::now();
             let dispositions = handle_batch(&handler, &deliveries, &spec, &stop).await;
+            let took = started.elapsed().as_secs_f64();
             for _ in &deliveries {
-                handling.record(started.elapsed().as_secs_f64());
+                handling.record(took);
             }
             in_flight.decrement(deliveries.len() as f64);
             settler.settle_all(deliveries, dispositions).await;
@@ -379,51 +380,39 @@ impl Settler<'_> {
     /// `multiple` ack; the others are settled one by one.
     async fn settle_all(&self, deliveries: Vec<Delivery>, dispositions: Vec<Disposition>) {
         for (delivery, disposition) in deliveries.into_iter().zip(dispositions) {
-            let Delivery {
-                delivery_tag,
-                acker,
-                properties,
-                data,
-                ..
-            } = delivery;
-            if disposition == Disposition::Ack {
-                self.requeues.forget(&message_key(&properties));
-                self.window.ready(delivery_tag, acker);
-                continue;
-            }
-            let settled = self.settle(&acker, properties, &data, disposition).await;
-            report(settled);
-            self.window.settled(delivery_tag);
+            self.settle(delivery, disposition).await;
         }
         self.window.flush().await;
     }
 
-    async fn settle(
-        &self,
-        acker: &Acker,
-        properties: BasicProperties,
-        data: &[u8],
-        disposition: Disposition,
-    ) -> lapin::Result<bool> {
-        match disposition {
+    async fn settle(&self, delivery: Delivery, disposition: Disposition) {
+        let Delivery {
+            delivery_tag,
+            acker,
+            properties,
+            data,
+            ..
+        } = delivery;
+        let settled = match disposition {
             Disposition::Ack => {
                 self.requeues.forget(&message_key(&properties));
-                acker.ack(BasicAckOptions::default()).await
+                self.window.ready(delivery_tag, acker);
+                return;
             }
             Disposition::Retry { reason } => {
                 let attempts = previous_attempts(&properties) + 1;
                 if attempts >= self.spec.retry.max_attempts {
                     let reason = format!("gave up after {attempts} attempts: {reason}");
-                    self.dead_letter(acker, properties, data, attempts, &reason)
+                    self.dead_letter(&acker, properties, &data, attempts, &reason)
                         .await
                 } else {
-                    self.retry_later(acker, properties, data, attempts, &reason)
+                    self.retry_later(&acker, properties, &data, attempts, &reason)
                         .await
                 }
             }
             Disposition::DeadLetter { reason } => {
                 let attempts = previous_attempts(&properties) + 1;
-                self.dead_letter(acker, properties, data, attempts, &reason)
+                self.dead_letter(&acker, properties, &data, attempts, &reason)
                     .await
             }
             Disposition::Wait { reason } => {
@@ -438,7 +427,9 @@ impl Settler<'_> {
                     })
                     .await
             }
-        }
+        };
+        report(settled);
+        self.window.settled(delivery_tag);
     }
 
     /// Park the message in the retry queue of its delay; the broker moves

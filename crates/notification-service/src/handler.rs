@@ -56,11 +56,11 @@ impl EventHandler for Notifier {
     }
 
     async fn handle_batch(&self, received: &[Received]) -> anyhow::Result<Vec<bool>> {
-        let events: Vec<OrderEvent> = received.iter().map(|r| r.event.clone()).collect();
+        let events: Vec<&OrderEvent> = received.iter().map(|r| &r.event).collect();
         let sent = notify_all(&self.pool, &events).await?;
-        for (received, (sent, event)) in received.iter().zip(sent.iter().zip(&events)) {
+        for (received, sent) in received.iter().zip(&sent) {
             if *sent {
-                received.span().in_scope(|| sent_log(event));
+                received.span().in_scope(|| sent_log(&received.event));
             }
         }
         Ok(sent)
@@ -70,7 +70,7 @@ impl EventHandler for Notifier {
 /// Send the notification for `event` unless it was sent before; returns
 /// whether it was sent now.
 pub async fn notify(pool: &PgPool, event: &OrderEvent) -> anyhow::Result<bool> {
-    let sent = notify_all(pool, std::slice::from_ref(event)).await?[0];
+    let sent = notify_all(pool, &[event]).await?[0];
     if sent {
         sent_log(event);
     }
@@ -87,7 +87,7 @@ fn sent_log(event: &OrderEvent) {
 /// inserted now get their email, webhook and line of history. Returns, per
 /// event, whether it was sent now (of one event sent twice in the batch,
 /// the first).
-async fn notify_all(pool: &PgPool, events: &[OrderEvent]) -> anyhow::Result<Vec<bool>> {
+async fn notify_all(pool: &PgPool, events: &[&OrderEvent]) -> anyhow::Result<Vec<bool>> {
     let mut ids = (Vec::new(), Vec::new());
     let mut texts = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut hooks = Vec::new();

@@ -42,3 +42,11 @@ pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEve
     .expect("inserting the order");
     event
 }
+
+/// `event` as a subscriber receives it, with `correlation_id`.
+pub fn received(event: &OrderEvent, correlation_id: &str) -> platform::worker::Received {
+    platform::worker::Received {
+        event: event.clone(),
+        correlation_id: correlation_id.to_owned(),
+    }
+}

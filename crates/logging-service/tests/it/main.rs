@@ -7,7 +7,7 @@ use lapin::BasicProperties;
 use logging_service::{configuration::Settings, handler, startup::Application};
 use messaging::contracts::Outcome;
 use platform::worker::EventHandler;
-use test_support::events::event_for_stored_order;
+use test_support::events::{event_for_stored_order, received};
 use tokio_util::sync::CancellationToken;
 
 async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
@@ -45,14 +45,14 @@ async fn a_batch_records_each_new_event_once_in_one_statement() {
     let before = event_for_stored_order(&pool, Outcome::Processed).await;
     let fresh = event_for_stored_order(&pool, Outcome::Processed).await;
     assert!(handler::record(&pool, &before, "corr-0").await.unwrap());
-    let received = |event: &messaging::contracts::OrderEvent| platform::worker::Received {
-        event: event.clone(),
-        correlation_id: "corr-b".into(),
-    };
     let trail = handler::AuditTrail { pool: pool.clone() };
 
     // Handled before, new, and the new one delivered twice in the batch.
-    let batch = [received(&before), received(&fresh), received(&fresh)];
+    let batch = [
+        received(&before, "corr-b"),
+        received(&fresh, "corr-b"),
+        received(&fresh, "corr-b"),
+    ];
     let recorded = trail.handle_batch(&batch).await.unwrap();
 
     assert_eq!(recorded, [false, true, false]);

@@ -6,7 +6,7 @@ use clap::Parser;
 use messaging::{amqp::Envelope, contracts::Outcome};
 use notification_service::{configuration::Settings, handler, startup::Application};
 use platform::worker::EventHandler;
-use test_support::events::event_for_stored_order;
+use test_support::events::{event_for_stored_order, received};
 use tokio_util::sync::CancellationToken;
 
 async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
@@ -20,14 +20,14 @@ async fn a_batch_sends_each_new_events_email_and_webhook_once() {
     let mut fresh = event_for_stored_order(&pool, Outcome::Processed).await;
     fresh.callback_url = Some("https://hooks.example.com/orders".into());
     assert!(handler::notify(&pool, &before).await.unwrap());
-    let received = |event: &messaging::contracts::OrderEvent| platform::worker::Received {
-        event: event.clone(),
-        correlation_id: "corr-b".into(),
-    };
     let notifier = handler::Notifier { pool: pool.clone() };
 
     // Handled before, new, and the new one delivered twice in the batch.
-    let batch = [received(&before), received(&fresh), received(&fresh)];
+    let batch = [
+        received(&before, "corr-b"),
+        received(&fresh, "corr-b"),
+        received(&fresh, "corr-b"),
+    ];
     let sent = notifier.handle_batch(&batch).await.unwrap();
 
     assert_eq!(sent, [false, true, false]);

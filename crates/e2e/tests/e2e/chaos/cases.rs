@@ -109,16 +109,7 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     publish_poison(&channel, &topology, "poison-json").await;
     println!("posting an order that fails every attempt (customer \"doomed\")");
     let client = system.client();
-    let doomed: serde_json::Value = client
-        .post(system.api_url())
-        .json(&json!({"customer_id": "doomed", "email": "d@example.com", "items": [{"sku": "WIDGET", "quantity": 1}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let doomed_id: Uuid = doomed["id"].as_str().unwrap().parse().unwrap();
+    let doomed_id = place(&client, &system.api_url(), "doomed", "WIDGET", 1).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut report = load.finish().await;
     report.accepted.insert(doomed_id);
