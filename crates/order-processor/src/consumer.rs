@@ -1,37 +1,121 @@
-//! From a delivery to a disposition: decode, handle (which says in the log
-//! what happened to the order and its money), publish the event.
+//! From deliveries to dispositions: decode, handle (which says in the log
+//! what happened to the order and its money), publish the events.
 
+use std::collections::HashSet;
+
+use futures_util::future::join_all;
 use lapin::message::Delivery;
-use messaging::{amqp, consumer::Disposition};
+use messaging::{
+    amqp,
+    consumer::{Disposition, Handler},
+};
 use platform::outbox::Relay;
 use tracing::Instrument;
 
 use crate::handler::{HandleError, Handled, Processor, decode};
 
-/// Handle one delivery of the work queue.
-pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Delivery) -> Disposition {
-    let correlation_id = amqp::correlation_id(&delivery.properties);
-    let span = tracing::info_span!(
-        "order",
-        order_id = tracing::field::Empty,
-        correlation_id = %correlation_id,
-        processor = %processor.instance_id,
-        redelivered = delivery.redelivered,
-    );
-    async move {
-        let order = match decode(&delivery.data) {
-            Ok(order) => order,
-            Err(error) => return failed(error),
+/// The handler of the work queues' deliveries: one at a time, or the
+/// orders of a batch together.
+#[derive(Clone, Copy)]
+pub struct Orders<'a> {
+    pub processor: &'a Processor,
+    pub relay: &'a Relay,
+}
+
+impl Handler for Orders<'_> {
+    async fn handle(&self, delivery: Delivery) -> Disposition {
+        self.one(&delivery).await
+    }
+
+    /// Poison is dead-lettered on its own; the orders go to the processor
+    /// together, except a second message for an order already in the batch,
+    /// handled on its own afterwards. Each order's event is published as
+    /// soon as the batch has committed, all of them at once.
+    async fn handle_batch(&self, deliveries: &[Delivery]) -> Option<Vec<Disposition>> {
+        let mut dispositions: Vec<Option<Disposition>> = deliveries.iter().map(|_| None).collect();
+        let mut batch = Vec::new();
+        let mut positions = Vec::new();
+        let mut repeats = Vec::new();
+        let mut seen = HashSet::new();
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let span = self.span(delivery);
+            match decode(&delivery.data) {
+                Err(error) => dispositions[index] = Some(span.in_scope(|| failed(error))),
+                Ok(order) if !seen.insert(order.order_id) => repeats.push(index),
+                Ok(order) => {
+                    span.record("order_id", tracing::field::display(order.order_id));
+                    batch.push((order, span));
+                    positions.push(index);
+                }
+            }
+        }
+        let handled = match self.processor.handle_all(&batch).await {
+            Ok(handled) => handled,
+            Err(error) => {
+                tracing::warn!(error.message = %format!("{error:#}"), "the batch failed; handling its orders one by one");
+                return None;
+            }
         };
-        tracing::Span::current().record("order_id", tracing::field::display(order.order_id));
-        match processor.handle(&order).await {
+        let settled = join_all(
+            handled
+                .into_iter()
+                .zip(&batch)
+                .map(|(result, (_, span))| self.settled(result).instrument(span.clone())),
+        )
+        .await;
+        for (index, disposition) in positions.into_iter().zip(settled) {
+            dispositions[index] = Some(disposition);
+        }
+        for index in repeats {
+            dispositions[index] = Some(self.one(&deliveries[index]).await);
+        }
+        Some(
+            dispositions
+                .into_iter()
+                .map(|d| d.expect("a disposition for every delivery"))
+                .collect(),
+        )
+    }
+}
+
+impl Orders<'_> {
+    /// Handle one delivery on its own.
+    async fn one(&self, delivery: &Delivery) -> Disposition {
+        let span = self.span(delivery);
+        async {
+            let order = match decode(&delivery.data) {
+                Ok(order) => order,
+                Err(error) => return failed(error),
+            };
+            tracing::Span::current().record("order_id", tracing::field::display(order.order_id));
+            self.settled(self.processor.handle(&order).await).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The span of one delivery's log lines; the order id is recorded once
+    /// the message is decoded.
+    fn span(&self, delivery: &Delivery) -> tracing::Span {
+        tracing::info_span!(
+            "order",
+            order_id = tracing::field::Empty,
+            correlation_id = %amqp::correlation_id(&delivery.properties),
+            processor = %self.processor.instance_id,
+            redelivered = delivery.redelivered,
+        )
+    }
+
+    /// The disposition of a handled order, its event published first.
+    async fn settled(&self, handled: Result<Handled, HandleError>) -> Disposition {
+        match handled {
             Ok(Handled::Duplicate) => {
                 metrics::counter!("duplicates_skipped_total").increment(1);
                 tracing::info!("already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }
             Ok(Handled::Decided { event, .. }) => {
-                if let Err(error) = relay.publish_now(&event).await {
+                if let Err(error) = self.relay.publish_now(&event).await {
                     tracing::warn!(error.message = %format!("{error:#}"), "event not published yet; the outbox relay will retry");
                 }
                 Disposition::Ack
@@ -39,8 +123,6 @@ pub async fn on_delivery(processor: &Processor, relay: &Relay, delivery: Deliver
             Err(error) => failed(error),
         }
     }
-    .instrument(span)
-    .await
 }
 
 /// A failure's disposition: a poison message is dead-lettered, waiting for

@@ -10,7 +10,9 @@
 //!
 //! Every arrow is one step: a provider call (idempotent by a key per order
 //! and step) followed by one Postgres transaction that records its result,
-//! guarded by the state it leaves. The payment's state is the only memory
+//! guarded by the state it leaves. Orders whose messages came together take
+//! their steps together: their provider calls run concurrently and one
+//! transaction records a round of results with set-based statements. The payment's state is the only memory
 //! between steps, so a crash between any two of them leaves a state the next
 //! delivery of the message (or the sweeper, for a message that is gone)
 //! continues from, and a provider call repeated after a crash gets the
@@ -18,7 +20,10 @@
 //! in the transaction that gives the order its final status and queues its
 //! event, so the event tells what really happened to the money.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
 use chrono::Utc;
+use futures_util::future::join_all;
 use messaging::{
     Topology,
     amqp::Envelope,
@@ -29,6 +34,7 @@ use messaging::{
 };
 use platform::outbox::{self, Outboxed};
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::payment::{Answer, Charge, Operation, PaymentProvider, ProviderError};
@@ -100,6 +106,7 @@ pub fn decode(body: &[u8]) -> Result<OrderPlaced, HandleError> {
 /// An order whose payment is under way, as Postgres has it.
 #[derive(sqlx::FromRow)]
 struct Pending {
+    order_id: Uuid,
     state: String,
     reason: Option<String>,
     message_id: Uuid,
@@ -129,12 +136,34 @@ impl Pending {
     }
 }
 
-/// Where a step left the order.
-enum Step {
-    /// The payment moved on (or someone else moved it): look again.
-    Moved,
-    /// Nothing more to do.
-    Done(Handled),
+/// One order's result: `None` while there is more to do.
+type Stepped = Option<Result<Handled, HandleError>>;
+
+/// A payment moving on to `to`, with its line of history (and, given one,
+/// the reason it is being voided).
+pub(crate) struct Move {
+    pub order_id: Uuid,
+    pub to: &'static str,
+    pub reason: Option<String>,
+    pub detail: String,
+}
+
+/// A payment the provider has settled, to be recorded with the order's
+/// final status.
+struct Finish<'a> {
+    index: usize,
+    order_id: Uuid,
+    pending: &'a Pending,
+    from: &'static str,
+    payment: PaymentOutcome,
+    outcome: Outcome,
+}
+
+/// What a round does with one order, given its recorded state.
+enum Next {
+    Call(Operation),
+    Decide,
+    Over(Result<Handled, HandleError>),
 }
 
 impl Processor {
@@ -142,188 +171,275 @@ impl Processor {
     /// has none, then take it to the order's final status. Commits before
     /// returning; the caller acks.
     pub async fn handle(&self, order: &OrderPlaced) -> Result<Handled, HandleError> {
-        match self.start(order).await? {
-            Some(handled) => Ok(handled),
-            None => self.settle(order.order_id).await,
-        }
+        let mut handled = self
+            .handle_all(&[(order.clone(), tracing::Span::current())])
+            .await?;
+        handled.pop().expect("one result per order")
+    }
+
+    /// Handle the messages of several orders together, each with the span
+    /// its log lines go to: their payments are started in one statement,
+    /// then taken to their final statuses in rounds (see [`Self::step_all`]).
+    /// One result per order, in their order. `Err` when a statement failed:
+    /// what the rounds before it committed stands, and every step is guarded
+    /// by the state it leaves, so the messages can be handled again one by
+    /// one.
+    pub async fn handle_all(
+        &self,
+        orders: &[(OrderPlaced, tracing::Span)],
+    ) -> Result<Vec<Result<Handled, HandleError>>, HandleError> {
+        let messages: Vec<&OrderPlaced> = orders.iter().map(|(order, _)| order).collect();
+        let started = self.start_all(&messages).await?;
+        let open: Vec<(Uuid, tracing::Span)> = orders
+            .iter()
+            .zip(&started)
+            .filter(|(_, started)| matches!(started, Ok(None)))
+            .map(|((order, span), _)| (order.order_id, span.clone()))
+            .collect();
+        let mut settled = self.settle_all(&open).await?.into_iter();
+        Ok(started
+            .into_iter()
+            .map(|started| match started {
+                Ok(None) => settled.next().expect("one result per started order"),
+                Ok(Some(handled)) => Ok(handled),
+                Err(error) => Err(error),
+            })
+            .collect())
     }
 
     /// Give the order of this message a payment, `authorising`, unless it
     /// has one; `Some(Duplicate)` if the message or the order was handled
     /// before.
     pub async fn start(&self, order: &OrderPlaced) -> Result<Option<Handled>, HandleError> {
+        let mut started = self.start_all(&[order]).await?;
+        started.pop().expect("one answer per order")
+    }
+
+    /// [`Self::start`] for several messages, in one statement.
+    async fn start_all(
+        &self,
+        orders: &[&OrderPlaced],
+    ) -> Result<Vec<Result<Option<Handled>, HandleError>>, HandleError> {
         // The amount is the one order-api stored, not the message's.
-        let (status, seen): (Option<String>, bool) = sqlx::query_as(
-            "WITH ordered AS (SELECT id, status, total_cents, currency FROM orders WHERE id = $1),
+        let found: Vec<(Option<String>, bool)> = sqlx::query_as(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS i(order_id, message_id, n)),
+             ordered AS (
+                 SELECT i.n, i.message_id, o.id, o.status, o.total_cents, o.currency
+                 FROM input i JOIN orders o ON o.id = i.order_id),
              started AS (
                  INSERT INTO payments (order_id, message_id, amount_cents, currency, state)
-                 SELECT id, $2, total_cents, currency, 'authorising' FROM ordered
+                 SELECT id, message_id, total_cents, currency, 'authorising' FROM ordered
                  WHERE status = 'accepted'
                  ON CONFLICT (order_id) DO NOTHING)
-             SELECT (SELECT status FROM ordered),
-                    EXISTS (SELECT 1 FROM processed_messages WHERE consumer = $3 AND message_id = $2)",
+             SELECT o.status,
+                    EXISTS (SELECT 1 FROM processed_messages m
+                            WHERE m.consumer = $3 AND m.message_id = i.message_id)
+             FROM input i LEFT JOIN ordered o ON o.n = i.n
+             ORDER BY i.n",
         )
-        .bind(order.order_id)
-        .bind(order.message_id)
+        .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
+        .bind(orders.iter().map(|o| o.message_id).collect::<Vec<_>>())
         .bind(CONSUMER)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        match status.as_deref() {
-            None => Err(HandleError::Poison(format!(
-                "order {} does not exist",
-                order.order_id
-            ))),
-            // A redelivery, or another message for an order already decided
-            // (a replay): keep the first decision.
-            Some(status) if status != "accepted" || seen => Ok(Some(Handled::Duplicate)),
-            Some(_) => Ok(None),
-        }
+        Ok(orders
+            .iter()
+            .zip(found)
+            .map(|(order, (status, seen))| match status.as_deref() {
+                None => Err(HandleError::Poison(format!(
+                    "order {} does not exist",
+                    order.order_id
+                ))),
+                // A redelivery, or another message for an order already
+                // decided (a replay): keep the first decision.
+                Some(status) if status != "accepted" || seen => Ok(Some(Handled::Duplicate)),
+                Some(_) => Ok(None),
+            })
+            .collect())
     }
 
     /// Take the payment of `order_id` from wherever it stands to the order's
     /// final status: what a delivery does, and what the sweeper does for a
     /// payment left half done.
     pub async fn settle(&self, order_id: Uuid) -> Result<Handled, HandleError> {
+        let mut settled = self
+            .settle_all(&[(order_id, tracing::Span::current())])
+            .await?;
+        settled.pop().expect("one result per order")
+    }
+
+    /// [`Self::settle`] for several orders, round by round.
+    async fn settle_all(
+        &self,
+        orders: &[(Uuid, tracing::Span)],
+    ) -> Result<Vec<Result<Handled, HandleError>>, HandleError> {
+        let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
         for _ in 0..MAX_STEPS {
-            if let Some(handled) = self.step(order_id).await? {
-                return Ok(handled);
+            let open: Vec<usize> = (0..orders.len())
+                .filter(|&i| results[i].is_none())
+                .collect();
+            if open.is_empty() {
+                break;
+            }
+            let round: Vec<(Uuid, tracing::Span)> =
+                open.iter().map(|&i| orders[i].clone()).collect();
+            for (i, stepped) in open.into_iter().zip(self.step_all(&round).await?) {
+                results[i] = stepped;
             }
         }
-        Err(HandleError::Transient(anyhow::anyhow!(
-            "the payment of order {order_id} did not settle in {MAX_STEPS} steps"
-        )))
+        Ok(results
+            .into_iter()
+            .zip(orders)
+            .map(|(result, (order_id, _))| {
+                result.unwrap_or_else(|| {
+                    Err(HandleError::Transient(anyhow::anyhow!(
+                        "the payment of order {order_id} did not settle in {MAX_STEPS} steps"
+                    )))
+                })
+            })
+            .collect())
     }
 
     /// One step of the payment of `order_id` from its recorded state (the
     /// unit a crash falls between); `None` when there is more to do.
     pub async fn step(&self, order_id: Uuid) -> Result<Option<Handled>, HandleError> {
-        Ok(match self.next(order_id).await? {
-            Step::Moved => None,
-            Step::Done(handled) => Some(handled),
-        })
+        let mut stepped = self
+            .step_all(&[(order_id, tracing::Span::current())])
+            .await?;
+        stepped.pop().expect("one result per order").transpose()
     }
 
-    async fn next(&self, order_id: Uuid) -> Result<Step, HandleError> {
-        let Some(pending) = sqlx::query_as::<_, Pending>(
-            "SELECT p.state, p.reason, p.message_id, o.status, o.customer_id, o.email, o.items,
-                    o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
-             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = $1",
+    /// One step of each order's payment: read where they stand, make their
+    /// provider calls concurrently, then record every result in one
+    /// transaction (authorisations, decisions with the stock they reserve,
+    /// and final statuses with their events), each change guarded by the
+    /// state it leaves.
+    async fn step_all(
+        &self,
+        orders: &[(Uuid, tracing::Span)],
+    ) -> Result<Vec<Stepped>, HandleError> {
+        let ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+        let pending: HashMap<Uuid, Pending> = sqlx::query_as::<_, Pending>(
+            "SELECT p.order_id, p.state, p.reason, p.message_id, o.status, o.customer_id, o.email,
+                    o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
+             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)",
         )
-        .bind(order_id)
-        .fetch_optional(&self.pool)
+        .bind(&ids)
+        .fetch_all(&self.pool)
         .await?
-        else {
-            return Err(HandleError::Poison(format!(
-                "order {order_id} has no payment"
-            )));
-        };
-        if pending.status != "accepted" {
-            return Ok(Step::Done(Handled::Duplicate));
+        .into_iter()
+        .map(|pending| (pending.order_id, pending))
+        .collect();
+
+        let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
+        let mut calls = Vec::new();
+        let mut to_decide = Vec::new();
+        for (index, (order_id, span)) in orders.iter().enumerate() {
+            match next(*order_id, pending.get(order_id)) {
+                Next::Over(result) => results[index] = Some(result),
+                Next::Decide => to_decide.push((*order_id, &pending[order_id])),
+                Next::Call(operation) => {
+                    let pending = &pending[order_id];
+                    calls.push(async move {
+                        let charge = pending.charge(*order_id);
+                        let answer = self
+                            .payments
+                            .call(operation, &charge, &operation.key(*order_id))
+                            .instrument(span.clone())
+                            .await;
+                        (index, operation, answer)
+                    });
+                }
+            }
         }
-        let charge = pending.charge(order_id);
-        match pending.state.as_str() {
-            "authorising" => {
-                match self
-                    .payments
-                    .call(
-                        Operation::Authorise,
-                        &charge,
-                        &Operation::Authorise.key(order_id),
-                    )
-                    .await?
-                {
-                    Answer::Authorised => {
-                        let detail = format!("{} authorised", pending.amount());
-                        if move_payment(
-                            &self.pool,
-                            order_id,
-                            &["authorising"],
-                            "authorised",
-                            None,
-                            &detail,
-                            CONSUMER,
-                        )
-                        .await?
-                        {
-                            tracing::info!("payment of {} authorised", pending.amount());
-                        }
-                        Ok(Step::Moved)
-                    }
-                    Answer::Declined => {
-                        let outcome = Outcome::Rejected {
-                            reason: "payment_declined".into(),
-                        };
-                        self.finish(
-                            order_id,
-                            &pending,
-                            "authorising",
-                            PaymentOutcome::Declined,
-                            outcome,
-                        )
-                        .await
-                    }
-                    answer => {
-                        self.refused(order_id, "authorising", Operation::Authorise, answer)
-                            .await
-                    }
-                }
+
+        let mut authorisations = Vec::new();
+        let mut finishes = Vec::new();
+        let mut refusals = Vec::new();
+        for (index, operation, answer) in join_all(calls).await {
+            let order_id = orders[index].0;
+            let pending = &pending[&order_id];
+            let finish = |from, payment, outcome| Finish {
+                index,
+                order_id,
+                pending,
+                from,
+                payment,
+                outcome,
+            };
+            match (operation, answer) {
+                (_, Err(error)) => results[index] = Some(Err(error.into())),
+                (Operation::Authorise, Ok(Answer::Authorised)) => authorisations.push(Move {
+                    order_id,
+                    to: "authorised",
+                    reason: None,
+                    detail: format!("{} authorised", pending.amount()),
+                }),
+                (Operation::Authorise, Ok(Answer::Declined)) => finishes.push(finish(
+                    "authorising",
+                    PaymentOutcome::Declined,
+                    Outcome::Rejected {
+                        reason: "payment_declined".into(),
+                    },
+                )),
+                (Operation::Capture, Ok(Answer::Captured)) => finishes.push(finish(
+                    "capturing",
+                    PaymentOutcome::Captured,
+                    Outcome::Processed,
+                )),
+                (Operation::Void, Ok(Answer::Voided)) => finishes.push(finish(
+                    "voiding",
+                    PaymentOutcome::Voided,
+                    Outcome::Rejected {
+                        reason: pending.reason.clone().unwrap_or_else(|| "voided".into()),
+                    },
+                )),
+                (operation, Ok(answer)) => refusals.push((index, operation, answer)),
             }
-            "authorised" => self.decide(order_id, &pending).await,
-            "capturing" => {
-                match self
-                    .payments
-                    .call(
-                        Operation::Capture,
-                        &charge,
-                        &Operation::Capture.key(order_id),
-                    )
-                    .await?
-                {
-                    Answer::Captured => {
-                        self.finish(
-                            order_id,
-                            &pending,
-                            "capturing",
-                            PaymentOutcome::Captured,
-                            Outcome::Processed,
-                        )
-                        .await
-                    }
-                    answer => {
-                        self.refused(order_id, "capturing", Operation::Capture, answer)
-                            .await
-                    }
-                }
-            }
-            "voiding" => {
-                match self
-                    .payments
-                    .call(Operation::Void, &charge, &Operation::Void.key(order_id))
-                    .await?
-                {
-                    Answer::Voided => {
-                        let outcome = Outcome::Rejected {
-                            reason: pending.reason.clone().unwrap_or_else(|| "voided".into()),
-                        };
-                        self.finish(
-                            order_id,
-                            &pending,
-                            "voiding",
-                            PaymentOutcome::Voided,
-                            outcome,
-                        )
-                        .await
-                    }
-                    answer => {
-                        self.refused(order_id, "voiding", Operation::Void, answer)
-                            .await
-                    }
-                }
-            }
-            settled => Err(HandleError::Poison(format!(
-                "order {order_id} is still accepted but its payment is {settled}"
-            ))),
         }
+
+        let (authorised, decided, decisions) =
+            if authorisations.is_empty() && finishes.is_empty() && to_decide.is_empty() {
+                Default::default()
+            } else {
+                let mut tx = self.pool.begin().await?;
+                let authorised =
+                    move_payments(&mut *tx, &authorisations, &["authorising"], CONSUMER).await?;
+                let decided = self.finish_all(&mut tx, &finishes).await?;
+                // Last, so the stock rows stay locked only until the commit.
+                let decisions = decide_all(&mut tx, &to_decide).await?;
+                tx.commit().await?;
+                (authorised, decided, decisions)
+            };
+
+        let spans: HashMap<Uuid, &tracing::Span> =
+            orders.iter().map(|(id, span)| (*id, span)).collect();
+        let span_of = |order_id: Uuid| spans[&order_id];
+        for moved in &authorised {
+            let amount = pending[moved].amount();
+            span_of(*moved).in_scope(|| tracing::info!("payment of {amount} authorised"));
+        }
+        for decision in &decisions {
+            span_of(decision.order_id).in_scope(|| tracing::info!("{}", decision.detail));
+        }
+        for (finish, event) in finishes.into_iter().zip(decided) {
+            let Some(event) = event else { continue };
+            span_of(finish.order_id)
+                .in_scope(|| announce(finish.pending, &finish.outcome, finish.payment));
+            results[finish.index] = Some(Ok(Handled::Decided {
+                outcome: finish.outcome,
+                payment: finish.payment,
+                event,
+            }));
+        }
+        for (index, operation, answer) in refusals {
+            let (order_id, from) = (orders[index].0, pending[&orders[index].0].state.as_str());
+            if let Err(error) = self.refused(order_id, from, operation, answer).await {
+                results[index] = Some(Err(error));
+            }
+        }
+        Ok(results)
     }
 
     /// An answer the step cannot use: if the payment has moved on meanwhile
@@ -335,93 +451,158 @@ impl Processor {
         from: &str,
         operation: Operation,
         answer: Answer,
-    ) -> Result<Step, HandleError> {
+    ) -> Result<(), HandleError> {
         let state: String = sqlx::query_scalar("SELECT state FROM payments WHERE order_id = $1")
             .bind(order_id)
             .fetch_one(&self.pool)
             .await?;
         if state != from {
-            return Ok(Step::Moved);
+            return Ok(());
         }
         Err(HandleError::Poison(format!(
             "payment provider answered {answer:?} to {operation} for order {order_id}"
         )))
     }
 
-    /// The authorisation is held: reserve the stock and decide to capture,
-    /// or, short of stock, to void. The decision is the payment's next
-    /// state, committed with the reservation.
-    async fn decide(&self, order_id: Uuid, pending: &Pending) -> Result<Step, HandleError> {
-        let mut tx = self.pool.begin().await?;
-        let state: Option<String> = sqlx::query_scalar(
-            "SELECT p.state FROM orders o JOIN payments p ON p.order_id = o.id
-             WHERE o.id = $1 AND o.status = 'accepted' FOR UPDATE",
-        )
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if state.as_deref() != Some("authorised") {
-            return Ok(Step::Moved);
-        }
-        let (next, reason, detail) = match reserve(&mut tx, &pending.items).await? {
-            Ok(()) => (
-                "capturing",
-                None,
-                format!("stock reserved; capturing {}", pending.amount()),
-            ),
-            Err(sku) => {
-                let reason = format!("out_of_stock: {sku}");
-                let detail = format!(
-                    "{reason}; voiding the authorisation of {}",
-                    pending.amount()
-                );
-                ("voiding", Some(reason), detail)
-            }
-        };
-        // The row is locked and was `authorised`: this moves it.
-        move_payment(
-            &mut *tx,
-            order_id,
-            &["authorised"],
-            next,
-            reason.as_deref(),
-            &detail,
-            CONSUMER,
-        )
-        .await?;
-        tx.commit().await?;
-        tracing::info!("{detail}");
-        Ok(Step::Moved)
-    }
-
-    /// The money has moved as the provider confirmed: in one transaction,
-    /// the payment's final state, the order's final status, its history,
-    /// its event and the message's record as handled.
-    async fn finish(
+    /// The money has moved as the provider confirmed: for each payment still
+    /// where the provider found it, its final state, the order's final
+    /// status, its history, its event and the message's record as handled.
+    /// The event of each finish, or `None` where someone else finished it.
+    async fn finish_all(
         &self,
-        order_id: Uuid,
-        pending: &Pending,
-        from: &str,
-        payment: PaymentOutcome,
-        outcome: Outcome,
-    ) -> Result<Step, HandleError> {
-        let mut tx = self.pool.begin().await?;
-        let moved: Option<Uuid> = sqlx::query_scalar(
-            "UPDATE payments p SET state = $3, updated_at = now()
-             FROM orders o
-             WHERE p.order_id = $1 AND p.state = $2 AND o.id = p.order_id AND o.status = 'accepted'
+        tx: &mut PgConnection,
+        finishes: &[Finish<'_>],
+    ) -> Result<Vec<Option<Outboxed>>, HandleError> {
+        if finishes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let moved: HashSet<Uuid> = sqlx::query_scalar(
+            "UPDATE payments p SET state = i.state, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS i(order_id, from_state, state), orders o
+             WHERE p.order_id = i.order_id AND p.state = i.from_state
+               AND o.id = p.order_id AND o.status = 'accepted'
              RETURNING p.order_id",
         )
-        .bind(order_id)
-        .bind(from)
-        .bind(payment.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if moved.is_none() {
-            return Ok(Step::Moved);
+        .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
+        .bind(finishes.iter().map(|f| f.from).collect::<Vec<_>>())
+        .bind(finishes.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let done: Vec<&Finish<'_>> = finishes
+            .iter()
+            .filter(|f| moved.contains(&f.order_id))
+            .collect();
+        if done.is_empty() {
+            return Ok(finishes.iter().map(|_| None).collect());
         }
-        let amount = pending.amount();
-        let (payment_detail, order_detail) = match (&outcome, payment) {
+        let details: Vec<(String, String)> = done.iter().map(|f| f.details()).collect();
+        // The decisions, both histories and the messages' records in one
+        // round trip; the guarded UPDATE above let one transaction through.
+        sqlx::query(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::uuid[])
+                     AS i(order_id, status, reason, order_detail, payment_state, payment_detail, message_id)),
+             decided AS (
+                 UPDATE orders o SET status = i.status, reason = i.reason, processed_by = $8, updated_at = now()
+                 FROM input i WHERE o.id = i.order_id RETURNING o.id),
+             paid AS (
+                 INSERT INTO payment_history (order_id, state, detail, service)
+                 SELECT i.order_id, i.payment_state, i.payment_detail, 'order-processor'
+                 FROM input i JOIN decided d ON d.id = i.order_id),
+             handled AS (
+                 INSERT INTO processed_messages (consumer, message_id)
+                 SELECT $9, message_id FROM input
+                 ON CONFLICT DO NOTHING)
+             INSERT INTO order_status_history (order_id, status, detail, service)
+             SELECT i.order_id, i.status, i.order_detail, 'order-processor'
+             FROM input i JOIN decided d ON d.id = i.order_id",
+        )
+        .bind(done.iter().map(|f| f.order_id).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.outcome.status()).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.reason()).collect::<Vec<_>>())
+        .bind(details.iter().map(|(_, order)| order.as_str()).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
+        .bind(details.iter().map(|(payment, _)| payment.as_str()).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.pending.message_id).collect::<Vec<_>>())
+        .bind(&self.instance_id)
+        .bind(CONSUMER)
+        .execute(&mut *tx)
+        .await?;
+        let events: Vec<(OrderEvent, Envelope, serde_json::Value)> = done
+            .iter()
+            .map(|f| self.event(f))
+            .collect::<Result<_, _>>()?;
+        let exchange = self.topology.events_exchange();
+        let messages = events
+            .iter()
+            .map(|(_, envelope, payload)| outbox::Message {
+                exchange: &exchange,
+                routing_key: "",
+                envelope: envelope.clone(),
+                payload,
+            })
+            .collect();
+        let mut queued = outbox::enqueue_all(tx, messages).await?.into_iter();
+        Ok(finishes
+            .iter()
+            .map(|f| {
+                moved
+                    .contains(&f.order_id)
+                    .then(|| queued.next().expect("one event per finish"))
+            })
+            .collect())
+    }
+
+    /// The event announcing a finished order, its envelope and its payload.
+    fn event(
+        &self,
+        finish: &Finish<'_>,
+    ) -> Result<(OrderEvent, Envelope, serde_json::Value), HandleError> {
+        let pending = finish.pending;
+        let lane = match pending.lane.as_str() {
+            "express" => Lane::Express,
+            _ => Lane::Standard,
+        };
+        let event = OrderEvent {
+            schema_version: SCHEMA_VERSION,
+            message_id: Uuid::new_v4(),
+            occurred_at: Utc::now(),
+            outcome: finish.outcome.clone(),
+            order_id: finish.order_id,
+            customer_id: pending.customer_id.clone(),
+            email: pending.email.clone(),
+            total_cents: pending.total_cents,
+            currency: pending.currency.clone(),
+            lane,
+            processed_by: self.instance_id.clone(),
+            callback_url: pending.callback_url.clone(),
+            payment: Some(finish.payment),
+        };
+        let envelope = Envelope {
+            message_id: event.message_id,
+            correlation_id: pending.correlation_id.clone(),
+            order_id: finish.order_id,
+        };
+        let payload = serde_json::to_value(&event).map_err(anyhow::Error::from)?;
+        Ok((event, envelope, payload))
+    }
+}
+
+impl Finish<'_> {
+    fn reason(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Rejected { reason } => Some(reason.as_str()),
+            Outcome::Processed => None,
+        }
+    }
+
+    /// The payment's line of history and the order's.
+    fn details(&self) -> (String, String) {
+        let amount = self.pending.amount();
+        match (&self.outcome, self.payment) {
             (Outcome::Processed, _) => (
                 format!("{amount} captured"),
                 format!("stock reserved, payment of {amount} captured"),
@@ -433,91 +614,122 @@ impl Processor {
                 format!("authorisation of {amount} voided: {reason}"),
                 format!("{reason}; authorisation of {amount} voided, nothing charged"),
             ),
-        };
-        let reason = match &outcome {
-            Outcome::Rejected { reason } => Some(reason.as_str()),
-            Outcome::Processed => None,
-        };
-        // The decision, both histories and the message's record in one
-        // round trip; the guarded UPDATE above let one transaction through.
+        }
+    }
+}
+
+/// What to do with an order in its recorded state.
+fn next(order_id: Uuid, pending: Option<&Pending>) -> Next {
+    let Some(pending) = pending else {
+        return Next::Over(Err(HandleError::Poison(format!(
+            "order {order_id} has no payment"
+        ))));
+    };
+    if pending.status != "accepted" {
+        return Next::Over(Ok(Handled::Duplicate));
+    }
+    match pending.state.as_str() {
+        "authorising" => Next::Call(Operation::Authorise),
+        "authorised" => Next::Decide,
+        "capturing" => Next::Call(Operation::Capture),
+        "voiding" => Next::Call(Operation::Void),
+        settled => Next::Over(Err(HandleError::Poison(format!(
+            "order {order_id} is still accepted but its payment is {settled}"
+        )))),
+    }
+}
+
+/// The authorisations are held: reserve each order's stock and decide to
+/// capture, or, short of stock, to void. The decision is the payment's next
+/// state, recorded with the reservation. The payments are locked in order
+/// id order and the stock rows of the whole batch in SKU order, so
+/// processors cannot deadlock; each order takes all its lines or none, in
+/// the order the orders came. Returns the decisions made.
+async fn decide_all(tx: &mut PgConnection, orders: &[(Uuid, &Pending)]) -> sqlx::Result<Vec<Move>> {
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    let locked: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT o.id FROM orders o JOIN payments p ON p.order_id = o.id
+         WHERE o.id = ANY($1) AND o.status = 'accepted' AND p.state = 'authorised'
+         ORDER BY o.id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let orders: Vec<&(Uuid, &Pending)> = orders
+        .iter()
+        .filter(|(id, _)| locked.contains(id))
+        .collect();
+    let skus: BTreeSet<&str> = orders
+        .iter()
+        .flat_map(|(_, pending)| pending.items.iter().map(|line| line.sku.as_str()))
+        .collect();
+    let mut stock: HashMap<String, i64> = sqlx::query_as::<_, (String, i32)>(
+        "SELECT sku, stock FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(skus.into_iter().collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(sku, stock)| (sku, i64::from(stock)))
+    .collect();
+
+    let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+    let mut decisions = Vec::with_capacity(orders.len());
+    for (order_id, pending) in orders {
+        let mut needed: BTreeMap<&str, i64> = BTreeMap::new();
+        for line in pending.items.iter() {
+            *needed.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
+        }
+        let short = needed
+            .iter()
+            .find(|(sku, quantity)| stock.get(**sku).is_none_or(|left| left < *quantity));
+        let amount = pending.amount();
+        decisions.push(match short {
+            None => {
+                for (sku, quantity) in needed {
+                    *stock.get_mut(sku).expect("a locked stock row") -= quantity;
+                    *taken.entry(sku.to_owned()).or_default() += quantity;
+                }
+                Move {
+                    order_id: *order_id,
+                    to: "capturing",
+                    reason: None,
+                    detail: format!("stock reserved; capturing {amount}"),
+                }
+            }
+            Some((sku, _)) => {
+                let reason = format!("out_of_stock: {sku}");
+                Move {
+                    order_id: *order_id,
+                    to: "voiding",
+                    detail: format!("{reason}; voiding the authorisation of {amount}"),
+                    reason: Some(reason),
+                }
+            }
+        });
+    }
+    if !taken.is_empty() {
+        let (skus, quantities): (Vec<String>, Vec<i64>) = taken.into_iter().unzip();
+        // The rows are locked and hold enough: the guard only restates it.
         sqlx::query(
-            "WITH decided AS (
-                 UPDATE orders SET status = $2, reason = $3, processed_by = $4, updated_at = now()
-                 WHERE id = $1 RETURNING id),
-             paid AS (
-                 INSERT INTO payment_history (order_id, state, detail, service)
-                 SELECT id, $6, $7, 'order-processor' FROM decided),
-             handled AS (
-                 INSERT INTO processed_messages (consumer, message_id) VALUES ($8, $9)
-                 ON CONFLICT DO NOTHING)
-             INSERT INTO order_status_history (order_id, status, detail, service)
-             SELECT id, $2, $5, 'order-processor' FROM decided",
+            "UPDATE inventory i SET stock = i.stock - t.taken
+             FROM unnest($1::text[], $2::int8[]) AS t(sku, taken)
+             WHERE i.sku = t.sku AND i.stock >= t.taken",
         )
-        .bind(order_id)
-        .bind(outcome.status())
-        .bind(reason)
-        .bind(&self.instance_id)
-        .bind(&order_detail)
-        .bind(payment.as_str())
-        .bind(&payment_detail)
-        .bind(CONSUMER)
-        .bind(pending.message_id)
+        .bind(&skus)
+        .bind(&quantities)
         .execute(&mut *tx)
         .await?;
-        let event = self
-            .enqueue_event(&mut tx, order_id, pending, &outcome, payment)
-            .await?;
-        tx.commit().await?;
-        decided(pending, &outcome, payment);
-        Ok(Step::Done(Handled::Decided {
-            outcome,
-            payment,
-            event,
-        }))
     }
-
-    async fn enqueue_event(
-        &self,
-        conn: &mut PgConnection,
-        order_id: Uuid,
-        pending: &Pending,
-        outcome: &Outcome,
-        payment: PaymentOutcome,
-    ) -> Result<Outboxed, HandleError> {
-        let lane = match pending.lane.as_str() {
-            "express" => Lane::Express,
-            _ => Lane::Standard,
-        };
-        let event = OrderEvent {
-            schema_version: SCHEMA_VERSION,
-            message_id: Uuid::new_v4(),
-            occurred_at: Utc::now(),
-            outcome: outcome.clone(),
-            order_id,
-            customer_id: pending.customer_id.clone(),
-            email: pending.email.clone(),
-            total_cents: pending.total_cents,
-            currency: pending.currency.clone(),
-            lane,
-            processed_by: self.instance_id.clone(),
-            callback_url: pending.callback_url.clone(),
-            payment: Some(payment),
-        };
-        let envelope = Envelope {
-            message_id: event.message_id,
-            correlation_id: pending.correlation_id.clone(),
-            order_id,
-        };
-        let payload = serde_json::to_value(&event).map_err(anyhow::Error::from)?;
-        Ok(outbox::enqueue(
-            conn,
-            &self.topology.events_exchange(),
-            "",
-            &envelope,
-            &payload,
-        )
-        .await?)
-    }
+    // The payments are locked and were `authorised`: this moves them.
+    move_payments(&mut *tx, &decisions, &["authorised"], CONSUMER).await?;
+    Ok(decisions)
 }
 
 /// Move the payment of `order_id` from one of `from` to `to` with a
@@ -527,31 +739,57 @@ pub(crate) async fn move_payment(
     conn: impl sqlx::PgExecutor<'_>,
     order_id: Uuid,
     from: &[&str],
-    to: &str,
+    to: &'static str,
     reason: Option<&str>,
     detail: &str,
     service: &str,
 ) -> sqlx::Result<bool> {
-    let moved = sqlx::query(
-        "WITH moved AS (
-             UPDATE payments SET state = $3, reason = coalesce($4, reason), updated_at = now()
-             WHERE order_id = $1 AND state = ANY($2) RETURNING order_id)
+    let step = Move {
+        order_id,
+        to,
+        reason: reason.map(str::to_owned),
+        detail: detail.to_owned(),
+    };
+    Ok(!move_payments(conn, &[step], from, service)
+        .await?
+        .is_empty())
+}
+
+/// [`move_payment`] for several payments, in one statement; returns the
+/// orders whose payments moved.
+pub(crate) async fn move_payments(
+    conn: impl sqlx::PgExecutor<'_>,
+    moves: &[Move],
+    from: &[&str],
+    service: &str,
+) -> sqlx::Result<Vec<Uuid>> {
+    if moves.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                 AS i(order_id, state, reason, detail)),
+         moved AS (
+             UPDATE payments p SET state = i.state, reason = coalesce(i.reason, p.reason), updated_at = now()
+             FROM input i WHERE p.order_id = i.order_id AND p.state = ANY($5)
+             RETURNING p.order_id, i.state, i.detail)
          INSERT INTO payment_history (order_id, state, detail, service)
-         SELECT order_id, $3, $5, $6 FROM moved",
+         SELECT order_id, state, detail, $6 FROM moved
+         RETURNING order_id",
     )
-    .bind(order_id)
+    .bind(moves.iter().map(|m| m.order_id).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.to).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
     .bind(from)
-    .bind(to)
-    .bind(reason)
-    .bind(detail)
     .bind(service)
-    .execute(conn)
-    .await?;
-    Ok(moved.rows_affected() == 1)
+    .fetch_all(conn)
+    .await
 }
 
 /// Count the decision and say in the log what happened, money included.
-fn decided(pending: &Pending, outcome: &Outcome, payment: PaymentOutcome) {
+fn announce(pending: &Pending, outcome: &Outcome, payment: PaymentOutcome) {
     metrics::counter!("orders_decided_total", "outcome" => outcome.status()).increment(1);
     metrics::counter!("payments_settled_total", "outcome" => payment.as_str()).increment(1);
     let (amount, lane, items) = (pending.amount(), &pending.lane, pending.items.len());
@@ -569,40 +807,4 @@ fn decided(pending: &Pending, outcome: &Outcome, payment: PaymentOutcome) {
             "order rejected ({reason}): authorisation of {amount} voided, nothing charged"
         ),
     }
-}
-
-/// Take every line's quantity from stock, or none of them: `Err(sku)` names
-/// the first line that is short, and the savepoint undoes the others.
-/// Lines are taken in SKU order so concurrent orders lock rows in the same
-/// order and cannot deadlock.
-async fn reserve(conn: &mut PgConnection, items: &[OrderLine]) -> sqlx::Result<Result<(), String>> {
-    let mut lines: Vec<&OrderLine> = items.iter().collect();
-    lines.sort_by(|a, b| a.sku.cmp(&b.sku));
-    // With one line there is nothing to undo: spare the two round trips.
-    let undoable = lines.len() > 1;
-    if undoable {
-        sqlx::query("SAVEPOINT reserve").execute(&mut *conn).await?;
-    }
-    for line in lines {
-        let taken =
-            sqlx::query("UPDATE inventory SET stock = stock - $2 WHERE sku = $1 AND stock >= $2")
-                .bind(&line.sku)
-                .bind(line.quantity)
-                .execute(&mut *conn)
-                .await?;
-        if taken.rows_affected() == 0 {
-            if undoable {
-                sqlx::query("ROLLBACK TO SAVEPOINT reserve")
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            return Ok(Err(line.sku.clone()));
-        }
-    }
-    if undoable {
-        sqlx::query("RELEASE SAVEPOINT reserve")
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(Ok(()))
 }

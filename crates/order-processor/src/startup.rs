@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use messaging::{consumer::Each, contracts::Lane};
+use messaging::contracts::Lane;
 use platform::{outbox::Relay, worker::Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -87,15 +87,11 @@ impl Application {
                 .clone()
                 .run(self.sweep_interval, shutdown.child_token()),
         );
-        let processor = &self.processor;
-        let relay = &self.relay;
-        let consumed = self
-            .worker
-            .run(
-                shutdown.clone(),
-                Each(|delivery| consumer::on_delivery(processor, relay, delivery)),
-            )
-            .await;
+        let orders = consumer::Orders {
+            processor: &self.processor,
+            relay: &self.relay,
+        };
+        let consumed = self.worker.run(shutdown.clone(), orders).await;
         shutdown.cancel();
         let _ = sweeper_task.await;
         // The consumers have drained: what they committed is flushed now.

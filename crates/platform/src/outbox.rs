@@ -50,6 +50,14 @@ pub struct Outboxed {
     envelope: Envelope,
 }
 
+/// A message for the outbox: where it goes and what it says.
+pub struct Message<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub envelope: Envelope,
+    pub payload: &'a serde_json::Value,
+}
+
 /// Add a message to the outbox inside the caller's transaction.
 pub async fn enqueue(
     conn: &mut PgConnection,
@@ -58,26 +66,69 @@ pub async fn enqueue(
     envelope: &Envelope,
     payload: &serde_json::Value,
 ) -> sqlx::Result<Outboxed> {
-    let body = serde_json::to_vec(payload).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    let id = sqlx::query_scalar(
-        "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-    )
-    .bind(envelope.message_id)
-    .bind(exchange)
-    .bind(routing_key)
-    .bind(payload)
-    .bind(&envelope.correlation_id)
-    .bind(envelope.order_id)
-    .fetch_one(conn)
-    .await?;
-    Ok(Outboxed {
-        id,
-        exchange: exchange.to_owned(),
-        routing_key: routing_key.to_owned(),
-        body,
+    let message = Message {
+        exchange,
+        routing_key,
         envelope: envelope.clone(),
-    })
+        payload,
+    };
+    let mut added = enqueue_all(conn, vec![message]).await?;
+    Ok(added.pop().expect("one row per message"))
+}
+
+/// Add messages to the outbox inside the caller's transaction, in one
+/// statement; returned in their order.
+pub async fn enqueue_all(
+    conn: &mut PgConnection,
+    messages: Vec<Message<'_>>,
+) -> sqlx::Result<Vec<Outboxed>> {
+    let mut bodies = Vec::with_capacity(messages.len());
+    for message in &messages {
+        let body = serde_json::to_string(message.payload)
+            .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+        bodies.push(body);
+    }
+    let column = |field: fn(&Message<'_>) -> String| messages.iter().map(field).collect::<Vec<_>>();
+    let rows: Vec<(i64, uuid::Uuid)> = sqlx::query_as(
+        "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
+         SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[])
+              AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
+         RETURNING id, message_id",
+    )
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.envelope.message_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|m| m.exchange.to_owned()))
+    .bind(column(|m| m.routing_key.to_owned()))
+    .bind(&bodies)
+    .bind(column(|m| m.envelope.correlation_id.clone()))
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.envelope.order_id)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(conn)
+    .await?;
+    let ids: std::collections::HashMap<uuid::Uuid, i64> = rows
+        .into_iter()
+        .map(|(id, message_id)| (message_id, id))
+        .collect();
+    Ok(messages
+        .into_iter()
+        .zip(bodies)
+        .map(|(message, body)| Outboxed {
+            id: ids[&message.envelope.message_id],
+            exchange: message.exchange.to_owned(),
+            routing_key: message.routing_key.to_owned(),
+            body: body.into_bytes(),
+            envelope: message.envelope,
+        })
+        .collect())
 }
 
 /// Publishes outbox rows and marks them published.

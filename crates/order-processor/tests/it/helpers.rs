@@ -18,6 +18,14 @@ pub fn processor(pool: &PgPool) -> Processor {
     }
 }
 
+/// A processor whose provider honours the demo customers' failures.
+pub fn demo_processor(pool: &PgPool) -> Processor {
+    let mut processor = processor(pool);
+    processor.payments =
+        PaymentProvider::new(pool.clone(), Duration::ZERO, 1_000_000).with_demo_failures(true);
+    processor
+}
+
 /// An accepted order in the database and the message announcing it.
 pub async fn accepted_order(pool: &PgPool, items: &[(&str, i32)]) -> OrderPlaced {
     accepted_order_of(pool, "c-1", items).await

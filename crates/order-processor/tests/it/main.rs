@@ -1,5 +1,6 @@
 //! order-processor against the real Postgres and RabbitMQ.
 
+mod batch;
 mod consumer;
 mod handler;
 mod helpers;

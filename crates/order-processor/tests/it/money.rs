@@ -7,21 +7,13 @@ use std::time::Duration;
 
 use messaging::contracts::{OrderPlaced, Outcome, PaymentOutcome};
 use order_processor::{
-    handler::{Handled, Processor},
+    handler::Handled,
     payment::{Answer, Charge, Operation, PaymentProvider},
     sweeper::Sweeper,
 };
 use sqlx::PgPool;
 
-use crate::helpers::{accepted_order, accepted_order_of, processor, stock};
-
-/// A processor whose provider honours the demo customers' failures.
-fn demo_processor(pool: &PgPool) -> Processor {
-    let mut processor = processor(pool);
-    processor.payments =
-        PaymentProvider::new(pool.clone(), Duration::ZERO, 1_000_000).with_demo_failures(true);
-    processor
-}
+use crate::helpers::{accepted_order, accepted_order_of, demo_processor, processor, stock};
 
 /// What orderflow's books and the provider's say about one order's money.
 #[derive(Debug, PartialEq, Eq, sqlx::FromRow)]

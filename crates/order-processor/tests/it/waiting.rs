@@ -12,10 +12,10 @@ use std::{
 use messaging::{
     Publisher, Topology,
     amqp::Envelope,
-    consumer::{self, ConsumerSpec, Disposition, Each, RetryPolicy},
+    consumer::{self, ConsumerSpec, Disposition, Each, Handler, RetryPolicy},
     contracts::{Lane, OrderPlaced},
 };
-use order_processor::{consumer::on_delivery, handler::Processor, payment::PaymentProvider};
+use order_processor::{consumer::Orders, handler::Processor, payment::PaymentProvider};
 use platform::outbox::Relay;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -91,14 +91,17 @@ async fn starved_consumer(retry: RetryPolicy) -> Starved {
     let (publishing, stop) = (publisher.clone(), shutdown.clone());
     tokio::spawn(async move {
         let handler = |delivery: lapin::message::Delivery| {
-            let (processor, relay) = (&processor, &relay);
+            let orders = Orders {
+                processor: &processor,
+                relay: &relay,
+            };
             let (waited, attempted) = (&waited, &attempted);
             async move {
                 attempted.fetch_max(
                     consumer::previous_attempts(&delivery.properties),
                     Ordering::SeqCst,
                 );
-                let disposition = on_delivery(processor, relay, delivery).await;
+                let disposition = orders.handle(delivery).await;
                 if matches!(disposition, Disposition::Wait { .. }) {
                     waited.fetch_add(1, Ordering::SeqCst);
                 }
