@@ -7,6 +7,7 @@ pub mod configuration;
 pub mod domain;
 pub mod error;
 pub mod idempotency;
+pub mod intake;
 pub mod keys_cli;
 pub mod live;
 pub mod openapi;

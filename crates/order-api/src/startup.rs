@@ -15,6 +15,7 @@ use crate::{
     auth::RateLimits,
     configuration::Settings,
     idempotency,
+    intake::Intake,
     live::{Feed, Streams},
     republish::Republisher,
     routes,
@@ -24,6 +25,8 @@ use crate::{
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Where POSTs hand their orders to be stored, in batches.
+    pub intake: Intake,
     pub relay: Relay,
     pub topology: Topology,
     pub max_quantity: i32,
@@ -64,6 +67,11 @@ impl Application {
         );
         let state = AppState {
             pool: pool.clone(),
+            intake: Intake::start(
+                pool.clone(),
+                broker.topology().orders_exchange(),
+                settings.idempotency_ttl(),
+            ),
             relay: Relay::new(pool.clone(), publisher),
             topology: broker.topology().clone(),
             max_quantity: settings.max_quantity,

@@ -8,5 +8,5 @@ mod persistence;
 
 pub use key::IdempotencyKey;
 pub use persistence::{
-    NextAction, SavedResponse, delete_expired, request_hash, save_response, try_start,
+    Claim, NextAction, SavedResponse, claim_all, delete_expired, request_hash, save_all,
 };

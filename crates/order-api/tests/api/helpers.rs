@@ -141,6 +141,21 @@ impl TestApp {
             .expect("GET")
     }
 
+    /// A metric's value from `/metrics` (read with the admin key), by the
+    /// start of its line: a name, with its labels if it has any.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self
+            .get_as(&self.admin, "/metrics")
+            .await
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }

@@ -1,6 +1,12 @@
 //! Stripe's idempotency semantics, against the real database.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use serde_json::{Value, json};
 
@@ -157,4 +163,88 @@ async fn keys_expire_and_are_cleaned_up() {
         first["id"], second["id"],
         "an expired key starts a new order"
     );
+}
+
+#[tokio::test]
+async fn orders_posted_together_share_a_transaction_and_keep_their_own_answers() {
+    let (mut settings, pool) = test_settings().await;
+    settings.rate_limit_burst = 1000.try_into().unwrap();
+    let app = spawn_with(settings, pool).await;
+    // Hold every writer at the price lookup, so the requests pile up.
+    let mut gate = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let mut unknown_sku = order_body();
+    unknown_sku["items"][0]["sku"] = json!("NO-SUCH-THING");
+    let mut requests: Vec<(&str, Value, Option<&str>)> = Vec::new();
+    requests.extend((0..50).map(|_| ("one key", order_body(), Some("key-storm"))));
+    requests.extend((0..20).map(|_| ("no key", order_body(), None)));
+    requests.extend((0..5).map(|_| ("unknown sku", unknown_sku.clone(), Some("key-unknown"))));
+    let total = requests.len();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let sent: Vec<_> = requests
+        .into_iter()
+        .map(|(kind, body, key)| {
+            let mut request = app
+                .client
+                .post(format!("{}/orders", app.address))
+                .json(&body);
+            if let Some(key) = key {
+                request = request.header("Idempotency-Key", key);
+            }
+            let answered = Arc::clone(&answered);
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                answered.fetch_add(1, Ordering::SeqCst);
+                let status = response.status().as_u16();
+                let replayed = response.headers().contains_key("idempotent-replayed");
+                (kind, status, replayed, response.bytes().await.unwrap())
+            })
+        })
+        .collect();
+    test_support::eventually(
+        Duration::from_secs(30),
+        "every request waiting in the intake",
+        || async {
+            // A request refused before its batch reaches the gate (409)
+            // is answered already.
+            let pending = app.metric("order_intake_pending").await.unwrap_or(0.0);
+            let answered = answered.load(Ordering::SeqCst);
+            (pending as usize + answered == total).then_some(())
+        },
+    )
+    .await;
+    gate.rollback().await.unwrap();
+
+    let mut answers = Vec::new();
+    for request in sent {
+        answers.push(request.await.unwrap());
+    }
+    let of = |kind: &'static str| answers.iter().filter(move |a| a.0 == kind);
+    let created: Vec<_> = of("one key").filter(|a| a.1 == 202 && !a.2).collect();
+    assert_eq!(created.len(), 1, "one order for the key");
+    for (_, status, replayed, body) in of("one key") {
+        match (status, replayed) {
+            (202, false) => {}
+            (202, true) => assert_eq!(body, &created[0].3, "a replay is byte for byte"),
+            (409, _) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(of("no key").all(|a| a.1 == 202));
+    assert!(of("unknown sku").all(|a| a.1 == 422 || a.1 == 409));
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1 + 20);
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1 + 20);
+    assert_eq!(
+        app.count("SELECT count(*) FROM idempotency_keys").await,
+        1,
+        "no key stored for the refused request"
+    );
+    // Orders of one transaction share its start time.
+    let largest_batch = app
+        .count("SELECT max(n) FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b")
+        .await;
+    assert!(largest_batch > 1, "the writers batched nothing");
 }

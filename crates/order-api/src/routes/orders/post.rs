@@ -6,20 +6,14 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use messaging::{
-    amqp::Envelope,
-    contracts::{OrderLine, OrderPlaced, SCHEMA_VERSION},
-};
-use platform::outbox::Outboxed;
-use sqlx::PgConnection;
-use uuid::Uuid;
 
-use super::{HistoryEntry, OrderView, PricedLine};
+use super::OrderView;
 use crate::{
     auth::Caller,
-    domain::{OrderRequest, ValidOrder},
+    domain::OrderRequest,
     error::{ApiError, ErrorBody, Result},
-    idempotency::{self, IdempotencyKey, NextAction, SavedResponse},
+    idempotency::{self, IdempotencyKey, SavedResponse},
+    intake::{Placed, Placement},
     live::LiveEvent,
     routes::{CorrelationId, JsonBody},
     startup::AppState,
@@ -30,7 +24,8 @@ use crate::{
 const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 /// `POST /orders`: validate, store the order, its idempotency key and its
-/// outbox message in one transaction, publish with confirms, answer 202.
+/// outbox message in one transaction (shared with the orders of concurrent
+/// requests, see [`crate::intake`]), publish with confirms, answer 202.
 #[utoipa::path(
     post,
     path = "/orders",
@@ -85,40 +80,28 @@ pub async fn create_order(
         .validate(state.max_quantity)
         .map_err(ApiError::Validation)?;
 
-    let mut tx = state.pool.begin().await?;
-    if let Some(key) = &key
-        && let NextAction::ReturnSavedResponse(saved) =
-            idempotency::try_start(&mut tx, &caller.client, key, &hash, state.idempotency_ttl)
-                .await?
-    {
-        tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
-        metrics::counter!("idempotent_replays_total").increment(1);
-        tracing::info!("replaying the stored response for a repeated idempotency key");
-        return Ok(respond(saved, true));
-    }
-    let lines = price(&mut tx, &order.items).await?;
-    let order_id = Uuid::new_v4();
-    tracing::Span::current().record("order_id", tracing::field::display(order_id));
-    let view = insert_order(
-        &mut tx,
-        order_id,
-        &caller.client,
-        &order,
-        lines,
-        &correlation.0,
-    )
-    .await?;
-    let placed = enqueue_placed(&mut tx, &state, &order, &view).await?;
-    let saved = SavedResponse {
-        status: StatusCode::ACCEPTED.as_u16(),
-        body: serde_json::to_vec(&view).map_err(anyhow::Error::from)?,
-        order_id,
+    let placement = Placement {
+        client: caller.client.clone(),
+        key: key.map(|key| (key, hash)),
+        order,
+        correlation_id: correlation.0.clone(),
     };
-    if let Some(key) = &key {
-        idempotency::save_response(&mut tx, &caller.client, key, &hash, &saved).await?;
-    }
-    tx.commit().await?;
-    metrics::counter!("orders_accepted_total", "lane" => order.lane.as_str()).increment(1);
+    let (saved, view, placed) = match state.intake.place(placement).await? {
+        Placed::Replayed(saved) => {
+            tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
+            metrics::counter!("idempotent_replays_total").increment(1);
+            tracing::info!("replaying the stored response for a repeated idempotency key");
+            return Ok(respond(saved, true));
+        }
+        Placed::Accepted {
+            saved,
+            view,
+            message,
+        } => (saved, view, message),
+    };
+    let order_id = view.id;
+    tracing::Span::current().record("order_id", tracing::field::display(order_id));
+    metrics::counter!("orders_accepted_total", "lane" => view.lane.clone()).increment(1);
     state.feed.publish(LiveEvent {
         order_id,
         customer_id: view.customer_id.clone(),
@@ -153,127 +136,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>> {
             IdempotencyKey::parse(text).map_err(ApiError::InvalidIdempotencyKey)
         })
         .transpose()
-}
-
-/// Look up every SKU's price; unknown SKUs are the client's error.
-async fn price(conn: &mut PgConnection, items: &[OrderLine]) -> Result<Vec<PricedLine>> {
-    let skus: Vec<&str> = items.iter().map(|l| l.sku.as_str()).collect();
-    let prices: Vec<(String, i64)> =
-        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
-            .bind(&skus)
-            .fetch_all(&mut *conn)
-            .await?;
-    let unknown: Vec<String> = items
-        .iter()
-        .filter(|l| !prices.iter().any(|(sku, _)| *sku == l.sku))
-        .map(|l| l.sku.clone())
-        .collect();
-    if !unknown.is_empty() {
-        return Err(ApiError::UnknownSku(unknown));
-    }
-    Ok(items
-        .iter()
-        .map(|line| PricedLine {
-            sku: line.sku.clone(),
-            quantity: line.quantity,
-            unit_price_cents: prices
-                .iter()
-                .find(|(sku, _)| *sku == line.sku)
-                .map_or(0, |(_, p)| *p),
-        })
-        .collect())
-}
-
-async fn insert_order(
-    conn: &mut PgConnection,
-    id: Uuid,
-    client: &str,
-    order: &ValidOrder,
-    items: Vec<PricedLine>,
-    correlation_id: &str,
-) -> Result<OrderView> {
-    let total_cents: i64 = items
-        .iter()
-        .map(|l| i64::from(l.quantity) * l.unit_price_cents)
-        .sum();
-    // The order and its first history line in one round trip.
-    let history: HistoryEntry = sqlx::query_as(
-        "WITH placed AS (
-             INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
-                                 shipping, callback_url, status, correlation_id, client)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'accepted', $10, $12)
-             RETURNING id, created_at)
-         INSERT INTO order_status_history (order_id, status, detail, service, at)
-         SELECT id, 'accepted', $11, 'order-api', created_at FROM placed
-         RETURNING status, detail, service, at",
-    )
-    .bind(id)
-    .bind(&order.customer_id)
-    .bind(&order.email)
-    .bind(sqlx::types::Json(&items))
-    .bind(total_cents)
-    .bind(&order.currency)
-    .bind(order.lane.as_str())
-    .bind(order.shipping.as_ref().map(sqlx::types::Json))
-    .bind(&order.callback_url)
-    .bind(correlation_id)
-    .bind(format!("queued on the {} lane", order.lane.as_str()))
-    .bind(client)
-    .fetch_one(&mut *conn)
-    .await?;
-    let created_at = history.at;
-    Ok(OrderView {
-        id,
-        status: "accepted".into(),
-        reason: None,
-        customer_id: order.customer_id.clone(),
-        email: order.email.clone(),
-        items,
-        total_cents,
-        currency: order.currency.clone(),
-        lane: order.lane.as_str().into(),
-        callback_url: order.callback_url.clone(),
-        shipping: order.shipping.clone(),
-        correlation_id: correlation_id.into(),
-        created_at,
-        history: vec![history],
-        payment: None,
-    })
-}
-
-async fn enqueue_placed(
-    conn: &mut PgConnection,
-    state: &AppState,
-    order: &ValidOrder,
-    view: &OrderView,
-) -> Result<Outboxed> {
-    let envelope = Envelope {
-        message_id: Uuid::new_v4(),
-        correlation_id: view.correlation_id.clone(),
-        order_id: view.id,
-    };
-    let message = OrderPlaced {
-        schema_version: SCHEMA_VERSION,
-        message_id: envelope.message_id,
-        occurred_at: view.created_at,
-        order_id: view.id,
-        customer_id: order.customer_id.clone(),
-        email: order.email.clone(),
-        items: order.items.clone(),
-        total_cents: view.total_cents,
-        currency: order.currency.clone(),
-        lane: order.lane,
-        callback_url: order.callback_url.clone(),
-    };
-    let payload = serde_json::to_value(&message).map_err(anyhow::Error::from)?;
-    Ok(platform::outbox::enqueue(
-        conn,
-        &state.topology.orders_exchange(),
-        order.lane.as_str(),
-        &envelope,
-        &payload,
-    )
-    .await?)
 }
 
 fn respond(saved: SavedResponse, replayed: bool) -> Response {

@@ -1,0 +1,481 @@
+//! Group commit: the orders of concurrent POSTs share one transaction.
+//!
+//! A request hands its validated order to the intake and waits for the
+//! answer. A writer takes every order waiting since it last looked (never
+//! waiting to fill a batch: at low load a batch is one order) and stores
+//! them all in one transaction with set-based statements: their idempotency
+//! keys claimed, their prices read, the orders with their first history
+//! lines, their outbox messages and their keys' responses inserted. Each
+//! request hears its answer only after that commit. [`WRITERS`] batches may
+//! be committing at once; batches grow while they all are.
+//!
+//! Stripe's idempotency semantics hold inside a batch too: the key's
+//! advisory lock is taken for the first request with it, so a second
+//! request with the same key gets 409 exactly as if it had come from
+//! another instance. If a batch fails as a whole, each of its orders is
+//! stored again in a transaction of its own, so one order's failure is only
+//! its own.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::http::StatusCode;
+use messaging::{
+    amqp::Envelope,
+    contracts::{OrderPlaced, SCHEMA_VERSION},
+};
+use platform::outbox::{self, Outboxed};
+use sqlx::{PgConnection, PgPool, Row};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::{
+    domain::ValidOrder,
+    error::ApiError,
+    idempotency::{self, Claim, IdempotencyKey, NextAction, SavedResponse},
+    routes::orders::{HistoryEntry, OrderView, PricedLine},
+};
+
+/// Batches committing at once, at most.
+pub const WRITERS: usize = 2;
+
+/// Orders in one transaction, at most.
+pub const MAX_BATCH: usize = 128;
+
+/// One request's order, as the intake stores it.
+pub struct Placement {
+    pub client: String,
+    /// The request's idempotency key and the hash of its body.
+    pub key: Option<(IdempotencyKey, String)>,
+    pub order: ValidOrder,
+    pub correlation_id: String,
+}
+
+/// What storing a placement did.
+pub enum Placed {
+    /// Stored now: the answer (saved with the key, if any), the order and
+    /// its outbox message, to publish.
+    Accepted {
+        saved: SavedResponse,
+        view: Box<OrderView>,
+        message: Outboxed,
+    },
+    /// The key was used before with this body: its first answer.
+    Replayed(SavedResponse),
+}
+
+type Reply = oneshot::Sender<Result<Placed, ApiError>>;
+
+/// Where requests hand their orders to the writers.
+#[derive(Clone)]
+pub struct Intake {
+    sender: mpsc::UnboundedSender<(Placement, Reply)>,
+}
+
+/// What the writers need.
+struct Store {
+    pool: PgPool,
+    orders_exchange: String,
+    idempotency_ttl: Duration,
+}
+
+impl Intake {
+    /// Start the writers; they stop once every handle is dropped.
+    pub fn start(pool: PgPool, orders_exchange: String, idempotency_ttl: Duration) -> Self {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let store = Arc::new(Store {
+            pool,
+            orders_exchange,
+            idempotency_ttl,
+        });
+        tokio::spawn(write(store, receiver));
+        Self { sender }
+    }
+
+    /// Store `placement` with whatever else is waiting; answers after the
+    /// commit.
+    pub async fn place(&self, placement: Placement) -> Result<Placed, ApiError> {
+        let _pending = Pending::count();
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((placement, reply))
+            .map_err(|_| anyhow::anyhow!("the order intake has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the order intake dropped the order"))?
+    }
+}
+
+/// Counts a request in `order_intake_pending` until it has its answer (or
+/// its client went away).
+struct Pending;
+
+impl Pending {
+    fn count() -> Self {
+        metrics::gauge!("order_intake_pending").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        metrics::gauge!("order_intake_pending").decrement(1.0);
+    }
+}
+
+/// Take what is waiting, up to [`MAX_BATCH`], whenever a writer is free.
+async fn write(store: Arc<Store>, mut receiver: mpsc::UnboundedReceiver<(Placement, Reply)>) {
+    let writers = Arc::new(Semaphore::new(WRITERS));
+    loop {
+        let writer = Arc::clone(&writers)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let Some(first) = receiver.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store.commit(batch).await;
+            drop(writer);
+        });
+    }
+}
+
+impl Store {
+    /// Store a batch and answer each request; a batch that fails is stored
+    /// again order by order.
+    async fn commit(&self, batch: Vec<(Placement, Reply)>) {
+        metrics::histogram!("order_intake_batch_size").record(batch.len() as f64);
+        let (placements, replies): (Vec<Placement>, Vec<Reply>) = batch.into_iter().unzip();
+        match self.place_all(&placements).await {
+            Ok(placed) => {
+                for (reply, placed) in replies.into_iter().zip(placed) {
+                    let _ = reply.send(placed);
+                }
+            }
+            Err(error) if placements.len() == 1 => {
+                let _ = replies
+                    .into_iter()
+                    .next()
+                    .expect("one reply")
+                    .send(Err(error));
+            }
+            Err(error) => {
+                metrics::counter!("order_intake_batches_split_total").increment(1);
+                tracing::warn!(error.message = %format!("{error:#}"), "an order batch failed; storing its orders one by one");
+                for (placement, reply) in placements.iter().zip(replies) {
+                    let placed = match self.place_all(std::slice::from_ref(placement)).await {
+                        Ok(mut placed) => placed.pop().expect("one answer per order"),
+                        Err(error) => Err(error),
+                    };
+                    let _ = reply.send(placed);
+                }
+            }
+        }
+    }
+
+    /// Store `placements` in one transaction: one answer per placement, or
+    /// `Err` when the transaction failed and stored none of them.
+    async fn place_all(
+        &self,
+        placements: &[Placement],
+    ) -> Result<Vec<Result<Placed, ApiError>>, ApiError> {
+        let mut answers: Vec<Option<Result<Placed, ApiError>>> =
+            placements.iter().map(|_| None).collect();
+        let mut tx = self.pool.begin().await?;
+
+        // Keys: a repeat within the batch is in flight, as it would be
+        // from anywhere else.
+        let mut claimed = HashSet::new();
+        let mut claims = Vec::new();
+        let mut claimants = Vec::new();
+        for (index, placement) in placements.iter().enumerate() {
+            let Some((key, hash)) = &placement.key else {
+                continue;
+            };
+            if !claimed.insert((placement.client.as_str(), key.as_ref())) {
+                answers[index] = Some(Err(ApiError::IdempotencyKeyInFlight));
+                continue;
+            }
+            claims.push(Claim {
+                client: &placement.client,
+                key,
+                request_hash: hash,
+            });
+            claimants.push(index);
+        }
+        let claimed = idempotency::claim_all(&mut tx, &claims, self.idempotency_ttl).await?;
+        for (index, next) in claimants.into_iter().zip(claimed) {
+            match next {
+                Ok(NextAction::StartProcessing) => {}
+                Ok(NextAction::ReturnSavedResponse(saved)) => {
+                    answers[index] = Some(Ok(Placed::Replayed(saved)));
+                }
+                Err(error) => answers[index] = Some(Err(error)),
+            }
+        }
+
+        // Prices: an unknown SKU is the client's error, and only its own.
+        let open: Vec<usize> = (0..placements.len())
+            .filter(|&i| answers[i].is_none())
+            .collect();
+        let priced = price(&mut tx, open.iter().map(|&i| &placements[i].order)).await?;
+        let mut accepted = Vec::new();
+        for (index, lines) in open.into_iter().zip(priced) {
+            match lines {
+                Ok(lines) => accepted.push((index, lines)),
+                Err(error) => answers[index] = Some(Err(error)),
+            }
+        }
+
+        let views = insert_orders(
+            &mut tx,
+            accepted
+                .into_iter()
+                .map(|(index, lines)| (&placements[index], lines, index)),
+        )
+        .await?;
+        let messages = self.enqueue_placed(&mut tx, &views, placements).await?;
+        let mut saved = Vec::with_capacity(views.len());
+        for (view, _) in &views {
+            saved.push(SavedResponse {
+                status: StatusCode::ACCEPTED.as_u16(),
+                body: serde_json::to_vec(view).map_err(anyhow::Error::from)?,
+                order_id: view.id,
+            });
+        }
+        let saves: Vec<(Claim<'_>, &SavedResponse)> = views
+            .iter()
+            .zip(&saved)
+            .filter_map(|((_, index), saved)| {
+                let placement = &placements[*index];
+                let (key, hash) = placement.key.as_ref()?;
+                let claim = Claim {
+                    client: &placement.client,
+                    key,
+                    request_hash: hash,
+                };
+                Some((claim, saved))
+            })
+            .collect();
+        idempotency::save_all(&mut tx, &saves).await?;
+        tx.commit().await?;
+
+        for (((view, index), saved), message) in views.into_iter().zip(saved).zip(messages) {
+            answers[index] = Some(Ok(Placed::Accepted {
+                saved,
+                view: Box::new(view),
+                message,
+            }));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|answer| answer.expect("an answer for every order"))
+            .collect())
+    }
+
+    /// The orders' messages for the processors, in the outbox.
+    async fn enqueue_placed(
+        &self,
+        conn: &mut PgConnection,
+        views: &[(OrderView, usize)],
+        placements: &[Placement],
+    ) -> Result<Vec<Outboxed>, ApiError> {
+        let mut messages = Vec::with_capacity(views.len());
+        for (view, index) in views {
+            let order = &placements[*index].order;
+            let envelope = Envelope {
+                message_id: Uuid::new_v4(),
+                correlation_id: view.correlation_id.clone(),
+                order_id: view.id,
+            };
+            let message = OrderPlaced {
+                schema_version: SCHEMA_VERSION,
+                message_id: envelope.message_id,
+                occurred_at: view.created_at,
+                order_id: view.id,
+                customer_id: order.customer_id.clone(),
+                email: order.email.clone(),
+                items: order.items.clone(),
+                total_cents: view.total_cents,
+                currency: order.currency.clone(),
+                lane: order.lane,
+                callback_url: order.callback_url.clone(),
+            };
+            let payload = serde_json::to_value(&message).map_err(anyhow::Error::from)?;
+            messages.push((order.lane.as_str(), envelope, payload));
+        }
+        let messages = messages
+            .iter()
+            .map(|(lane, envelope, payload)| outbox::Message {
+                exchange: &self.orders_exchange,
+                routing_key: lane,
+                envelope: envelope.clone(),
+                payload,
+            })
+            .collect();
+        Ok(outbox::enqueue_all(conn, messages).await?)
+    }
+}
+
+/// Every order's lines with their prices, in one query; an order naming a
+/// SKU that does not exist gets the client's error.
+async fn price<'a>(
+    conn: &mut PgConnection,
+    orders: impl Iterator<Item = &'a ValidOrder>,
+) -> sqlx::Result<Vec<Result<Vec<PricedLine>, ApiError>>> {
+    let orders: Vec<&ValidOrder> = orders.collect();
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let skus: Vec<&str> = orders
+        .iter()
+        .flat_map(|o| o.items.iter().map(|l| l.sku.as_str()))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let prices: HashMap<String, i64> =
+        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
+            .bind(&skus)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    Ok(orders
+        .into_iter()
+        .map(|order| {
+            let unknown: Vec<String> = order
+                .items
+                .iter()
+                .filter(|l| !prices.contains_key(&l.sku))
+                .map(|l| l.sku.clone())
+                .collect();
+            if !unknown.is_empty() {
+                return Err(ApiError::UnknownSku(unknown));
+            }
+            Ok(order
+                .items
+                .iter()
+                .map(|line| PricedLine {
+                    sku: line.sku.clone(),
+                    quantity: line.quantity,
+                    unit_price_cents: prices[&line.sku],
+                })
+                .collect())
+        })
+        .collect())
+}
+
+/// Insert the orders with their first history lines, in one statement;
+/// each order's view with the tag it came with.
+async fn insert_orders<'a, T>(
+    conn: &mut PgConnection,
+    orders: impl Iterator<Item = (&'a Placement, Vec<PricedLine>, T)>,
+) -> Result<Vec<(OrderView, T)>, ApiError> {
+    let rows: Vec<(Uuid, &Placement, Vec<PricedLine>, T)> = orders
+        .map(|(placement, items, tag)| (Uuid::new_v4(), placement, items, tag))
+        .collect();
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let total = |items: &[PricedLine]| -> i64 {
+        items
+            .iter()
+            .map(|l| i64::from(l.quantity) * l.unit_price_cents)
+            .sum()
+    };
+    let order = |row: &(Uuid, &'a Placement, Vec<PricedLine>, T)| &row.1.order;
+    let inserted = sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[],
+                                  $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
+                 AS i(id, customer_id, email, items, total_cents, currency, lane, shipping,
+                      callback_url, correlation_id, client, detail)),
+         placed AS (
+             INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
+                                 shipping, callback_url, status, correlation_id, client)
+             SELECT id, customer_id, email, items::jsonb, total_cents, currency, lane,
+                    shipping::jsonb, callback_url, 'accepted', correlation_id, client
+             FROM input
+             RETURNING id, created_at)
+         INSERT INTO order_status_history (order_id, status, detail, service, at)
+         SELECT p.id, 'accepted', i.detail, 'order-api', p.created_at
+         FROM placed p JOIN input i ON i.id = p.id
+         RETURNING order_id, status, detail, service, at",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| order(r).customer_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| order(r).email.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| json(&r.2)).collect::<Result<Vec<_>, _>>()?)
+    .bind(rows.iter().map(|r| total(&r.2)).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| order(r).currency.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| order(r).lane.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| order(r).shipping.as_ref().map(json).transpose())
+            .collect::<Result<Vec<_>, _>>()?,
+    )
+    .bind(rows.iter().map(|r| order(r).callback_url.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.correlation_id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1.client.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| format!("queued on the {} lane", order(r).lane.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut history: HashMap<Uuid, HistoryEntry> = inserted
+        .into_iter()
+        .map(|row| {
+            let entry = HistoryEntry {
+                status: row.get("status"),
+                detail: row.get("detail"),
+                service: row.get("service"),
+                at: row.get("at"),
+            };
+            (row.get("order_id"), entry)
+        })
+        .collect();
+    Ok(rows
+        .into_iter()
+        .map(|(id, placement, items, tag)| {
+            let entry = history.remove(&id).expect("a history line per order");
+            let order = &placement.order;
+            let view = OrderView {
+                id,
+                status: "accepted".into(),
+                reason: None,
+                customer_id: order.customer_id.clone(),
+                email: order.email.clone(),
+                total_cents: total(&items),
+                items,
+                currency: order.currency.clone(),
+                lane: order.lane.as_str().into(),
+                callback_url: order.callback_url.clone(),
+                shipping: order.shipping.clone(),
+                correlation_id: placement.correlation_id.clone(),
+                created_at: entry.at,
+                history: vec![entry],
+                payment: None,
+            };
+            (view, tag)
+        })
+        .collect())
+}
+
+/// A value as JSON text, for a `jsonb` column filled from a text array.
+fn json(value: &impl serde::Serialize) -> Result<String, ApiError> {
+    serde_json::to_string(value).map_err(|error| ApiError::Unexpected(error.into()))
+}
