@@ -24,7 +24,8 @@ use clap::{Parser, Subcommand};
 use loadgen::{LoadOptions, Percentiles, Posted};
 use messaging::contracts::Lane;
 use report::{
-    Burst, Express, HttpRun, Machine, Memory, Rate, Raw, Reference, Results, Sample, ScalingRun,
+    Burst, Express, HttpRun, LowLoad, Machine, Memory, Rate, Raw, Reference, Results, Sample,
+    ScalingRun,
 };
 use system::{Environment, ScratchDatabase, Shape, System};
 use tokio_util::sync::CancellationToken;
@@ -102,6 +103,7 @@ struct Sizes {
     burst_orders: u64,
     express_backlog: u64,
     express_orders: u64,
+    low_load_orders: u64,
 }
 
 impl Sizes {
@@ -118,6 +120,7 @@ impl Sizes {
                 burst_orders: 2_000,
                 express_backlog: 500,
                 express_orders: 20,
+                low_load_orders: 60,
             }
         } else {
             Self {
@@ -131,6 +134,7 @@ impl Sizes {
                 burst_orders: 20_000,
                 express_backlog: 5_000,
                 express_orders: 100,
+                low_load_orders: 600,
             }
         }
     }
@@ -144,8 +148,10 @@ const SERVICE_POOL: usize = 10;
 /// The processors' simulated payment I/O for the I/O-bound runs.
 const PAYMENT_IO_MS: u64 = 20;
 /// The services' PREFETCH default.
-const DEFAULT_PREFETCH: u16 = 10;
+const DEFAULT_PREFETCH: u16 = 40;
 const WAIT: Duration = Duration::from_secs(900);
+/// Orders per second in the low-load run.
+const LOW_LOAD_RATE: f64 = 20.0;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -251,6 +257,11 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         sizes.express_orders, sizes.express_backlog
     ));
     let express = express(environment, sizes).await?;
+    step(&format!(
+        "low load: {} orders at {LOW_LOAD_RATE:.0}/s, where there is nothing to batch",
+        sizes.low_load_orders
+    ));
+    let low_load = low_load(environment, sizes).await?;
     Ok(Results {
         quick: cli.quick,
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -263,6 +274,7 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         scaling,
         burst,
         express,
+        low_load,
         memory,
     })
 }
@@ -593,6 +605,32 @@ async fn scaling_run(
     );
     system.stop().await?;
     Ok(ScalingRun::of(shape, &posted, completion, usage))
+}
+
+/// Orders at a steady [`LOW_LOAD_RATE`] to one processor with no payment
+/// I/O: what batching must not cost when every batch is one order.
+async fn low_load(environment: &Environment, sizes: &Sizes) -> anyhow::Result<LowLoad> {
+    let shape = Shape {
+        processors: 1,
+        payment_latency_ms: 0,
+        prefetch: DEFAULT_PREFETCH,
+        subscribers: true,
+    };
+    let system = System::start(environment, "low-load", shape).await?;
+    let posted = loadgen::post_orders(LoadOptions {
+        rate: Some(LOW_LOAD_RATE),
+        progress: true,
+        ..system.load(sizes.low_load_orders, CONCURRENCY)
+    })
+    .await?;
+    let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
+    system.stop().await?;
+    let low_load = LowLoad::of(LOW_LOAD_RATE, &posted, &completion);
+    eprintln!(
+        "  POST p99 {:.1} ms, accept→final p50 {:.1} ms",
+        low_load.post.p99_ms, low_load.accept_to_final.p50_ms
+    );
+    Ok(low_load)
 }
 
 /// 20,000 orders as fast as they can be posted at two processors with

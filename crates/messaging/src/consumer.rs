@@ -100,12 +100,13 @@ pub struct ConsumerSpec {
     pub tag: String,
     /// The service consuming, written on the dead letters it makes.
     pub service: String,
-    /// Unacked messages the broker may push to this consumer, which is also
-    /// how many are handled at once.
+    /// Unacked messages the broker may push to this consumer: how many are
+    /// in hand at once.
     pub prefetch: u16,
     /// Most deliveries handed to the handler together (see
-    /// [`Handler::handle_batch`]); batches of up to this many are handled
-    /// at once until `prefetch` deliveries are in hand.
+    /// [`Handler::handle_batch`]); `prefetch / batch_size` batches (rounded
+    /// up) are handled at once, so 1 handles `prefetch` messages at once,
+    /// each on its own.
     pub batch_size: u16,
     /// How failures are retried.
     pub retry: RetryPolicy,
@@ -199,9 +200,10 @@ pub async fn run<H: Handler>(
         .await
         .with_context(|| format!("consuming from {}", spec.queue))?;
     let batch_size = usize::from(spec.batch_size.clamp(1, spec.prefetch.max(1)));
-    // The prefetch bounds the deliveries in hand: a batch never waits for
-    // another to finish.
-    let batches = usize::from(spec.prefetch.max(1));
+    // As many batches at once as the prefetch fills: while they run, the
+    // deliveries that arrive wait and become the next batch, so batches
+    // grow with the load instead of splitting it into many small ones.
+    let batches = usize::from(spec.prefetch.max(1)).div_ceil(batch_size);
     tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, batch_size, "consuming");
     metrics::gauge!("consumer_prefetch", "queue" => spec.queue.clone())
         .set(f64::from(spec.prefetch));

@@ -275,6 +275,7 @@ impl Processor {
         orders: &[(Uuid, tracing::Span)],
     ) -> Result<Vec<Result<Handled, HandleError>>, HandleError> {
         let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
+        let mut known = HashMap::new();
         for _ in 0..MAX_STEPS {
             let open: Vec<usize> = (0..orders.len())
                 .filter(|&i| results[i].is_none())
@@ -284,7 +285,10 @@ impl Processor {
             }
             let round: Vec<(Uuid, tracing::Span)> =
                 open.iter().map(|&i| orders[i].clone()).collect();
-            for (i, stepped) in open.into_iter().zip(self.step_all(&round).await?) {
+            for (i, stepped) in open
+                .into_iter()
+                .zip(self.step_all(&round, &mut known).await?)
+            {
                 results[i] = stepped;
             }
         }
@@ -305,7 +309,7 @@ impl Processor {
     /// unit a crash falls between); `None` when there is more to do.
     pub async fn step(&self, order_id: Uuid) -> Result<Option<Handled>, HandleError> {
         let mut stepped = self
-            .step_all(&[(order_id, tracing::Span::current())])
+            .step_all(&[(order_id, tracing::Span::current())], &mut HashMap::new())
             .await?;
         stepped.pop().expect("one result per order").transpose()
     }
@@ -315,22 +319,31 @@ impl Processor {
     /// transaction (authorisations, decisions with the stock they reserve,
     /// and final statuses with their events), each change guarded by the
     /// state it leaves.
+    ///
+    /// `known` holds what the previous round left each order in, where its
+    /// own guarded change made it so; the rest are read now.
     async fn step_all(
         &self,
         orders: &[(Uuid, tracing::Span)],
+        known: &mut HashMap<Uuid, Pending>,
     ) -> Result<Vec<Stepped>, HandleError> {
-        let ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
-        let pending: HashMap<Uuid, Pending> = sqlx::query_as::<_, Pending>(
-            "SELECT p.order_id, p.state, p.reason, p.message_id, o.status, o.customer_id, o.email,
-                    o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
-             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|pending| (pending.order_id, pending))
-        .collect();
+        let unknown: Vec<Uuid> = orders
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !known.contains_key(id))
+            .collect();
+        if !unknown.is_empty() {
+            let read: Vec<Pending> = sqlx::query_as(
+                "SELECT p.order_id, p.state, p.reason, p.message_id, o.status, o.customer_id, o.email,
+                        o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
+                 FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)",
+            )
+            .bind(&unknown)
+            .fetch_all(&self.pool)
+            .await?;
+            known.extend(read.into_iter().map(|pending| (pending.order_id, pending)));
+        }
+        let pending = &*known;
 
         let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
         let mut calls = Vec::new();
@@ -399,19 +412,21 @@ impl Processor {
             }
         }
 
-        let (authorised, decided, decisions) =
-            if authorisations.is_empty() && finishes.is_empty() && to_decide.is_empty() {
-                Default::default()
-            } else {
-                let mut tx = self.pool.begin().await?;
-                let authorised =
-                    move_payments(&mut *tx, &authorisations, &["authorising"], CONSUMER).await?;
-                let decided = self.finish_all(&mut tx, &finishes).await?;
-                // Last, so the stock rows stay locked only until the commit.
-                let decisions = decide_all(&mut tx, &to_decide).await?;
-                tx.commit().await?;
-                (authorised, decided, decisions)
-            };
+        let (authorised, decided, decisions) = if finishes.is_empty() && to_decide.is_empty() {
+            // One statement or none: no transaction around it.
+            let authorised =
+                move_payments(&self.pool, &authorisations, &["authorising"], CONSUMER).await?;
+            (authorised, Vec::new(), Vec::new())
+        } else {
+            let mut tx = self.pool.begin().await?;
+            let authorised =
+                move_payments(&mut *tx, &authorisations, &["authorising"], CONSUMER).await?;
+            let decided = self.finish_all(&mut tx, &finishes).await?;
+            // Last, so the stock rows stay locked only until the commit.
+            let decisions = decide_all(&mut tx, &to_decide).await?;
+            tx.commit().await?;
+            (authorised, decided, decisions)
+        };
 
         let spans: HashMap<Uuid, &tracing::Span> =
             orders.iter().map(|(id, span)| (*id, span)).collect();
@@ -437,6 +452,29 @@ impl Processor {
             let (order_id, from) = (orders[index].0, pending[&orders[index].0].state.as_str());
             if let Err(error) = self.refused(order_id, from, operation, answer).await {
                 results[index] = Some(Err(error));
+            }
+        }
+
+        // What this round's own changes made of the orders; any other is
+        // read again next round.
+        let mut advanced: HashMap<Uuid, (&'static str, Option<String>)> = authorised
+            .iter()
+            .map(|id| (*id, ("authorised", None)))
+            .chain(
+                decisions
+                    .into_iter()
+                    .map(|m| (m.order_id, (m.to, m.reason))),
+            )
+            .collect();
+        for (order_id, _) in orders {
+            match (advanced.remove(order_id), known.get_mut(order_id)) {
+                (Some((state, reason)), Some(pending)) => {
+                    pending.state = state.into();
+                    pending.reason = reason.or(pending.reason.take());
+                }
+                _ => {
+                    known.remove(order_id);
+                }
             }
         }
         Ok(results)

@@ -6,12 +6,27 @@ use std::time::Duration;
 
 use messaging::contracts::Lane;
 use platform::{outbox::Relay, worker::Worker};
+use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     configuration::Settings, consumer, handler::Processor, payment::PaymentProvider,
     sweeper::Sweeper,
 };
+
+/// Connections the simulated payment provider keeps its books with.
+const PROVIDER_CONNECTIONS: u32 = 10;
+
+/// The simulated payment provider stands for another company's service:
+/// its calls do not take connections from the processor's own pool, which
+/// is sized to the batches it handles at once (a batch's calls run
+/// concurrently). Same database, its own few connections.
+fn provider_pool(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(PROVIDER_CONNECTIONS)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
 
 /// A started order-processor.
 pub struct Application {
@@ -45,7 +60,7 @@ impl Application {
             pool: worker.pool().clone(),
             topology: worker.topology().clone(),
             payments: PaymentProvider::new(
-                worker.pool().clone(),
+                provider_pool(worker.pool()),
                 Duration::from_millis(settings.payment_latency_ms),
                 settings.payment_decline_over_cents,
             )

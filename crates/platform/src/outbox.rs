@@ -141,14 +141,6 @@ pub struct Relay {
     unmarked: Arc<Mutex<Vec<i64>>>,
 }
 
-struct Pending {
-    id: i64,
-    exchange: String,
-    routing_key: String,
-    payload: serde_json::Value,
-    envelope: Envelope,
-}
-
 impl Relay {
     /// A relay publishing through `publisher`.
     pub fn new(pool: PgPool, publisher: Publisher) -> Self {
@@ -168,14 +160,20 @@ impl Relay {
         if self.publisher.is_blocked() {
             bail!("the broker is blocking publishers (resource alarm)");
         }
-        let result = self.publish_committed(message).await;
-        if result.is_err() {
-            self.wake.notify_one();
+        let result = self.send(message).await;
+        match &result {
+            Ok(()) => self
+                .unmarked
+                .lock()
+                .expect("the unmarked list is never poisoned")
+                .push(message.id),
+            Err(_) => self.wake.notify_one(),
         }
         result
     }
 
-    async fn publish_committed(&self, message: &Outboxed) -> anyhow::Result<()> {
+    /// Publish one outbox message and wait for its confirm.
+    async fn send(&self, message: &Outboxed) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         self.publisher
             .publish(
@@ -189,10 +187,6 @@ impl Relay {
                 format!("publishing outbox message {}", message.envelope.message_id)
             })?;
         metrics::histogram!("publish_confirm_seconds").record(started.elapsed().as_secs_f64());
-        self.unmarked
-            .lock()
-            .expect("the unmarked list is never poisoned")
-            .push(message.id);
         Ok(())
     }
 
@@ -264,57 +258,41 @@ impl Relay {
         .fetch_all(&mut *tx)
         .await
         .context("reading the outbox")?;
-        let pending: Vec<Pending> = rows
+        let pending = rows
             .into_iter()
-            .map(|row| Pending {
-                id: row.get("id"),
-                exchange: row.get("exchange"),
-                routing_key: row.get("routing_key"),
-                payload: row.get("payload"),
-                envelope: Envelope {
-                    message_id: row.get("message_id"),
-                    correlation_id: row.get("correlation_id"),
-                    order_id: row.get("order_id"),
-                },
+            .map(|row| -> anyhow::Result<Outboxed> {
+                let payload: serde_json::Value = row.get("payload");
+                Ok(Outboxed {
+                    id: row.get("id"),
+                    exchange: row.get("exchange"),
+                    routing_key: row.get("routing_key"),
+                    body: serde_json::to_vec(&payload)?,
+                    envelope: Envelope {
+                        message_id: row.get("message_id"),
+                        correlation_id: row.get("correlation_id"),
+                        order_id: row.get("order_id"),
+                    },
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<Vec<_>>>()?;
 
-        let mut published: Vec<i64> = Vec::with_capacity(pending.len());
-        let mut failure = None;
-        for message in &pending {
-            if self.publisher.is_blocked() {
-                failure = Some(anyhow::anyhow!(
-                    "the broker is blocking publishers (resource alarm)"
-                ));
-                break;
-            }
-            let body = serde_json::to_vec(&message.payload)?;
-            let started = std::time::Instant::now();
-            match self
-                .publisher
-                .publish(
-                    &message.exchange,
-                    &message.routing_key,
-                    &body,
-                    message.envelope.properties(),
-                )
-                .await
-            {
-                Ok(()) => {
-                    metrics::histogram!("publish_confirm_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    published.push(message.id);
-                }
-                Err(error) => {
-                    // Stop at the first failure to keep the order.
-                    failure = Some(error.context(format!(
-                        "publishing outbox message {}",
-                        message.envelope.message_id
-                    )));
-                    break;
+        // All at once on the one channel, their confirms joined; only the
+        // confirmed are marked, the rest stay for the next pass.
+        let (published, failure) = if self.publisher.is_blocked() {
+            let blocked = anyhow::anyhow!("the broker is blocking publishers (resource alarm)");
+            (Vec::new(), Some(blocked))
+        } else {
+            let sent = futures_util::future::join_all(pending.iter().map(|m| self.send(m))).await;
+            let mut published: Vec<i64> = Vec::with_capacity(pending.len());
+            let mut failure = None;
+            for (message, sent) in pending.iter().zip(sent) {
+                match sent {
+                    Ok(()) => published.push(message.id),
+                    Err(error) => failure = failure.or(Some(error)),
                 }
             }
-        }
+            (published, failure)
+        };
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
             .bind(&published)
             .execute(&mut *tx)

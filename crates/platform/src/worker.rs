@@ -34,7 +34,8 @@ pub struct WorkerSettings {
     pub log: LogSettings,
     #[command(flatten)]
     pub http: crate::http::HttpLimits,
-    /// Unacked messages per consumer, and how many are handled at once.
+    /// Unacked messages per consumer: how many are in hand at once, in
+    /// PREFETCH / BATCH_SIZE batches (rounded up).
     #[arg(long, env = "PREFETCH", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
     /// Most messages handled together, in one transaction where the
@@ -85,14 +86,15 @@ impl WorkerSettings {
 /// outbox relay, webhook dispatcher or payment sweeper, and health checks.
 const RESERVED_CONNECTIONS: u32 = 1;
 
-/// How many messages a service handles at once, and the pool that serves
-/// them: each handler holds at most one connection at a time, so a pool
-/// with fewer connections than handlers makes handlers time out waiting
-/// for one while the database is merely slow.
+/// How many messages a service has in hand at once, and the pool that
+/// serves them: each batch (see [`messaging::consumer::ConsumerSpec::batch_size`])
+/// holds at most one connection at a time, and a consumer handles
+/// PREFETCH / BATCH_SIZE batches at once, so a pool with fewer connections
+/// than that makes batches time out waiting for one while the database is
+/// merely slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Concurrency {
-    /// Prefetch of each consumer, which is also how many of its messages are
-    /// handled at once.
+    /// Prefetch of each consumer: how many of its messages are in hand.
     pub prefetch: u16,
     /// Connections in the pool.
     pub pool: u32,
@@ -100,36 +102,40 @@ pub struct Concurrency {
 
 impl Concurrency {
     /// Bound PREFETCH on `queues` queues and DB_MAX_CONNECTIONS by each
-    /// other. Unset, the pool is sized to the handlers. Set, it is a limit
-    /// someone chose (Postgres serves every service from one
+    /// other. Unset, the pool is sized to the batches handled at once. Set,
+    /// it is a limit someone chose (Postgres serves every service from one
     /// `max_connections`), so it is kept and the prefetch lowered to fit,
     /// with a warning naming both: the service runs, slower, rather than
     /// refusing to start or opening more connections than allowed.
     pub fn plan(settings: &WorkerSettings, queues: usize) -> Self {
         let queues = u32::try_from(queues.max(1)).unwrap_or(u32::MAX);
-        let handlers = u32::from(settings.prefetch).saturating_mul(queues);
+        let prefetch = settings.prefetch.max(1);
+        let batch = settings.batch_size.clamp(1, prefetch);
+        let batches = u32::from(prefetch.div_ceil(batch));
+        let handlers = batches.saturating_mul(queues);
         let needed = handlers.saturating_add(RESERVED_CONNECTIONS);
         match settings.database.db_max_connections {
             None => Self {
-                prefetch: settings.prefetch,
+                prefetch,
                 pool: needed,
             },
-            Some(pool) if pool >= needed => Self {
-                prefetch: settings.prefetch,
-                pool,
-            },
+            Some(pool) if pool >= needed => Self { prefetch, pool },
             Some(pool) => {
                 let fits = (pool.saturating_sub(RESERVED_CONNECTIONS) / queues).max(1);
-                let prefetch = u16::try_from(fits).unwrap_or(u16::MAX);
+                let lowered = u32::from(batch).saturating_mul(fits);
+                let lowered = u16::try_from(lowered).unwrap_or(u16::MAX).min(prefetch);
                 tracing::warn!(
-                    "DB_MAX_CONNECTIONS={pool} is too small for PREFETCH={} on {queues} queue(s) \
-                     ({handlers} messages handled at once, each holding a connection, plus \
-                     {RESERVED_CONNECTIONS} for the service's own work): handling {prefetch} per \
-                     queue at once instead; set DB_MAX_CONNECTIONS to at least {needed}, or leave \
-                     it unset to size the pool from PREFETCH",
-                    settings.prefetch
+                    "DB_MAX_CONNECTIONS={pool} is too small for PREFETCH={prefetch} in batches of \
+                     {batch} on {queues} queue(s) ({handlers} batches handled at once, each \
+                     holding a connection, plus {RESERVED_CONNECTIONS} for the service's own \
+                     work): keeping {lowered} per queue in hand instead; set DB_MAX_CONNECTIONS \
+                     to at least {needed}, or leave it unset to size the pool from PREFETCH and \
+                     BATCH_SIZE"
                 );
-                Self { prefetch, pool }
+                Self {
+                    prefetch: lowered,
+                    pool,
+                }
             }
         }
     }
@@ -447,16 +453,27 @@ mod tests {
         worker: WorkerSettings,
     }
 
-    fn settings(prefetch: u16, pool: Option<u32>) -> WorkerSettings {
+    fn settings(prefetch: u16, batch_size: u16, pool: Option<u32>) -> WorkerSettings {
         let mut settings = Cli::parse_from(["worker"]).worker;
         settings.prefetch = prefetch;
+        settings.batch_size = batch_size;
         settings.database.db_max_connections = pool;
         settings
     }
 
     #[test]
-    fn an_unset_pool_is_sized_for_every_handler_and_one_more() {
-        let planned = Concurrency::plan(&settings(10, None), 2);
+    fn an_unset_pool_is_sized_for_every_batch_handled_at_once_and_one_more() {
+        // The defaults: 40 in hand in batches of 20, on two lanes.
+        let planned = Concurrency::plan(&settings(40, 20, None), 2);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 40,
+                pool: 5
+            }
+        );
+        // Without batching, one connection per message in hand.
+        let planned = Concurrency::plan(&settings(10, 1, None), 2);
         assert_eq!(
             planned,
             Concurrency {
@@ -468,7 +485,7 @@ mod tests {
 
     #[test]
     fn a_pool_big_enough_is_kept_as_set() {
-        let planned = Concurrency::plan(&settings(10, Some(40)), 1);
+        let planned = Concurrency::plan(&settings(10, 1, Some(40)), 1);
         assert_eq!(
             planned,
             Concurrency {
@@ -480,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_pool_too_small_keeps_its_size_and_lowers_the_prefetch_to_fit() {
-        let planned = Concurrency::plan(&settings(10, Some(9)), 2);
+        let planned = Concurrency::plan(&settings(10, 1, Some(9)), 2);
         assert_eq!(
             planned,
             Concurrency {
@@ -488,11 +505,20 @@ mod tests {
                 pool: 9
             }
         );
+        // Two batches of 20 per queue would need 5: one batch each fits.
+        let planned = Concurrency::plan(&settings(40, 20, Some(3)), 2);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 20,
+                pool: 3
+            }
+        );
     }
 
     #[test]
-    fn even_a_one_connection_pool_handles_one_message_per_queue() {
-        let planned = Concurrency::plan(&settings(10, Some(1)), 2);
+    fn even_a_one_connection_pool_handles_one_batch_per_queue() {
+        let planned = Concurrency::plan(&settings(10, 1, Some(1)), 2);
         assert_eq!(
             planned,
             Concurrency {

@@ -254,10 +254,12 @@ async fn metrics_show_decisions_prefetch_and_handling_time() {
 #[tokio::test]
 async fn a_pool_too_small_for_the_prefetch_lowers_the_prefetch_to_what_it_can_serve() {
     // Three connections, one kept for the relay and health checks: one
-    // message at a time on each of the two lanes instead of ten.
+    // message at a time on each of the two lanes instead of ten, each on
+    // its own (no batching).
     let running = start_with(|s| {
         s.worker.database.db_max_connections = Some(3);
         s.worker.prefetch = 10;
+        s.worker.batch_size = 1;
     })
     .await;
     let order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
