@@ -39,8 +39,9 @@ use crate::{
     routes::orders::{HistoryEntry, OrderView, PricedLine},
 };
 
-/// Batches committing at once, at most.
-pub const WRITERS: usize = 2;
+/// Batches committing at once, at most: enough that one commit stalled
+/// (a checkpoint's fsync) does not hold every request up.
+pub const WRITERS: usize = 4;
 
 /// Orders in one transaction, at most.
 pub const MAX_BATCH: usize = 128;

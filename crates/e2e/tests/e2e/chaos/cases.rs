@@ -273,51 +273,6 @@ async fn sigterm_everything_mid_load_and_start_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_posts_with_one_key() {
-    let mut system = System::start(&[]).await;
-    let client = system.client();
-    let body = json!({"customer_id": "c-1", "email": "a@example.com", "items": [{"sku": "GADGET", "quantity": 1}]});
-    println!("50 concurrent POSTs with the same Idempotency-Key");
-    let responses = futures_util::future::join_all((0..50).map(|_| {
-        client
-            .post(system.api_url())
-            .header("Idempotency-Key", "same-key")
-            .json(&body)
-            .send()
-    }))
-    .await;
-    let (mut created, mut replayed, mut conflicts) = (0, 0, 0);
-    let mut accepted = std::collections::HashSet::new();
-    for response in responses {
-        let response = response.unwrap();
-        match (
-            response.status().as_u16(),
-            response.headers().contains_key("idempotent-replayed"),
-        ) {
-            (202, false) => created += 1,
-            (202, true) => replayed += 1,
-            (409, _) => conflicts += 1,
-            (status, _) => panic!("unexpected {status}"),
-        }
-        if response.status().as_u16() == 202 {
-            let body: serde_json::Value = response.json().await.unwrap();
-            accepted.insert(body["id"].as_str().unwrap().parse::<Uuid>().unwrap());
-        }
-    }
-    println!("created={created} replayed={replayed} conflict={conflicts}");
-    assert_eq!(created, 1);
-    assert_eq!(accepted.len(), 1, "every 202 names the same order");
-    let published: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE exchange = 'orders'")
-            .fetch_one(&system.pool)
-            .await
-            .unwrap();
-    assert_eq!(published, 1, "one publish");
-    check_invariants(&system, "50 POSTs one key", &accepted, 0).await;
-    system.stop_all().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
     // Every provider call takes 300 ms, so the kill below falls between
     // money steps; a capture that outlives its message's three attempts is
@@ -422,5 +377,99 @@ async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
     let retries = system.log("processor-1").matches("retrying in").count();
     println!("dead letters: 1 (the poison); retries: {retries} (the flaky order)");
     assert_eq!(retries, 1, "only the flaky order was retried, once");
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_posts_with_one_key() {
+    let mut system = System::start(&[]).await;
+    let client = system.client();
+    let url = system.api_url();
+    let body = json!({"customer_id": "c-key", "email": "m@example.com",
+                      "items": [{"sku": "WIDGET", "quantity": 1}]});
+    println!(
+        "50 concurrent POSTs with the same Idempotency-Key amid 200 without, all at once, so \
+         order-api's group commit batches them"
+    );
+    let post = |key: Option<&'static str>, body: serde_json::Value| {
+        let mut request = client.post(&url).json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            (
+                key.is_some(),
+                status,
+                replayed,
+                response.bytes().await.unwrap(),
+            )
+        })
+    };
+    let mut sent = Vec::new();
+    for i in 0..250 {
+        sent.push(if i % 5 == 2 {
+            post(Some("one-key-in-a-flood"), body.clone())
+        } else {
+            post(
+                None,
+                json!({"customer_id": format!("c-{i}"), "email": "m@example.com",
+                              "items": [{"sku": "GADGET", "quantity": 1}]}),
+            )
+        });
+    }
+    let mut answers = Vec::new();
+    for request in sent {
+        answers.push(request.await.unwrap());
+    }
+    let first: Vec<_> = answers
+        .iter()
+        .filter(|(keyed, status, replayed, _)| *keyed && *status == 202 && !replayed)
+        .collect();
+    assert_eq!(first.len(), 1, "one order for the key");
+    let (mut replays, mut in_flight) = (0, 0);
+    for (keyed, status, replayed, body) in &answers {
+        match (keyed, status, replayed) {
+            (true, 202, false) | (false, 202, false) => {}
+            (true, 202, true) => {
+                assert_eq!(body, &first[0].3, "a replay is byte for byte");
+                replays += 1;
+            }
+            (true, 409, _) => in_flight += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let accepted: std::collections::HashSet<Uuid> = answers
+        .iter()
+        .filter(|(_, status, replayed, _)| *status == 202 && !replayed)
+        .map(|(.., body)| {
+            let order: serde_json::Value = serde_json::from_slice(body).unwrap();
+            order["id"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        accepted.len(),
+        201,
+        "200 orders without a key and one with it"
+    );
+    let published: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE exchange = 'orders' AND payload->>'customer_id' = 'c-key'",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(published, 1, "one publish for the key");
+    let largest: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    println!(
+        "the key: 1 order, {replays} replays, {in_flight} × 409; largest batch order-api stored in one transaction: {largest}"
+    );
+    check_invariants(&system, "50 POSTs one key", &accepted, 0).await;
     system.stop_all().await;
 }
