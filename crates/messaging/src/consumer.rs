@@ -104,12 +104,35 @@ pub struct ConsumerSpec {
     /// in hand at once.
     pub prefetch: u16,
     /// Most deliveries handed to the handler together (see
-    /// [`Handler::handle_batch`]); `prefetch / batch_size` batches (rounded
-    /// up) are handled at once, so 1 handles `prefetch` messages at once,
-    /// each on its own.
+    /// [`Handler::handle_batch`] and [`Batching`]); 1 handles `prefetch`
+    /// messages at once, each on its own.
     pub batch_size: u16,
     /// How failures are retried.
     pub retry: RetryPolicy,
+}
+
+/// How a consumer splits the deliveries it has in hand into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most deliveries in one batch: `batch_size`, but at most half the
+    /// prefetch, so one batch can fill while another runs.
+    pub batch_size: u16,
+    /// Batches handled at once: as many as the prefetch fills. While they
+    /// run, the deliveries that arrive wait and become the next batch, so
+    /// batches grow with the load instead of splitting it into many small
+    /// ones.
+    pub batches: u16,
+}
+
+impl Batching {
+    pub fn of(prefetch: u16, batch_size: u16) -> Self {
+        let prefetch = prefetch.max(1);
+        let batch_size = batch_size.clamp(1, (prefetch / 2).max(1));
+        Self {
+            batch_size,
+            batches: prefetch.div_ceil(batch_size),
+        }
+    }
 }
 
 /// The failed attempts a delivery has had before this one.
@@ -199,11 +222,11 @@ pub async fn run<H: Handler>(
         )
         .await
         .with_context(|| format!("consuming from {}", spec.queue))?;
-    let batch_size = usize::from(spec.batch_size.clamp(1, spec.prefetch.max(1)));
-    // As many batches at once as the prefetch fills: while they run, the
-    // deliveries that arrive wait and become the next batch, so batches
-    // grow with the load instead of splitting it into many small ones.
-    let batches = usize::from(spec.prefetch.max(1)).div_ceil(batch_size);
+    let Batching {
+        batch_size,
+        batches,
+    } = Batching::of(spec.prefetch, spec.batch_size);
+    let (batch_size, batches) = (usize::from(batch_size), usize::from(batches));
     tracing::info!(queue = %spec.queue, prefetch = spec.prefetch, batch_size, "consuming");
     metrics::gauge!("consumer_prefetch", "queue" => spec.queue.clone())
         .set(f64::from(spec.prefetch));

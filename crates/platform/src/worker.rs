@@ -8,7 +8,7 @@ use anyhow::Context;
 use lapin::message::Delivery;
 use messaging::{
     AmqpSettings, Broker, Publisher, Topology,
-    consumer::{self, ConsumerSpec, Disposition, Handler, RetryPolicy},
+    consumer::{self, Batching, ConsumerSpec, Disposition, Handler, RetryPolicy},
     contracts::OrderEvent,
     telemetry::LogSettings,
 };
@@ -35,7 +35,8 @@ pub struct WorkerSettings {
     #[command(flatten)]
     pub http: crate::http::HttpLimits,
     /// Unacked messages per consumer: how many are in hand at once, in
-    /// PREFETCH / BATCH_SIZE batches (rounded up).
+    /// PREFETCH / BATCH_SIZE batches (rounded up; a batch is at most half
+    /// the prefetch).
     #[arg(long, env = "PREFETCH", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
     /// Most messages handled together, in one transaction where the
@@ -110,10 +111,10 @@ impl Concurrency {
     pub fn plan(settings: &WorkerSettings, queues: usize) -> Self {
         let queues = u32::try_from(queues.max(1)).unwrap_or(u32::MAX);
         let prefetch = settings.prefetch.max(1);
-        let batch = settings.batch_size.clamp(1, prefetch);
-        let batches = u32::from(prefetch.div_ceil(batch));
-        let handlers = batches.saturating_mul(queues);
-        let needed = handlers.saturating_add(RESERVED_CONNECTIONS);
+        let batches = |prefetch| u32::from(Batching::of(prefetch, settings.batch_size).batches);
+        let needed = batches(prefetch)
+            .saturating_mul(queues)
+            .saturating_add(RESERVED_CONNECTIONS);
         match settings.database.db_max_connections {
             None => Self {
                 prefetch,
@@ -122,15 +123,19 @@ impl Concurrency {
             Some(pool) if pool >= needed => Self { prefetch, pool },
             Some(pool) => {
                 let fits = (pool.saturating_sub(RESERVED_CONNECTIONS) / queues).max(1);
-                let lowered = u32::from(batch).saturating_mul(fits);
-                let lowered = u16::try_from(lowered).unwrap_or(u16::MAX).min(prefetch);
+                let lowered = (1..prefetch)
+                    .rev()
+                    .find(|&p| batches(p) <= fits)
+                    .unwrap_or(1);
                 tracing::warn!(
-                    "DB_MAX_CONNECTIONS={pool} is too small for PREFETCH={prefetch} in batches of \
-                     {batch} on {queues} queue(s) ({handlers} batches handled at once, each \
+                    "DB_MAX_CONNECTIONS={pool} is too small for PREFETCH={prefetch} with \
+                     BATCH_SIZE={} on {queues} queue(s) ({} batches handled at once, each \
                      holding a connection, plus {RESERVED_CONNECTIONS} for the service's own \
                      work): keeping {lowered} per queue in hand instead; set DB_MAX_CONNECTIONS \
                      to at least {needed}, or leave it unset to size the pool from PREFETCH and \
-                     BATCH_SIZE"
+                     BATCH_SIZE",
+                    settings.batch_size,
+                    needed - RESERVED_CONNECTIONS
                 );
                 Self {
                     prefetch: lowered,
@@ -505,13 +510,23 @@ mod tests {
                 pool: 9
             }
         );
-        // Two batches of 20 per queue would need 5: one batch each fits.
+        // Two batches of 20 per queue would need 5; one batch at a time
+        // is one message at a time.
         let planned = Concurrency::plan(&settings(40, 20, Some(3)), 2);
         assert_eq!(
             planned,
             Concurrency {
-                prefetch: 20,
+                prefetch: 1,
                 pool: 3
+            }
+        );
+        // Eight batches of 5 would need 9; three fit: 15 in hand.
+        let planned = Concurrency::plan(&settings(40, 5, Some(4)), 1);
+        assert_eq!(
+            planned,
+            Concurrency {
+                prefetch: 15,
+                pool: 4
             }
         );
     }
