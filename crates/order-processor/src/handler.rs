@@ -220,6 +220,9 @@ impl Processor {
         &self,
         orders: &[&OrderPlaced],
     ) -> Result<Vec<Result<Option<Handled>, HandleError>>, HandleError> {
+        if orders.is_empty() {
+            return Ok(Vec::new());
+        }
         // The amount is the one order-api stored, not the message's.
         let found: Vec<(Option<String>, bool)> = sqlx::query_as(
             "WITH input AS (

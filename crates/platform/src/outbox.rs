@@ -88,7 +88,6 @@ pub async fn enqueue_all(
             .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
         bodies.push(body);
     }
-    let column = |field: fn(&Message<'_>) -> String| messages.iter().map(field).collect::<Vec<_>>();
     let rows: Vec<(i64, uuid::Uuid)> = sqlx::query_as(
         "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
          SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
@@ -102,10 +101,15 @@ pub async fn enqueue_all(
             .map(|m| m.envelope.message_id)
             .collect::<Vec<_>>(),
     )
-    .bind(column(|m| m.exchange.to_owned()))
-    .bind(column(|m| m.routing_key.to_owned()))
+    .bind(messages.iter().map(|m| m.exchange).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.routing_key).collect::<Vec<_>>())
     .bind(&bodies)
-    .bind(column(|m| m.envelope.correlation_id.clone()))
+    .bind(
+        messages
+            .iter()
+            .map(|m| m.envelope.correlation_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(
         messages
             .iter()
