@@ -74,16 +74,6 @@ pub enum Answer {
 }
 
 impl Answer {
-    fn outcome(&self) -> String {
-        match self {
-            Answer::Authorised => "authorised".into(),
-            Answer::Declined => "declined".into(),
-            Answer::Captured => "captured".into(),
-            Answer::Voided => "voided".into(),
-            Answer::Refused(why) => format!("refused: {why}"),
-        }
-    }
-
     fn from_outcome(outcome: &str) -> Self {
         match outcome {
             "authorised" => Answer::Authorised,
@@ -145,7 +135,9 @@ impl PaymentProvider {
         self
     }
 
-    /// Make `operation` for `charge` under `idempotency_key`.
+    /// Make `operation` for `charge` under `idempotency_key`: one round
+    /// trip to the provider's books (the `provider_call` function), as one
+    /// request to a real provider.
     pub async fn call(
         &self,
         operation: Operation,
@@ -159,124 +151,29 @@ impl PaymentProvider {
             .demo_failures
             .then(|| injected(charge.customer_id, operation))
             .flatten();
-        let mut tx = self.pool.begin().await?;
-        // Counting the call locks the key's row: calls with one key are
-        // answered one at a time.
-        let (calls, stored): (i32, Option<String>) = sqlx::query_as(
-            "WITH counted AS (
-                 INSERT INTO provider_calls (idempotency_key, calls) VALUES ($1, 1)
-                 ON CONFLICT (idempotency_key) DO UPDATE SET calls = provider_calls.calls + 1
-                 RETURNING calls)
-             SELECT calls, (SELECT CASE WHEN operation = $2 AND reference = $3 THEN outcome
-                                        ELSE 'refused: idempotency key reused for another request' END
-                            FROM provider_ledger WHERE idempotency_key = $1)
-             FROM counted",
-        )
-        .bind(idempotency_key)
-        .bind(operation.as_str())
-        .bind(charge.reference)
-        .fetch_one(&mut *tx)
-        .await?;
-        let calls = u32::try_from(calls).unwrap_or(u32::MAX);
-        if matches!(injected, Some(Injected::FailUpTo(n)) if calls <= n) {
-            tx.commit().await?;
-            return Err(ProviderError::Unavailable(operation));
-        }
-        let answer = match stored {
-            Some(outcome) => Answer::from_outcome(&outcome),
-            None => {
-                let (answer, amount) = self.apply(&mut tx, operation, charge).await?;
-                sqlx::query(
-                    "INSERT INTO provider_ledger (idempotency_key, operation, reference, amount_cents, outcome)
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
+        let fail_up_to = match injected {
+            Some(Injected::FailUpTo(n)) => i32::try_from(n).unwrap_or(i32::MAX),
+            _ => 0,
+        };
+        let (calls, outcome): (i32, Option<String>) =
+            sqlx::query_as("SELECT calls, outcome FROM provider_call($1, $2, $3, $4, $5, $6, $7)")
                 .bind(idempotency_key)
                 .bind(operation.as_str())
                 .bind(charge.reference)
-                .bind(amount)
-                .bind(answer.outcome())
-                .execute(&mut *tx)
+                .bind(charge.amount_cents)
+                .bind(charge.currency)
+                .bind(self.decline_over_cents)
+                .bind(fail_up_to)
+                .fetch_one(&self.pool)
                 .await?;
-                answer
-            }
+        let Some(outcome) = outcome else {
+            return Err(ProviderError::Unavailable(operation));
         };
-        tx.commit().await?;
+        let calls = u32::try_from(calls).unwrap_or(u32::MAX);
         if matches!(injected, Some(Injected::TimeOutUpTo(n)) if calls <= n) {
             return Err(ProviderError::TimedOut(operation));
         }
-        Ok(answer)
-    }
-
-    /// Do what the call asks on the provider's books; returns the answer
-    /// and the amount it moved.
-    async fn apply(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        operation: Operation,
-        charge: &Charge<'_>,
-    ) -> sqlx::Result<(Answer, i64)> {
-        let moved: Option<(String, i64)> = match operation {
-            // One authorisation per reference: a second one, under another
-            // key, is refused below.
-            Operation::Authorise => sqlx::query_as(
-                "INSERT INTO provider_authorisations (reference, amount_cents, currency, state)
-                 VALUES ($1, $2, $3, CASE WHEN $2 > $4 THEN 'declined' ELSE 'authorised' END)
-                 ON CONFLICT (reference) DO NOTHING
-                 RETURNING state, amount_cents",
-            )
-            .bind(charge.reference)
-            .bind(charge.amount_cents)
-            .bind(charge.currency)
-            .bind(self.decline_over_cents)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|(state, amount): (String, i64)| {
-                let amount = if state == "authorised" { amount } else { 0 };
-                (state, amount)
-            }),
-            Operation::Capture => {
-                sqlx::query_as(
-                    "UPDATE provider_authorisations SET state = 'captured', updated_at = now()
-                 WHERE reference = $1 AND state = 'authorised'
-                 RETURNING state, amount_cents",
-                )
-                .bind(charge.reference)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-            // Voiding what was never authorised leaves a voided record, so
-            // that an authorisation arriving late is refused, not left open.
-            Operation::Void => {
-                sqlx::query_as(
-                    "WITH voided AS (
-                     UPDATE provider_authorisations SET state = 'voided', updated_at = now()
-                     WHERE reference = $1 AND state = 'authorised'
-                     RETURNING amount_cents),
-                 tombstone AS (
-                     INSERT INTO provider_authorisations (reference, amount_cents, currency, state)
-                     SELECT $1, 0, $2, 'voided'
-                     WHERE NOT EXISTS (SELECT 1 FROM provider_authorisations WHERE reference = $1)
-                     ON CONFLICT (reference) DO NOTHING
-                     RETURNING amount_cents)
-                 SELECT 'voided'::text, amount_cents FROM voided
-                 UNION ALL SELECT 'voided'::text, amount_cents FROM tombstone",
-                )
-                .bind(charge.reference)
-                .bind(charge.currency)
-                .fetch_optional(&mut *tx)
-                .await?
-            }
-        };
-        if let Some((state, amount)) = moved {
-            return Ok((Answer::from_outcome(&state), amount));
-        }
-        let state: String =
-            sqlx::query_scalar("SELECT state FROM provider_authorisations WHERE reference = $1")
-                .bind(charge.reference)
-                .fetch_optional(&mut *tx)
-                .await?
-                .unwrap_or_else(|| "missing".into());
-        Ok((Answer::Refused(format!("the authorisation is {state}")), 0))
+        Ok(Answer::from_outcome(&outcome))
     }
 }
 
