@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use messaging::contracts::Lane;
 use platform::{outbox::Relay, worker::Worker};
-use sqlx::{PgPool, postgres::PgPoolOptions};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -22,9 +22,7 @@ const PROVIDER_CONNECTIONS: u32 = 10;
 /// is sized to the batches it handles at once (a batch's calls run
 /// concurrently). Same database, its own few connections.
 fn provider_pool(pool: &PgPool) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(PROVIDER_CONNECTIONS)
-        .acquire_timeout(pool.options().get_acquire_timeout())
+    platform::db::pool_options(PROVIDER_CONNECTIONS, pool.options().get_acquire_timeout())
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 

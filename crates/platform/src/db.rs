@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::{
-    ConnectOptions, PgPool, Postgres,
+    ConnectOptions, Connection, PgPool, Postgres,
     migrate::MigrateDatabase,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
@@ -90,14 +90,46 @@ impl DatabaseSettings {
             .parse::<PgConnectOptions>()
             .context("parsing DATABASE_URL")?
             // Failures are logged by the services, with context.
-            .disable_statement_logging();
-        let pool = PgPoolOptions::new()
-            .max_connections(self.db_max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS))
-            .acquire_timeout(Duration::from_millis(self.db_acquire_timeout_ms))
-            .connect_with(options)
-            .await?;
+            .disable_statement_logging()
+            // Plan every execution for the tables as they are now. A
+            // prepared statement's generic plan is made once per connection
+            // and kept: made while the tables were empty it seq-scans them,
+            // and each batch then reads every row of a table that keeps
+            // growing (the idempotency-key claim went from a share of a
+            // millisecond to most of Postgres's CPU within a minute).
+            .options([("plan_cache_mode", "force_custom_plan")]);
+        let pool = pool_options(
+            self.db_max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            Duration::from_millis(self.db_acquire_timeout_ms),
+        )
+        .connect_with(options)
+        .await?;
         Ok(pool)
     }
+}
+
+/// A connection idle this long is pinged before it is handed out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// How the services' pools hand out connections: at most `max`, waiting at
+/// most `acquire_timeout` for one. A connection in steady use is handed out
+/// as it is; one idle for a while (that Postgres may have closed meanwhile)
+/// is pinged first and replaced if dead. sqlx's default pings every
+/// connection on every acquire: a round trip more for every statement a
+/// service runs outside a transaction, and for every transaction.
+pub fn pool_options(max: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// Whether `error` comes from a pool that had no connection to give within
