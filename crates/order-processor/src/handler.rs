@@ -8,12 +8,15 @@
 //!                    (rejected)
 //! ```
 //!
-//! Every arrow is one step: a provider call (idempotent by a key per order
-//! and step) followed by one Postgres transaction that records its result,
-//! guarded by the state it leaves. Orders whose messages came together take
-//! their steps together: their provider calls run concurrently and one
-//! transaction records a round of results with set-based statements. The payment's state is the only memory
-//! between steps, so a crash between any two of them leaves a state the next
+//! A step is a provider call (idempotent by a key per order and step)
+//! followed by one Postgres transaction that records its result, guarded by
+//! the state it leaves; an authorisation is recorded with the decision it
+//! leads to (`authorised` then `capturing` or `voiding`, stock reserved), so
+//! an order takes two steps, or one when declined. Orders whose messages
+//! came together take their steps together: their provider calls run
+//! concurrently and one transaction records a round of results with
+//! set-based statements. The payment's state is the only memory between
+//! steps, so a crash between any two of them leaves a state the next
 //! delivery of the message (or the sweeper, for a message that is gone)
 //! continues from, and a provider call repeated after a crash gets the
 //! provider's first answer. `captured`, `voided` and `declined` are written
@@ -319,9 +322,9 @@ impl Processor {
 
     /// One step of each order's payment: read where they stand, make their
     /// provider calls concurrently, then record every result in one
-    /// transaction (authorisations, decisions with the stock they reserve,
-    /// and final statuses with their events), each change guarded by the
-    /// state it leaves.
+    /// transaction (authorisations with the decisions they lead to and the
+    /// stock those reserve, and final statuses with their events), each
+    /// change guarded by the state it leaves.
     ///
     /// `known` holds what the previous round left each order in, where its
     /// own guarded change made it so; the rest are read now.
@@ -350,7 +353,7 @@ impl Processor {
 
         let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
         let mut calls = Vec::new();
-        let mut to_decide = Vec::new();
+        let mut to_decide: Vec<(Uuid, &Pending)> = Vec::new();
         for (index, (order_id, span)) in orders.iter().enumerate() {
             match next(*order_id, pending.get(order_id)) {
                 Next::Over(result) => results[index] = Some(result),
@@ -415,21 +418,22 @@ impl Processor {
             }
         }
 
-        let (authorised, decided, decisions) = if finishes.is_empty() && to_decide.is_empty() {
-            // One statement or none: no transaction around it.
-            let authorised =
-                move_payments(&self.pool, &authorisations, &["authorising"], CONSUMER).await?;
-            (authorised, Vec::new(), Vec::new())
-        } else {
-            let mut tx = self.pool.begin().await?;
-            let authorised =
-                move_payments(&mut *tx, &authorisations, &["authorising"], CONSUMER).await?;
-            let decided = self.finish_all(&mut tx, &finishes).await?;
-            // Last, so the stock rows stay locked only until the commit.
-            let decisions = decide_all(&mut tx, &to_decide).await?;
-            tx.commit().await?;
-            (authorised, decided, decisions)
-        };
+        let (authorised, decided, decisions) =
+            if authorisations.is_empty() && finishes.is_empty() && to_decide.is_empty() {
+                (Vec::new(), Vec::new(), Vec::new())
+            } else {
+                let mut tx = self.pool.begin().await?;
+                let authorised =
+                    move_payments(&mut *tx, &authorisations, &["authorising"], CONSUMER).await?;
+                let decided = self.finish_all(&mut tx, &finishes).await?;
+                // An authorisation is decided in the transaction that records
+                // it: one commit fewer on every order's way.
+                to_decide.extend(authorised.iter().map(|id| (*id, &pending[id])));
+                // Last, so the stock rows stay locked only until the commit.
+                let decisions = decide_all(&mut tx, &to_decide).await?;
+                tx.commit().await?;
+                (authorised, decided, decisions)
+            };
 
         let spans: HashMap<Uuid, &tracing::Span> =
             orders.iter().map(|(id, span)| (*id, span)).collect();

@@ -79,8 +79,9 @@ fn voided() -> Money {
     }
 }
 
-/// Steps from `authorising` to the end: authorise, decide, capture or void.
-const STEPS: usize = 3;
+/// Steps from `authorising` to the end: authorise and decide, then capture
+/// or void.
+const STEPS: usize = 2;
 
 #[tokio::test]
 async fn a_crash_between_any_two_steps_is_finished_by_the_next_delivery() {
@@ -220,10 +221,8 @@ async fn the_sweeper_settles_a_decided_payment_whose_message_is_gone() {
     let short = accepted_order(&pool, &[("LIMITED-EDITION", 6)]).await;
     for order in [&paid, &short] {
         processor.start(order).await.unwrap();
-        // Authorised, then decided: capturing, or voiding.
-        for _ in 0..2 {
-            assert_eq!(processor.step(order.order_id).await.unwrap(), None);
-        }
+        // Authorised and decided: capturing, or voiding.
+        assert_eq!(processor.step(order.order_id).await.unwrap(), None);
     }
     let patient = Sweeper::new(
         processor.clone(),
@@ -255,10 +254,25 @@ async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refu
     // Its processor died before calling the provider...
     let never_called = accepted_order(&pool, &[("WIDGET", 1)]).await;
     processor.start(&never_called).await.unwrap();
-    // ... and this one's, right after the authorisation.
+    // ... and this one's after the provider authorised, before it recorded
+    // the authorisation.
     let authorised = accepted_order(&pool, &[("WIDGET", 1)]).await;
     processor.start(&authorised).await.unwrap();
-    processor.step(authorised.order_id).await.unwrap();
+    let held = processor
+        .payments
+        .call(
+            Operation::Authorise,
+            &Charge {
+                reference: authorised.order_id,
+                customer_id: &authorised.customer_id,
+                amount_cents: authorised.total_cents,
+                currency: &authorised.currency,
+            },
+            &Operation::Authorise.key(authorised.order_id),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held, Answer::Authorised);
     let widgets = stock(&pool, "WIDGET").await;
 
     let sweeper = Sweeper::new(processor.clone(), Duration::from_secs(3600), Duration::ZERO);
@@ -314,8 +328,8 @@ async fn a_delivery_and_the_sweeper_meeting_on_one_payment_settle_it_once() {
     for _ in 0..6 {
         let order = accepted_order(&pool, &[("GIZMO", 1)]).await;
         processor.start(&order).await.unwrap();
-        processor.step(order.order_id).await.unwrap();
-        processor.step(order.order_id).await.unwrap();
+        // Decided: capturing.
+        assert_eq!(processor.step(order.order_id).await.unwrap(), None);
         orders.push(order);
     }
     let sweeper = Sweeper::new(processor.clone(), Duration::ZERO, Duration::ZERO);
