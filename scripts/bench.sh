@@ -7,6 +7,10 @@
 #   scripts/bench.sh --quick   # every part briefly (under 2 minutes), into
 #                              # target/bench-quick/: proves the tool works
 #
+# A full run sets the run it replaces (bench/results.json) beside itself in
+# RESULTS.md's before/after table; more with --before LABEL=PATH (an earlier
+# results.json, e.g. from `git show REV:bench/results.json`).
+#
 # Needs RabbitMQ and Postgres on 127.0.0.1 (override with AMQP_URL and
 # BENCH_POSTGRES_URL, a Postgres URL without a database name); each part
 # runs on its own database and topology and drops them afterwards.
@@ -14,11 +18,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=
-case "${1:-}" in
-  --quick) quick=1 ;;
-  "") ;;
-  *) echo "usage: scripts/bench.sh [--quick]" >&2; exit 64 ;;
-esac
+before=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; shift ;;
+    --before) [ $# -ge 2 ] || { echo "--before needs LABEL=PATH" >&2; exit 64; }
+      before+=(--before "$2"); shift 2 ;;
+    *) echo "usage: scripts/bench.sh [--quick] [--before LABEL=PATH]..." >&2; exit 64 ;;
+  esac
+done
 
 scripts/wait-for-services.sh
 
@@ -49,6 +57,10 @@ fi
 
 args=(--out "$out" --command-line "$command_line")
 [ -n "$quick" ] && args+=(--quick)
+if [ -z "$quick" ] && [ -f "$out/results.json" ]; then
+  args+=(--before "the previous run=$out/results.json")
+fi
+args+=("${before[@]}")
 "$target_dir/orderflow-bench" "${args[@]}"
 "$tools/bin/python" scripts/plot_burst.py "$out/burst.csv" "$out/burst.png"
 echo "results: $out/RESULTS.md"

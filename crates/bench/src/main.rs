@@ -4,6 +4,7 @@
 //! `scripts/plot_burst.py` draws into `burst.png`). Run it through
 //! `scripts/bench.sh`, which builds the release binaries first.
 
+mod before;
 mod cpu;
 mod raw;
 mod reference;
@@ -69,6 +70,11 @@ struct Cli {
     /// The command line to print in RESULTS.md.
     #[arg(long, default_value = "scripts/bench.sh")]
     command_line: String,
+    /// An earlier run to set beside this one in RESULTS.md's before/after
+    /// table, as LABEL=PATH to its results.json (read before this run
+    /// overwrites it); may be given more than once.
+    #[arg(long, value_name = "LABEL=PATH", value_parser = before::Earlier::parse)]
+    before: Vec<before::Earlier>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(cli.out.join("results.json"), json)?;
     std::fs::write(cli.out.join("burst.csv"), report::burst_csv(&results.burst))?;
-    let markdown = report::markdown(&results);
+    let markdown = report::markdown(&results, &cli.before)?;
     std::fs::write(cli.out.join("RESULTS.md"), &markdown)?;
     println!("{}", report::summary_table(&results));
     println!("wrote {}", cli.out.join("RESULTS.md").display());

@@ -7,6 +7,7 @@ use loadgen::{Completion, Percentiles, Posted};
 use serde::Serialize;
 
 use crate::{
+    before,
     cpu::Usage,
     raw::Throughput,
     system::{Environment, Shape},
@@ -516,7 +517,7 @@ fn percentiles_cells(p: &Percentiles) -> String {
 }
 
 /// RESULTS.md.
-pub fn markdown(results: &Results) -> String {
+pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Result<String> {
     let mut md = String::new();
     let m = &results.machine;
     let _ = writeln!(md, "# orderflow benchmark results\n");
@@ -544,6 +545,15 @@ pub fn markdown(results: &Results) -> String {
     let _ = writeln!(md, "| PostgreSQL | {} |\n", m.postgres);
 
     let _ = writeln!(md, "## Targets\n\n{}", summary_table(results));
+    if !earlier.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Before and after\n\nThe headline numbers of earlier runs of this tool (from their \
+             `results.json`) beside this one's. Runs at different times see a differently busy \
+             machine: compare the ratios more than the rates.\n\n{}",
+            before::table(&serde_json::to_value(results)?, earlier)
+        );
+    }
 
     let _ = writeln!(
         md,
@@ -801,10 +811,11 @@ pub fn markdown(results: &Results) -> String {
          against the RabbitMQ and Postgres on 127.0.0.1 (override with `AMQP_URL` and \
          `BENCH_POSTGRES_URL`), and draws `burst.png` from `burst.csv`. Every part runs on \
          its own database and topology, dropped afterwards; the services' logs are in \
-         `target/bench-logs/`. `loadgen --help` runs the same load by hand against \
-         `scripts/run-local.sh`."
+         `target/bench-logs/`. The before/after table sets the run this one replaced beside it \
+         (and any earlier `results.json` given with `--before LABEL=PATH`). `loadgen --help` \
+         runs the same load by hand against `scripts/run-local.sh`."
     );
-    md
+    Ok(md)
 }
 
 /// The burst's samples as CSV, for the plot.
