@@ -36,68 +36,76 @@ impl Earlier {
 /// One row of the table: what it measures and how to read it from a run.
 struct Row {
     what: &'static str,
-    read: fn(&Value) -> Option<String>,
+    read: Read,
+}
+
+enum Read {
+    With(fn(&Value) -> Option<String>),
+    /// CPU-ms per order of the best no-I/O run, summed over these process
+    /// groups (`total` for all of it).
+    Cpu(&'static [&'static str]),
+}
+
+impl Row {
+    const fn cpu(what: &'static str, groups: &'static [&'static str]) -> Self {
+        Self {
+            what,
+            read: Read::Cpu(groups),
+        }
+    }
+
+    fn read(&self, results: &Value) -> Option<String> {
+        match self.read {
+            Read::With(read) => read(results),
+            Read::Cpu(groups) => cpu(results, groups),
+        }
+    }
 }
 
 const ROWS: &[Row] = &[
     Row {
         what: "end to end, no payment I/O, best processor count",
-        read: |r| {
+        read: Read::With(|r| {
             best_no_io(r)
                 .map(|(rate, row)| format!("{rate:.0}/s ({} processors)", row["processors"]))
-        },
+        }),
     },
     Row {
         what: "end to end vs the reference pipeline",
-        read: |r| {
+        read: Read::With(|r| {
             let (rate, _) = best_no_io(r)?;
             Some(format!(
                 "{:.2}×",
                 rate / r["reference"]["completed_per_s"].as_f64()?
             ))
-        },
+        }),
     },
-    Row {
-        what: "CPU-ms per order end to end (best no-I/O run)",
-        read: |r| cpu(r, &["total"]),
-    },
-    Row {
-        what: "… order-api",
-        read: |r| cpu(r, &["order-api"]),
-    },
-    Row {
-        what: "… order-processors",
-        read: |r| cpu(r, &["order-processors"]),
-    },
-    Row {
-        what: "… notification-service + logging-service",
-        read: |r| cpu(r, &["notification-service", "logging-service"]),
-    },
-    Row {
-        what: "… postgres",
-        read: |r| cpu(r, &["postgres"]),
-    },
-    Row {
-        what: "… rabbitmq",
-        read: |r| cpu(r, &["rabbitmq"]),
-    },
+    Row::cpu("CPU-ms per order end to end (best no-I/O run)", &["total"]),
+    Row::cpu("… order-api", &["order-api"]),
+    Row::cpu("… order-processors", &["order-processors"]),
+    Row::cpu(
+        "… notification-service + logging-service",
+        &["notification-service", "logging-service"],
+    ),
+    Row::cpu("… postgres", &["postgres"]),
+    Row::cpu("… rabbitmq", &["rabbitmq"]),
     Row {
         what: "order-api accept rate vs bare axum + one INSERT",
-        read: |r| {
+        read: Read::With(|r| {
             let (bare, api) = (
                 r["http"][0]["per_s"].as_f64()?,
                 r["http"][1]["per_s"].as_f64()?,
             );
             Some(format!("{:.0}% ({api:.0}/s)", 100.0 * api / bare))
-        },
+        }),
     },
     Row {
         what: "p99 POST at half that rate",
-        read: |r| ms(&r["http"][2]["latency"]["p99_ms"]),
+        read: Read::With(|r| ms(&r["http"][2]["latency"]["p99_ms"])),
     },
     Row {
         what: "4 processors vs 1, 20 ms payment I/O, default prefetch",
-        read: |r| {
+        read: Read::With(|r| {
             let rows = r["scaling"].as_array()?;
             let rate = |processors: u64| {
                 rows.iter().find(|row| {
@@ -108,15 +116,15 @@ const ROWS: &[Row] = &[
                     .as_f64()
             };
             Some(format!("{:.2}×", rate(4)? / rate(1)?))
-        },
+        }),
     },
     Row {
         what: "20 orders/s: p99 POST",
-        read: |r| ms(&r["low_load"]["post"]["p99_ms"]),
+        read: Read::With(|r| ms(&r["low_load"]["post"]["p99_ms"])),
     },
     Row {
         what: "20 orders/s: accept→final p50",
-        read: |r| ms(&r["low_load"]["accept_to_final"]["p50_ms"]),
+        read: Read::With(|r| ms(&r["low_load"]["accept_to_final"]["p50_ms"])),
     },
 ];
 
@@ -130,8 +138,7 @@ fn best_no_io(results: &Value) -> Option<(f64, &Value)> {
         .max_by(|a, b| a.0.total_cmp(&b.0))
 }
 
-/// CPU-ms per order of the best no-I/O run, summed over `groups`
-/// (`total` for all of it).
+/// CPU-ms per order of the best no-I/O run, summed over `groups`.
 fn cpu(results: &Value, groups: &[&str]) -> Option<String> {
     let (_, row) = best_no_io(results)?;
     let cpu = &row["cpu"];
@@ -165,7 +172,7 @@ pub fn table(now: &Value, earlier: &[Earlier]) -> String {
     for row in ROWS {
         let _ = write!(md, "| {} |", row.what);
         for results in earlier.iter().map(|run| &run.results).chain([now]) {
-            let cell = (row.read)(results).unwrap_or_else(|| "–".into());
+            let cell = row.read(results).unwrap_or_else(|| "–".into());
             let _ = write!(md, " {cell} |");
         }
         md.push('\n');

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use messaging::contracts::{OrderPlaced, Outcome, PaymentOutcome};
 use order_processor::{
-    handler::Handled,
+    handler::{Handled, Processor},
     payment::{Answer, Charge, Operation, PaymentProvider},
     sweeper::Sweeper,
 };
@@ -77,6 +77,24 @@ fn voided() -> Money {
         final_statuses: 1,
         events: 1,
     }
+}
+
+/// The order's authorisation, asked of the provider directly.
+async fn authorise_at_the_provider(processor: &Processor, order: &OrderPlaced) -> Answer {
+    processor
+        .payments
+        .call(
+            Operation::Authorise,
+            &Charge {
+                reference: order.order_id,
+                customer_id: &order.customer_id,
+                amount_cents: order.total_cents,
+                currency: &order.currency,
+            },
+            &Operation::Authorise.key(order.order_id),
+        )
+        .await
+        .unwrap()
 }
 
 /// Steps from `authorising` to the end: authorise and decide, then capture
@@ -258,20 +276,7 @@ async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refu
     // the authorisation.
     let authorised = accepted_order(&pool, &[("WIDGET", 1)]).await;
     processor.start(&authorised).await.unwrap();
-    let held = processor
-        .payments
-        .call(
-            Operation::Authorise,
-            &Charge {
-                reference: authorised.order_id,
-                customer_id: &authorised.customer_id,
-                amount_cents: authorised.total_cents,
-                currency: &authorised.currency,
-            },
-            &Operation::Authorise.key(authorised.order_id),
-        )
-        .await
-        .unwrap();
+    let held = authorise_at_the_provider(&processor, &authorised).await;
     assert_eq!(held, Answer::Authorised);
     let widgets = stock(&pool, "WIDGET").await;
 
@@ -299,20 +304,7 @@ async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refu
 
     // The dead processor's authorisation arriving now is refused: nothing
     // is left held.
-    let late = processor
-        .payments
-        .call(
-            Operation::Authorise,
-            &Charge {
-                reference: never_called.order_id,
-                customer_id: &never_called.customer_id,
-                amount_cents: never_called.total_cents,
-                currency: &never_called.currency,
-            },
-            &Operation::Authorise.key(never_called.order_id),
-        )
-        .await
-        .unwrap();
+    let late = authorise_at_the_provider(&processor, &never_called).await;
     assert!(matches!(late, Answer::Refused(_)), "{late:?}");
     assert_eq!(
         processor.handle(&never_called).await.unwrap(),
