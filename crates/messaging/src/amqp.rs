@@ -1,6 +1,12 @@
 //! Connecting to RabbitMQ and publishing with confirms.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use lapin::{
@@ -21,7 +27,9 @@ use crate::{
 /// How every service finds the broker and its topology.
 #[derive(clap::Args, Clone)]
 pub struct AmqpSettings {
-    /// RabbitMQ URL, credentials included.
+    /// RabbitMQ URL, credentials included; for a cluster, every node's URL,
+    /// comma-separated: the services connect to the first node that
+    /// answers, and on losing it to the next.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -37,8 +45,9 @@ pub struct AmqpSettings {
     #[arg(long, env = "TOPOLOGY_QUEUE_EXPIRES_MS")]
     pub topology_queue_expires_ms: Option<u32>,
     /// RabbitMQ's management API (credentials included), through which the
-    /// queues' policies are set; default: AMQP_URL's host and credentials,
-    /// port 15672.
+    /// queues' policies are set; default: each AMQP_URL's host and
+    /// credentials, port 15672. For a cluster, one URL for every node or
+    /// one per AMQP_URL, in the same order, comma-separated.
     #[arg(long, env = "RABBITMQ_MANAGEMENT_URL", hide_env_values = true)]
     pub rabbitmq_management_url: Option<String>,
 }
@@ -63,13 +72,39 @@ impl AmqpSettings {
             .with_queue_expiry_ms(self.topology_queue_expires_ms)
     }
 
-    /// The management API these settings name.
-    pub fn management(&self) -> anyhow::Result<Management> {
-        let url = match &self.rabbitmq_management_url {
-            Some(url) => url.clone(),
-            None => Management::default_url_for(&self.amqp_url)?,
+    /// The nodes these settings name: each AMQP URL with its management
+    /// API.
+    fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        let urls = list(&self.amqp_url);
+        if urls.is_empty() {
+            bail!("AMQP_URL names no broker");
+        }
+        let managements = match &self.rabbitmq_management_url {
+            None => urls
+                .iter()
+                .map(|url| Management::default_url_for(url))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            Some(given) => {
+                let given = list(given);
+                match given.len() {
+                    1 => vec![given[0].clone(); urls.len()],
+                    n if n == urls.len() => given,
+                    n => bail!(
+                        "RABBITMQ_MANAGEMENT_URL names {n} APIs for {} brokers: give one, or one per AMQP_URL",
+                        urls.len()
+                    ),
+                }
+            }
         };
-        Management::new(&url, &self.amqp_url)
+        urls.into_iter()
+            .zip(managements)
+            .map(|(url, management)| {
+                Ok(Node {
+                    management: Management::new(&management, &url)?,
+                    url,
+                })
+            })
+            .collect()
     }
 
     /// A broker handle for these settings (not connected yet).
@@ -79,21 +114,36 @@ impl AmqpSettings {
 
     /// A broker handle for these settings declaring `topology`.
     pub fn broker_for(&self, topology: Topology) -> anyhow::Result<Broker> {
-        Ok(Broker::new(
-            self.amqp_url.clone(),
-            self.management()?,
-            topology,
-        ))
+        Ok(Broker::of(self.nodes()?, topology))
     }
 }
 
-/// The connection to RabbitMQ, re-established when lost. Every new
-/// connection first declares the topology, so a broker that lost its state
-/// gets it back before anything is published or consumed.
+/// The non-empty items of a comma-separated list.
+fn list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One broker node: where to connect, and its management API.
 #[derive(Clone)]
-pub struct Broker {
+struct Node {
     url: String,
     management: Management,
+}
+
+/// The connection to RabbitMQ, re-established when lost: to the same node
+/// while it answers, and for a cluster, on losing a node, to the next one
+/// that does. Every new connection first declares the topology, so a broker
+/// that lost its state gets it back before anything is published or
+/// consumed.
+#[derive(Clone)]
+pub struct Broker {
+    nodes: Arc<[Node]>,
+    /// The node connected to last: the first one tried.
+    node: Arc<AtomicUsize>,
     topology: Topology,
     current: Arc<Mutex<Option<Arc<Connection>>>>,
 }
@@ -101,9 +151,13 @@ pub struct Broker {
 impl Broker {
     /// A handle for the broker at `url`; nothing is connected yet.
     pub fn new(url: String, management: Management, topology: Topology) -> Self {
+        Self::of(vec![Node { url, management }], topology)
+    }
+
+    fn of(nodes: Vec<Node>, topology: Topology) -> Self {
         Self {
-            url,
-            management,
+            nodes: nodes.into(),
+            node: Arc::default(),
             topology,
             current: Arc::new(Mutex::new(None)),
         }
@@ -114,9 +168,15 @@ impl Broker {
         &self.topology
     }
 
-    /// The broker's management API.
+    /// The node connected to last (the first one before any), its password
+    /// hidden.
+    pub fn connected_to(&self) -> String {
+        redact(&self.nodes[self.node.load(Ordering::Relaxed)].url)
+    }
+
+    /// The management API of the node connected to last.
     pub fn management(&self) -> &Management {
-        &self.management
+        &self.nodes[self.node.load(Ordering::Relaxed)].management
     }
 
     /// Whether there is a live connection right now.
@@ -135,26 +195,33 @@ impl Broker {
             .is_ok_and(|current| current.as_ref().is_some_and(|c| c.status().blocked()))
     }
 
-    /// The live connection, or one attempt (at most 5 s) to make one.
+    /// The live connection, or one attempt (at most 5 s per node) to make
+    /// one: first to the node connected to last, or, if that connection was
+    /// lost, to the next node; then to each other node in turn.
     pub async fn connect_once(&self) -> anyhow::Result<Arc<Connection>> {
         let mut current = self.current.lock().await;
         if let Some(connection) = current.as_ref().filter(|c| c.status().connected()) {
             return Ok(connection.clone());
         }
-        *current = None;
-        // Our own timeout: connecting to a broker that is not up must not
-        // hang (lapin issue #468).
-        let connection = tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(&self.url, ConnectionProperties::default()),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
-        declare(&connection, &self.topology, &self.management).await?;
-        tracing::info!(broker = %redact(&self.url), "connected to RabbitMQ, topology declared");
-        let connection = Arc::new(connection);
-        *current = Some(connection.clone());
-        Ok(connection)
+        let lost = current.take().is_some();
+        let count = self.nodes.len();
+        let first = (self.node.load(Ordering::Relaxed) + usize::from(lost)) % count;
+        let mut failures = Vec::new();
+        for index in (first..count).chain(0..first) {
+            let node = &self.nodes[index];
+            match connect_to(node, &self.topology).await {
+                Ok(connection) => {
+                    self.node.store(index, Ordering::Relaxed);
+                    tracing::info!(broker = %redact(&node.url), "connected to RabbitMQ, topology declared");
+                    let connection = Arc::new(connection);
+                    *current = Some(connection.clone());
+                    return Ok(connection);
+                }
+                Err(error) if count == 1 => return Err(error),
+                Err(error) => failures.push(format!("{}: {error:#}", redact(&node.url))),
+            }
+        }
+        bail!("no RabbitMQ node answered ({})", failures.join("; "))
     }
 
     /// The live connection, waiting with backoff (logging what it waits
@@ -166,7 +233,7 @@ impl Broker {
             match self.connect_once().await {
                 Ok(connection) => return Some(connection),
                 Err(error) => tracing::warn!(
-                    broker = %redact(&self.url), attempt, error = %format!("{error:#}"),
+                    attempt, error = %format!("{error:#}"),
                     "waiting for RabbitMQ; retrying in {delay:?}"
                 ),
             }
@@ -183,7 +250,7 @@ impl Broker {
     /// came back unroutable (a queue or binding was deleted behind our back).
     pub async fn redeclare(&self) -> anyhow::Result<()> {
         let connection = self.connect_once().await?;
-        declare(&connection, &self.topology, &self.management).await?;
+        declare(&connection, &self.topology, self.management()).await?;
         tracing::warn!("a message was unroutable: topology declared again");
         Ok(())
     }
@@ -194,6 +261,20 @@ impl Broker {
             let _ = connection.close(200, "shutting down".into()).await;
         }
     }
+}
+
+/// A connection to `node` with `topology` declared on it, within 5 s.
+async fn connect_to(node: &Node, topology: &Topology) -> anyhow::Result<Connection> {
+    // Our own timeout: connecting to a broker that is not up must not hang
+    // (lapin issue #468).
+    let connection = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(&node.url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
+    declare(&connection, topology, &node.management).await?;
+    Ok(connection)
 }
 
 async fn declare(
@@ -210,8 +291,16 @@ async fn declare(
 /// The longest a publish may wait for its confirm (connecting included).
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A URL with its password replaced, for logs.
-pub fn redact(url: &str) -> String {
+/// A URL, or a comma-separated list of them, with each password replaced,
+/// for logs.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -374,7 +463,55 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
+
+    fn settings(amqp_url: &str, management: Option<&str>) -> AmqpSettings {
+        AmqpSettings {
+            amqp_url: amqp_url.into(),
+            topology_prefix: String::new(),
+            topology_queue_expires_ms: None,
+            rabbitmq_management_url: management.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_urls_each_with_its_management_api() {
+        let nodes = settings("amqp://u:p@r1:5672/%2f, amqp://u:p@r2:5672/%2f,", None)
+            .nodes()
+            .unwrap();
+        let urls: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
+        assert_eq!(urls, ["amqp://u:p@r1:5672/%2f", "amqp://u:p@r2:5672/%2f"]);
+        let apis: Vec<&str> = nodes.iter().map(|n| n.management.address()).collect();
+        assert_eq!(apis, ["http://r1:15672/", "http://r2:15672/"]);
+
+        let one = settings("amqp://r1,amqp://r2", Some("http://u:p@lb:15672"));
+        let apis: Vec<String> = one
+            .nodes()
+            .unwrap()
+            .iter()
+            .map(|n| n.management.address().to_owned())
+            .collect();
+        assert_eq!(apis, ["http://lb:15672/", "http://lb:15672/"]);
+
+        let error = settings("amqp://r1,amqp://r2,amqp://r3", Some("http://a,http://b"))
+            .nodes()
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().contains("2 APIs for 3 brokers"),
+            "{error}"
+        );
+        let error = settings(" , ", None).nodes().err().unwrap();
+        assert!(error.to_string().contains("names no broker"), "{error}");
+    }
+
+    #[test]
+    fn every_password_in_a_list_is_hidden() {
+        assert_eq!(
+            redact("amqp://u:one@r1/%2f,amqp://u:two@r2/%2f"),
+            "amqp://u:***@r1/%2f,amqp://u:***@r2/%2f"
+        );
+    }
 
     #[test]
     fn redact_hides_the_password_but_keeps_user_and_host() {

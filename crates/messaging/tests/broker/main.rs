@@ -3,5 +3,6 @@
 //! upgrade from the queues the previous release declared.
 
 mod batches;
+mod failover;
 mod policies;
 mod upgrade;
