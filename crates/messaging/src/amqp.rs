@@ -217,8 +217,7 @@ impl Broker {
                     *current = Some(connection.clone());
                     return Ok(connection);
                 }
-                Err(error) if count == 1 => return Err(error),
-                Err(error) => failures.push(format!("{}: {error:#}", redact(&node.url))),
+                Err(error) => failures.push(format!("{error:#}")),
             }
         }
         bail!("no RabbitMQ node answered ({})", failures.join("; "))
@@ -263,18 +262,22 @@ impl Broker {
     }
 }
 
-/// A connection to `node` with `topology` declared on it, within 5 s.
+/// A connection to `node` with `topology` declared on it, within 5 s; an
+/// error names the node.
 async fn connect_to(node: &Node, topology: &Topology) -> anyhow::Result<Connection> {
-    // Our own timeout: connecting to a broker that is not up must not hang
-    // (lapin issue #468).
-    let connection = tokio::time::timeout(
-        Duration::from_secs(5),
-        Connection::connect(&node.url, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
-    declare(&connection, topology, &node.management).await?;
-    Ok(connection)
+    let connect = async {
+        // Our own timeout: connecting to a broker that is not up must not
+        // hang (lapin issue #468).
+        let connection = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(&node.url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after 5s"))??;
+        declare(&connection, topology, &node.management).await?;
+        anyhow::Ok(connection)
+    };
+    connect.await.with_context(|| redact(&node.url))
 }
 
 async fn declare(
