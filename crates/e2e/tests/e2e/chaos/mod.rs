@@ -301,7 +301,7 @@ pub async fn check_invariants(
     system: &System,
     case: &str,
     accepted: &HashSet<Uuid>,
-    expected_dead: u32,
+    expected_dead: usize,
 ) {
     let pool = &system.pool;
     let amqp = system.amqp().await;
@@ -422,8 +422,19 @@ pub async fn check_invariants(
         "{case}: one audit record per event"
     );
     let money = check_money(pool, case).await;
-    let dead = depth(topology.dead_letters()).await;
-    assert_eq!(dead, expected_dead, "{case}: dead letters");
+    // A kill between publishing a dead letter (or a retry) and acking the
+    // original lets the original come back and be dead-lettered again: the
+    // queue may hold two copies of one message, which replay once between
+    // them (the consumer dedupes by message id). What must hold is which
+    // messages are there.
+    let letters = dead_letters::list(&system.broker()).await.unwrap();
+    let dead: HashSet<&str> = letters.iter().map(|l| l.message_id.as_str()).collect();
+    assert_eq!(dead.len(), expected_dead, "{case}: dead-lettered messages");
+    let dead = if letters.len() == dead.len() {
+        dead.len().to_string()
+    } else {
+        format!("{} ({} copies)", dead.len(), letters.len())
+    };
     let processed = scalar(
         pool,
         "SELECT count(*) FROM orders WHERE status = 'processed'",
