@@ -156,6 +156,10 @@ pub struct OrderEvent {
     /// were two steps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment: Option<PaymentOutcome>,
+    /// What was ordered (absent in events from before the event log read
+    /// them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<OrderLine>,
 }
 
 #[cfg(test)]
@@ -177,6 +181,7 @@ mod tests {
             processed_by: "p-1".into(),
             callback_url: None,
             payment: Some(PaymentOutcome::Voided),
+            items: Vec::new(),
         }
     }
 

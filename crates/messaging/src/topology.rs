@@ -119,6 +119,12 @@ impl Topology {
         self.name(&format!("order-events.{service}"))
     }
 
+    /// The stream on the events exchange that keeps every event (by age and
+    /// size), for readers that start where they like and replay.
+    pub fn event_log(&self) -> String {
+        self.name("order-events.log")
+    }
+
     /// Exchange (fanout) and queue that hold messages no consumer could handle.
     pub fn dead_letters(&self) -> String {
         self.name("orders.dead")

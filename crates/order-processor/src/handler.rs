@@ -625,6 +625,7 @@ impl Processor {
             processed_by: self.instance_id.clone(),
             callback_url: pending.callback_url.clone(),
             payment: Some(finish.payment),
+            items: pending.items.0.clone(),
         };
         let envelope = Envelope {
             message_id: event.message_id,

@@ -26,6 +26,10 @@ pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEve
         processed_by: "processor-1".into(),
         callback_url: None,
         payment: Some(payment),
+        items: vec![messaging::contracts::OrderLine {
+            sku: "WIDGET".into(),
+            quantity: 2,
+        }],
     };
     sqlx::query(
         "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane, status, correlation_id)

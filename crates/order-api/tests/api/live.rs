@@ -104,6 +104,7 @@ async fn decide(app: &TestApp, order_id: Uuid, outcome: Outcome) {
         processed_by: "processor-test".into(),
         callback_url: None,
         payment: None,
+        items: Vec::new(),
     };
     let channel = app.amqp.create_channel().await.unwrap();
     channel

@@ -1,0 +1,117 @@
+//! Wires order-stats together: Postgres, the broker (every node of a
+//! cluster), the event log, and the HTTP API.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use messaging::Broker;
+use platform::{db::DatabaseSettings, health, http::HttpLimits};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api,
+    configuration::{Settings, StartFrom},
+    log::{self, Reader, Retention},
+    model,
+};
+
+/// Connections: one for the reader, the rest for HTTP.
+const POOL_SIZE: u32 = 4;
+
+/// A started order-stats.
+pub struct Application {
+    pool: PgPool,
+    broker: Broker,
+    listener: TcpListener,
+    http: HttpLimits,
+    retention: Retention,
+    batch_size: u16,
+}
+
+impl Application {
+    /// Connect (waiting for both servers), migrate, empty the read model if
+    /// asked to rebuild it, and bind the HTTP port.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let database = DatabaseSettings {
+            db_max_connections: Some(settings.database.db_max_connections.unwrap_or(POOL_SIZE)),
+            ..settings.database.clone()
+        };
+        let pool = database.connect_and_migrate().await?;
+        if settings.from == StartFrom::First {
+            model::reset(&pool)
+                .await
+                .context("emptying the read model")?;
+            tracing::info!("read model emptied: rebuilding it from the beginning of the event log");
+        }
+        let broker = settings.amqp.broker()?;
+        let listener = TcpListener::bind(SocketAddr::new(settings.http_host, settings.http_port))
+            .await
+            .with_context(|| format!("binding the HTTP port {}", settings.http_port))?;
+        Ok(Self {
+            pool,
+            broker,
+            listener,
+            http: settings.http,
+            retention: Retention {
+                max_age: settings.event_log_max_age,
+                max_bytes: settings.event_log_max_bytes,
+            },
+            batch_size: settings.batch_size,
+        })
+    }
+
+    /// The HTTP port actually bound.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serve HTTP and read the log until `shutdown`; a lost connection, or a
+    /// batch that could not be counted, starts the reading again from the
+    /// stored position.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let topology = self.broker.topology().clone();
+        let app = api::router(self.pool.clone(), topology.event_log())
+            .merge(health::router(health::Readiness::new(
+                self.pool.clone(),
+                self.broker.clone(),
+            )))
+            .merge(platform::metrics::router());
+        let server = tokio::spawn(platform::http::serve(
+            self.listener,
+            app,
+            self.http,
+            shutdown.clone(),
+        ));
+        let reader = Reader {
+            pool: &self.pool,
+            topology: &topology,
+            prefetch: self.batch_size.saturating_mul(2),
+            batch_size: usize::from(self.batch_size),
+            tag: format!("order-stats-{}", std::process::id()),
+        };
+        while let Some(connection) = self.broker.connect(&shutdown).await {
+            let round = async {
+                let channel = connection.create_channel().await?;
+                log::declare(&channel, &topology, &self.retention).await?;
+                let result = reader.run(&channel, &shutdown).await;
+                let _ = channel.close(200, "round over".into()).await;
+                result
+            };
+            match round.await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "reading the event log stopped; starting again from the stored position");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        self.broker.close().await;
+        server.await.context("the HTTP server task")??;
+        Ok(())
+    }
+}
