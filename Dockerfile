@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# One image holding all orderflow binaries (the four services, the
+# One image holding all orderflow binaries (the five services, the
 # dead-letters tool and the api-keys tool); pick one with the command,
 # e.g. `docker run orderflow:latest order-api` (docker-compose.yml does this).
 # Needs BuildKit for the cache mounts: Docker 23+ with the buildx plugin
@@ -25,12 +25,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/app/target \
     cargo build --release --locked \
         -p order-api -p order-processor -p notification-service -p logging-service \
-        -p dead-letters \
+        -p order-stats -p dead-letters \
     && mkdir -p /out \
     && cp target/release/order-api \
           target/release/order-processor \
           target/release/notification-service \
           target/release/logging-service \
+          target/release/order-stats \
           target/release/dead-letters \
           target/release/api-keys \
           /out/
@@ -53,8 +54,9 @@ WORKDIR /app
 USER 10001:10001
 
 # Defaults: order-api 8080, order-processor 8081, notification-service 8082,
-# logging-service 8083 (HTTP_PORT; each serves /healthz and /readyz).
-EXPOSE 8080 8081 8082 8083
+# logging-service 8083, order-stats 8084 (HTTP_PORT; each serves /healthz
+# and /readyz).
+EXPOSE 8080 8081 8082 8083 8084
 
 # No ENTRYPOINT: the command names the binary to run.
 CMD ["order-api"]

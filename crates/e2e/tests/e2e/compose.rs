@@ -53,6 +53,10 @@ fn binaries() -> HashMap<&'static str, Binary> {
             "logging-service",
             binary::<logging_service::configuration::Settings>(),
         ),
+        (
+            "order-stats",
+            binary::<order_stats::configuration::Settings>(),
+        ),
         ("api-keys", binary::<order_api::keys_cli::Cli>()),
     ])
 }
@@ -63,12 +67,47 @@ fn one_shot(service: &Value) -> bool {
     service["restart"].as_str() == Some("no")
 }
 
-fn compose() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docker-compose.yml");
-    let text = std::fs::read_to_string(path).expect("docker-compose.yml at the workspace root");
-    let mut value: Value = serde_norway::from_str(&text).expect("docker-compose.yml is YAML");
+fn yaml(file: &str) -> Value {
+    let path = format!("{}/../../{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let mut value: Value =
+        serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{file} is not YAML: {e}"));
     value.apply_merge().expect("YAML merge keys resolve");
     value
+}
+
+fn compose() -> Value {
+    yaml("docker-compose.yml")
+}
+
+/// `over` laid on `base` as `docker compose -f base -f over` does for what
+/// these files use: mappings merge key by key, anything else is replaced.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Mapping(base), Value::Mapping(over)) => {
+            for (key, value) in over {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+/// `docker-compose.yml` with `docker-compose.cluster.yml` over it.
+fn cluster_compose() -> Value {
+    let mut merged = compose();
+    merge(&mut merged, yaml("docker-compose.cluster.yml"));
+    merged
+}
+
+/// Both ways of running it: one broker, and the three-node cluster.
+fn both() -> [(&'static str, Value); 2] {
+    [("single node", compose()), ("cluster", cluster_compose())]
 }
 
 fn environment(service: &Value) -> HashMap<String, String> {
@@ -132,73 +171,75 @@ fn healthcheck_url(service: &Value) -> String {
 
 #[test]
 fn every_service_sets_only_variables_its_binary_reads() {
-    let compose = compose();
-    let binaries = binaries();
-    let mut checked = BTreeSet::new();
-    for (name, service) in compose["services"].as_mapping().unwrap() {
-        let Some(bin) = command_binary(service) else {
-            continue;
-        };
-        let reads = binaries
-            .get(bin.as_str())
-            .unwrap_or_else(|| panic!("service {name:?} runs unknown binary {bin}"));
-        for variable in environment(service).keys() {
-            assert!(
-                reads.env.contains_key(variable),
-                "service {name:?} sets {variable}, which {bin} does not read"
-            );
+    for (_, compose) in both() {
+        let binaries = binaries();
+        let mut checked = BTreeSet::new();
+        for (name, service) in compose["services"].as_mapping().unwrap() {
+            let Some(bin) = command_binary(service) else {
+                continue;
+            };
+            let reads = binaries
+                .get(bin.as_str())
+                .unwrap_or_else(|| panic!("service {name:?} runs unknown binary {bin}"));
+            for variable in environment(service).keys() {
+                assert!(
+                    reads.env.contains_key(variable),
+                    "service {name:?} sets {variable}, which {bin} does not read"
+                );
+            }
+            checked.insert(bin);
         }
-        checked.insert(bin);
+        assert_eq!(
+            checked.len(),
+            6,
+            "all five services and the demo key's api-keys run in compose: {checked:?}"
+        );
     }
-    assert_eq!(
-        checked.len(),
-        5,
-        "all four services and the demo key's api-keys run in compose: {checked:?}"
-    );
 }
 
 #[test]
 fn healthchecks_and_ports_match_what_the_binaries_serve() {
-    let compose = compose();
-    let binaries = binaries();
-    for (name, service) in compose["services"].as_mapping().unwrap() {
-        let Some(bin) = command_binary(service) else {
-            continue;
-        };
-        if one_shot(service) {
-            assert!(service["ports"].is_null(), "{name:?} runs once: no ports");
-            continue;
-        }
-        let env = environment(service);
-        let port = env
-            .get("HTTP_PORT")
-            .cloned()
-            .or_else(|| binaries[bin.as_str()].env["HTTP_PORT"].clone())
-            .expect("an HTTP port");
-        let url = healthcheck_url(service);
-        assert!(
-            url == format!("http://localhost:{port}/readyz")
-                || url == format!("http://localhost:{port}/healthz"),
-            "service {name:?}: healthcheck {url} does not match port {port} and a health route"
-        );
-        if let Value::Sequence(ports) = &service["ports"] {
-            let host = env
-                .get("HTTP_HOST")
-                .map(String::as_str)
-                .unwrap_or("127.0.0.1");
-            assert_eq!(
-                host, "0.0.0.0",
-                "service {name:?} publishes a port but listens on {host} only"
+    for (_, compose) in both() {
+        let binaries = binaries();
+        for (name, service) in compose["services"].as_mapping().unwrap() {
+            let Some(bin) = command_binary(service) else {
+                continue;
+            };
+            if one_shot(service) {
+                assert!(service["ports"].is_null(), "{name:?} runs once: no ports");
+                continue;
+            }
+            let env = environment(service);
+            let port = env
+                .get("HTTP_PORT")
+                .cloned()
+                .or_else(|| binaries[bin.as_str()].env["HTTP_PORT"].clone())
+                .expect("an HTTP port");
+            let url = healthcheck_url(service);
+            assert!(
+                url == format!("http://localhost:{port}/readyz")
+                    || url == format!("http://localhost:{port}/healthz"),
+                "service {name:?}: healthcheck {url} does not match port {port} and a health route"
             );
-            for mapping in ports {
-                let mapping = mapping
-                    .as_str()
-                    .expect("ports as \"host:container\" strings");
-                let container = mapping.rsplit(':').next().unwrap();
+            if let Value::Sequence(ports) = &service["ports"] {
+                let host = env
+                    .get("HTTP_HOST")
+                    .map(String::as_str)
+                    .unwrap_or("127.0.0.1");
                 assert_eq!(
-                    container, port,
-                    "service {name:?} publishes {mapping} but listens on {port}"
+                    host, "0.0.0.0",
+                    "service {name:?} publishes a port but listens on {host} only"
                 );
+                for mapping in ports {
+                    let mapping = mapping
+                        .as_str()
+                        .expect("ports as \"host:container\" strings");
+                    let container = mapping.rsplit(':').next().unwrap();
+                    assert_eq!(
+                        container, port,
+                        "service {name:?} publishes {mapping} but listens on {port}"
+                    );
+                }
             }
         }
     }
@@ -206,34 +247,159 @@ fn healthchecks_and_ports_match_what_the_binaries_serve() {
 
 #[test]
 fn services_wait_for_healthy_dependencies_they_can_reach() {
-    let compose = compose();
-    let services = compose["services"].as_mapping().unwrap();
-    for (name, service) in services {
-        let Some(_) = command_binary(service) else {
+    for (_, compose) in both() {
+        let services = compose["services"].as_mapping().unwrap();
+        for (name, service) in services {
+            let Some(_) = command_binary(service) else {
+                continue;
+            };
+            let env = environment(service);
+            for (variable, dependency) in [("AMQP_URL", "rabbitmq"), ("DATABASE_URL", "postgres")] {
+                // A one-shot task needs only what it uses.
+                if one_shot(service) && !env.contains_key(variable) {
+                    continue;
+                }
+                let url = env
+                    .get(variable)
+                    .unwrap_or_else(|| panic!("{name:?} sets no {variable}"));
+                assert!(
+                    url.contains(&format!("@{dependency}:")),
+                    "{name:?}: {variable} does not point at the {dependency} service"
+                );
+                assert_eq!(
+                    service["depends_on"][dependency]["condition"].as_str(),
+                    Some("service_healthy"),
+                    "{name:?} must wait for {dependency} to be healthy"
+                );
+                assert!(
+                    !services[dependency]["healthcheck"].is_null(),
+                    "{dependency} needs a healthcheck"
+                );
+            }
+        }
+    }
+}
+
+/// The `rabbit@host` names listed for classic-config peer discovery.
+fn discovery_list(conf: &str) -> BTreeSet<String> {
+    let mut backend = None;
+    let mut nodes = BTreeSet::new();
+    for line in conf.lines().map(str::trim) {
+        let Some((key, value)) = line.split_once('=') else {
             continue;
         };
+        let (key, value) = (key.trim(), value.trim());
+        if key == "cluster_formation.peer_discovery_backend" {
+            backend = Some(value.to_owned());
+        } else if key.starts_with("cluster_formation.classic_config.nodes.") {
+            nodes.insert(value.to_owned());
+        }
+    }
+    assert_eq!(
+        backend.as_deref(),
+        Some("classic_config"),
+        "peer discovery backend"
+    );
+    nodes
+}
+
+#[test]
+fn the_cluster_file_forms_one_cluster_that_every_service_knows_all_of() {
+    let compose = cluster_compose();
+    let services = compose["services"].as_mapping().unwrap();
+    let nodes: Vec<(&str, &Value)> = services
+        .iter()
+        .filter(|(_, s)| {
+            s["image"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("rabbitmq:"))
+        })
+        .map(|(name, s)| (name.as_str().unwrap(), s))
+        .collect();
+    assert_eq!(nodes.len(), 3, "three RabbitMQ nodes");
+    let conf = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/rabbitmq/cluster.conf"
+    ))
+    .unwrap();
+    let mut cookies = BTreeSet::new();
+    let mut data = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for (name, node) in &nodes {
+        let host = node["hostname"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: a fixed hostname names the node and its data"));
+        names.insert(format!("rabbit@{host}"));
+        let mounts: Vec<&str> = node["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            mounts.contains(
+                &"./deploy/rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/20-cluster.conf:ro"
+            ),
+            "{name} reads the discovery list: {mounts:?}"
+        );
+        let volume = mounts
+            .iter()
+            .find_map(|m| m.strip_suffix(":/var/lib/rabbitmq"))
+            .unwrap_or_else(|| panic!("{name} keeps its data in a volume"));
+        assert!(
+            data.insert(volume.to_owned()),
+            "{name} shares its data volume"
+        );
+        cookies.insert(environment(node)["ERLANG_COOKIE"].clone());
+        assert!(
+            serde_norway::to_string(&node["entrypoint"])
+                .unwrap()
+                .contains(".erlang.cookie"),
+            "{name} writes the shared cookie before booting"
+        );
+        assert!(!node["healthcheck"].is_null(), "{name} has a healthcheck");
+    }
+    assert_eq!(cookies.len(), 1, "one Erlang cookie for all nodes");
+    assert_eq!(
+        discovery_list(&conf),
+        names,
+        "the discovery list names the compose nodes"
+    );
+
+    let hosts: BTreeSet<String> = nodes
+        .iter()
+        .map(|(_, n)| n["hostname"].as_str().unwrap().to_owned())
+        .collect();
+    let mut clients = 0;
+    for (name, service) in services {
+        if command_binary(service).is_none() || one_shot(service) {
+            continue;
+        }
+        clients += 1;
         let env = environment(service);
-        for (variable, dependency) in [("AMQP_URL", "rabbitmq"), ("DATABASE_URL", "postgres")] {
-            // A one-shot task needs only what it uses.
-            if one_shot(service) && !env.contains_key(variable) {
-                continue;
-            }
-            let url = env
-                .get(variable)
-                .unwrap_or_else(|| panic!("{name:?} sets no {variable}"));
-            assert!(
-                url.contains(&format!("@{dependency}:")),
-                "{name:?}: {variable} does not point at the {dependency} service"
-            );
+        let listed: BTreeSet<String> = env["AMQP_URL"]
+            .split(',')
+            .map(|url| {
+                let after = url.split_once('@').expect("credentials in the URL").1;
+                after.split(':').next().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(listed, hosts, "{name:?} lists every node in AMQP_URL");
+        assert_eq!(
+            env["RABBITMQ_MANAGEMENT_URL"].split(',').count(),
+            3,
+            "{name:?}: one management API per node"
+        );
+        for (node, _) in &nodes {
             assert_eq!(
-                service["depends_on"][dependency]["condition"].as_str(),
+                service["depends_on"][*node]["condition"].as_str(),
                 Some("service_healthy"),
-                "{name:?} must wait for {dependency} to be healthy"
-            );
-            assert!(
-                !services[dependency]["healthcheck"].is_null(),
-                "{dependency} needs a healthcheck"
+                "{name:?} waits for {node}: queues declared before a node joins have fewer replicas"
             );
         }
     }
+    assert_eq!(
+        clients, 5,
+        "every long-running service is a client of the cluster"
+    );
 }
