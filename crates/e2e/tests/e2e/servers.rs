@@ -70,13 +70,45 @@ pub struct PrivateRabbit {
     dist_port: u16,
     epmd_port: u16,
     management_port: u16,
-    epmd: std::process::Child,
+    /// The epmd this node started, which its cluster's other nodes share;
+    /// `None` on a node that joined another's.
+    epmd: Option<std::process::Child>,
     version: String,
 }
 
 impl PrivateRabbit {
     pub async fn start() -> Self {
-        let root = rabbitmq4_root();
+        Self::start_beside(None).await
+    }
+
+    /// `nodes` private nodes formed into one cluster: the first started as
+    /// a node of its own, each other one started beside it (its epmd, its
+    /// cookie) and joined to it with `rabbitmqctl join_cluster`.
+    pub async fn cluster(nodes: usize) -> Vec<Self> {
+        let first = Self::start().await;
+        let mut cluster = Vec::with_capacity(nodes);
+        for _ in 1..nodes {
+            let node = Self::start_beside(Some(&first)).await;
+            node.rabbitmqctl(&["stop_app"]).await;
+            node.rabbitmqctl(&["join_cluster", &first.node]).await;
+            node.rabbitmqctl(&["start_app"]).await;
+            node.wait_serving().await;
+            cluster.push(node);
+        }
+        first
+            .rabbitmqctl(&["await_online_nodes", &nodes.to_string()])
+            .await;
+        cluster.insert(0, first);
+        cluster
+    }
+
+    /// A node of its own, or with `peer`, one that can join `peer`'s
+    /// cluster: the same kind of broker, epmd and Erlang cookie.
+    async fn start_beside(peer: Option<&PrivateRabbit>) -> Self {
+        let root = match peer {
+            Some(peer) => peer.root.clone(),
+            None => rabbitmq4_root(),
+        };
         let unique = format!("orderflow-rabbit-{}", uuid::Uuid::new_v4().simple());
         let dir = match root {
             Some(_) => Path::new("/var/tmp").join(unique),
@@ -95,13 +127,19 @@ impl PrivateRabbit {
         )
         .unwrap();
         let cookie = host_dir.join(".erlang.cookie");
-        std::fs::write(&cookie, format!("cookie-{}", uuid::Uuid::new_v4().simple())).unwrap();
+        let secret = match peer {
+            Some(peer) => {
+                std::fs::read_to_string(peer.host_path(&peer.dir.join(".erlang.cookie"))).unwrap()
+            }
+            None => format!("cookie-{}", uuid::Uuid::new_v4().simple()),
+        };
+        std::fs::write(&cookie, secret).unwrap();
         run(
             Command::new("chmod").arg("400").arg(&cookie),
             "chmod cookie",
         )
         .await;
-        if let Some(root) = &root {
+        if let (Some(root), None) = (&root, peer) {
             run(
                 Command::new(rabbitmq4_script())
                     .arg("mount")
@@ -110,9 +148,15 @@ impl PrivateRabbit {
             )
             .await;
         }
-        let epmd_port = free_port();
-        let epmd = start_epmd(root.as_deref(), epmd_port);
-        wait_for_port(epmd_port, Duration::from_secs(30)).await;
+        let (epmd_port, epmd) = match peer {
+            Some(peer) => (peer.epmd_port, None),
+            None => {
+                let port = free_port();
+                let epmd = start_epmd(root.as_deref(), port);
+                wait_for_port(port, Duration::from_secs(30)).await;
+                (port, Some(epmd))
+            }
+        };
         let mut rabbit = Self {
             node: format!("chaos{}@localhost", free_port()),
             port: free_port(),
@@ -184,6 +228,19 @@ impl PrivateRabbit {
         .await
     }
 
+    /// Whether `program <args>` (a RabbitMQ CLI tool) succeeds against the
+    /// node: for the checks that answer with their exit status.
+    pub async fn check(&self, program: &str, args: &[&str]) -> bool {
+        self.command(program)
+            .args(["-n", &self.node])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+
     /// Start the node (again, keeping its data) and wait until it accepts
     /// AMQP connections and its management API answers. `rabbitmqctl wait`
     /// alone returns before the AMQP listener takes connections.
@@ -203,6 +260,12 @@ impl PrivateRabbit {
             "rabbitmqctl wait",
         )
         .await;
+        self.wait_serving().await;
+    }
+
+    /// Wait until the running node accepts AMQP connections and its
+    /// management API answers.
+    pub async fn wait_serving(&self) {
         let url = self.url();
         test_support::eventually(
             Duration::from_secs(60),
@@ -281,6 +344,31 @@ impl PrivateRabbit {
             .unwrap_or_else(|e| panic!("deleting {}: {e}", data.display()));
     }
 
+    /// Freeze the node's Erlang VM (SIGSTOP): it holds its connections
+    /// and answers nothing, as a node in a long GC pause or a hung VM.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a frozen node run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the node is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// The node's name, e.g. `chaos41235@localhost`.
+    pub fn name(&self) -> &str {
+        &self.node
+    }
+
     fn pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.host_path(&self.dir.join("pid")))
             .ok()?
@@ -297,8 +385,10 @@ impl Drop for PrivateRabbit {
                 .args(["-9", &pid.to_string()])
                 .status();
         }
-        let _ = self.epmd.kill();
-        let _ = self.epmd.wait();
+        if let Some(epmd) = &mut self.epmd {
+            let _ = epmd.kill();
+            let _ = epmd.wait();
+        }
         let _ = std::fs::remove_dir_all(self.host_path(&self.dir));
     }
 }

@@ -27,10 +27,14 @@ use crate::{
 
 mod broker;
 mod cases;
+mod cluster;
 
 /// The whole system on private servers.
 pub struct System {
+    /// The broker, or the first node of a cluster.
     pub rabbit: PrivateRabbit,
+    /// The other nodes of a cluster.
+    pub peers: Vec<PrivateRabbit>,
     pub postgres: PrivatePostgres,
     pub pool: PgPool,
     pub api: Option<Service>,
@@ -45,15 +49,49 @@ pub struct System {
 
 impl System {
     pub async fn start(extra: &[(&'static str, &str)]) -> Self {
-        let rabbit = PrivateRabbit::start().await;
-        println!("broker: RabbitMQ {}", rabbit.version());
+        Self::start_on(vec![PrivateRabbit::start().await], extra).await
+    }
+
+    /// The system on a cluster of three nodes; the services list all three
+    /// and ask for heartbeats every 5 s, so that a frozen node is noticed.
+    pub async fn start_cluster(extra: &[(&'static str, &str)]) -> Self {
+        Self::start_on(PrivateRabbit::cluster(3).await, extra).await
+    }
+
+    async fn start_on(mut nodes: Vec<PrivateRabbit>, extra: &[(&'static str, &str)]) -> Self {
+        let rabbit = nodes.remove(0);
+        let peers = nodes;
+        println!(
+            "broker: RabbitMQ {}{}",
+            rabbit.version(),
+            if peers.is_empty() {
+                String::new()
+            } else {
+                format!(", a cluster of {} nodes", peers.len() + 1)
+            }
+        );
+        let (amqp_url, management_url) = if peers.is_empty() {
+            (rabbit.url(), rabbit.management_url())
+        } else {
+            let all: Vec<&PrivateRabbit> = std::iter::once(&rabbit).chain(&peers).collect();
+            (
+                all.iter()
+                    .map(|n| format!("{}?heartbeat=5", n.url()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                all.iter()
+                    .map(|n| n.management_url())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+        };
         let postgres = PrivatePostgres::start().await;
         let log_dir =
             std::env::temp_dir().join(format!("orderflow-chaos-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&log_dir).unwrap();
         let mut env = vec![
-            ("AMQP_URL", rabbit.url()),
-            ("RABBITMQ_MANAGEMENT_URL", rabbit.management_url()),
+            ("AMQP_URL", amqp_url),
+            ("RABBITMQ_MANAGEMENT_URL", management_url),
             ("DATABASE_URL", postgres.url("orderflow")),
             ("DB_ACQUIRE_TIMEOUT_MS", "1000".into()),
             ("PREFETCH", "10".into()),
@@ -70,6 +108,7 @@ impl System {
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let mut system = Self {
             rabbit,
+            peers,
             postgres,
             pool: PgPool::connect_lazy("postgres://unused").unwrap(),
             api: None,
@@ -161,19 +200,26 @@ impl System {
         }
     }
 
+    /// Every node, the first one first.
+    pub fn nodes(&self) -> impl Iterator<Item = &PrivateRabbit> {
+        std::iter::once(&self.rabbit).chain(&self.peers)
+    }
+
+    /// A connection to the first node that takes one.
     pub async fn amqp(&self) -> lapin::Connection {
-        lapin::Connection::connect(&self.rabbit.url(), Default::default())
-            .await
-            .expect("the private broker")
+        for node in self.nodes() {
+            if let Ok(connection) = lapin::Connection::connect(&node.url(), Default::default()).await {
+                return connection;
+            }
+        }
+        panic!("no private broker node takes a connection")
     }
 
     fn setting(&self, name: &str) -> u64 {
-        self.env
-            .iter()
-            .rev()
-            .find(|(key, _)| *key == name)
-            .and_then(|(_, value)| value.parse().ok())
-            .unwrap_or_else(|| panic!("{name} is set for the chaos services"))
+        let value = self.env_value(name);
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value} is not a number"))
     }
 
     /// The topology the services declared: the unprefixed one, with the
@@ -188,12 +234,26 @@ impl System {
         messaging::Topology::new("").with_retry_delays(retry.delays())
     }
 
-    /// A broker handle on the private node.
+    /// A broker handle on the private node (every node of a cluster).
     pub fn broker(&self) -> messaging::Broker {
-        let management =
-            messaging::Management::new(&self.rabbit.management_url(), &self.rabbit.url())
-                .expect("the private node's management URL");
-        messaging::Broker::new(self.rabbit.url(), management, self.topology())
+        let settings = messaging::AmqpSettings {
+            amqp_url: self.env_value("AMQP_URL"),
+            topology_prefix: String::new(),
+            topology_queue_expires_ms: None,
+            rabbitmq_management_url: Some(self.env_value("RABBITMQ_MANAGEMENT_URL")),
+        };
+        settings
+            .broker_for(self.topology())
+            .expect("the private nodes' URLs")
+    }
+
+    fn env_value(&self, name: &str) -> String {
+        self.env
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.clone())
+            .unwrap_or_else(|| panic!("{name} is set for the chaos services"))
     }
 }
 
