@@ -123,7 +123,7 @@ if scripts/rabbitmq4.sh ensure && NODE_ENV=$(scripts/rabbitmq4.sh start); then
   on_broker "$BROKER4" "the end-to-end flow" run_tests -p e2e -- flow::
   on_broker "$BROKER4" "the dead-letter tests and the integration tests of every crate that talks to RabbitMQ" \
     run_tests -p dead-letters -p messaging -p platform -p order-api -p order-processor \
-    -p notification-service -p logging-service
+    -p notification-service -p logging-service -p order-stats
   # Each chaos case (and the test of the private node itself) starts its
   # own 4.x node in the chroot; --no-capture shows the broker version and
   # the invariant counts of every case.

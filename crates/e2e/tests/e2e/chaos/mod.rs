@@ -208,7 +208,9 @@ impl System {
     /// A connection to the first node that takes one.
     pub async fn amqp(&self) -> lapin::Connection {
         for node in self.nodes() {
-            if let Ok(connection) = lapin::Connection::connect(&node.url(), Default::default()).await {
+            if let Ok(connection) =
+                lapin::Connection::connect(&node.url(), Default::default()).await
+            {
                 return connection;
             }
         }
