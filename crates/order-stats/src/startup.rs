@@ -32,7 +32,9 @@ pub struct Application {
 
 impl Application {
     /// Connect (waiting for both servers), migrate, empty the read model if
-    /// asked to rebuild it, and bind the HTTP port.
+    /// asked to rebuild it, declare the log (from then on it keeps every
+    /// event, whether or not this service runs), and bind the HTTP port: a
+    /// ready order-stats means a declared log.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = DatabaseSettings {
             db_max_connections: Some(settings.database.db_max_connections.unwrap_or(POOL_SIZE)),
@@ -46,6 +48,17 @@ impl Application {
             tracing::info!("read model emptied: rebuilding it from the beginning of the event log");
         }
         let broker = settings.amqp.broker()?;
+        let retention = Retention {
+            max_age: settings.event_log_max_age,
+            max_bytes: settings.event_log_max_bytes,
+        };
+        let connection = broker
+            .connect(&CancellationToken::new())
+            .await
+            .context("connecting to RabbitMQ")?;
+        let channel = connection.create_channel().await?;
+        log::declare(&channel, broker.topology(), &retention).await?;
+        let _ = channel.close(200, "declared".into()).await;
         let listener = TcpListener::bind(SocketAddr::new(settings.http_host, settings.http_port))
             .await
             .with_context(|| format!("binding the HTTP port {}", settings.http_port))?;
@@ -54,10 +67,7 @@ impl Application {
             broker,
             listener,
             http: settings.http,
-            retention: Retention {
-                max_age: settings.event_log_max_age,
-                max_bytes: settings.event_log_max_bytes,
-            },
+            retention,
             batch_size: settings.batch_size,
         })
     }

@@ -50,6 +50,15 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value, key: &str) -> P
     }
 }
 
+/// Per SKU: processed orders, units, rejected orders, over all minutes.
+const READ_MODEL: &str =
+    "SELECT sku, sum(orders)::bigint, sum(units)::bigint, sum(rejected)::bigint
+                          FROM sales_per_minute GROUP BY sku ORDER BY sku";
+
+async fn sales(pool: &PgPool, sql: &str) -> Vec<(String, i64, i64, i64)> {
+    sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+}
+
 async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -62,6 +71,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         log_dir,
         pool,
         database_url,
+        env,
         _topology,
     } = Stack::start(&[
         ("PAYMENT_DECLINE_OVER_CENTS", "200000".into()),
@@ -292,6 +302,63 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         .await,
         0
     );
+
+    // order-stats read every event from the log once: its read model holds
+    // what the orders table says.
+    let from_orders = sales(
+        &pool,
+        "SELECT l->>'sku',
+                count(*) FILTER (WHERE o.status = 'processed'),
+                coalesce(sum((l->>'quantity')::bigint) FILTER (WHERE o.status = 'processed'), 0)::bigint,
+                count(*) FILTER (WHERE o.status = 'rejected')
+         FROM orders o, jsonb_array_elements(o.items) l GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    let finished = i64::try_from(DISTINCT).unwrap();
+    test_support::eventually(
+        Duration::from_secs(60),
+        "order-stats to count every event",
+        || async {
+            let counted: Option<i64> = sqlx::query_scalar("SELECT events FROM event_log_positions")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+            (counted == Some(finished)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        sales(&pool, READ_MODEL).await,
+        from_orders,
+        "order-stats' read model"
+    );
+
+    // A second order-stats on an empty database rebuilds the same numbers
+    // from the beginning of the log.
+    let (rebuild_url, rebuild_pool) = test_support::fresh_database().await;
+    let mut env = env.clone();
+    env.retain(|(k, _)| *k != "DATABASE_URL");
+    env.push(("DATABASE_URL", rebuild_url));
+    let rebuild =
+        crate::processes::Service::start("order-stats", "order-stats-rebuild", &env, &log_dir);
+    test_support::eventually(
+        Duration::from_secs(60),
+        "the rebuild to count every event",
+        || async {
+            let counted: Option<i64> = sqlx::query_scalar("SELECT events FROM event_log_positions")
+                .fetch_optional(&rebuild_pool)
+                .await
+                .unwrap();
+            (counted == Some(finished)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        sales(&rebuild_pool, READ_MODEL).await,
+        from_orders,
+        "rebuilt from the log"
+    );
+    assert!(rebuild.stop().await.success());
 
     // Every service stops cleanly on SIGTERM.
     for service in workers.into_iter().chain([api]) {

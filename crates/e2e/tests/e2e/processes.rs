@@ -186,6 +186,9 @@ pub struct Stack {
     pub log_dir: std::path::PathBuf,
     pub pool: sqlx::PgPool,
     pub database_url: String,
+    /// What every service was started with (`HTTP_PORT` and `INSTANCE_ID`
+    /// aside).
+    pub env: Vec<(&'static str, String)>,
     pub _topology: test_support::TopologyGuard,
 }
 
@@ -248,6 +251,7 @@ impl Stack {
             &env,
             &log_dir,
         ));
+        workers.push(Service::start("order-stats", "order-stats", &env, &log_dir));
         wait_ready(std::iter::once(&api).chain(&workers)).await;
         println!("services ready; logs in {}", log_dir.display());
         Self {
@@ -256,6 +260,7 @@ impl Stack {
             log_dir,
             pool,
             database_url,
+            env,
             _topology: topology,
         }
     }
