@@ -59,6 +59,22 @@ async fn sales(pool: &PgPool, sql: &str) -> Vec<(String, i64, i64, i64)> {
     sqlx::query_as(sql).fetch_all(pool).await.unwrap()
 }
 
+/// Wait until the order-stats reading into `pool` has counted `events`.
+async fn all_counted(pool: &PgPool, events: i64, who: &str) {
+    test_support::eventually(
+        Duration::from_secs(60),
+        &format!("{who} to count every event"),
+        || async {
+            let counted: Option<i64> = sqlx::query_scalar("SELECT events FROM event_log_positions")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+            (counted == Some(events)).then_some(())
+        },
+    )
+    .await;
+}
+
 async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -315,18 +331,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     )
     .await;
     let finished = i64::try_from(DISTINCT).unwrap();
-    test_support::eventually(
-        Duration::from_secs(60),
-        "order-stats to count every event",
-        || async {
-            let counted: Option<i64> = sqlx::query_scalar("SELECT events FROM event_log_positions")
-                .fetch_optional(&pool)
-                .await
-                .unwrap();
-            (counted == Some(finished)).then_some(())
-        },
-    )
-    .await;
+    all_counted(&pool, finished, "order-stats").await;
     assert_eq!(
         sales(&pool, READ_MODEL).await,
         from_orders,
@@ -341,18 +346,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     env.push(("DATABASE_URL", rebuild_url));
     let rebuild =
         crate::processes::Service::start("order-stats", "order-stats-rebuild", &env, &log_dir);
-    test_support::eventually(
-        Duration::from_secs(60),
-        "the rebuild to count every event",
-        || async {
-            let counted: Option<i64> = sqlx::query_scalar("SELECT events FROM event_log_positions")
-                .fetch_optional(&rebuild_pool)
-                .await
-                .unwrap();
-            (counted == Some(finished)).then_some(())
-        },
-    )
-    .await;
+    all_counted(&rebuild_pool, finished, "the rebuild").await;
     assert_eq!(
         sales(&rebuild_pool, READ_MODEL).await,
         from_orders,

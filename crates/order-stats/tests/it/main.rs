@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use clap::Parser;
-use lapin::{BasicProperties, options::QueueDeclareOptions};
+use lapin::BasicProperties;
 use messaging::{
     Topology,
     contracts::{Lane, OrderEvent, OrderLine, Outcome, PaymentOutcome, SCHEMA_VERSION},
@@ -32,6 +32,18 @@ fn settings(database_url: &str, prefix: &str, extra: &[&str]) -> Settings {
     settings
 }
 
+/// A unique prefix, its topology, and the guard that deletes it after.
+fn test_topology() -> (String, Topology, test_support::TopologyGuard) {
+    test_support::init_tracing();
+    let prefix = test_support::unique_prefix();
+    let topology = Topology::new(prefix.clone());
+    (
+        prefix,
+        topology.clone(),
+        test_support::TopologyGuard(topology),
+    )
+}
+
 struct Running {
     port: u16,
     stop: CancellationToken,
@@ -51,31 +63,6 @@ impl Running {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
-}
-
-/// Wait until the log exists on the broker (the reader declares it).
-async fn log_declared(topology: &Topology) {
-    let connection = test_support::amqp().await;
-    test_support::eventually(
-        Duration::from_secs(60),
-        "the event log to be declared",
-        || async {
-            let channel = connection.create_channel().await.ok()?;
-            channel
-                .queue_declare(
-                    topology.event_log().as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .ok()
-                .map(|_| ())
-        },
-    )
-    .await;
 }
 
 /// `n` events over the last few minutes, with every SKU, two currencies and
@@ -233,13 +220,9 @@ async fn counted(pool: &PgPool, events: usize) {
 
 #[tokio::test]
 async fn a_rebuild_from_the_beginning_of_the_log_matches_the_model_built_live() {
-    test_support::init_tracing();
-    let prefix = test_support::unique_prefix();
-    let topology = Topology::new(prefix.clone());
-    let _guard = test_support::TopologyGuard(topology.clone());
+    let (prefix, topology, _guard) = test_topology();
     let (live_url, live_pool) = test_support::fresh_database().await;
     let live = Running::start(settings(&live_url, &prefix, &[])).await;
-    log_declared(&topology).await;
 
     let events = events(300);
     publish(&topology, &events).await;
@@ -335,10 +318,7 @@ fn spawn(database_url: &str, prefix: &str) -> std::process::Child {
 
 #[tokio::test]
 async fn a_reader_killed_in_the_middle_of_a_rebuild_counts_every_event_once_after_restart() {
-    test_support::init_tracing();
-    let prefix = test_support::unique_prefix();
-    let topology = Topology::new(prefix.clone());
-    let _guard = test_support::TopologyGuard(topology.clone());
+    let (prefix, topology, _guard) = test_topology();
     let (url, pool) = test_support::fresh_database().await;
     // The log fills before this reader ever runs: it rebuilds from the start.
     let declarer = Running::start(settings(
@@ -347,7 +327,6 @@ async fn a_reader_killed_in_the_middle_of_a_rebuild_counts_every_event_once_afte
         &[],
     ))
     .await;
-    log_declared(&topology).await;
     declarer.stop().await;
     let events = events(400);
     publish(&topology, &events).await;

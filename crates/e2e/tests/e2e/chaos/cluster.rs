@@ -148,11 +148,26 @@ impl Fault {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopping_the_node_that_leads_the_work_queue_loses_nothing() {
-    let mut system = System::start_cluster(&[]).await;
+/// The services on a fresh three-node cluster, 5 s into a steady load.
+async fn under_load() -> (System, Load) {
+    let system = System::start_cluster(&[]).await;
     let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(5)).await;
+    (system, load)
+}
+
+/// End the load, print the pauses and elections since `fault`, check every
+/// invariant, and stop the services.
+async fn settle(mut system: System, load: Load, fault: Fault, case: &str, elections: &str) {
+    let report = load.finish().await;
+    fault.report(&system, case, &report, elections).await;
+    check_invariants(&system, case, &report.accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_node_that_leads_the_work_queue_loses_nothing() {
+    let (system, load) = under_load().await;
     let old = leader(&system).await;
     println!("stopping {old}, the leader of {QUEUE}, under load");
     let fault = Fault::now(&system).await;
@@ -164,20 +179,19 @@ async fn stopping_the_node_that_leads_the_work_queue_loses_nothing() {
     println!("starting {old} again");
     node(&system, &old).start_again().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let report = load.finish().await;
-    let case = "leader stopped";
-    fault
-        .report(&system, case, &report, &elected(&old, Some(&election)))
-        .await;
-    check_invariants(&system, case, &report.accepted, 0).await;
-    system.stop_all().await;
+    settle(
+        system,
+        load,
+        fault,
+        "leader stopped",
+        &elected(&old, Some(&election)),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_the_node_every_service_is_connected_to_loses_nothing() {
-    let mut system = System::start_cluster(&[]).await;
-    let load = Load::start(system.api_url(), system.client(), RATE);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (system, load) = under_load().await;
     let old = leader(&system).await;
     let victim = system.rabbit.name().to_owned();
     println!("kill -9 {victim}, the first node of every service's list, under load");
@@ -192,20 +206,19 @@ async fn kill_9_the_node_every_service_is_connected_to_loses_nothing() {
     println!("starting {victim} again");
     system.rabbit.start_again().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let report = load.finish().await;
-    let case = "node killed";
-    fault
-        .report(&system, case, &report, &elected(&old, election.as_ref()))
-        .await;
-    check_invariants(&system, case, &report.accepted, 0).await;
-    system.stop_all().await;
+    settle(
+        system,
+        load,
+        fault,
+        "node killed",
+        &elected(&old, election.as_ref()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freezing_the_leader_for_20_s_loses_nothing() {
-    let mut system = System::start_cluster(&[]).await;
-    let load = Load::start(system.api_url(), system.client(), RATE);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (system, load) = under_load().await;
     let old = leader(&system).await;
     println!("SIGSTOP {old}, the leader of {QUEUE}, for 20 s under load");
     let fault = Fault::now(&system).await;
@@ -219,20 +232,19 @@ async fn freezing_the_leader_for_20_s_loses_nothing() {
     println!("SIGCONT {old}");
     node(&system, &old).thaw();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let report = load.finish().await;
-    let case = "leader frozen 20 s";
-    fault
-        .report(&system, case, &report, &elected(&old, replaced.as_ref()))
-        .await;
-    check_invariants(&system, case, &report.accepted, 0).await;
-    system.stop_all().await;
+    settle(
+        system,
+        load,
+        fault,
+        "leader frozen 20 s",
+        &elected(&old, replaced.as_ref()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_node_loses_nothing() {
-    let mut system = System::start_cluster(&[]).await;
-    let load = Load::start(system.api_url(), system.client(), RATE);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (system, load) = under_load().await;
     let fault = Fault::now(&system).await;
     let names: Vec<String> = system.nodes().map(|n| n.name().to_owned()).collect();
     let mut elections = Vec::new();
@@ -263,11 +275,12 @@ async fn a_rolling_restart_of_every_node_loses_nothing() {
         node.start_again().await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let report = load.finish().await;
-    let case = "rolling restart";
-    fault
-        .report(&system, case, &report, &elections.join("; "))
-        .await;
-    check_invariants(&system, case, &report.accepted, 0).await;
-    system.stop_all().await;
+    settle(
+        system,
+        load,
+        fault,
+        "rolling restart",
+        &elections.join("; "),
+    )
+    .await;
 }
