@@ -245,6 +245,22 @@ impl Broker {
         }
     }
 
+    /// Reconnect as soon as the connection is lost (checked every second),
+    /// not when something next needs it: a service that only publishes
+    /// now and then is ready again, on another node, within seconds of
+    /// losing its own. Returns when `stop` is cancelled.
+    pub async fn keep_connected(&self, stop: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !self.is_connected() && self.connect(stop).await.is_none() {
+                return;
+            }
+        }
+    }
+
     /// Declare the topology again on the live connection: after a message
     /// came back unroutable (a queue or binding was deleted behind our back).
     pub async fn redeclare(&self) -> anyhow::Result<()> {

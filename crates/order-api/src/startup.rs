@@ -119,6 +119,12 @@ impl Application {
             shutdown.clone(),
         ));
         let republisher = tokio::spawn(self.republisher.clone().run(shutdown.clone()));
+        // order-api publishes only when orders come: without this, a lost
+        // node would be left only when the next order or sweep needs one.
+        let keeper = {
+            let (broker, shutdown) = (self.broker.clone(), shutdown.clone());
+            tokio::spawn(async move { broker.keep_connected(&shutdown).await })
+        };
         let feed = tokio::spawn(
             self.state
                 .feed
@@ -141,6 +147,7 @@ impl Application {
         let _ = relay.await;
         let _ = feed.await;
         let _ = republisher.await;
+        let _ = keeper.await;
         cleanup.abort();
         self.broker.close().await;
         tracing::info!("order-api stopped");

@@ -15,7 +15,6 @@ use messaging::{
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::{db::DatabaseSettings, health};
 
@@ -369,15 +368,16 @@ pub trait EventHandler {
 struct Events<E>(E);
 
 impl<E: EventHandler> Handler for Events<E> {
-    /// Decode the event, handle it inside its span, and turn the result
-    /// into a disposition.
+    /// Decode the event, handle it, and turn the result into a disposition
+    /// logged in the event's span (the handler logs its own lines in it, as
+    /// it does for a batch, so they name the event once).
     async fn handle(&self, delivery: Delivery) -> Disposition {
         let received = match decode(&delivery) {
             Ok(received) => received,
             Err(poison) => return poison,
         };
         let span = received.span();
-        match self.0.handle(&received).instrument(span.clone()).await {
+        match self.0.handle(&received).await {
             Ok(done) => span.in_scope(|| handled(done)),
             Err(error) if crate::db::no_connection(&error) => Disposition::Wait {
                 reason: format!("{error:#}"),

@@ -82,6 +82,31 @@ async fn a_lost_connection_moves_on_to_the_next_node_that_answers() {
 }
 
 #[tokio::test]
+async fn a_lost_connection_is_replaced_at_once_not_when_next_needed() {
+    let (broker, _guard) = broker(&[live(30), live(31)]);
+    let first = broker.connect_once().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let keeper = tokio::spawn({
+        let (broker, stop) = (broker.clone(), stop.clone());
+        async move { broker.keep_connected(&stop).await }
+    });
+    first.close(320, "the node went away".into()).await.unwrap();
+    // Nothing asks for a connection here: the keeper makes one by itself.
+    test_support::eventually(
+        std::time::Duration::from_secs(30),
+        "a connection to the next node",
+        || async {
+            (broker.is_connected() && broker.connected_to() == messaging::amqp::redact(&live(31)))
+                .then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    keeper.await.unwrap();
+    broker.close().await;
+}
+
+#[tokio::test]
 async fn no_node_answering_names_each_without_its_password() {
     let (broker, _guard) = broker(&[refusing("s3cret"), refusing("s3cret")]);
     let error = format!("{:#}", broker.connect_once().await.err().unwrap());
