@@ -16,10 +16,18 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry at `offset` holding `payload`.
+    /// The entry at `offset` holding `payload`. Why it is not an event is
+    /// said without quoting it (serde's messages can quote a value, and the
+    /// reason is logged); the payload itself is kept with the record.
     pub fn decode(offset: i64, payload: Vec<u8>) -> Self {
-        let event = serde_json::from_slice::<OrderEvent>(&payload)
-            .map_err(|error| format!("not an order event: {error}"));
+        let event = serde_json::from_slice::<OrderEvent>(&payload).map_err(|error| {
+            format!(
+                "not an order event: {:?} error at line {} column {}",
+                error.classify(),
+                error.line(),
+                error.column()
+            )
+        });
         Self {
             offset,
             event,
