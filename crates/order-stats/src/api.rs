@@ -62,7 +62,7 @@ async fn stats(
     let since = now - Duration::minutes(i64::from(minutes) - 1);
     let read = async {
         let position = model::position(&stats.pool, &stats.stream).await?;
-        let (skus, revenue) = model::since(&stats.pool, Some(since)).await?;
+        let (skus, revenue) = model::since(&stats.pool, since).await?;
         Ok::<_, sqlx::Error>((position, skus, revenue))
     };
     match read.await {

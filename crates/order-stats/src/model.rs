@@ -45,9 +45,6 @@ pub struct Applied {
     pub duplicates: u64,
     /// Entries skipped as not order events.
     pub skipped: u64,
-    /// Entries before the stored position (the broker starts a reader at
-    /// the beginning of the chunk holding its offset).
-    pub behind: u64,
 }
 
 /// Where the reader of `stream` stands.
@@ -69,17 +66,16 @@ pub async fn position(pool: &PgPool, stream: &str) -> sqlx::Result<Option<Positi
     .await
 }
 
-/// Empty the read model and forget the position, in one transaction: the
+/// Empty the read model and forget the position, in one statement: the
 /// next read starts at the beginning of the log.
 pub async fn reset(pool: &PgPool) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
     sqlx::query(
         "TRUNCATE sales_per_minute, revenue_per_minute, event_log_seen, event_log_skipped, \
          event_log_positions",
     )
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// Count `entries` (in log order) into the read model and move the position
@@ -102,11 +98,9 @@ pub async fn apply(pool: &PgPool, stream: &str, entries: &[Entry]) -> sqlx::Resu
     let mut applied = Applied::default();
     let mut events = Vec::new();
     let mut skipped = (Vec::new(), Vec::new(), Vec::new());
-    for entry in entries {
-        if entry.offset < next {
-            applied.behind += 1;
-            continue;
-        }
+    // The broker starts a reader at the beginning of the chunk holding its
+    // offset: entries before the stored position were counted already.
+    for entry in entries.iter().filter(|e| e.offset >= next) {
         match &entry.event {
             Ok(event) => events.push(event),
             Err(reason) => {
@@ -238,22 +232,21 @@ pub struct RevenueMinute {
     pub revenue_cents: i64,
 }
 
-/// The read model from `since` on, oldest minute first; everything when
-/// `since` is `None`.
+/// The read model from `since` on, oldest minute first.
 pub async fn since(
     pool: &PgPool,
-    since: Option<DateTime<Utc>>,
+    since: DateTime<Utc>,
 ) -> sqlx::Result<(Vec<SkuMinute>, Vec<RevenueMinute>)> {
     let skus = sqlx::query_as(
         "SELECT minute, sku, orders, units, rejected FROM sales_per_minute
-         WHERE $1::timestamptz IS NULL OR minute >= $1 ORDER BY minute, sku",
+         WHERE minute >= $1 ORDER BY minute, sku",
     )
     .bind(since)
     .fetch_all(pool)
     .await?;
     let revenue = sqlx::query_as(
         "SELECT minute, currency, orders, rejected, revenue_cents FROM revenue_per_minute
-         WHERE $1::timestamptz IS NULL OR minute >= $1 ORDER BY minute, currency",
+         WHERE minute >= $1 ORDER BY minute, currency",
     )
     .bind(since)
     .fetch_all(pool)
