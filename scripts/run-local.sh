@@ -18,6 +18,9 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow
 export PAYMENT_LATENCY_MS=${PAYMENT_LATENCY_MS:-200}
 # Demo: customer "flaky-2" fails payment twice, then succeeds; "doomed" always fails.
 export DEMO_FAILURES=${DEMO_FAILURES:-true}
+# Four attempts (three retries, 1 s, 2 s, 4 s): "doomed" reaches the
+# dead-letter queue in seconds, not the minute and a half of the default.
+export RETRY_MAX_ATTEMPTS=${RETRY_MAX_ATTEMPTS:-4}
 
 scripts/wait-for-services.sh
 
@@ -54,9 +57,12 @@ for _ in $(seq 1 60); do
 done
 # The demo client's key (set DEMO_API_KEY to choose it); made once, kept.
 API_KEY=${DEMO_API_KEY:-orderflow-demo-key} "$target_dir/api-keys" create --client demo
+# An admin key for the live page and the tour (DEMO_ADMIN_KEY to choose it).
+API_KEY=${DEMO_ADMIN_KEY:-orderflow-demo-admin-key} "$target_dir/api-keys" create --client ops --scope admin
 cat <<MSG
 
-orderflow is running. Place an order:
+orderflow is running. Watch it at http://localhost:8080/ (admin key:
+${DEMO_ADMIN_KEY:-orderflow-demo-admin-key}); take the tour with scripts/demo.sh. Place an order:
   curl -s localhost:8080/orders -H 'authorization: Bearer ${DEMO_API_KEY:-orderflow-demo-key}' \\
     -H 'content-type: application/json' \\
     -d '{"customer_id":"c-42","email":"ada@example.com","items":[{"sku":"WIDGET","quantity":2}]}'

@@ -54,8 +54,12 @@ pub enum ApiError {
     RateLimited(std::time::Duration),
     #[error("too many open event streams ({0}); close one or retry later")]
     TooManyStreams(&'static str),
+    #[error("no dead letter with message id {0:?}")]
+    DeadLetterNotFound(String),
     #[error("the database is unavailable; retry later")]
     Unavailable(#[source] anyhow::Error),
+    #[error("RabbitMQ is unavailable; retry later")]
+    BrokerUnavailable(#[source] anyhow::Error),
     #[error("internal error")]
     Unexpected(#[from] anyhow::Error),
 }
@@ -119,7 +123,9 @@ impl ApiError {
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+            DeadLetterNotFound(_) => (StatusCode::NOT_FOUND, "dead_letter_not_found"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            BrokerUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
             Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -183,6 +189,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable(cause) => {
                 tracing::warn!(error.message = %cause, "database unavailable");
+            }
+            ApiError::BrokerUnavailable(cause) => {
+                tracing::warn!(error.message = %format!("{cause:#}"), "RabbitMQ unavailable");
             }
             _ => {}
         }

@@ -12,14 +12,17 @@ use std::{sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::{
+    message::Delivery,
     options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
 };
 use messaging::{
     Broker,
+    consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER},
     contracts::{OrderEvent, Outcome},
+    topology::RETRY_DELAY_HEADER,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -41,12 +44,17 @@ const BIND_WAIT: Duration = Duration::from_secs(2);
 pub struct LiveEvent {
     pub order_id: Uuid,
     pub customer_id: String,
-    /// `accepted`, `processed`, `rejected` or `notified`; also the SSE event name.
+    /// `accepted`, `processed`, `rejected`, `notified`, `retrying` or
+    /// `dead_lettered`; also the SSE event name.
     pub status: String,
-    /// Why it was rejected.
+    /// Why it was rejected, retried or dead-lettered.
     pub reason: Option<String>,
-    /// `standard` or `express`: the lane the order took.
+    /// `standard` or `express`: the lane the order took (empty on a retry
+    /// or dead letter, which only name the queue).
     pub lane: String,
+    /// Which processor decided (on `processed` and `rejected` events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processed_by: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -72,8 +80,51 @@ impl LiveEvent {
             status: status.into(),
             reason,
             lane: event.lane.as_str().into(),
+            processed_by: Some(event.processed_by.clone()),
             at: event.occurred_at,
         }
+    }
+
+    /// A message on its way to a retry queue or the dead-letter queue (an
+    /// order for a processor, or an event for a subscriber): which order it
+    /// is about, from its body, and what went wrong, from its headers.
+    fn of_failure(status: &str, delivery: &Delivery) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct About {
+            order_id: Uuid,
+            customer_id: String,
+        }
+        let about: About = serde_json::from_slice(&delivery.data).ok()?;
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let header = |name: &str| match headers.inner().get(name) {
+            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+            Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+            Some(AMQPValue::LongUInt(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        let attempt = header(ATTEMPTS_HEADER).unwrap_or_else(|| "?".into());
+        let reason = if status == "retrying" {
+            let delay = header(RETRY_DELAY_HEADER).unwrap_or_else(|| "?".into());
+            format!(
+                "attempt {attempt} on {} failed; retrying in {delay} ms",
+                delivery.routing_key
+            )
+        } else {
+            format!(
+                "{} (after {attempt} attempts on {})",
+                header(REASON_HEADER).unwrap_or_else(|| "rejected by the broker".into()),
+                header(QUEUE_HEADER).unwrap_or_else(|| "its queue".into())
+            )
+        };
+        Some(Self {
+            order_id: about.order_id,
+            customer_id: about.customer_id,
+            status: status.into(),
+            reason: Some(reason),
+            lane: String::new(),
+            processed_by: None,
+            at: Utc::now(),
+        })
     }
 }
 
@@ -91,7 +142,7 @@ impl utoipa::PartialSchema for SseEvent {
                 "type": "object",
                 "required": ["event", "data"],
                 "properties": {
-                    "event": name(json!(["accepted", "processed", "rejected", "notified"])),
+                    "event": name(json!(["accepted", "processed", "rejected", "notified", "retrying", "dead_lettered"])),
                     // Its `contentSchema`, a LiveEvent, is added by
                     // `openapi::document`: utoipa's types cannot hold it.
                     "data": {"type": "string", "contentMediaType": "application/json"}
@@ -218,6 +269,23 @@ impl Feed {
                 FieldTable::default(),
             )
             .await?;
+        // A wire tap: copies of every retry and every dead letter, so a
+        // watcher sees them on the order they happened to. The retry
+        // exchange is a headers exchange, and a binding without arguments
+        // matches every message.
+        let topology = broker.topology();
+        for exchange in [topology.retry_exchange(), topology.dead_letters()] {
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let (events, retries) = (topology.events_exchange(), topology.retry_exchange());
         let mut deliveries = channel
             .basic_consume(
                 queue.name().clone(),
@@ -244,10 +312,18 @@ impl Feed {
                     return Ok(());
                 },
                 delivery = deliveries.next() => match delivery {
-                    Some(Ok(delivery)) => match serde_json::from_slice::<OrderEvent>(&delivery.data) {
-                        Ok(event) => self.publish(LiveEvent::of_event(&event)),
-                        Err(error) => tracing::warn!(error = %error, "ignoring an undecodable order event"),
-                    },
+                    Some(Ok(delivery)) if delivery.exchange.as_str() == events => {
+                        match serde_json::from_slice::<OrderEvent>(&delivery.data) {
+                            Ok(event) => self.publish(LiveEvent::of_event(&event)),
+                            Err(error) => tracing::warn!(error = %error, "ignoring an undecodable order event"),
+                        }
+                    }
+                    Some(Ok(delivery)) => {
+                        let status = if delivery.exchange.as_str() == retries { "retrying" } else { "dead_lettered" };
+                        if let Some(event) = LiveEvent::of_failure(status, &delivery) {
+                            self.publish(event);
+                        }
+                    }
                     Some(Err(error)) => return Err(error.into()),
                     None => anyhow::bail!("the live event consumer was cancelled"),
                 },

@@ -28,6 +28,8 @@ pub struct AppState {
     /// Where POSTs hand their orders to be stored, in batches.
     pub intake: Intake,
     pub relay: Relay,
+    /// For the live page: queue depths, dead letters and their replay.
+    pub broker: Broker,
     pub topology: Topology,
     pub max_quantity: i32,
     pub idempotency_ttl: Duration,
@@ -73,6 +75,7 @@ impl Application {
                 settings.idempotency_ttl(),
             ),
             relay: Relay::new(pool.clone(), publisher),
+            broker: broker.clone(),
             topology: broker.topology().clone(),
             max_quantity: settings.max_quantity,
             idempotency_ttl: settings.idempotency_ttl(),

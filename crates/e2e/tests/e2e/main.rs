@@ -1,5 +1,6 @@
 //! End-to-end tests of the whole system, and of the compose file that runs it.
 
+mod browser;
 mod chaos;
 mod compose;
 mod flow;

@@ -1,6 +1,7 @@
 //! The HTTP surface: routes, the JSON body extractor, correlation ids, and
 //! JSON answers for unknown routes and methods.
 
+pub mod dashboard;
 pub mod orders;
 
 use axum::{
@@ -41,8 +42,9 @@ pub struct CorrelationId(pub String);
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
 
-/// Every route. Orders, their events and `/metrics` need an API key;
-/// `/healthz`, `/readyz` and the API's documentation are public.
+/// Every route. Orders, their events, `/metrics` and the live page's data
+/// need an API key; `/healthz`, `/readyz`, the API's documentation and the
+/// live page itself (`/`, which asks for a key) are public.
 pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router {
     // Install the recorder now: what is counted before the first scrape counts.
     platform::metrics::handle();
@@ -53,6 +55,11 @@ pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router 
         .route("/orders/{id}/events", get(orders::events::order_events))
         .route("/events", get(orders::events::all_events))
         .route("/metrics", get(metrics))
+        .route("/dashboard/queues", get(dashboard::queues))
+        .route("/dashboard/orders", get(dashboard::orders))
+        .route("/dashboard/dead-letters", get(dashboard::dead_letters))
+        .route("/dashboard/dead-letters/replay", post(dashboard::replay))
+        .route("/dashboard/burst", post(dashboard::burst))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -60,6 +67,12 @@ pub fn router(state: AppState, health: Router, max_body_bytes: usize) -> Router 
         .with_state(state);
     Router::new()
         .merge(keyed)
+        .route("/", get(dashboard::page))
+        .route("/live.js", get(dashboard::script))
+        .route("/live.css", get(dashboard::style))
+        // Browsers ask for /favicon.ico unless the page names its icon.
+        .route("/favicon.svg", get(dashboard::icon))
+        .route("/favicon.ico", get(dashboard::icon))
         .merge(crate::openapi::router(max_quantity))
         .merge(health)
         .fallback(|| async { ApiError::RouteNotFound })

@@ -26,9 +26,9 @@ use crate::{
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
 type Events = std::pin::Pin<Box<dyn Stream<Item = std::result::Result<Event, Infallible>> + Send>>;
-type EventStream = Sse<axum::response::sse::KeepAliveStream<Events>>;
+pub(crate) type EventStream = Sse<axum::response::sse::KeepAliveStream<Events>>;
 
-fn sse(events: mpsc::Receiver<Event>) -> EventStream {
+pub(crate) fn sse(events: mpsc::Receiver<Event>) -> EventStream {
     let stream = futures_util::stream::unfold(events, |mut events| async move {
         events.recv().await.map(|event| (Ok(event), events))
     });
@@ -105,6 +105,7 @@ pub async fn order_events(
                 .then(|| order.reason.clone())
                 .flatten(),
             lane: order.lane.clone(),
+            processed_by: None,
             at: entry.at,
         })
         .collect();
@@ -169,7 +170,8 @@ async fn follow_order(
             () = client.gone() => return,
             received = live.recv() => match received {
                 Ok(entry) if entry.order_id == id => {
-                    if sent.insert(entry.status.clone()) {
+                    // Each retry is news; any other status is sent once.
+                    if entry.status == "retrying" || sent.insert(entry.status.clone()) {
                         if !client.send(event(&entry)).await {
                             return;
                         }

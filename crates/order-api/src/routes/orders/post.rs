@@ -7,6 +7,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
+use platform::outbox::Outboxed;
+
 use super::OrderView;
 use crate::{
     auth::Caller,
@@ -99,15 +101,22 @@ pub async fn create_order(
             message,
         } => (saved, view, message),
     };
-    let order_id = view.id;
-    tracing::Span::current().record("order_id", tracing::field::display(order_id));
+    tracing::Span::current().record("order_id", tracing::field::display(view.id));
+    announce(&state, &view, &placed).await;
+    Ok(respond(saved, false))
+}
+
+/// Tell the live feed and the log about an order just stored, and publish
+/// it (the outbox relay retries what this could not).
+pub(crate) async fn announce(state: &AppState, view: &OrderView, placed: &Outboxed) {
     metrics::counter!("orders_accepted_total", "lane" => view.lane.clone()).increment(1);
     state.feed.publish(LiveEvent {
-        order_id,
+        order_id: view.id,
         customer_id: view.customer_id.clone(),
         status: view.status.clone(),
         reason: None,
         lane: view.lane.clone(),
+        processed_by: None,
         at: view.created_at,
     });
     tracing::info!(
@@ -115,7 +124,7 @@ pub async fn create_order(
         items = view.items.len(), "order accepted"
     );
 
-    match tokio::time::timeout(PUBLISH_WAIT, state.relay.publish_now(&placed)).await {
+    match tokio::time::timeout(PUBLISH_WAIT, state.relay.publish_now(placed)).await {
         Ok(Ok(())) => tracing::info!("order published to the work queue"),
         Ok(Err(error)) => tracing::warn!(
             error.message = %format!("{error:#}"),
@@ -123,7 +132,6 @@ pub async fn create_order(
         ),
         Err(_) => tracing::warn!("publish not confirmed in time; the outbox relay will retry"),
     }
-    Ok(respond(saved, false))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>> {

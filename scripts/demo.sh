@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# A guided tour of orderflow's messaging patterns, against a running
+# orderflow (scripts/run-local.sh, or docker compose up). Each step says what
+# the pattern is, makes it happen, checks that it did, and says where to look.
+#
+#   scripts/demo.sh
+#
+# ORDERFLOW_URL (default http://localhost:8080), DEMO_API_KEY (a client key,
+# default orderflow-demo-key) and DEMO_ADMIN_KEY (an admin key, default
+# orderflow-demo-admin-key; run-local.sh makes both) point it elsewhere.
+# Needs curl and python3. Exits 1 if any step did not do what it announced.
+set -euo pipefail
+
+URL=${ORDERFLOW_URL:-http://localhost:8080}
+KEY=${DEMO_API_KEY:-orderflow-demo-key}
+ADMIN=${DEMO_ADMIN_KEY:-orderflow-demo-admin-key}
+WAIT=${DEMO_WAIT_SECS:-180}
+FAILED=()
+
+for tool in curl python3; do
+  command -v "$tool" >/dev/null || { echo "ERROR: demo.sh needs $tool" >&2; exit 2; }
+done
+
+bold() { printf '\n\033[1m%s\033[0m\n' "$*"; }
+ok() { printf '  \033[32m✔ %s\033[0m\n' "$*"; }
+bad() { printf '  \033[31m✘ %s\033[0m\n' "$*"; FAILED+=("$1"); }
+look() { printf '  look at: %s\n' "$*"; }
+
+# json EXPR: evaluate a Python expression over the JSON on stdin (as `j`).
+json() { python3 -c "import json,sys; j=json.load(sys.stdin); print($1)"; }
+
+call() { # method path [body] [extra curl args...] -> body on stdout
+  local method=$1 path=$2 body=${3:-}
+  shift 3 || shift $#
+  curl -sS -X "$method" "$URL$path" -H "authorization: Bearer $KEY" \
+    ${body:+-H 'content-type: application/json' --data "$body"} "$@"
+}
+
+admin() { # method path [body]
+  curl -sS -X "$1" "$URL$2" -H "authorization: Bearer $ADMIN" \
+    ${3:+-H 'content-type: application/json' --data "$3"}
+}
+
+order() { # customer [express] -> order id
+  local express=${2:-false}
+  call POST /orders "{\"customer_id\":\"$1\",\"email\":\"ada@example.com\",\"items\":[{\"sku\":\"WIDGET\",\"quantity\":1}],\"express\":$express}" |
+    json 'j["id"]'
+}
+
+standings() { # ids... -> JSON list of where each stands
+  local ids
+  ids=$(IFS=,; echo "$*")
+  admin GET "/dashboard/orders?ids=$ids"
+}
+
+# wait_until SECONDS COMMAND...: run COMMAND every second until it succeeds.
+wait_until() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@"; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 1
+  done
+}
+
+all_done() { # ids...: every one decided, notified and audited
+  [ "$(standings "$@" | json "sum(1 for o in j if o['status'] != 'accepted' and o['notified'] and o['audited'])")" = "$#" ]
+}
+
+depths() { # one sample of the queue depths: "queue depth" lines
+  curl -sSN --max-time 3 "$URL/dashboard/queues" -H "authorization: Bearer $ADMIN" 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    if line.startswith("data:") and "queues" in line:
+        for q in json.loads(line[5:])["queues"]:
+            print(q["name"], q["messages"])
+        break'
+}
+
+depth_of() { depths | awk -v q="$1" '$1 ~ q"$" {n += $2} END {print n + 0}'; }
+# Dead letters wait for a person, not a consumer: not part of the backlog.
+total_depth() { depths | awk '$1 !~ /orders\.dead$/ {n += $2} END {print n + 0}'; }
+
+bold "orderflow tour against $URL"
+curl -fsS "$URL/readyz" >/dev/null || { echo "ERROR: no ready orderflow at $URL (start scripts/run-local.sh first)" >&2; exit 2; }
+[ "$(call GET /orders/00000000-0000-0000-0000-000000000000 "" -o /dev/null -w '%{http_code}')" = 404 ] ||
+  { echo "ERROR: DEMO_API_KEY is not a live key of this orderflow" >&2; exit 2; }
+case "$(curl -sS -o /dev/null -w '%{http_code}' "$URL/dashboard/dead-letters" -H "authorization: Bearer $ADMIN")" in
+  200) ;;
+  *) echo "ERROR: DEMO_ADMIN_KEY is not an admin key of this orderflow (api-keys create --client ops --scope admin)" >&2; exit 2 ;;
+esac
+echo "Open $URL/ in a browser (admin key: the one in DEMO_ADMIN_KEY) to watch it live."
+
+# 1. Work queue, competing consumers ------------------------------------------
+bold "1. Work queue with competing consumers"
+echo "  One queue, several processors: each order goes to exactly one of them, whichever is free."
+ids=()
+for i in $(seq 1 30); do ids+=("$(order "tour-$((i % 5))")"); done
+echo "  placed ${#ids[@]} orders"
+if wait_until "$WAIT" all_done "${ids[@]}"; then
+  shares=$(standings "${ids[@]}" | json "', '.join(f'{p}: {n}' for p, n in sorted(__import__('collections').Counter(o['processed_by'] for o in j).items()))")
+  count=$(standings "${ids[@]}" | json "len({o['processed_by'] for o in j})")
+  echo "  decided by: $shares"
+  if [ "$count" -ge 2 ]; then ok "$count processors shared the 30 orders, each order decided once"
+  else bad "work queue: only one processor took the orders (is only one running?)"; fi
+else
+  bad "work queue: the 30 orders were not all decided, notified and audited within ${WAIT}s"
+fi
+look "processor=processor-N in order-processor's log lines; the page's 'Throughput and competing consumers'"
+
+# 2. Fan-out ------------------------------------------------------------------
+bold "2. Publish/subscribe fan-out"
+echo "  One event on a fanout exchange, one queue per subscriber: each service gets its own copy."
+id=$(order c-fanout)
+if wait_until "$WAIT" all_done "$id"; then
+  ok "order ${id:0:8}: one event, and both the notification-service (email) and the logging-service (audit row) handled it"
+else
+  bad "fan-out: order $id was not both notified and audited within ${WAIT}s"
+fi
+look "'email sent' (notification-service) and 'audit record written' (logging-service), both with order_id=$id"
+
+# 3. Idempotency --------------------------------------------------------------
+bold "3. An idempotent retry"
+echo "  The client retries with the same Idempotency-Key: the first answer comes back, no second order."
+key="tour-$(date +%s%N)"
+body='{"customer_id":"c-twice","email":"ada@example.com","items":[{"sku":"WIDGET","quantity":1}]}'
+first=$(call POST /orders "$body" -H "Idempotency-Key: $key" | json 'j["id"]')
+second_headers=$(mktemp)
+second=$(call POST /orders "$body" -H "Idempotency-Key: $key" -D "$second_headers" | json 'j["id"]')
+if [ "$first" = "$second" ] && grep -qi '^idempotent-replayed: true' "$second_headers"; then
+  ok "both answers name order ${first:0:8}; the second carries Idempotent-Replayed: true"
+else
+  bad "idempotency: first $first, second $second ($(tr -d '\r' <"$second_headers" | head -1))"
+fi
+rm -f "$second_headers"
+look "order-api's 'replaying the stored response for a repeated idempotency key'"
+
+# 4. Retry, dead letter, replay -----------------------------------------------
+bold "4. Retries, then a dead letter, then a replay"
+echo "  A transient failure is retried after a growing delay (a retry queue per delay); one that never"
+echo "  succeeds is dead-lettered with its reason, and a person can replay it."
+flaky=$(order flaky-2)
+processed() { [ "$(standings "$1" | json "j[0]['status']")" = processed ]; }
+if wait_until "$WAIT" processed "$flaky"; then
+  ok "order ${flaky:0:8} (customer flaky-2) failed its payment twice, was retried, and is processed"
+else
+  bad "retry: order $flaky (flaky-2) was not processed within ${WAIT}s"
+fi
+look "'processing failed; retrying in 1s', then '2s', then 'order processed' for order_id=$flaky"
+doomed=$(order doomed)
+dead() { admin GET /dashboard/dead-letters | json "next((l['message_id'] for l in j if l['order_id'] == '$doomed'), '')" | grep .; }
+if message=$(wait_until "$WAIT" dead && dead); then
+  reason=$(admin GET /dashboard/dead-letters | json "next(l['reason'] for l in j if l['order_id'] == '$doomed')")
+  ok "order ${doomed:0:8} (customer doomed) was dead-lettered: $reason"
+  replayed=$(admin POST /dashboard/dead-letters/replay "{\"message_id\":\"$message\"}" | json 'len(j.get("replayed", []))')
+  if [ "$replayed" = 1 ] && [ -z "$(dead || true)" ]; then
+    ok "replayed onto its queue: it left the dead letters (it will fail again and come back: it is doomed)"
+  else
+    bad "replay: the dead letter of $doomed was not replayed"
+  fi
+else
+  bad "dead letter: order $doomed (doomed) was not dead-lettered within ${WAIT}s"
+fi
+look "'message dead-lettered' with the reason; the page's 'Dead letters' table and its Replay button"
+
+# 5. Express lane -------------------------------------------------------------
+bold "5. An express order overtakes a backlog"
+echo "  Express orders have a queue of their own, consumed beside the standard one: a backlog there"
+echo "  does not delay them."
+accepted=$(admin POST /dashboard/burst '{"count":500}' | json 'j["accepted"]')
+express=$(order c-express true)
+echo "  placed $accepted standard orders, then express order ${express:0:8}"
+if wait_until "$WAIT" processed "$express"; then
+  waiting=$(depth_of orders.standard)
+  if [ "$waiting" -gt 0 ]; then
+    ok "the express order was processed while $waiting standard orders were still queued"
+  else
+    bad "express: processed, but the standard backlog had drained first (try PAYMENT_LATENCY_MS=500)"
+  fi
+else
+  bad "express: order $express was not processed within ${WAIT}s"
+fi
+look "lane=express in order-api's 'order accepted' line; the orders.express line of the page's chart"
+wait_until "$WAIT" test "$(depth_of orders.standard)" = 0 || true
+
+# 6. Load levelling -----------------------------------------------------------
+bold "6. A burst, levelled by the queue"
+echo "  1,000 orders arrive at once; the queue takes them all at once and the processors work them"
+echo "  off at their own pace: nothing is refused, nothing overloads the database."
+started=$SECONDS
+accepted=$(admin POST /dashboard/burst '{"count":1000}' | json 'j["accepted"]')
+echo "  $accepted orders accepted in $((SECONDS - started))s"
+peak=0
+trace=""
+deadline=$((SECONDS + WAIT))
+while [ $SECONDS -lt $deadline ]; do
+  depth=$(total_depth)
+  [ "$depth" -gt "$peak" ] && peak=$depth
+  trace="$trace $depth"
+  [ "$depth" = 0 ] && [ "$peak" -gt 0 ] && break
+  sleep 1
+done
+echo "  ready messages, once a second:$trace"
+if [ "$peak" -gt 0 ] && [ "$depth" = 0 ]; then
+  ok "the queues rose to $peak and drained back to 0 in $((SECONDS - started))s"
+else
+  bad "load levelling: the depth peaked at $peak and was $depth after ${WAIT}s"
+fi
+look "the page's queue-depth chart: orders.standard rises at once, then falls at the processors' rate"
+
+bold "Done"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf '  did not happen: %s\n' "${FAILED[@]}"
+  exit 1
+fi
+echo "  every step did what it announced"
