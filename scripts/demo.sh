@@ -68,7 +68,9 @@ all_done() { # ids...: every one decided, notified and audited
 }
 
 depths() { # one sample of the queue depths: "queue depth" lines
-  curl -sSN --max-time 3 "$URL/dashboard/queues" -H "authorization: Bearer $ADMIN" 2>/dev/null |
+  # The stream never ends by itself: curl stops at its time limit, or when
+  # python has read one sample and gone.
+  { curl -sSN --max-time 3 "$URL/dashboard/queues" -H "authorization: Bearer $ADMIN" 2>/dev/null || true; } |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -150,7 +152,7 @@ fi
 look "'processing failed; retrying in 1s', then '2s', then 'order processed' for order_id=$flaky"
 doomed=$(order doomed)
 dead() { admin GET /dashboard/dead-letters | json "next((l['message_id'] for l in j if l['order_id'] == '$doomed'), '')" | grep .; }
-if message=$(wait_until "$WAIT" dead && dead); then
+if wait_until "$WAIT" dead >/dev/null && message=$(dead); then
   reason=$(admin GET /dashboard/dead-letters | json "next(l['reason'] for l in j if l['order_id'] == '$doomed')")
   ok "order ${doomed:0:8} (customer doomed) was dead-lettered: $reason"
   replayed=$(admin POST /dashboard/dead-letters/replay "{\"message_id\":\"$message\"}" | json 'len(j.get("replayed", []))')
@@ -182,7 +184,8 @@ else
   bad "express: order $express was not processed within ${WAIT}s"
 fi
 look "lane=express in order-api's 'order accepted' line; the orders.express line of the page's chart"
-wait_until "$WAIT" test "$(depth_of orders.standard)" = 0 || true
+standard_drained() { [ "$(depth_of orders.standard)" = 0 ]; }
+wait_until "$WAIT" standard_drained || true
 
 # 6. Load levelling -----------------------------------------------------------
 bold "6. A burst, levelled by the queue"

@@ -5,10 +5,11 @@
 # starting them where it can), lints the compose file and the Dockerfile,
 # runs fmt and clippy, builds the binaries, fuzzes order-api against its
 # OpenAPI document (scripts/fuzz-api.sh) and runs the whole test suite
-# (unit, integration, end-to-end, chaos) against the real servers: the host's
-# RabbitMQ 3.10. Then a second pass on RabbitMQ 4.x (Debian trixie's 4.0.5 in
+# (unit, integration, end-to-end, chaos, and the live page in headless
+# Chromium driven by Playwright, both installed here) against the real
+# servers: the host's RabbitMQ 3.10. Then a second pass on RabbitMQ 4.x (Debian trixie's 4.0.5 in
 # a chroot that scripts/rabbitmq4.sh builds once and reuses; one private node
-# on free ports): the end-to-end flow, the dead-letter tests, the integration
+# on free ports): the end-to-end flow and the live page, the dead-letter tests, the integration
 # tests of every crate that talks to RabbitMQ, and the chaos suite. Every test
 # step and every failure names the broker it ran on; the run goes on after a
 # failed test step and lists every failure at the end.
@@ -65,6 +66,20 @@ on_broker() { # broker what command...
   fi
 }
 
+# The tests of some packages, built as the whole workspace is: selecting
+# packages with -p unifies their dependencies' features anew, which rebuilt
+# and relinked most of the test binaries a second time.
+run_packages() { # packages...
+  local filter="" package args=()
+  if cargo nextest --version >/dev/null 2>&1; then
+    for package in "$@"; do filter+="${filter:+ | }package($package)"; done
+    cargo nextest run --no-fail-fast --workspace -E "$filter"
+  else
+    for package in "$@"; do args+=(-p "$package"); done
+    cargo test --no-fail-fast "${args[@]}"
+  fi
+}
+
 run_tests() { # [--no-capture] packages [-- filters]
   local show="" args
   if [ "${1:-}" = --no-capture ]; then
@@ -105,6 +120,23 @@ step "order-api's OpenAPI document against the OpenAPI 3.1 specification"
 target/debug/openapi > target/openapi.json
 "$tools/bin/openapi-spec-validator" target/openapi.json
 
+step "the browser tests' tools: Debian's Chromium, Node.js, and playwright-core from npm"
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "ERROR: the browser tests need ${missing[*]}: install them (sudo apt-get install ${missing[*]}) and run this again." >&2
+    exit 1
+  fi
+fi
+export CHROMIUM=${CHROMIUM:-$(command -v chromium)}
+(cd crates/e2e/browser && npm ci --no-audit --no-fund --loglevel=error)
+echo "$("$CHROMIUM" --version 2>/dev/null), Node.js $(node --version), playwright-core $(node -p 'require("./crates/e2e/browser/node_modules/playwright-core/package.json").version')"
+
 BROKER3="RabbitMQ $(broker_version "$TEST_MANAGEMENT_URL") (host)"
 # Needs the binaries built above: it runs target/debug/order-api.
 on_broker "$BROKER3" "order-api fuzzed against its OpenAPI document (schemathesis)" \
@@ -120,10 +152,10 @@ if scripts/rabbitmq4.sh ensure && NODE_ENV=$(scripts/rabbitmq4.sh start); then
   eval "$NODE_ENV"
   RABBITMQ4_NODE=$ORDERFLOW_RABBITMQ4_NODE
   BROKER4="RabbitMQ $(broker_version "$TEST_MANAGEMENT_URL") (chroot)"
-  on_broker "$BROKER4" "the end-to-end flow" run_tests -p e2e -- flow::
+  on_broker "$BROKER4" "the end-to-end flow and the live page in Chromium" run_tests -p e2e -- flow:: browser::
   on_broker "$BROKER4" "the dead-letter tests and the integration tests of every crate that talks to RabbitMQ" \
-    run_tests -p dead-letters -p messaging -p platform -p order-api -p order-processor \
-    -p notification-service -p logging-service -p order-stats
+    run_packages dead-letters messaging platform order-api order-processor \
+    notification-service logging-service order-stats
   # Each chaos case (and the test of the private node itself) starts its
   # own 4.x node in the chroot; --no-capture shows the broker version and
   # the invariant counts of every case.

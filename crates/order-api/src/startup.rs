@@ -1,7 +1,7 @@
 //! Builds order-api from its settings and runs it: the HTTP server, the
 //! outbox relay and the idempotency-key clean-up, until asked to stop.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::Router;
@@ -30,6 +30,10 @@ pub struct AppState {
     pub relay: Relay,
     /// For the live page: queue depths, dead letters and their replay.
     pub broker: Broker,
+    /// Held while the dead-letter queue is read or replayed from: listing
+    /// takes every dead letter off the queue for a moment, so a replay at
+    /// the same time would find nothing.
+    pub dead_letters: Arc<tokio::sync::Mutex<()>>,
     pub topology: Topology,
     pub max_quantity: i32,
     pub idempotency_ttl: Duration,
@@ -76,6 +80,7 @@ impl Application {
             ),
             relay: Relay::new(pool.clone(), publisher),
             broker: broker.clone(),
+            dead_letters: Arc::default(),
             topology: broker.topology().clone(),
             max_quantity: settings.max_quantity,
             idempotency_ttl: settings.idempotency_ttl(),

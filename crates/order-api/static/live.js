@@ -8,7 +8,7 @@
 
 const WINDOW_MS = 5 * 60 * 1000;
 const RATE_WINDOW_MS = 5000;
-const SHOWN_ORDERS = 50;
+const SHOWN_ORDERS = 30;
 const COLOURS = ["#2f6fdf", "#e8590c", "#2b8a3e", "#ae3ec9", "#f08c00", "#0c8599", "#c92a2a", "#5c940d", "#495057", "#d6336c"];
 
 const state = {
@@ -110,7 +110,7 @@ function orderEntry(id, lane) {
   const row = el("tr", { "data-order": id, "data-stage": "accepted" });
   row.append(el("td", {}, id.slice(0, 8)), el("td", { class: "lane" }, lane || ""), el("td", { class: "journey" }));
   $("#orders tbody").prepend(row);
-  entry = { row, steps: [], standing: null };
+  entry = { row, accepted: false, processedBy: null, outcome: null, reason: null, failures: [], notified: false, audited: false, standing: null };
   state.orders.set(id, entry);
   while (state.orders.size > SHOWN_ORDERS) {
     const [oldest, old] = state.orders.entries().next().value;
@@ -120,30 +120,45 @@ function orderEntry(id, lane) {
   return entry;
 }
 
-function addStep(entry, text, kind, title) {
-  const step = el("span", { class: `step ${kind}` }, text);
-  if (title) step.title = title;
-  entry.row.querySelector(".journey").append(step);
+// The journey in its order, whatever order the news came in: accepted →
+// taken by a processor → retries and dead letters → processed or rejected
+// → notified, audited.
+function render(entry) {
+  const steps = [];
+  if (entry.accepted) steps.push(["accepted", "ok"]);
+  if (entry.processedBy) steps.push([`taken by ${entry.processedBy}`, "ok"]);
+  for (const failure of entry.failures) steps.push(failure);
+  if (entry.outcome === "processed") steps.push(["processed", "ok"]);
+  if (entry.outcome === "rejected") steps.push([`rejected: ${entry.reason}`, "bad"]);
+  if (entry.notified) steps.push(["notified", "ok"]);
+  if (entry.audited) steps.push(["audited", "ok"]);
+  const journey = entry.row.querySelector(".journey");
+  journey.replaceChildren(...steps.map(([text, kind, title]) => {
+    const step = el("span", { class: `step ${kind}` }, text);
+    if (title) step.title = title;
+    return step;
+  }));
+  const dead = entry.failures.length && entry.failures[entry.failures.length - 1][0].startsWith("dead letter");
+  entry.row.dataset.stage = entry.notified && entry.audited ? "notified" : entry.outcome || (dead ? "dead_lettered" : "accepted");
 }
 
 function onLiveEvent(name, data) {
   let event;
   try { event = JSON.parse(data); } catch { return; }
-  const now = Date.now();
   if (name === "lagged") return;
+  const now = Date.now();
   const entry = orderEntry(event.order_id, event.lane);
   if (event.lane) entry.row.querySelector(".lane").textContent = event.lane;
   if (name === "accepted") {
     state.accepted.push(now);
-    if (!entry.steps.includes("accepted")) addStep(entry, "accepted", "ok");
+    entry.accepted = true;
   } else if (name === "processed" || name === "rejected") {
     state.decided.push(now);
-    if (event.processed_by) {
-      state.processors.set(event.processed_by, (state.processors.get(event.processed_by) || 0) + 1);
-      addStep(entry, `taken by ${event.processed_by}`, "ok");
-    }
-    addStep(entry, name === "processed" ? "processed" : `rejected: ${event.reason}`, name === "processed" ? "ok" : "bad");
-    entry.row.dataset.stage = name;
+    if (event.processed_by) state.processors.set(event.processed_by, (state.processors.get(event.processed_by) || 0) + 1);
+    entry.accepted = true;
+    entry.processedBy = event.processed_by || entry.processedBy;
+    entry.outcome = name;
+    entry.reason = event.reason;
     const demo = state.waitingExpress.get(event.order_id);
     if (demo) {
       const standard = [...latestDepths().entries()].filter(([q]) => q.endsWith("orders.standard")).reduce((n, [, d]) => n + d, 0);
@@ -152,24 +167,24 @@ function onLiveEvent(name, data) {
       state.waitingExpress.delete(event.order_id);
     }
   } else if (name === "retrying") {
-    addStep(entry, "retrying", "retry", event.reason);
+    entry.failures.push(["retrying", "retry", event.reason]);
     entry.row.dataset.retried = "true";
   } else if (name === "dead_lettered") {
-    addStep(entry, `dead letter: ${event.reason}`, "bad");
-    entry.row.dataset.stage = "dead_lettered";
+    entry.failures.push([`dead letter: ${event.reason}`, "bad"]);
     refreshDeadLetters();
   } else if (name === "notified") {
-    entry.row.dataset.stage = "notified";
+    entry.notified = true;
   }
-  entry.steps.push(name);
+  render(entry);
 }
 
 // Notified and audited are written by the subscribers to Postgres; ask for
-// the orders on the page that are decided but not yet both.
+// the orders on the page that are not yet both. What the live stream missed
+// (a page that fell behind is dropped and reconnects) comes from here too.
 async function refreshStandings(generation) {
   while (generation === state.generation) {
     const ids = [...state.orders.entries()]
-      .filter(([, e]) => !(e.standing && e.standing.notified && e.standing.audited))
+      .filter(([, e]) => !(e.notified && e.audited))
       .map(([id]) => id);
     if (ids.length) {
       try {
@@ -184,17 +199,16 @@ async function refreshStandings(generation) {
 function applyStanding(standing) {
   const entry = state.orders.get(standing.id);
   if (!entry) return;
-  const had = entry.standing || {};
-  entry.standing = standing;
-  if (standing.status !== "accepted" && entry.row.dataset.stage === "accepted") {
-    // Decided before this page saw it live.
-    if (standing.processed_by) addStep(entry, `taken by ${standing.processed_by}`, "ok");
-    addStep(entry, standing.status === "processed" ? "processed" : `rejected: ${standing.reason}`, standing.status === "processed" ? "ok" : "bad");
-    entry.row.dataset.stage = standing.status;
+  entry.accepted = true;
+  entry.row.querySelector(".lane").textContent = standing.lane;
+  if (standing.status !== "accepted") {
+    entry.outcome = standing.status;
+    entry.reason = standing.reason;
+    entry.processedBy = standing.processed_by || entry.processedBy;
   }
-  if (standing.notified && !had.notified) addStep(entry, "notified", "ok");
-  if (standing.audited && !had.audited) addStep(entry, "audited", "ok");
-  if (standing.notified && standing.audited) entry.row.dataset.stage = "notified";
+  entry.notified = entry.notified || standing.notified;
+  entry.audited = entry.audited || standing.audited;
+  render(entry);
 }
 
 // --- Queue depths ----------------------------------------------------------
@@ -321,7 +335,10 @@ async function replayLetter(letter) {
   if (answer.status === 200) {
     say(`Dead letter of order ${letter.order_id.slice(0, 8)} replayed onto ${letter.queue}: it keeps its message id, so if it had been processed the processor's dedupe skips it.`);
     const entry = state.orders.get(letter.order_id);
-    if (entry) addStep(entry, "replayed", "retry");
+    if (entry) {
+      entry.failures.push(["replayed", "retry"]);
+      render(entry);
+    }
   } else {
     say(`Replay failed: ${errorText(answer)}`);
   }

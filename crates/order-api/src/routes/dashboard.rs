@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response, sse::Event},
 };
 use chrono::{DateTime, Utc};
-use futures_util::{StreamExt, stream};
+use futures_util::{FutureExt, StreamExt, stream};
 use messaging::{
     Broker,
     contracts::{Lane, OrderLine},
@@ -38,6 +38,9 @@ use crate::{
 
 /// How often the page is sent the queue depths.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the page's list of queues is made again.
+const RELIST_EVERY: Duration = Duration::from_secs(10);
 
 /// The most orders one burst may place.
 const MAX_BURST: u32 = 5_000;
@@ -117,26 +120,51 @@ struct Depth {
     consumers: u32,
 }
 
-/// The depth of every queue of the topology but the event log (a stream
-/// keeps what is read, so its depth says nothing of a backlog), by passive
-/// declares over AMQP: it needs no management API.
-async fn depths(broker: &Broker) -> anyhow::Result<Vec<Depth>> {
+/// The depth of each of `names`, by passive declares over AMQP: it needs
+/// no management API. A queue that does not exist is left out.
+async fn depths(broker: &Broker, names: &[String]) -> anyhow::Result<Vec<Depth>> {
     let connection = broker.connect_once().await?;
-    let log = broker.topology().event_log();
     let mut depths = Vec::new();
-    for name in broker.topology().all_queues() {
-        if name == log {
-            continue;
-        }
-        if let Some((messages, consumers)) = queue_counts(&connection, &name).await? {
+    for name in names {
+        if let Some((messages, consumers)) = queue_counts(&connection, name).await? {
             depths.push(Depth {
-                name,
+                name: name.clone(),
                 messages,
                 consumers,
             });
         }
     }
     Ok(depths)
+}
+
+/// The queues to show: the topology's, but the event log (a stream keeps
+/// what is read, so its depth says nothing of a backlog), and the retry
+/// queues, one per delay of the consumers' retry policies, which only the
+/// consumers know: they are found through the management API where it is
+/// there, and kept when it is not.
+async fn shown_queues(broker: &Broker, retry_queues: &mut Vec<String>) -> Vec<String> {
+    let prefix = format!("{}.", broker.topology().retry_exchange());
+    match broker.management().queue_names(&prefix).await {
+        Ok(mut found) => {
+            found.sort_by_key(|name| {
+                let delay = name[prefix.len()..].trim_end_matches("ms");
+                (delay.parse::<u64>().unwrap_or(u64::MAX), name.clone())
+            });
+            *retry_queues = found;
+        }
+        Err(error) => {
+            tracing::debug!(error = %format!("{error:#}"), "retry queues not listed (no management API?)");
+        }
+    }
+    let log = broker.topology().event_log();
+    let mut names: Vec<String> = broker
+        .topology()
+        .all_queues()
+        .into_iter()
+        .filter(|name| *name != log && !name.starts_with(&prefix))
+        .collect();
+    names.extend(retry_queues.iter().cloned());
+    names
 }
 
 /// `GET /dashboard/queues`: every queue's depth, once a second, as
@@ -155,6 +183,8 @@ pub async fn queues(
     tokio::spawn(async move {
         let _slot = slot;
         let mut every = tokio::time::interval(SAMPLE_EVERY);
+        let (mut names, mut retry_queues) = (Vec::new(), Vec::new());
+        let mut every_so_often = tokio::time::interval(RELIST_EVERY);
         let lifetime = tokio::time::sleep(state.sse_max_lifetime);
         tokio::pin!(lifetime);
         loop {
@@ -164,7 +194,10 @@ pub async fn queues(
                 () = &mut lifetime => return,
                 _ = every.tick() => {}
             }
-            let event = match depths(&state.broker).await {
+            if names.is_empty() || every_so_often.tick().now_or_never().is_some() {
+                names = shown_queues(&state.broker, &mut retry_queues).await;
+            }
+            let event = match depths(&state.broker, &names).await {
                 Ok(queues) => Event::default()
                     .event("queues")
                     .json_data(json!({"at": Utc::now(), "queues": queues})),
@@ -273,6 +306,7 @@ pub async fn dead_letters(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<DeadLetterView>>> {
     admin(&caller)?;
+    let _only_reader = state.dead_letters.lock().await;
     let letters = dead_letters::list(&state.broker)
         .await
         .map_err(broker_error)?;
@@ -297,6 +331,7 @@ pub async fn replay(
     admin(&caller)?;
     let super::JsonBody(Replay { message_id }) = body?;
     let selection = dead_letters::Selection::MessageId(message_id.clone());
+    let _only_reader = state.dead_letters.lock().await;
     let replayed = dead_letters::replay(&state.broker, &selection)
         .await
         .map_err(broker_error)?;
