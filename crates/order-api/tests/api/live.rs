@@ -252,3 +252,97 @@ async fn an_unknown_order_has_no_stream() {
     let invalid = app.get("/orders/nope/events").await;
     assert_eq!(invalid.status().as_u16(), 400);
 }
+
+/// A message as a consumer sends it to a retry queue or the dead-letter
+/// queue: the order's own body, and the consumer's headers.
+async fn fail(app: &TestApp, exchange: &str, order_id: Uuid, headers: &[(&str, &str)]) {
+    let mut table = lapin::types::FieldTable::default();
+    for (name, value) in headers {
+        table.insert(
+            (*name).into(),
+            lapin::types::AMQPValue::LongString((*value).into()),
+        );
+    }
+    let body = json!({"order_id": order_id, "customer_id": "c-42"});
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            exchange.into(),
+            app.topology.work_queue(Lane::Standard).as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default().with_headers(table),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
+    let app = spawn_app().await;
+    let id = place(&app, &order_body()).await;
+    let mut events = EventReader::open_with(&app, &app.admin, "/events").await;
+    fail(
+        &app,
+        &app.topology.retry_exchange(),
+        id,
+        &[
+            (messaging::consumer::ATTEMPTS_HEADER, "1"),
+            (messaging::topology::RETRY_DELAY_HEADER, "1000"),
+        ],
+    )
+    .await;
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "retrying", "{data}");
+    assert_eq!(data["order_id"], id.to_string());
+    let reason = data["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("attempt 1") && reason.contains("1000 ms"),
+        "{reason}"
+    );
+
+    fail(
+        &app,
+        &app.topology.dead_letters(),
+        id,
+        &[
+            (messaging::consumer::ATTEMPTS_HEADER, "8"),
+            (
+                messaging::consumer::REASON_HEADER,
+                "gave up after 8 attempts: payment provider unavailable",
+            ),
+            (
+                messaging::consumer::QUEUE_HEADER,
+                &app.topology.work_queue(Lane::Standard),
+            ),
+        ],
+    )
+    .await;
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "dead_lettered", "{data}");
+    assert_eq!(data["order_id"], id.to_string());
+    assert!(
+        data["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("gave up after 8 attempts"),
+        "{data}"
+    );
+
+    // Not an order: not shown, and the stream goes on.
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            app.topology.dead_letters().as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"not json",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    decide(&app, id, Outcome::Processed).await;
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "processed", "{data}");
+    assert_eq!(data["processed_by"], "processor-test");
+}

@@ -1,6 +1,7 @@
 //! order-api against the real Postgres and RabbitMQ: one binary, one fresh
 //! database and one topology prefix per test.
 
+mod dashboard;
 mod errors;
 mod helpers;
 mod idempotency;

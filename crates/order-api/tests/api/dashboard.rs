@@ -1,0 +1,317 @@
+//! The live page and its data: the page is public and holds nothing; its
+//! data is for admin keys only; bad input gets a clear error; a burst is
+//! stored and queued; queue depths are read without the management API.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, assert_error, spawn_app, spawn_with, test_settings};
+
+async fn post_as(
+    app: &TestApp,
+    client: &reqwest::Client,
+    path: &str,
+    body: &Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{}{path}", app.address))
+        .json(body)
+        .send()
+        .await
+        .expect("POST")
+}
+
+#[tokio::test]
+async fn the_page_is_public_holds_no_data_and_runs_only_its_own_script() {
+    let app = spawn_app().await;
+    let anonymous = reqwest::Client::new();
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/live.js", "text/javascript"),
+        ("/live.css", "text/css"),
+        ("/favicon.ico", "image/svg+xml"),
+    ] {
+        let response = app.get_as(&anonymous, path).await;
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let headers = response.headers();
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(content_type),
+            "{path}"
+        );
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        let policy = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"),
+            "{policy}"
+        );
+    }
+    let page = app.get_as(&anonymous, "/").await.text().await.unwrap();
+    assert!(page.contains("<script src=\"/live.js\""), "{page}");
+    assert!(
+        !page.contains("<script>"),
+        "no inline script: the policy forbids it"
+    );
+}
+
+#[tokio::test]
+async fn the_pages_data_is_for_admin_keys_only() {
+    let app = spawn_app().await;
+    let anonymous = reqwest::Client::new();
+    let gets = [
+        "/dashboard/queues",
+        "/dashboard/orders?ids=",
+        "/dashboard/dead-letters",
+    ];
+    let posts = [
+        ("/dashboard/burst", json!({"count": 1})),
+        ("/dashboard/dead-letters/replay", json!({"message_id": "x"})),
+    ];
+    for path in gets {
+        assert_error(app.get_as(&anonymous, path).await, 401, "unauthenticated").await;
+        assert_error(app.get_as(&app.client, path).await, 403, "forbidden").await;
+    }
+    for (path, body) in &posts {
+        assert_error(
+            post_as(&app, &anonymous, path, body).await,
+            401,
+            "unauthenticated",
+        )
+        .await;
+        assert_error(
+            post_as(&app, &app.client, path, body).await,
+            403,
+            "forbidden",
+        )
+        .await;
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM orders").await,
+        0,
+        "a refused burst placed nothing"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_to_the_pages_endpoints_gets_a_clear_error() {
+    let app = spawn_app().await;
+    let admin = &app.admin;
+    assert_error(
+        app.get_as(admin, "/dashboard/orders?ids=not-a-uuid").await,
+        400,
+        "invalid_order_id",
+    )
+    .await;
+    let many = (0..101)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    assert_error(
+        app.get_as(admin, &format!("/dashboard/orders?ids={many}"))
+            .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    for count in [0, 5_001] {
+        assert_error(
+            post_as(&app, admin, "/dashboard/burst", &json!({"count": count})).await,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
+    assert_error(
+        post_as(&app, admin, "/dashboard/burst", &json!({"count": -1})).await,
+        422,
+        "invalid_body",
+    )
+    .await;
+    assert_error(
+        post_as(
+            &app,
+            admin,
+            "/dashboard/burst",
+            &json!({"count": 1, "sku": "GIZMO"}),
+        )
+        .await,
+        422,
+        "invalid_body",
+    )
+    .await;
+    let malformed = admin
+        .post(format!("{}/dashboard/burst", app.address))
+        .header("content-type", "application/json")
+        .body("{\"count\":")
+        .send()
+        .await
+        .unwrap();
+    assert_error(malformed, 400, "malformed_json").await;
+    let unknown = post_as(
+        &app,
+        admin,
+        "/dashboard/dead-letters/replay",
+        &json!({"message_id": "no-such-message"}),
+    )
+    .await;
+    assert_error(unknown, 404, "dead_letter_not_found").await;
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+}
+
+#[tokio::test]
+async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
+    let app = spawn_app().await;
+    let response = post_as(&app, &app.admin, "/dashboard/burst", &json!({"count": 25})).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer, json!({"accepted": 25, "failed": 0}));
+    assert_eq!(
+        app.count("SELECT count(*) FROM orders WHERE lane = 'standard'")
+            .await,
+        25
+    );
+
+    // No processor runs here: the 25 wait in the standard work queue.
+    let standard = app
+        .topology
+        .work_queue(messaging::contracts::Lane::Standard);
+    let mut stream = app
+        .admin
+        .get(format!("{}/dashboard/queues", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut buffer = String::new();
+    let depth = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no sample showed 25 in {standard}: {buffer}"
+        );
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
+            .await
+            .expect("a sample within 30 s")
+            .unwrap()
+            .expect("the stream stays open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        let depth = buffer
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+            .filter_map(|sample| {
+                sample["queues"]
+                    .as_array()?
+                    .iter()
+                    .find(|q| q["name"] == standard.as_str())
+                    .cloned()
+            })
+            .last();
+        if let Some(depth) = depth.filter(|d| d["messages"] == 25) {
+            break depth;
+        }
+    };
+    assert_eq!(depth["consumers"], 0);
+    assert!(
+        !buffer.contains(&format!("\"name\":\"{}\"", app.topology.event_log())),
+        "the event log (a stream) has no backlog to show: {buffer}"
+    );
+
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id::text FROM orders ORDER BY id LIMIT 3")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    let response = app
+        .get_as(
+            &app.admin,
+            &format!("/dashboard/orders?ids={}", ids.join(",")),
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let standings: Vec<Value> = response.json().await.unwrap();
+    assert_eq!(standings.len(), 3);
+    for standing in standings {
+        assert!(ids.contains(&standing["id"].as_str().unwrap().to_owned()));
+        assert_eq!(standing["status"], "accepted");
+        assert_eq!(standing["notified"], false);
+        assert_eq!(standing["audited"], false);
+    }
+}
+
+/// A TCP forwarder to RabbitMQ's management API that can be cut: every
+/// connection through it ends when it is dropped.
+struct Cuttable {
+    port: u16,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Cuttable {
+    async fn to(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut tasks = tokio::task::JoinSet::new();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let held = connections.clone();
+        tasks.spawn(async move {
+            let _held = held;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.lock().unwrap().spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { port, tasks }
+    }
+}
+
+#[tokio::test]
+async fn queue_depths_go_on_when_the_management_api_goes_away() {
+    let management = url::Url::parse(&test_support::management_url()).unwrap();
+    let target = management.socket_addrs(|| None).unwrap()[0];
+    assert!(target.ip().is_loopback(), "tests talk to 127.0.0.0/8 only");
+    let cuttable = Cuttable::to(target).await;
+    let (mut settings, pool) = test_settings().await;
+    let mut through = management.clone();
+    through.set_port(Some(cuttable.port)).unwrap();
+    settings.amqp.rabbitmq_management_url = Some(through.to_string());
+    let app = spawn_with(settings, pool).await;
+    let mut stream = app
+        .admin
+        .get(format!("{}/dashboard/queues", app.address))
+        .send()
+        .await
+        .unwrap();
+    let mut next_sample = async || {
+        let mut buffer = String::new();
+        while !buffer.contains("\n\n") {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
+                .await
+                .expect("a sample within 30 s")
+                .unwrap()
+                .expect("the stream stays open");
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        buffer
+    };
+    let first = next_sample().await;
+    assert!(first.starts_with("event: queues"), "{first}");
+    drop(cuttable);
+    // Samples on, with the same queues, once the page has relisted them
+    // without the management API (it does every 10 s).
+    let express = app.topology.work_queue(messaging::contracts::Lane::Express);
+    for _ in 0..15 {
+        let sample = next_sample().await;
+        assert!(sample.starts_with("event: queues"), "{sample}");
+        assert!(sample.contains(&express), "{sample}");
+    }
+}
