@@ -205,6 +205,7 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
         buffer.push_str(&String::from_utf8_lossy(&chunk));
         let depth = buffer
             .lines()
+            .rev()
             .filter_map(|line| line.strip_prefix("data:"))
             .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
             .filter_map(|sample| {
@@ -214,7 +215,7 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
                     .find(|q| q["name"] == standard.as_str())
                     .cloned()
             })
-            .last();
+            .next();
         if let Some(depth) = depth.filter(|d| d["messages"] == 25) {
             break depth;
         }
@@ -250,7 +251,8 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
 /// connection through it ends when it is dropped.
 struct Cuttable {
     port: u16,
-    tasks: tokio::task::JoinSet<()>,
+    /// Dropped, it aborts the forwarder and its connections.
+    _tasks: tokio::task::JoinSet<()>,
 }
 
 impl Cuttable {
@@ -270,7 +272,10 @@ impl Cuttable {
                 });
             }
         });
-        Self { port, tasks }
+        Self {
+            port,
+            _tasks: tasks,
+        }
     }
 }
 
