@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_error, spawn_app, spawn_with, test_settings};
+use crate::helpers::{EventReader, TestApp, assert_error, spawn_app, spawn_with, test_settings};
 
 async fn post_as(
     app: &TestApp,
@@ -20,6 +20,27 @@ async fn post_as(
         .send()
         .await
         .expect("POST")
+}
+
+/// The samples of `GET /dashboard/queues`, one at a time.
+struct Samples(EventReader);
+
+impl Samples {
+    async fn open(app: &TestApp) -> Self {
+        Self(EventReader::open_with(app, &app.admin, "/dashboard/queues").await)
+    }
+
+    /// The depth of `queue` in the next `queues` sample, if it is there.
+    async fn next_depth(&mut self, queue: &str) -> Option<Value> {
+        let (name, sample) = self.0.next().await.expect("the stream stays open");
+        assert_eq!(name, "queues", "{sample}");
+        sample["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == queue)
+            .cloned()
+    }
 }
 
 #[tokio::test]
@@ -178,52 +199,27 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
     let standard = app
         .topology
         .work_queue(messaging::contracts::Lane::Standard);
-    let mut stream = app
-        .admin
-        .get(format!("{}/dashboard/queues", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        stream.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
+    let mut samples = Samples::open(&app).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut buffer = String::new();
     let depth = loop {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no sample showed 25 in {standard}: {buffer}"
+            "no sample showed 25 in {standard}"
         );
-        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
+        if let Some(depth) = samples
+            .next_depth(&standard)
             .await
-            .expect("a sample within 30 s")
-            .unwrap()
-            .expect("the stream stays open");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        let depth = buffer
-            .lines()
-            .rev()
-            .filter_map(|line| line.strip_prefix("data:"))
-            .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
-            .filter_map(|sample| {
-                sample["queues"]
-                    .as_array()?
-                    .iter()
-                    .find(|q| q["name"] == standard.as_str())
-                    .cloned()
-            })
-            .next();
-        if let Some(depth) = depth.filter(|d| d["messages"] == 25) {
+            .filter(|d| d["messages"] == 25)
+        {
             break depth;
         }
     };
     assert_eq!(depth["consumers"], 0);
-    assert!(
-        !buffer.contains(&format!("\"name\":\"{}\"", app.topology.event_log())),
-        "the event log (a stream) has no backlog to show: {buffer}"
+    let log = app.topology.event_log();
+    assert_eq!(
+        samples.next_depth(&log).await,
+        None,
+        "the event log (a stream) has no backlog to show"
     );
 
     let ids: Vec<String> = sqlx::query_scalar("SELECT id::text FROM orders ORDER BY id LIMIT 3")
@@ -290,33 +286,13 @@ async fn queue_depths_go_on_when_the_management_api_goes_away() {
     through.set_port(Some(cuttable.port)).unwrap();
     settings.amqp.rabbitmq_management_url = Some(through.to_string());
     let app = spawn_with(settings, pool).await;
-    let mut stream = app
-        .admin
-        .get(format!("{}/dashboard/queues", app.address))
-        .send()
-        .await
-        .unwrap();
-    let mut next_sample = async || {
-        let mut buffer = String::new();
-        while !buffer.contains("\n\n") {
-            let chunk = tokio::time::timeout(Duration::from_secs(30), stream.chunk())
-                .await
-                .expect("a sample within 30 s")
-                .unwrap()
-                .expect("the stream stays open");
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        buffer
-    };
-    let first = next_sample().await;
-    assert!(first.starts_with("event: queues"), "{first}");
-    drop(cuttable);
-    // Samples on, with the same queues, once the page has relisted them
-    // without the management API (it does every 10 s).
+    let mut samples = Samples::open(&app).await;
     let express = app.topology.work_queue(messaging::contracts::Lane::Express);
+    assert!(samples.next_depth(&express).await.is_some());
+    drop(cuttable);
+    // Samples go on, with the same queues, across the page's relisting of
+    // them without the management API (it relists every 10 s).
     for _ in 0..15 {
-        let sample = next_sample().await;
-        assert!(sample.starts_with("event: queues"), "{sample}");
-        assert!(sample.contains(&express), "{sample}");
+        assert!(samples.next_depth(&express).await.is_some());
     }
 }

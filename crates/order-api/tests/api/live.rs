@@ -10,62 +10,7 @@ use messaging::contracts::{Lane, OrderEvent, Outcome, SCHEMA_VERSION};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, order_body, spawn_app};
-
-/// Reads `event:`/`data:` pairs off an SSE response.
-struct EventReader {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-impl EventReader {
-    async fn open(app: &TestApp, path: &str) -> Self {
-        Self::open_with(app, &app.client, path).await
-    }
-
-    async fn open_with(app: &TestApp, client: &reqwest::Client, path: &str) -> Self {
-        let response = app.get_as(client, path).await;
-        assert_eq!(response.status().as_u16(), 200);
-        assert!(
-            response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/event-stream")
-        );
-        Self {
-            response,
-            buffer: String::new(),
-        }
-    }
-
-    /// The next event's name and data, or `None` when the stream ended.
-    async fn next(&mut self) -> Option<(String, Value)> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut name = None;
-                let mut data = None;
-                for line in block.lines() {
-                    if let Some(value) = line.strip_prefix("event:") {
-                        name = Some(value.trim().to_owned());
-                    } else if let Some(value) = line.strip_prefix("data:") {
-                        data = serde_json::from_str(value.trim()).ok();
-                    }
-                }
-                // Heartbeats are comments: no event name.
-                if let (Some(name), Some(data)) = (name, data) {
-                    return Some((name, data));
-                }
-                continue;
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), self.response.chunk())
-                .await
-                .expect("an event within 10 s")
-                .expect("reading the stream")?;
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-}
+use crate::helpers::{EventReader, TestApp, order_body, spawn_app};
 
 async fn place(app: &TestApp, body: &Value) -> Uuid {
     let response = app.post_order(body, None).await;
