@@ -2,7 +2,10 @@
 //! live equals the one rebuilt from the beginning of the log, and a reader
 //! killed in the middle of a rebuild counts every event once after restart.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use clap::Parser;
@@ -277,8 +280,14 @@ async fn a_rebuild_from_the_beginning_of_the_log_matches_the_model_built_live() 
 
     // A new reader with an empty read model starts at the beginning.
     let (fresh_url, fresh_pool) = test_support::fresh_database().await;
+    let started = Instant::now();
     let fresh = Running::start(settings(&fresh_url, &prefix, &[])).await;
     counted(&fresh_pool, events.len()).await;
+    println!(
+        "rebuilt the read model from the beginning of the log ({} entries) in {:?}",
+        events.len() + 1,
+        started.elapsed()
+    );
     assert_eq!(
         model(&fresh_pool).await,
         built_live,
