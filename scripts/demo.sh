@@ -5,7 +5,8 @@
 #
 #   scripts/demo.sh
 #
-# ORDERFLOW_URL (default http://localhost:8080), DEMO_API_KEY (a client key,
+# ORDERFLOW_URL (default http://localhost:8080), ORDERFLOW_STATS_URL (order-stats,
+# default http://localhost:8084), DEMO_API_KEY (a client key,
 # default orderflow-demo-key) and DEMO_ADMIN_KEY (an admin key, default
 # orderflow-demo-admin-key; run-local.sh makes both) point it elsewhere.
 # Needs curl and python3. Exits 1 if any step did not do what it announced.
@@ -14,6 +15,7 @@ set -euo pipefail
 URL=${ORDERFLOW_URL:-http://localhost:8080}
 KEY=${DEMO_API_KEY:-orderflow-demo-key}
 ADMIN=${DEMO_ADMIN_KEY:-orderflow-demo-admin-key}
+STATS=${ORDERFLOW_STATS_URL:-http://localhost:8084}
 WAIT=${DEMO_WAIT_SECS:-180}
 FAILED=()
 
@@ -93,6 +95,13 @@ case "$(curl -sS -o /dev/null -w '%{http_code}' "$URL/dashboard/dead-letters" -H
   *) echo "ERROR: DEMO_ADMIN_KEY is not an admin key of this orderflow (api-keys create --client ops --scope admin)" >&2; exit 2 ;;
 esac
 echo "Open $URL/ in a browser (admin key: the one in DEMO_ADMIN_KEY) to watch it live."
+logged() { # how many events order-stats has counted from the log
+  local body
+  body=$(curl -fsS --max-time 5 "$STATS/stats?minutes=1" 2>/dev/null) || return 1
+  json 'j["log"]["events"]' <<<"$body"
+}
+logged_before=$(logged || true)
+decided=0
 
 # 1. Work queue, competing consumers ------------------------------------------
 bold "1. Work queue with competing consumers"
@@ -104,6 +113,7 @@ if wait_until "$WAIT" all_done "${ids[@]}"; then
   shares=$(standings "${ids[@]}" | json "', '.join(f'{p}: {n}' for p, n in sorted(__import__('collections').Counter(o['processed_by'] for o in j).items()))")
   count=$(standings "${ids[@]}" | json "len({o['processed_by'] for o in j})")
   echo "  decided by: $shares"
+  decided=$((decided + ${#ids[@]}))
   if [ "$count" -ge 2 ]; then ok "$count processors shared the 30 orders, each order decided once"
   else bad "work queue: only one processor took the orders (is only one running?)"; fi
 else
@@ -116,6 +126,7 @@ bold "2. Publish/subscribe fan-out"
 echo "  One event on a fanout exchange, one queue per subscriber: each service gets its own copy."
 id=$(order c-fanout)
 if wait_until "$WAIT" all_done "$id"; then
+  decided=$((decided + 1))
   ok "order ${id:0:8}: one event, and both the notification-service (email) and the logging-service (audit row) handled it"
 else
   bad "fan-out: order $id was not both notified and audited within ${WAIT}s"
@@ -145,6 +156,7 @@ echo "  succeeds is dead-lettered with its reason, and a person can replay it."
 flaky=$(order flaky-2)
 processed() { [ "$(standings "$1" | json "j[0]['status']")" = processed ]; }
 if wait_until "$WAIT" processed "$flaky"; then
+  decided=$((decided + 1))
   ok "order ${flaky:0:8} (customer flaky-2) failed its payment twice, was retried, and is processed"
 else
   bad "retry: order $flaky (flaky-2) was not processed within ${WAIT}s"
@@ -185,7 +197,7 @@ else
 fi
 look "lane=express in order-api's 'order accepted' line; the orders.express line of the page's chart"
 standard_drained() { [ "$(depth_of orders.standard)" = 0 ]; }
-wait_until "$WAIT" standard_drained || true
+wait_until "$WAIT" standard_drained && decided=$((decided + accepted + 1))
 
 # 6. Load levelling -----------------------------------------------------------
 bold "6. A burst, levelled by the queue"
@@ -206,11 +218,26 @@ while [ $SECONDS -lt $deadline ]; do
 done
 echo "  ready messages, once a second:$trace"
 if [ "$peak" -gt 0 ] && [ "$depth" = 0 ]; then
+  decided=$((decided + accepted))
   ok "the queues rose to $peak and drained back to 0 in $((SECONDS - started))s"
 else
   bad "load levelling: the depth peaked at $peak and was $depth after ${WAIT}s"
 fi
 look "the page's queue-depth chart: orders.standard rises at once, then falls at the processors' rate"
+
+# 7. The event log -------------------------------------------------------------
+bold "7. An event log that can be replayed"
+echo "  The events also go to a stream, a log that keeps them after they are read: order-stats reads"
+echo "  it from its own stored offset into per-minute counts, and a new reader can start at the beginning."
+counted_all() { local n; n=$(logged) && [ "$n" -ge $((logged_before + decided)) ]; }
+if [ -z "$logged_before" ]; then
+  bad "event log: no order-stats at $STATS (run-local.sh and compose start it on :8084)"
+elif wait_until "$WAIT" counted_all; then
+  ok "order-stats counted the tour's $decided decisions from the log ($(logged) events in all): $STATS/stats"
+else
+  bad "event log: order-stats had counted $(logged || echo "?") events (from $logged_before) and not the tour's $decided decisions within ${WAIT}s"
+fi
+look "$STATS/stats?minutes=10 (orders, units and revenue per SKU and minute); 'order-stats --from first' rebuilds them from the start of the log"
 
 bold "Done"
 if [ ${#FAILED[@]} -gt 0 ]; then

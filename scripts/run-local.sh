@@ -50,6 +50,7 @@ for i in $(seq 1 "$PROCESSORS"); do
 done
 HTTP_PORT=8082 start notification-service
 HTTP_PORT=8083 start logging-service
+HTTP_PORT=8084 start order-stats
 
 for _ in $(seq 1 60); do
   curl -fsS localhost:8080/readyz >/dev/null 2>&1 && break
@@ -62,7 +63,8 @@ API_KEY=${DEMO_ADMIN_KEY:-orderflow-demo-admin-key} "$target_dir/api-keys" creat
 cat <<MSG
 
 orderflow is running. Watch it at http://localhost:8080/ (admin key:
-${DEMO_ADMIN_KEY:-orderflow-demo-admin-key}); take the tour with scripts/demo.sh. Place an order:
+${DEMO_ADMIN_KEY:-orderflow-demo-admin-key}); take the tour with scripts/demo.sh; the event
+log's read model is at http://localhost:8084/stats. Place an order:
   curl -s localhost:8080/orders -H 'authorization: Bearer ${DEMO_API_KEY:-orderflow-demo-key}' \\
     -H 'content-type: application/json' \\
     -d '{"customer_id":"c-42","email":"ada@example.com","items":[{"sku":"WIDGET","quantity":2}]}'
