@@ -426,11 +426,37 @@ impl Publisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> anyhow::Result<()> {
+        self.publish_bounded(exchange, routing_key, payload, properties, true)
+            .await
+    }
+
+    /// Publish a copy that no one may want (see
+    /// [`Topology::watch_exchange`]) and wait for the broker's confirm: not
+    /// mandatory, so a copy no queue takes is dropped, not an error.
+    pub async fn publish_optional(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
+        self.publish_bounded(exchange, routing_key, payload, properties, false)
+            .await
+    }
+
+    async fn publish_bounded(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> anyhow::Result<()> {
         // Bounded: callers may hold a database transaction while they wait,
         // and a blocked or silent broker must not hold it forever.
         tokio::time::timeout(
             PUBLISH_TIMEOUT,
-            self.publish_confirmed(exchange, routing_key, payload, properties),
+            self.publish_confirmed(exchange, routing_key, payload, properties, mandatory),
         )
         .await
         .map_err(|_| anyhow::anyhow!("no publisher confirm within {PUBLISH_TIMEOUT:?}"))?
@@ -442,6 +468,7 @@ impl Publisher {
         routing_key: &str,
         payload: &[u8],
         properties: BasicProperties,
+        mandatory: bool,
     ) -> anyhow::Result<()> {
         let channel = self.channel().await?;
         let confirm = channel
@@ -449,7 +476,7 @@ impl Publisher {
                 exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory,
                     ..Default::default()
                 },
                 payload,

@@ -20,7 +20,10 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{Publisher, Topology, topology::RETRY_DELAY_HEADER};
+use crate::{
+    Publisher, Topology,
+    topology::{RETRY_DELAY_HEADER, WATCH_DEAD_LETTERED, WATCH_RETRYING},
+};
 
 /// Header counting the failed attempts a message has had so far.
 pub const ATTEMPTS_HEADER: &str = "x-orderflow-attempts";
@@ -481,7 +484,7 @@ impl Settler<'_> {
                 &self.topology.retry_exchange(),
                 &self.spec.queue,
                 data,
-                properties,
+                properties.clone(),
             )
             .await
         {
@@ -492,6 +495,7 @@ impl Settler<'_> {
                     attempt = attempts, reason = %reason,
                     "processing failed; retrying in {delay:?}"
                 );
+                self.tell_watchers(WATCH_RETRYING, data, properties).await;
                 self.requeues.forget(&key);
                 acker.ack(BasicAckOptions::default()).await
             }
@@ -528,13 +532,15 @@ impl Settler<'_> {
         }
         match self
             .publisher
-            .publish(&self.topology.dead_letters(), "", data, properties)
+            .publish(&self.topology.dead_letters(), "", data, properties.clone())
             .await
         {
             Ok(()) => {
                 metrics::counter!("messages_dead_lettered_total", "queue" => self.spec.queue.clone())
                     .increment(1);
                 tracing::error!(reason = %reason, attempts, "message dead-lettered");
+                self.tell_watchers(WATCH_DEAD_LETTERED, data, properties)
+                    .await;
                 acker.ack(BasicAckOptions::default()).await
             }
             Err(error) => {
@@ -548,6 +554,24 @@ impl Settler<'_> {
 }
 
 impl Settler<'_> {
+    /// A copy of a confirmed retry or dead letter, with its queue, for
+    /// whoever watches (see [`Topology::watch_exchange`]); the message is
+    /// safe already, so a copy that cannot be sent is only logged.
+    async fn tell_watchers(&self, what: &str, data: &[u8], properties: BasicProperties) {
+        let properties = with_header(
+            properties,
+            QUEUE_HEADER,
+            AMQPValue::LongString(LongString::from(self.spec.queue.as_str())),
+        );
+        if let Err(error) = self
+            .publisher
+            .publish_optional(&self.topology.watch_exchange(), what, data, properties)
+            .await
+        {
+            tracing::debug!(error = %format!("{error:#}"), "could not copy the message for watchers");
+        }
+    }
+
     /// Requeue a message whose retry could not be scheduled (the broker
     /// refused the publish), after a pause so a failing broker is not
     /// hammered. Counted by our own tally, not the broker's delivery count:

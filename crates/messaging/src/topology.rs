@@ -21,6 +21,11 @@ pub const DELIVERY_LIMIT: i32 = 10;
 /// milliseconds.
 pub const RETRY_DELAY_HEADER: &str = "orderflow-retry-delay-ms";
 
+/// Routing key of the copy of a retry on the watch exchange.
+pub const WATCH_RETRYING: &str = "retrying";
+/// Routing key of the copy of a dead letter on the watch exchange.
+pub const WATCH_DEAD_LETTERED: &str = "dead_lettered";
+
 /// The names of everything on the broker, optionally prefixed so that tests
 /// (and several deployments on one broker) never see each other's messages.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +135,18 @@ impl Topology {
         self.name("orders.dead")
     }
 
+    /// Fanout exchange where consumers put a copy of each retry and dead
+    /// letter once the real one is confirmed (routing key
+    /// [`WATCH_RETRYING`] or [`WATCH_DEAD_LETTERED`]), for whoever watches
+    /// (order-api's live page); with no queue bound, the broker drops them.
+    /// Watchers bind here rather than to the retry and dead-letter
+    /// exchanges, where their queue would take a message that no retry or
+    /// dead-letter queue took, so its publish would no longer be returned
+    /// as unroutable.
+    pub fn watch_exchange(&self) -> String {
+        self.name("orders.watch")
+    }
+
     /// Headers exchange a failed message is published to, with its queue as
     /// the routing key and its delay in [`RETRY_DELAY_HEADER`]: it lands in
     /// the retry queue of that delay, which dead-letters it back onto its
@@ -193,13 +210,14 @@ impl Topology {
     }
 
     /// Every exchange of the topology.
-    pub fn exchanges(&self) -> [(String, lapin::ExchangeKind); 4] {
+    pub fn exchanges(&self) -> [(String, lapin::ExchangeKind); 5] {
         use lapin::ExchangeKind::{Direct, Fanout, Headers};
         [
             (self.dead_letters(), Fanout),
             (self.orders_exchange(), Direct),
             (self.events_exchange(), Fanout),
             (self.retry_exchange(), Headers),
+            (self.watch_exchange(), Fanout),
         ]
     }
 

@@ -20,7 +20,7 @@ use messaging::{
     Broker,
     consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER},
     contracts::{OrderEvent, Outcome},
-    topology::RETRY_DELAY_HEADER,
+    topology::{RETRY_DELAY_HEADER, WATCH_DEAD_LETTERED, WATCH_RETRYING},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -85,10 +85,16 @@ impl LiveEvent {
         }
     }
 
-    /// A message on its way to a retry queue or the dead-letter queue (an
-    /// order for a processor, or an event for a subscriber): which order it
-    /// is about, from its body, and what went wrong, from its headers.
-    fn of_failure(status: &str, delivery: &Delivery) -> Option<Self> {
+    /// A consumer's copy of a message it sent to a retry queue or the
+    /// dead-letter queue (an order for a processor, or an event for a
+    /// subscriber): which it is, from the routing key; which order it is
+    /// about, from its body; and what went wrong, from its headers.
+    fn of_failure(delivery: &Delivery) -> Option<Self> {
+        let status = match delivery.routing_key.as_str() {
+            WATCH_RETRYING => WATCH_RETRYING,
+            WATCH_DEAD_LETTERED => WATCH_DEAD_LETTERED,
+            _ => return None,
+        };
         #[derive(Deserialize)]
         struct About {
             order_id: Uuid,
@@ -103,17 +109,14 @@ impl LiveEvent {
             _ => None,
         };
         let attempt = header(ATTEMPTS_HEADER).unwrap_or_else(|| "?".into());
-        let reason = if status == "retrying" {
+        let queue = header(QUEUE_HEADER).unwrap_or_else(|| "its queue".into());
+        let reason = if status == WATCH_RETRYING {
             let delay = header(RETRY_DELAY_HEADER).unwrap_or_else(|| "?".into());
-            format!(
-                "attempt {attempt} on {} failed; retrying in {delay} ms",
-                delivery.routing_key
-            )
+            format!("attempt {attempt} on {queue} failed; retrying in {delay} ms")
         } else {
             format!(
-                "{} (after {attempt} attempts on {})",
+                "{} (after {attempt} attempts on {queue})",
                 header(REASON_HEADER).unwrap_or_else(|| "rejected by the broker".into()),
-                header(QUEUE_HEADER).unwrap_or_else(|| "its queue".into())
             )
         };
         Some(Self {
@@ -269,23 +272,19 @@ impl Feed {
                 FieldTable::default(),
             )
             .await?;
-        // A wire tap: copies of every retry and every dead letter, so a
-        // watcher sees them on the order they happened to. The retry
-        // exchange is a headers exchange, and a binding without arguments
-        // matches every message.
+        // A wire tap: the consumers' copies of every retry and every dead
+        // letter, so a watcher sees them on the order they happened to.
         let topology = broker.topology();
-        for exchange in [topology.retry_exchange(), topology.dead_letters()] {
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    exchange.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        let (events, retries) = (topology.events_exchange(), topology.retry_exchange());
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                topology.watch_exchange().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let events = topology.events_exchange();
         let mut deliveries = channel
             .basic_consume(
                 queue.name().clone(),
@@ -319,8 +318,7 @@ impl Feed {
                         }
                     }
                     Some(Ok(delivery)) => {
-                        let status = if delivery.exchange.as_str() == retries { "retrying" } else { "dead_lettered" };
-                        if let Some(event) = LiveEvent::of_failure(status, &delivery) {
+                        if let Some(event) = LiveEvent::of_failure(&delivery) {
                             self.publish(event);
                         }
                     }

@@ -14,6 +14,9 @@ const COLOURS = ["#2f6fdf", "#e8590c", "#2b8a3e", "#ae3ec9", "#f08c00", "#0c8599
 const state = {
   key: sessionStorage.getItem("orderflow-key") || "",
   generation: 0,
+  // Ends the streams of the previous connection (each holds one of the
+  // key's stream slots).
+  streams: new AbortController(),
   samples: [], // {at, depths: Map(queue -> ready)}
   peak: 0,
   orders: new Map(), // id -> {row, lane, steps, standing}
@@ -60,9 +63,10 @@ function errorText(answer) {
 // Server-Sent Events over fetch (EventSource cannot send the key), read
 // until the server or the page ends them; then again after a second.
 async function follow(path, onEvent, generation) {
+  const signal = state.streams.signal;
   while (generation === state.generation) {
     try {
-      const response = await fetch(path, { headers: { Authorization: `Bearer ${state.key}`, Accept: "text/event-stream" } });
+      const response = await fetch(path, { signal, headers: { Authorization: `Bearer ${state.key}`, Accept: "text/event-stream" } });
       if (!response.ok) {
         const answer = { status: response.status, json: await response.json().catch(() => null) };
         setConnection("disconnected", `${path}: ${errorText(answer)}`);
@@ -90,6 +94,7 @@ async function follow(path, onEvent, generation) {
         }
       }
     } catch (error) {
+      if (signal.aborted) return;
       setConnection("disconnected", `${path}: ${error.message}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 1000));
@@ -402,6 +407,8 @@ const demos = {
 };
 
 function connect() {
+  state.streams.abort();
+  state.streams = new AbortController();
   state.generation += 1;
   const generation = state.generation;
   follow("/events", onLiveEvent, generation);

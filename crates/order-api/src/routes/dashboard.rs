@@ -209,7 +209,10 @@ pub async fn queues(
                 }
             };
             let Ok(event) = event else { return };
-            if sender.send(event).await.is_err() {
+            // A client that has not read the last samples misses this one
+            // (the next is a second away); waiting on it would hold this
+            // task past its lifetime and past shutdown.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = sender.try_send(event) {
                 return;
             }
         }
@@ -221,7 +224,7 @@ pub async fn queues(
 #[derive(Debug, Deserialize)]
 pub struct Lookup {
     /// Comma-separated order ids, at most 100.
-    ids: String,
+    ids: Option<String>,
 }
 
 /// Where one order stands, as far as every service has taken it.
@@ -247,8 +250,13 @@ pub async fn orders(
     Query(lookup): Query<Lookup>,
 ) -> Result<Json<Vec<Standing>>> {
     admin(&caller)?;
-    let ids = lookup
-        .ids
+    let Some(ids) = lookup.ids else {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "ids",
+            "comma-separated order ids are required",
+        )]));
+    };
+    let ids = ids
         .split(',')
         .filter(|id| !id.is_empty())
         .take(MAX_LOOKUP + 1)
@@ -330,6 +338,14 @@ pub async fn replay(
 ) -> Result<Response> {
     admin(&caller)?;
     let super::JsonBody(Replay { message_id }) = body?;
+    // "-" is how a letter without a message id is listed: it would pick
+    // every such letter, not one.
+    if message_id.is_empty() || message_id == "-" {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "message_id",
+            "a dead letter's message id (one without an id is replayed with the dead-letters CLI's --all)",
+        )]));
+    }
     let selection = dead_letters::Selection::MessageId(message_id.clone());
     let _only_reader = state.dead_letters.lock().await;
     let replayed = dead_letters::replay(&state.broker, &selection)

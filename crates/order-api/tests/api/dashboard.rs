@@ -137,6 +137,26 @@ async fn bad_input_to_the_pages_endpoints_gets_a_clear_error() {
         "validation_failed",
     )
     .await;
+    assert_error(
+        app.get_as(admin, "/dashboard/orders").await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    for message_id in ["", "-"] {
+        assert_error(
+            post_as(
+                &app,
+                admin,
+                "/dashboard/dead-letters/replay",
+                &json!({ "message_id": message_id }),
+            )
+            .await,
+            422,
+            "validation_failed",
+        )
+        .await;
+    }
     for count in [0, 5_001] {
         assert_error(
             post_as(&app, admin, "/dashboard/burst", &json!({"count": count})).await,

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use lapin::{BasicProperties, options::BasicPublishOptions};
-use messaging::contracts::{Lane, OrderEvent, Outcome, SCHEMA_VERSION};
+use messaging::{
+    contracts::{Lane, OrderEvent, Outcome, SCHEMA_VERSION},
+    topology::{WATCH_DEAD_LETTERED, WATCH_RETRYING},
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -198,9 +201,9 @@ async fn an_unknown_order_has_no_stream() {
     assert_eq!(invalid.status().as_u16(), 400);
 }
 
-/// A message as a consumer sends it to a retry queue or the dead-letter
-/// queue: the order's own body, and the consumer's headers.
-async fn fail(app: &TestApp, exchange: &str, order_id: Uuid, headers: &[(&str, &str)]) {
+/// The copy a consumer sends watchers of a retry or a dead letter: the
+/// order's own body, and the consumer's headers.
+async fn fail(app: &TestApp, what: &str, order_id: Uuid, headers: &[(&str, &str)]) {
     let mut table = lapin::types::FieldTable::default();
     for (name, value) in headers {
         table.insert(
@@ -212,8 +215,8 @@ async fn fail(app: &TestApp, exchange: &str, order_id: Uuid, headers: &[(&str, &
     let channel = app.amqp.create_channel().await.unwrap();
     channel
         .basic_publish(
-            exchange.into(),
-            app.topology.work_queue(Lane::Standard).as_str().into(),
+            app.topology.watch_exchange().as_str().into(),
+            what.into(),
             BasicPublishOptions::default(),
             &serde_json::to_vec(&body).unwrap(),
             BasicProperties::default().with_headers(table),
@@ -229,11 +232,15 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
     let mut events = EventReader::open_with(&app, &app.admin, "/events").await;
     fail(
         &app,
-        &app.topology.retry_exchange(),
+        WATCH_RETRYING,
         id,
         &[
             (messaging::consumer::ATTEMPTS_HEADER, "1"),
             (messaging::topology::RETRY_DELAY_HEADER, "1000"),
+            (
+                messaging::consumer::QUEUE_HEADER,
+                &app.topology.work_queue(Lane::Standard),
+            ),
         ],
     )
     .await;
@@ -242,13 +249,15 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
     assert_eq!(data["order_id"], id.to_string());
     let reason = data["reason"].as_str().unwrap();
     assert!(
-        reason.contains("attempt 1") && reason.contains("1000 ms"),
+        reason.contains("attempt 1")
+            && reason.contains("1000 ms")
+            && reason.contains(&app.topology.work_queue(Lane::Standard)),
         "{reason}"
     );
 
     fail(
         &app,
-        &app.topology.dead_letters(),
+        WATCH_DEAD_LETTERED,
         id,
         &[
             (messaging::consumer::ATTEMPTS_HEADER, "8"),
@@ -278,8 +287,8 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
     let channel = app.amqp.create_channel().await.unwrap();
     channel
         .basic_publish(
-            app.topology.dead_letters().as_str().into(),
-            "".into(),
+            app.topology.watch_exchange().as_str().into(),
+            WATCH_DEAD_LETTERED.into(),
             BasicPublishOptions::default(),
             b"not json",
             BasicProperties::default(),
@@ -290,4 +299,32 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
     let (name, data) = events.next().await.unwrap();
     assert_eq!(name, "processed", "{data}");
     assert_eq!(data["processed_by"], "processor-test");
+}
+
+#[tokio::test]
+async fn a_watcher_does_not_take_a_retry_that_no_retry_queue_takes() {
+    let app = spawn_app().await;
+    let id = place(&app, &order_body()).await;
+    // Someone watches, and the wire tap is bound: a copy reaches them.
+    let mut events = EventReader::open_with(&app, &app.admin, "/events").await;
+    fail(&app, WATCH_RETRYING, id, &[]).await;
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "retrying", "{data}");
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        messaging::topology::RETRY_DELAY_HEADER.into(),
+        lapin::types::AMQPValue::LongString("1234".into()),
+    );
+    let refused = test_support::publisher(&app.topology)
+        .publish(
+            &app.topology.retry_exchange(),
+            &app.topology.work_queue(Lane::Standard),
+            b"lost?",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "a retry no delay queue takes is still returned as unroutable while someone watches"
+    );
 }
