@@ -317,7 +317,28 @@ function updateRates() {
 
 // --- Dead letters ----------------------------------------------------------
 
-async function refreshDeadLetters() {
+// A listing takes every letter off the queue and gives it back, so there is
+// one at a time, and the asks that come in meanwhile share one more after it.
+// The page asks when it connects, when a dead letter is announced, after a
+// replay, and every 30 s (for letters the broker made itself).
+let listing = null;
+let listAgain = false;
+function refreshDeadLetters() {
+  if (listing) {
+    listAgain = true;
+    return listing;
+  }
+  listing = listDeadLetters().finally(() => {
+    listing = null;
+    if (listAgain) {
+      listAgain = false;
+      refreshDeadLetters();
+    }
+  });
+  return listing;
+}
+
+async function listDeadLetters() {
   if (!state.key) return;
   const answer = await api("GET", "/dashboard/dead-letters").catch(() => null);
   if (!answer || answer.status !== 200) return;
@@ -427,6 +448,6 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   for (const [id, run] of Object.entries(demos)) $(`#${id}`).addEventListener("click", () => demo(run));
   setInterval(updateRates, 1000);
-  setInterval(refreshDeadLetters, 5000);
+  setInterval(refreshDeadLetters, 30000);
   if (state.key) connect();
 });
