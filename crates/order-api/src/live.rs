@@ -263,28 +263,22 @@ impl Feed {
                 FieldTable::default(),
             )
             .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                broker.topology().events_exchange().as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        // A wire tap: the consumers' copies of every retry and every dead
-        // letter, so a watcher sees them on the order they happened to.
+        // The events, and a wire tap: the consumers' copies of every retry
+        // and every dead letter, so a watcher sees them on the order they
+        // happened to.
         let topology = broker.topology();
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                topology.watch_exchange().as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         let events = topology.events_exchange();
+        for exchange in [events.clone(), topology.watch_exchange()] {
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         let mut deliveries = channel
             .basic_consume(
                 queue.name().clone(),
