@@ -95,6 +95,19 @@ enum Command {
         #[arg(long)]
         database_url: String,
     },
+    /// One end-to-end run of the whole system, printed with its CPU per
+    /// order by process group: for profiling one change without the full
+    /// run (writes nothing).
+    EndToEnd {
+        #[arg(long, default_value_t = 2)]
+        processors: usize,
+        #[arg(long, default_value_t = 0)]
+        payment_latency_ms: u64,
+        #[arg(long, default_value_t = DEFAULT_PREFETCH)]
+        prefetch: u16,
+        #[arg(long, default_value_t = 10_000)]
+        orders: u64,
+    },
 }
 
 /// How big each part is.
@@ -205,6 +218,23 @@ async fn main() -> anyhow::Result<()> {
         management_url: cli.management_url.clone(),
         postgres_url: cli.postgres_url.clone(),
     };
+    if let Some(Command::EndToEnd {
+        processors,
+        payment_latency_ms,
+        prefetch,
+        orders,
+    }) = cli.command
+    {
+        let shape = Shape {
+            processors,
+            payment_latency_ms,
+            prefetch,
+            subscribers: true,
+        };
+        let run = scaling_run(&environment, shape, orders).await?;
+        println!("{}", serde_json::to_string_pretty(&run)?);
+        return Ok(());
+    }
     let sizes = Sizes::new(cli.quick);
     // On Ctrl-C the run is dropped, and with it every service it started.
     let results = tokio::select! {
