@@ -139,6 +139,22 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The same outage of the database or RabbitMQ, for another request that
+    /// met it; `None` for any other error.
+    pub fn outage_again(&self) -> Option<Self> {
+        match self {
+            ApiError::Unavailable(cause) => {
+                Some(ApiError::Unavailable(anyhow::anyhow!("{cause:#}")))
+            }
+            ApiError::BrokerUnavailable(cause) => {
+                Some(ApiError::BrokerUnavailable(anyhow::anyhow!("{cause:#}")))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A database error is the client's 503 when the database is unreachable, a
 /// 500 otherwise.
 impl From<sqlx::Error> for ApiError {

@@ -172,6 +172,13 @@ impl Store {
                     .expect("one reply")
                     .send(Err(error));
             }
+            // Not any one order's fault: storing them one by one would make
+            // the last wait out the acquire timeout once per order before it.
+            Err(error) if error.outage_again().is_some() => {
+                for reply in replies {
+                    let _ = reply.send(Err(error.outage_again().expect("an outage")));
+                }
+            }
             Err(error) => {
                 metrics::counter!("order_intake_batches_split_total").increment(1);
                 tracing::warn!(error.message = %format!("{error:#}"), "an order batch failed; storing its orders one by one");

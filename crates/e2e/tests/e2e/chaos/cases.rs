@@ -90,8 +90,8 @@ async fn postgres_down_for_ten_seconds() {
         "no hangs or dropped connections"
     );
     assert!(
-        report.slowest_503 < Duration::from_secs(3),
-        "503 came quickly"
+        report.slowest_503 < Duration::from_secs(8),
+        "every 503 came while Postgres was still down, not held until it was back"
     );
     system.wait_ready().await;
     check_invariants(&system, "Postgres down 10 s", &report.accepted, 0).await;
