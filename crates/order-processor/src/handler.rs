@@ -26,7 +26,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::Utc;
-use futures_util::future::join_all;
 use messaging::{
     Topology,
     amqp::Envelope,
@@ -37,10 +36,9 @@ use messaging::{
 };
 use platform::outbox::{self, Outboxed};
 use sqlx::{PgConnection, PgPool};
-use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::payment::{Answer, Charge, Operation, PaymentProvider, ProviderError};
+use crate::payment::{Answer, Call, Charge, Operation, PaymentProvider, ProviderError};
 
 /// Name under which this service records the messages it handled.
 pub const CONSUMER: &str = "order-processor";
@@ -353,30 +351,33 @@ impl Processor {
 
         let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
         let mut calls = Vec::new();
+        let mut keys = Vec::new();
         let mut to_decide: Vec<(Uuid, &Pending)> = Vec::new();
-        for (index, (order_id, span)) in orders.iter().enumerate() {
+        for (index, (order_id, _)) in orders.iter().enumerate() {
             match next(*order_id, pending.get(order_id)) {
                 Next::Over(result) => results[index] = Some(result),
                 Next::Decide => to_decide.push((*order_id, &pending[order_id])),
                 Next::Call(operation) => {
-                    let pending = &pending[order_id];
-                    calls.push(async move {
-                        let charge = pending.charge(*order_id);
-                        let answer = self
-                            .payments
-                            .call(operation, &charge, &operation.key(*order_id))
-                            .instrument(span.clone())
-                            .await;
-                        (index, operation, answer)
-                    });
+                    calls.push((index, operation, pending[order_id].charge(*order_id)));
+                    keys.push(operation.key(*order_id));
                 }
             }
         }
+        let requests: Vec<Call<'_>> = calls
+            .iter()
+            .zip(&keys)
+            .map(|((_, operation, charge), key)| Call {
+                operation: *operation,
+                charge: *charge,
+                idempotency_key: key,
+            })
+            .collect();
+        let answers = self.payments.call_all(&requests).await?;
 
         let mut authorisations = Vec::new();
         let mut finishes = Vec::new();
         let mut refusals = Vec::new();
-        for (index, operation, answer) in join_all(calls).await {
+        for ((index, operation, _), answer) in calls.into_iter().zip(answers) {
             let order_id = orders[index].0;
             let pending = &pending[&order_id];
             let finish = |from, payment, outcome| Finish {

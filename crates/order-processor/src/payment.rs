@@ -135,46 +135,103 @@ impl PaymentProvider {
         self
     }
 
-    /// Make `operation` for `charge` under `idempotency_key`: one round
-    /// trip to the provider's books (the `provider_call` function), as one
-    /// request to a real provider.
+    /// Make `operation` for `charge` under `idempotency_key`.
     pub async fn call(
         &self,
         operation: Operation,
         charge: &Charge<'_>,
         idempotency_key: &str,
     ) -> Result<Answer, ProviderError> {
+        let mut answers = self
+            .call_all(&[Call {
+                operation,
+                charge: *charge,
+                idempotency_key,
+            }])
+            .await?;
+        answers.pop().expect("one answer per call")
+    }
+
+    /// Make several calls at once: one round trip to the provider's books
+    /// (the `provider_call_all` function), as one request to a provider's
+    /// batch endpoint, in which each call stands on its own (idempotent by
+    /// its key, failing on request by itself). One answer per call, in their
+    /// order; `Err` when the provider's books could not be reached, for
+    /// none of the calls got an answer.
+    pub async fn call_all(
+        &self,
+        calls: &[Call<'_>],
+    ) -> Result<Vec<Result<Answer, ProviderError>>, ProviderError> {
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        let injected = self
-            .demo_failures
-            .then(|| injected(charge.customer_id, operation))
-            .flatten();
-        let fail_up_to = match injected {
-            Some(Injected::FailUpTo(n)) => i32::try_from(n).unwrap_or(i32::MAX),
-            _ => 0,
-        };
-        let (calls, outcome): (i32, Option<String>) =
-            sqlx::query_as("SELECT calls, outcome FROM provider_call($1, $2, $3, $4, $5, $6, $7)")
-                .bind(idempotency_key)
-                .bind(operation.as_str())
-                .bind(charge.reference)
-                .bind(charge.amount_cents)
-                .bind(charge.currency)
-                .bind(self.decline_over_cents)
-                .bind(fail_up_to)
-                .fetch_one(&self.pool)
-                .await?;
-        let Some(outcome) = outcome else {
-            return Err(ProviderError::Unavailable(operation));
-        };
-        let calls = u32::try_from(calls).unwrap_or(u32::MAX);
-        if matches!(injected, Some(Injected::TimeOutUpTo(n)) if calls <= n) {
-            return Err(ProviderError::TimedOut(operation));
+        let injected: Vec<Option<Injected>> = calls
+            .iter()
+            .map(|call| {
+                self.demo_failures
+                    .then(|| injected(call.charge.customer_id, call.operation))
+                    .flatten()
+            })
+            .collect();
+        let fail_up_to: Vec<i32> = injected
+            .iter()
+            .map(|injected| match injected {
+                Some(Injected::FailUpTo(n)) => i32::try_from(*n).unwrap_or(i32::MAX),
+                _ => 0,
+            })
+            .collect();
+        let answered: Vec<(i32, i32, Option<String>)> = sqlx::query_as(
+            "SELECT n, calls, outcome FROM provider_call_all($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(calls.iter().map(|c| c.idempotency_key).collect::<Vec<_>>())
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.operation.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(calls.iter().map(|c| c.charge.reference).collect::<Vec<_>>())
+        .bind(
+            calls
+                .iter()
+                .map(|c| c.charge.amount_cents)
+                .collect::<Vec<_>>(),
+        )
+        .bind(calls.iter().map(|c| c.charge.currency).collect::<Vec<_>>())
+        .bind(self.decline_over_cents)
+        .bind(&fail_up_to)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut answers: Vec<Option<Result<Answer, ProviderError>>> =
+            calls.iter().map(|_| None).collect();
+        for (position, calls_so_far, outcome) in answered {
+            let index = usize::try_from(position - 1).expect("positions count from 1");
+            let operation = calls[index].operation;
+            let calls_so_far = u32::try_from(calls_so_far).unwrap_or(u32::MAX);
+            answers[index] = Some(match outcome {
+                None => Err(ProviderError::Unavailable(operation)),
+                Some(_) if matches!(injected[index], Some(Injected::TimeOutUpTo(n)) if calls_so_far <= n) => {
+                    Err(ProviderError::TimedOut(operation))
+                }
+                Some(outcome) => Ok(Answer::from_outcome(&outcome)),
+            });
         }
-        Ok(Answer::from_outcome(&outcome))
+        Ok(answers
+            .into_iter()
+            .map(|answer| answer.expect("the provider answers every call"))
+            .collect())
     }
+}
+
+/// One call to the provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub operation: Operation,
+    pub charge: Charge<'a>,
+    pub idempotency_key: &'a str,
 }
 
 /// The failure a demo customer id asks for on `operation`, if any.
