@@ -108,6 +108,10 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         orders: u64,
     },
+    /// The full run's low-load row alone (20 orders/s to one processor),
+    /// printed: for setting the services of another build (--bin-dir)
+    /// beside this one's on the same machine (writes nothing).
+    LowLoad,
 }
 
 /// How big each part is.
@@ -236,6 +240,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let sizes = Sizes::new(cli.quick);
+    if let Some(Command::LowLoad) = cli.command {
+        let row = low_load(&environment, &sizes).await?;
+        println!("{}", serde_json::to_string_pretty(&row)?);
+        return Ok(());
+    }
     // On Ctrl-C the run is dropped, and with it every service it started.
     let results = tokio::select! {
         results = run(&cli, &environment, &sizes) => results?,
