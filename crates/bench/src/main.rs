@@ -112,6 +112,10 @@ enum Command {
     /// printed: for setting the services of another build (--bin-dir)
     /// beside this one's on the same machine (writes nothing).
     LowLoad,
+    /// The full run's HTTP rows alone (bare axum + one INSERT, order-api as
+    /// fast as it goes, order-api at half that rate), printed (writes
+    /// nothing).
+    Http,
 }
 
 /// How big each part is.
@@ -243,6 +247,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::LowLoad) = cli.command {
         let row = low_load(&environment, &sizes).await?;
         println!("{}", serde_json::to_string_pretty(&row)?);
+        return Ok(());
+    }
+    if let Some(Command::Http) = cli.command {
+        let runs = http_runs(&environment, &sizes).await?;
+        println!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(());
     }
     // On Ctrl-C the run is dropped, and with it every service it started.

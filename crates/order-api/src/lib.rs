@@ -3,6 +3,7 @@
 //! its idempotency key and its outbox message are one Postgres transaction.
 
 pub mod auth;
+pub mod batch;
 pub mod configuration;
 pub mod domain;
 pub mod error;

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::RateLimits,
+    auth::{KeyLookup, RateLimits},
     configuration::Settings,
     idempotency,
     intake::Intake,
@@ -45,6 +45,8 @@ pub struct AppState {
     pub sse_max_lifetime: Duration,
     /// Requests per API key.
     pub rate_limits: RateLimits,
+    /// Every request's API key, looked up with those arriving with it.
+    pub keys: KeyLookup,
 }
 
 /// A built, listening order-api.
@@ -88,6 +90,7 @@ impl Application {
             streams: Streams::new(settings.sse_max_streams_per_key, settings.sse_max_streams),
             sse_max_lifetime: Duration::from_secs(settings.sse_max_lifetime_secs),
             rate_limits: RateLimits::new(settings.rate_limit_per_second, settings.rate_limit_burst),
+            keys: KeyLookup::start(pool.clone()),
         };
         let health = health::router(health::Readiness::new(pool, broker.clone()));
         let router = routes::router(state.clone(), health, settings.max_body_bytes);

@@ -52,62 +52,52 @@ pub async fn claim_all(
     }
     let clients: Vec<&str> = claims.iter().map(|c| c.client).collect();
     let keys: Vec<&str> = claims.iter().map(|c| c.key.as_ref()).collect();
-    // A key is visible ASCII and a client name has no newline: the pair is
-    // unambiguous. The locks are taken before the keys are read, in a
-    // statement of their own, so the read sees what their last holder
-    // committed.
-    let locked: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_try_advisory_xact_lock(hashtextextended(client || E'\\n' || key, 0))
-         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS c(client, key, n)
-         ORDER BY n",
-    )
-    .bind(&clients)
-    .bind(&keys)
-    .fetch_all(&mut *tx)
-    .await?;
-    let held: Vec<usize> = (0..claims.len()).filter(|&i| locked[i]).collect();
-    // Read the live keys and forget the expired ones (they may still be
-    // there until the next clean-up) in one round trip.
-    let saved: Vec<(String, String, String, i16, Vec<u8>, Uuid)> = sqlx::query_as(
-        "WITH claims AS (SELECT * FROM unnest($1::text[], $2::text[]) AS c(client, key)),
-         expired AS (
-             DELETE FROM idempotency_keys k USING claims c
-             WHERE k.client = c.client AND k.idempotency_key = c.key
-               AND k.created_at <= now() - make_interval(secs => $3))
-         SELECT k.client, k.idempotency_key, k.request_hash, k.response_status, k.response_body, k.order_id
-         FROM idempotency_keys k JOIN claims c ON k.client = c.client AND k.idempotency_key = c.key
-         WHERE k.created_at > now() - make_interval(secs => $3)",
-    )
-    .bind(held.iter().map(|&i| clients[i]).collect::<Vec<_>>())
-    .bind(held.iter().map(|&i| keys[i]).collect::<Vec<_>>())
-    .bind(ttl.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
+    // Locks, then the live keys (expired ones forgotten): one round trip,
+    // see the migration that makes `claim_idempotency_keys`.
+    let rows: Vec<ClaimRow> = sqlx::query_as("SELECT * FROM claim_idempotency_keys($1, $2, $3)")
+        .bind(&clients)
+        .bind(&keys)
+        .bind(ttl.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
     Ok(claims
         .iter()
-        .zip(locked)
-        .map(|(claim, locked)| {
-            if !locked {
+        .zip(rows)
+        .map(|(claim, row)| {
+            if !row.locked {
                 return Err(ApiError::IdempotencyKeyInFlight);
             }
-            let found = saved.iter().find(|(client, key, ..)| {
-                client == claim.client && key.as_str() == claim.key.as_ref()
-            });
-            match found {
-                Some((_, _, hash, ..)) if hash != claim.request_hash => {
+            match (
+                row.request_hash,
+                row.response_status,
+                row.response_body,
+                row.order_id,
+            ) {
+                (Some(hash), ..) if hash != claim.request_hash => {
                     Err(ApiError::IdempotencyKeyReused)
                 }
-                Some((_, _, _, status, body, order_id)) => {
+                (Some(_), Some(status), Some(body), Some(order_id)) => {
                     Ok(NextAction::ReturnSavedResponse(SavedResponse {
-                        status: u16::try_from(*status).unwrap_or(200),
-                        body: body.clone(),
-                        order_id: *order_id,
+                        status: u16::try_from(status).unwrap_or(200),
+                        body,
+                        order_id,
                     }))
                 }
-                None => Ok(NextAction::StartProcessing),
+                _ => Ok(NextAction::StartProcessing),
             }
         })
         .collect())
+}
+
+/// One claim as `claim_idempotency_keys` answers it: whether its lock was
+/// free, and the live response saved for its key, if any.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    locked: bool,
+    request_hash: Option<String>,
+    response_status: Option<i16>,
+    response_body: Option<Vec<u8>>,
+    order_id: Option<Uuid>,
 }
 
 /// Store the responses for claimed keys, in the transaction that made the
