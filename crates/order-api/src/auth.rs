@@ -293,10 +293,10 @@ impl KeyLookup {
         if key.len() > MAX_KEY_LEN {
             return Ok(None);
         }
-        self.lookups
-            .call(hash(key))
-            .await
-            .ok_or_else(|| anyhow::anyhow!("the API key lookup has stopped"))?
+        let started = std::time::Instant::now();
+        let caller = self.lookups.call(hash(key)).await;
+        metrics::histogram!("api_key_lookup_seconds").record(started.elapsed().as_secs_f64());
+        caller.ok_or_else(|| anyhow::anyhow!("the API key lookup has stopped"))?
     }
 }
 

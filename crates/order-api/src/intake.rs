@@ -23,12 +23,13 @@ use std::{
 };
 
 use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use messaging::{
     amqp::Envelope,
     contracts::{OrderPlaced, SCHEMA_VERSION},
 };
 use platform::outbox::{self, Outboxed};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, postgres::PgRow};
 use uuid::Uuid;
 
 use crate::{
@@ -103,10 +104,10 @@ impl Intake {
     /// commit.
     pub async fn place(&self, placement: Placement) -> Result<Placed, ApiError> {
         let _pending = Pending::count();
-        self.writers
-            .call(placement)
-            .await
-            .ok_or_else(|| anyhow::anyhow!("the order intake dropped the order"))?
+        let started = std::time::Instant::now();
+        let placed = self.writers.call(placement).await;
+        metrics::histogram!("order_intake_seconds").record(started.elapsed().as_secs_f64());
+        placed.ok_or_else(|| anyhow::anyhow!("the order intake dropped the order"))?
     }
 }
 
@@ -203,23 +204,27 @@ impl Store {
         let open: Vec<usize> = (0..placements.len())
             .filter(|&i| answers[i].is_none())
             .collect();
-        let priced = price(&mut tx, open.iter().map(|&i| &placements[i].order)).await?;
-        let mut accepted = Vec::new();
+        let (at, priced) = price(&mut tx, open.iter().map(|&i| &placements[i].order)).await?;
+        let mut views = Vec::new();
         for (index, lines) in open.into_iter().zip(priced) {
             match lines {
-                Ok(lines) => accepted.push((index, lines)),
+                Ok(lines) => views.push((view(&placements[index], lines, at), index)),
                 Err(error) => answers[index] = Some(Err(error)),
             }
         }
 
-        let views = insert_orders(
-            &mut tx,
-            accepted
-                .into_iter()
-                .map(|(index, lines)| (&placements[index], lines, index)),
-        )
-        .await?;
-        let messages = self.enqueue_placed(&mut tx, &views, placements).await?;
+        let messages = self.placed_messages(&views, placements)?;
+        let outbox = outbox::Rows::new(
+            messages
+                .iter()
+                .map(|(lane, envelope, payload)| outbox::Message {
+                    exchange: &self.orders_exchange,
+                    routing_key: lane,
+                    envelope: envelope.clone(),
+                    payload,
+                })
+                .collect(),
+        )?;
         let mut saved = Vec::with_capacity(views.len());
         for (view, _) in &views {
             saved.push(SavedResponse {
@@ -242,9 +247,10 @@ impl Store {
                 Some((claim, saved))
             })
             .collect();
-        idempotency::save_all(&mut tx, &saves).await?;
+        let written = insert_all(&mut tx, &views, placements, at, &saves, &outbox).await?;
         tx.commit().await?;
 
+        let messages = outbox.written(&written);
         for (((view, index), saved), message) in views.into_iter().zip(saved).zip(messages) {
             answers[index] = Some(Ok(Placed::Accepted {
                 saved,
@@ -258,13 +264,13 @@ impl Store {
             .collect())
     }
 
-    /// The orders' messages for the processors, in the outbox.
-    async fn enqueue_placed(
+    /// The orders' messages for the processors: their lane (the routing
+    /// key), envelope and body.
+    fn placed_messages(
         &self,
-        conn: &mut PgConnection,
         views: &[(OrderView, usize)],
         placements: &[Placement],
-    ) -> Result<Vec<Outboxed>, ApiError> {
+    ) -> Result<Vec<(&'static str, Envelope, serde_json::Value)>, ApiError> {
         let mut messages = Vec::with_capacity(views.len());
         for (view, index) in views {
             let order = &placements[*index].order;
@@ -289,43 +295,37 @@ impl Store {
             let payload = serde_json::to_value(&message).map_err(anyhow::Error::from)?;
             messages.push((order.lane.as_str(), envelope, payload));
         }
-        let messages = messages
-            .iter()
-            .map(|(lane, envelope, payload)| outbox::Message {
-                exchange: &self.orders_exchange,
-                routing_key: lane,
-                envelope: envelope.clone(),
-                payload,
-            })
-            .collect();
-        Ok(outbox::enqueue_all(conn, messages).await?)
+        Ok(messages)
     }
 }
 
-/// Every order's lines with their prices, in one query; an order naming a
-/// SKU that does not exist gets the client's error.
+/// Every order's lines with their prices, and the transaction's time (the
+/// orders': `now()` is the same all through a transaction), in one query;
+/// an order naming a SKU that does not exist gets the client's error.
 async fn price<'a>(
     conn: &mut PgConnection,
     orders: impl Iterator<Item = &'a ValidOrder>,
-) -> sqlx::Result<Vec<Result<Vec<PricedLine>, ApiError>>> {
+) -> sqlx::Result<(DateTime<Utc>, Vec<Result<Vec<PricedLine>, ApiError>>)> {
     let orders: Vec<&ValidOrder> = orders.collect();
-    if orders.is_empty() {
-        return Ok(Vec::new());
-    }
     let skus: Vec<&str> = orders
         .iter()
         .flat_map(|o| o.items.iter().map(|l| l.sku.as_str()))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let prices: HashMap<String, i64> =
-        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
-            .bind(&skus)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
-    Ok(orders
+    let (at, found, prices): (DateTime<Utc>, Option<Vec<String>>, Option<Vec<i64>>) =
+        sqlx::query_as(
+            "SELECT now(), array_agg(sku), array_agg(price_cents) FROM inventory WHERE sku = ANY($1)",
+        )
+        .bind(&skus)
+        .fetch_one(&mut *conn)
+        .await?;
+    let prices: HashMap<String, i64> = found
+        .unwrap_or_default()
+        .into_iter()
+        .zip(prices.unwrap_or_default())
+        .collect();
+    let priced = orders
         .into_iter()
         .map(|order| {
             let unknown: Vec<String> = order
@@ -347,29 +347,56 @@ async fn price<'a>(
                 })
                 .collect())
         })
-        .collect())
+        .collect();
+    Ok((at, priced))
 }
 
-/// Insert the orders with their first history lines, in one statement;
-/// each order's view with the tag it came with.
-async fn insert_orders<'a, T>(
+/// A new order as it is stored at `at` and answered: accepted, with its
+/// first history line.
+fn view(placement: &Placement, items: Vec<PricedLine>, at: DateTime<Utc>) -> OrderView {
+    let order = &placement.order;
+    let total_cents = items
+        .iter()
+        .map(|l| i64::from(l.quantity) * l.unit_price_cents)
+        .sum();
+    OrderView {
+        id: Uuid::new_v4(),
+        status: "accepted".into(),
+        reason: None,
+        customer_id: order.customer_id.clone(),
+        email: order.email.clone(),
+        total_cents,
+        items,
+        currency: order.currency.clone(),
+        lane: order.lane.as_str().into(),
+        callback_url: order.callback_url.clone(),
+        shipping: order.shipping.clone(),
+        correlation_id: placement.correlation_id.clone(),
+        created_at: at,
+        history: vec![HistoryEntry {
+            status: "accepted".into(),
+            detail: Some(format!("queued on the {} lane", order.lane.as_str())),
+            service: "order-api".into(),
+            at,
+        }],
+        payment: None,
+    }
+}
+
+/// Write the orders with their first history lines, their keys' responses
+/// and their outbox messages in one statement; the outbox rows written.
+async fn insert_all(
     conn: &mut PgConnection,
-    orders: impl Iterator<Item = (&'a Placement, Vec<PricedLine>, T)>,
-) -> Result<Vec<(OrderView, T)>, ApiError> {
-    let rows: Vec<(Uuid, &Placement, Vec<PricedLine>, T)> = orders
-        .map(|(placement, items, tag)| (Uuid::new_v4(), placement, items, tag))
-        .collect();
-    if rows.is_empty() {
+    views: &[(OrderView, usize)],
+    placements: &[Placement],
+    at: DateTime<Utc>,
+    saves: &[(Claim<'_>, &SavedResponse)],
+    outbox: &outbox::Rows<'_>,
+) -> Result<Vec<PgRow>, ApiError> {
+    if views.is_empty() {
         return Ok(Vec::new());
     }
-    let total = |items: &[PricedLine]| -> i64 {
-        items
-            .iter()
-            .map(|l| i64::from(l.quantity) * l.unit_price_cents)
-            .sum()
-    };
-    let order = |row: &(Uuid, &'a Placement, Vec<PricedLine>, T)| &row.1.order;
-    let inserted = sqlx::query(
+    let sql = format!(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[],
                                   $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
@@ -377,75 +404,76 @@ async fn insert_orders<'a, T>(
                       callback_url, correlation_id, client, detail)),
          placed AS (
              INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
-                                 shipping, callback_url, status, correlation_id, client)
+                                 shipping, callback_url, status, correlation_id, client, created_at)
              SELECT id, customer_id, email, items::jsonb, total_cents, currency, lane,
-                    shipping::jsonb, callback_url, 'accepted', correlation_id, client
-             FROM input
-             RETURNING id, created_at)
-         INSERT INTO order_status_history (order_id, status, detail, service, at)
-         SELECT p.id, 'accepted', i.detail, 'order-api', p.created_at
-         FROM placed p JOIN input i ON i.id = p.id
-         RETURNING order_id, status, detail, service, at",
-    )
-    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| order(r).customer_id.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| order(r).email.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| json(&r.2)).collect::<Result<Vec<_>, _>>()?)
-    .bind(rows.iter().map(|r| total(&r.2)).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| order(r).currency.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| order(r).lane.as_str()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| order(r).shipping.as_ref().map(json).transpose())
-            .collect::<Result<Vec<_>, _>>()?,
-    )
-    .bind(rows.iter().map(|r| order(r).callback_url.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.1.correlation_id.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.1.client.as_str()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| format!("queued on the {} lane", order(r).lane.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut history: HashMap<Uuid, HistoryEntry> = inserted
-        .into_iter()
-        .map(|row| {
-            let entry = HistoryEntry {
-                status: row.get("status"),
-                detail: row.get("detail"),
-                service: row.get("service"),
-                at: row.get("at"),
-            };
-            (row.get("order_id"), entry)
-        })
-        .collect();
-    Ok(rows
-        .into_iter()
-        .map(|(id, placement, items, tag)| {
-            let entry = history.remove(&id).expect("a history line per order");
-            let order = &placement.order;
-            let view = OrderView {
-                id,
-                status: "accepted".into(),
-                reason: None,
-                customer_id: order.customer_id.clone(),
-                email: order.email.clone(),
-                total_cents: total(&items),
-                items,
-                currency: order.currency.clone(),
-                lane: order.lane.as_str().into(),
-                callback_url: order.callback_url.clone(),
-                shipping: order.shipping.clone(),
-                correlation_id: placement.correlation_id.clone(),
-                created_at: entry.at,
-                history: vec![entry],
-                payment: None,
-            };
-            (view, tag)
-        })
-        .collect())
+                    shipping::jsonb, callback_url, 'accepted', correlation_id, client, $13
+             FROM input),
+         history AS (
+             INSERT INTO order_status_history (order_id, status, detail, service, at)
+             SELECT id, 'accepted', detail, 'order-api', $13 FROM input),
+         saved AS ({}),
+         outboxed AS ({})
+         SELECT id, message_id FROM outboxed",
+        idempotency::save_insert(14),
+        outbox::Rows::insert(20),
+    );
+    let orders: Vec<&OrderView> = views.iter().map(|(view, _)| view).collect();
+    let query = sqlx::query(&sql)
+        .bind(orders.iter().map(|o| o.id).collect::<Vec<_>>())
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.customer_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(orders.iter().map(|o| o.email.as_str()).collect::<Vec<_>>())
+        .bind(
+            orders
+                .iter()
+                .map(|o| json(&o.items))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+        .bind(orders.iter().map(|o| o.total_cents).collect::<Vec<_>>())
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.currency.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(orders.iter().map(|o| o.lane.as_str()).collect::<Vec<_>>())
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.shipping.as_ref().map(json).transpose())
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.callback_url.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.correlation_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            views
+                .iter()
+                .map(|(_, index)| placements[*index].client.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            orders
+                .iter()
+                .map(|o| o.history[0].detail.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(at);
+    let query = outbox.bind(idempotency::bind_saves(query, saves));
+    Ok(query.fetch_all(&mut *conn).await?)
 }
 
 /// A value as JSON text, for a `jsonb` column filled from a text array.

@@ -24,7 +24,11 @@ use std::{
 
 use anyhow::{Context, bail};
 use messaging::{Publisher, amqp::Envelope};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{
+    PgConnection, PgPool, Postgres, Row,
+    postgres::{PgArguments, PgRow},
+    query::Query,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -82,57 +86,102 @@ pub async fn enqueue_all(
     conn: &mut PgConnection,
     messages: Vec<Message<'_>>,
 ) -> sqlx::Result<Vec<Outboxed>> {
-    let mut bodies = Vec::with_capacity(messages.len());
-    for message in &messages {
-        let body = serde_json::to_string(message.payload)
+    let rows = Rows::new(messages)?;
+    let written = rows
+        .bind(sqlx::query(&Rows::insert(1)))
+        .fetch_all(conn)
+        .await?;
+    Ok(rows.written(&written))
+}
+
+/// Messages as outbox rows, for an INSERT of its own ([`enqueue_all`]) or
+/// one that is part of a larger statement, in one round trip with the
+/// change the messages announce.
+pub struct Rows<'a> {
+    messages: Vec<Message<'a>>,
+    bodies: Vec<String>,
+}
+
+impl<'a> Rows<'a> {
+    pub fn new(messages: Vec<Message<'a>>) -> sqlx::Result<Self> {
+        let bodies = messages
+            .iter()
+            .map(|message| serde_json::to_string(message.payload))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-        bodies.push(body);
+        Ok(Self { messages, bodies })
     }
-    let rows: Vec<(i64, uuid::Uuid)> = sqlx::query_as(
-        "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
-         SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[])
-              AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
-         RETURNING id, message_id",
-    )
-    .bind(
-        messages
+
+    /// The INSERT of the rows, taking its six arrays from the parameters
+    /// `$first` to `$first + 5` (bound by [`Rows::bind`]) and returning each
+    /// row's `id` and `message_id`: a statement of its own or a CTE.
+    pub fn insert(first: usize) -> String {
+        let p = |n: usize| format!("${}", first + n);
+        format!(
+            "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
+             SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
+             FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], {}::uuid[])
+                  AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
+             RETURNING id, message_id",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5)
+        )
+    }
+
+    /// Bind the six arrays [`Rows::insert`] reads, as the query's next
+    /// parameters.
+    pub fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        let messages = &self.messages;
+        query
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| m.envelope.message_id)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(messages.iter().map(|m| m.exchange).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.routing_key).collect::<Vec<_>>())
+            .bind(&self.bodies)
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| m.envelope.correlation_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                messages
+                    .iter()
+                    .map(|m| m.envelope.order_id)
+                    .collect::<Vec<_>>(),
+            )
+    }
+
+    /// The messages, in their order, once written: `written` are the rows
+    /// the INSERT returned (`id`, `message_id`).
+    pub fn written(self, written: &[PgRow]) -> Vec<Outboxed> {
+        let ids: std::collections::HashMap<uuid::Uuid, i64> = written
             .iter()
-            .map(|m| m.envelope.message_id)
-            .collect::<Vec<_>>(),
-    )
-    .bind(messages.iter().map(|m| m.exchange).collect::<Vec<_>>())
-    .bind(messages.iter().map(|m| m.routing_key).collect::<Vec<_>>())
-    .bind(&bodies)
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.envelope.correlation_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        messages
-            .iter()
-            .map(|m| m.envelope.order_id)
-            .collect::<Vec<_>>(),
-    )
-    .fetch_all(conn)
-    .await?;
-    let ids: std::collections::HashMap<uuid::Uuid, i64> = rows
-        .into_iter()
-        .map(|(id, message_id)| (message_id, id))
-        .collect();
-    Ok(messages
-        .into_iter()
-        .zip(bodies)
-        .map(|(message, body)| Outboxed {
-            id: ids[&message.envelope.message_id],
-            exchange: message.exchange.to_owned(),
-            routing_key: message.routing_key.to_owned(),
-            body: body.into_bytes(),
-            envelope: message.envelope,
-        })
-        .collect())
+            .map(|row| (row.get("message_id"), row.get("id")))
+            .collect();
+        self.messages
+            .into_iter()
+            .zip(self.bodies)
+            .map(|(message, body)| Outboxed {
+                id: ids[&message.envelope.message_id],
+                exchange: message.exchange.to_owned(),
+                routing_key: message.routing_key.to_owned(),
+                body: body.into_bytes(),
+                envelope: message.envelope,
+            })
+            .collect()
+    }
 }
 
 /// Publishes outbox rows and marks them published.

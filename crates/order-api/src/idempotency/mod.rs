@@ -8,5 +8,6 @@ mod persistence;
 
 pub use key::IdempotencyKey;
 pub use persistence::{
-    Claim, NextAction, SavedResponse, claim_all, delete_expired, request_hash, save_all,
+    Claim, NextAction, SavedResponse, bind_saves, claim_all, delete_expired, request_hash,
+    save_insert,
 };

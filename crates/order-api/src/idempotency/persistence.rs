@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres, postgres::PgArguments, query::Query};
 use uuid::Uuid;
 
 use super::IdempotencyKey;
@@ -9,7 +9,7 @@ use crate::{domain::OrderRequest, error::ApiError};
 
 /// What the handler should do with a keyed request.
 pub enum NextAction {
-    /// First time: process, then [`save_all`] in the same transaction.
+    /// First time: process, then [`save_insert`] in the same transaction.
     StartProcessing,
     /// Seen before with the same body: answer this again.
     ReturnSavedResponse(SavedResponse),
@@ -100,28 +100,57 @@ struct ClaimRow {
     order_id: Option<Uuid>,
 }
 
-/// Store the responses for claimed keys, in the transaction that made the
-/// orders, in one statement.
-pub async fn save_all(
-    tx: &mut PgConnection,
-    saves: &[(Claim<'_>, &SavedResponse)],
-) -> Result<(), ApiError> {
-    if saves.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
+/// The INSERT that stores the responses for claimed keys, reading its six
+/// arrays from the parameters `$first` to `$first + 5` (bound by
+/// [`bind_saves`]): a CTE of the statement that makes the orders, so each
+/// key commits with its order.
+pub fn save_insert(first: usize) -> String {
+    let p = |n: usize| format!("${}", first + n);
+    format!(
         "INSERT INTO idempotency_keys (client, idempotency_key, request_hash, response_status, response_body, order_id)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::bytea[], $6::uuid[])",
+         SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[], {}::bytea[], {}::uuid[])",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5)
     )
-    .bind(saves.iter().map(|(c, _)| c.client).collect::<Vec<_>>())
-    .bind(saves.iter().map(|(c, _)| c.key.as_ref()).collect::<Vec<_>>())
-    .bind(saves.iter().map(|(c, _)| c.request_hash).collect::<Vec<_>>())
-    .bind(saves.iter().map(|(_, r)| r.status as i16).collect::<Vec<_>>())
-    .bind(saves.iter().map(|(_, r)| r.body.as_slice()).collect::<Vec<_>>())
-    .bind(saves.iter().map(|(_, r)| r.order_id).collect::<Vec<_>>())
-    .execute(tx)
-    .await?;
-    Ok(())
+}
+
+/// Bind the six arrays [`save_insert`] reads, as the query's next
+/// parameters.
+pub fn bind_saves<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    saves: &[(Claim<'q>, &'q SavedResponse)],
+) -> Query<'q, Postgres, PgArguments> {
+    query
+        .bind(saves.iter().map(|(c, _)| c.client).collect::<Vec<_>>())
+        .bind(
+            saves
+                .iter()
+                .map(|(c, _)| c.key.as_ref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            saves
+                .iter()
+                .map(|(c, _)| c.request_hash)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            saves
+                .iter()
+                .map(|(_, r)| r.status as i16)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            saves
+                .iter()
+                .map(|(_, r)| r.body.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(saves.iter().map(|(_, r)| r.order_id).collect::<Vec<_>>())
 }
 
 /// Forget keys older than `ttl`; returns how many.
