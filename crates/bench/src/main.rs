@@ -469,29 +469,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
     bare.stop().await;
     database.drop().await?;
 
-    // order-api alone: accepting is all that is measured, so nothing else
-    // competes for the two cores; the accepted orders wait on their queue.
-    // Each row starts from an empty system: without processors the full-rate
-    // row leaves tens of thousands of orders behind, and the half-rate row
-    // would measure Postgres and RabbitMQ keeping up with that backlog
-    // (checkpoints, a queue only ever growing) as much as order-api.
-    let shape = Shape {
-        processors: 0,
-        payment_latency_ms: 0,
-        prefetch: DEFAULT_PREFETCH,
-        subscribers: false,
-    };
-    let system = System::start(environment, "http", shape).await?;
-    let (posted, usage) = hammer(
-        &system.api_url(),
-        Some(system.api_key()),
-        sizes,
-        CONCURRENCY,
-        None,
-        &system.pids(),
-    )
-    .await?;
-    system.stop().await?;
+    let (posted, usage) = order_api_alone(environment, sizes, "http", None).await?;
     let full_rate = posted.accepted_per_second();
     eprintln!("order-api accepting: {full_rate:.0}/s");
     runs.push(HttpRun::of(
@@ -502,17 +480,7 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         usage,
     ));
     let half = (full_rate / 2.0).max(1.0);
-    let system = System::start(environment, "http-half", shape).await?;
-    let (posted, usage) = hammer(
-        &system.api_url(),
-        Some(system.api_key()),
-        sizes,
-        CONCURRENCY,
-        Some(half),
-        &system.pids(),
-    )
-    .await?;
-    system.stop().await?;
+    let (posted, usage) = order_api_alone(environment, sizes, "http-half", Some(half)).await?;
     eprintln!(
         "order-api at {half:.0}/s: p99 {:.1} ms",
         Percentiles::of_micros(&posted.latency).p99_ms
@@ -525,6 +493,39 @@ async fn http_runs(environment: &Environment, sizes: &Sizes) -> anyhow::Result<V
         usage,
     ));
     Ok(runs)
+}
+
+/// order-api alone, posted to as fast as it goes or at `rate`: accepting is
+/// all that is measured, so nothing else competes for the two cores; the
+/// accepted orders wait on their queue. Each run starts from an empty system:
+/// without processors a full-rate run leaves tens of thousands of orders
+/// behind, and a run after it would measure Postgres and RabbitMQ keeping up
+/// with that backlog (checkpoints, a queue only ever growing) as much as
+/// order-api.
+async fn order_api_alone(
+    environment: &Environment,
+    sizes: &Sizes,
+    name: &str,
+    rate: Option<f64>,
+) -> anyhow::Result<(Posted, cpu::Usage)> {
+    let shape = Shape {
+        processors: 0,
+        payment_latency_ms: 0,
+        prefetch: DEFAULT_PREFETCH,
+        subscribers: false,
+    };
+    let system = System::start(environment, name, shape).await?;
+    let measured = hammer(
+        &system.api_url(),
+        Some(system.api_key()),
+        sizes,
+        CONCURRENCY,
+        rate,
+        &system.pids(),
+    )
+    .await;
+    system.stop().await?;
+    measured
 }
 
 /// The reference pipeline with as many orders as the no-I/O end-to-end

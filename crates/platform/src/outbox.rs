@@ -116,19 +116,12 @@ impl<'a> Rows<'a> {
     /// `$first` to `$first + 5` (bound by [`Rows::bind`]) and returning each
     /// row's `id` and `message_id`: a statement of its own or a CTE.
     pub fn insert(first: usize) -> String {
-        let p = |n: usize| format!("${}", first + n);
+        let rows = crate::db::unnest(first, &["uuid", "text", "text", "text", "text", "uuid"]);
         format!(
             "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
              SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
-             FROM unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::text[], {}::uuid[])
-                  AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
-             RETURNING id, message_id",
-            p(0),
-            p(1),
-            p(2),
-            p(3),
-            p(4),
-            p(5)
+             FROM {rows} AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
+             RETURNING id, message_id"
         )
     }
 

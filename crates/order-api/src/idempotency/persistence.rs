@@ -105,16 +105,10 @@ struct ClaimRow {
 /// [`bind_saves`]): a CTE of the statement that makes the orders, so each
 /// key commits with its order.
 pub fn save_insert(first: usize) -> String {
-    let p = |n: usize| format!("${}", first + n);
+    let rows = platform::db::unnest(first, &["text", "text", "text", "int2", "bytea", "uuid"]);
     format!(
         "INSERT INTO idempotency_keys (client, idempotency_key, request_hash, response_status, response_body, order_id)
-         SELECT * FROM unnest({}::text[], {}::text[], {}::text[], {}::int2[], {}::bytea[], {}::uuid[])",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5)
+         SELECT * FROM {rows}"
     )
 }
 
