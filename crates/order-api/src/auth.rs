@@ -248,10 +248,15 @@ async fn callers_of(pool: &PgPool, hashes: &[Vec<u8>]) -> sqlx::Result<HashMap<V
         .collect())
 }
 
-/// Key lookups running at once, at most.
-const LOOKUPS: usize = 1;
-/// Keys looked up in one statement, at most.
-const MAX_LOOKUP: usize = 256;
+/// Key lookups running at once, at most: two, so that one stuck on a dead
+/// connection does not hold up every request's authentication.
+const LOOKUPS: usize = 2;
+/// Keys looked up in one statement, at most: as many requests as the server
+/// holds at once by default (`HTTP_MAX_CONNECTIONS`). While Postgres is down
+/// each lookup waits out the pool's acquire timeout, and everything that
+/// arrived meanwhile must fit in the next one: a smaller cap would leave a
+/// growing queue, each request waiting ever longer for its 503.
+const MAX_LOOKUP: usize = 1024;
 
 /// Looks up the keys of the requests that arrive together in one statement
 /// (each after its request arrived, so a revoked key still fails on its
