@@ -204,12 +204,14 @@ impl Store {
         let open: Vec<usize> = (0..placements.len())
             .filter(|&i| answers[i].is_none())
             .collect();
-        let (at, priced) = price(&mut tx, open.iter().map(|&i| &placements[i].order)).await?;
         let mut views = Vec::new();
-        for (index, lines) in open.into_iter().zip(priced) {
-            match lines {
-                Ok(lines) => views.push((view(&placements[index], lines, at), index)),
-                Err(error) => answers[index] = Some(Err(error)),
+        if !open.is_empty() {
+            let (at, priced) = price(&mut tx, open.iter().map(|&i| &placements[i].order)).await?;
+            for (index, lines) in open.into_iter().zip(priced) {
+                match lines {
+                    Ok(lines) => views.push((view(&placements[index], lines, at), index)),
+                    Err(error) => answers[index] = Some(Err(error)),
+                }
             }
         }
 
@@ -247,7 +249,7 @@ impl Store {
                 Some((claim, saved))
             })
             .collect();
-        let written = insert_all(&mut tx, &views, placements, at, &saves, &outbox).await?;
+        let written = insert_all(&mut tx, &views, placements, &saves, &outbox).await?;
         tx.commit().await?;
 
         let messages = outbox.written(&written);
@@ -389,7 +391,6 @@ async fn insert_all(
     conn: &mut PgConnection,
     views: &[(OrderView, usize)],
     placements: &[Placement],
-    at: DateTime<Utc>,
     saves: &[(Claim<'_>, &SavedResponse)],
     outbox: &outbox::Rows<'_>,
 ) -> Result<Vec<PgRow>, ApiError> {
@@ -398,22 +399,39 @@ async fn insert_all(
     }
     let sql = format!(
         "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[],
-                                  $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])
+             SELECT * FROM {}
                  AS i(id, customer_id, email, items, total_cents, currency, lane, shipping,
-                      callback_url, correlation_id, client, detail)),
+                      callback_url, correlation_id, client, detail, created_at)),
          placed AS (
              INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
                                  shipping, callback_url, status, correlation_id, client, created_at)
              SELECT id, customer_id, email, items::jsonb, total_cents, currency, lane,
-                    shipping::jsonb, callback_url, 'accepted', correlation_id, client, $13
+                    shipping::jsonb, callback_url, 'accepted', correlation_id, client, created_at
              FROM input),
          history AS (
              INSERT INTO order_status_history (order_id, status, detail, service, at)
-             SELECT id, 'accepted', detail, 'order-api', $13 FROM input),
+             SELECT id, 'accepted', detail, 'order-api', created_at FROM input),
          saved AS ({}),
          outboxed AS ({})
          SELECT id, message_id FROM outboxed",
+        platform::db::unnest(
+            1,
+            &[
+                "uuid",
+                "text",
+                "text",
+                "text",
+                "int8",
+                "text",
+                "text",
+                "text",
+                "text",
+                "text",
+                "text",
+                "text",
+                "timestamptz",
+            ],
+        ),
         idempotency::save_insert(14),
         outbox::Rows::insert(20),
     );
@@ -471,7 +489,7 @@ async fn insert_all(
                 .map(|o| o.history[0].detail.as_deref())
                 .collect::<Vec<_>>(),
         )
-        .bind(at);
+        .bind(orders.iter().map(|o| o.created_at).collect::<Vec<_>>());
     let query = outbox.bind(idempotency::bind_saves(query, saves));
     Ok(query.fetch_all(&mut *conn).await?)
 }
