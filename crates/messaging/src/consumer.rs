@@ -248,7 +248,8 @@ pub async fn run<H: Handler>(
         requeues: RequeueTally::default(),
         window: AckWindow::default(),
     };
-    consumer
+    let stages = Stages::default();
+    let consuming = consumer
         .take_until(stop.clone().cancelled_owned())
         // Known to the ack window as soon as it arrives, before any later
         // delivery can be acked past it.
@@ -281,15 +282,39 @@ pub async fn run<H: Handler>(
             in_flight.increment(deliveries.len() as f64);
             batch_sizes.record(deliveries.len() as f64);
             let started = std::time::Instant::now();
-            let dispositions = handle_batch(&handler, &deliveries, &spec, &stop).await;
+            let dispositions = {
+                let _handling = stages.handling.enter();
+                handle_batch(&handler, &deliveries, &spec, &stop).await
+            };
             let took = started.elapsed().as_secs_f64();
             for _ in &deliveries {
                 handling.record(took);
             }
             in_flight.decrement(deliveries.len() as f64);
+            let _settling = stages.settling.enter();
             settler.settle_all(deliveries, dispositions).await;
-        })
-        .await;
+        });
+    // Once the channel is lost, nothing in flight can be settled any more:
+    // the broker hands those deliveries to the next consumer. Their handlers
+    // may still finish (the effects are idempotent), but never hold up the
+    // reconnect for long.
+    let abandoned = async {
+        tokio::select! {
+            () = failed.cancelled() => {}
+            () = closed(channel) => {}
+        }
+        tokio::time::sleep(LOST_CHANNEL_GRACE).await;
+    };
+    tokio::select! {
+        () = consuming => {}
+        () = abandoned => tracing::error!(
+            queue = %spec.queue,
+            handling = stages.handling.count(),
+            settling = stages.settling.count(),
+            "batches still in flight {LOST_CHANNEL_GRACE:?} after the channel was lost; \
+             abandoning them: the broker redelivers what was not acked"
+        ),
+    }
 
     if failed.is_cancelled() || !shutdown.is_cancelled() {
         bail!("the consumer on {} stopped", spec.queue);
@@ -300,6 +325,48 @@ pub async fn run<H: Handler>(
         .context("cancelling the consumer")?;
     tracing::info!(queue = %spec.queue, "consumer drained and cancelled");
     Ok(())
+}
+
+/// How long batches in flight may still run after their channel is lost.
+pub const LOST_CHANNEL_GRACE: Duration = Duration::from_secs(10);
+
+/// How many batches are at each step, for the log line when the steps
+/// after a lost channel do not finish.
+#[derive(Default)]
+struct Stages {
+    handling: Stage,
+    settling: Stage,
+}
+
+#[derive(Default)]
+struct Stage(std::sync::atomic::AtomicUsize);
+
+impl Stage {
+    /// Count a batch in this step until the guard drops.
+    fn enter(&self) -> StageGuard<'_> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StageGuard(self)
+    }
+
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+struct StageGuard<'a>(&'a Stage);
+
+impl Drop for StageGuard<'_> {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Returns once `channel` is no longer open (checked every half second):
+/// the consumer stream may end without an error when it closes.
+async fn closed(channel: &Channel) {
+    while channel.status().connected() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A batch's dispositions, one per delivery: from the handler's batch if it

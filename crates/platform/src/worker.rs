@@ -22,6 +22,9 @@ use crate::{db::DatabaseSettings, health};
 /// for: under Docker's 10 s between SIGTERM and SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
+/// The longest a consumer's channel may take to close after its round.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Settings shared by every consuming service.
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkerSettings {
@@ -295,7 +298,14 @@ impl Worker {
                 }
             };
             for channel in &channels {
-                let _ = channel.close(200, "round over".into()).await;
+                // Bounded: a channel whose connection died unnoticed would
+                // never answer, and the reconnect must not wait on it.
+                if tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "round over".into()))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("a channel did not close within {CLOSE_TIMEOUT:?}; leaving it");
+                }
             }
             if shutdown.is_cancelled() {
                 results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;

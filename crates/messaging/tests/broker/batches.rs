@@ -207,3 +207,78 @@ async fn a_batch_size_of_one_handles_each_message_on_its_own() {
     assert_eq!(*recorder.batches.lock().unwrap(), Vec::<usize>::new());
     assert_settled_once(&recorder, &topology, &connection).await;
 }
+
+/// A channel lost while a batch's handler hangs (on a dead database
+/// connection, say): the consumer gives up on the batch and returns, so
+/// the service reconnects, and the broker hands the message on.
+#[tokio::test]
+async fn a_consumer_whose_channel_is_lost_returns_even_while_a_batch_hangs() {
+    let connection = test_support::amqp().await;
+    let topology = test_support::declare_topology(&connection, &test_support::unique_prefix()).await;
+    let _guard = test_support::TopologyGuard(topology.clone());
+    let publisher = test_support::publisher(&topology);
+    publisher
+        .publish(
+            &topology.orders_exchange(),
+            Lane::Standard.as_str(),
+            b"stuck",
+            BasicProperties::default().with_message_id("m-stuck".into()),
+        )
+        .await
+        .unwrap();
+    let spec = ConsumerSpec {
+        queue: topology.work_queue(Lane::Standard),
+        tag: "hangs".into(),
+        service: "batch-test".into(),
+        prefetch: 10,
+        batch_size: 5,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_millis(200),
+            max_wait: Duration::from_secs(60),
+        },
+    };
+    let channel = connection.create_channel().await.unwrap();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let entered = entered.clone();
+        consumer::Each(move |_delivery: Delivery| {
+            let entered = entered.clone();
+            async move {
+                entered.notify_one();
+                std::future::pending::<Disposition>().await
+            }
+        })
+    };
+    let consuming = {
+        let (channel, topology) = (channel.clone(), topology.clone());
+        tokio::spawn(async move {
+            consumer::run(&channel, &topology, &publisher, spec, CancellationToken::new(), handler)
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), entered.notified())
+        .await
+        .expect("the handler got the message");
+    // An ack of a tag never delivered: the broker closes the channel
+    // (PRECONDITION_FAILED), as it does when its node goes away.
+    let _ = channel
+        .basic_ack(999_999, lapin::options::BasicAckOptions::default())
+        .await;
+    let result = tokio::time::timeout(Duration::from_secs(120), consuming)
+        .await
+        .expect("the consumer returned although its batch never finished")
+        .unwrap();
+    assert!(result.is_err(), "a lost channel is reported: {result:?}");
+    test_support::eventually(
+        Duration::from_secs(30),
+        "the message back in its queue",
+        || async {
+            (test_support::queue_depth(&connection, &topology.work_queue(Lane::Standard)).await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+}
