@@ -345,7 +345,7 @@ impl Stage {
     /// Count a batch in this step until the guard drops.
     fn enter(&self) -> StageGuard<'_> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        StageGuard(self)
+        StageGuard(&self.0)
     }
 
     fn count(&self) -> usize {
@@ -353,11 +353,11 @@ impl Stage {
     }
 }
 
-struct StageGuard<'a>(&'a Stage);
+struct StageGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl Drop for StageGuard<'_> {
     fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -214,7 +214,8 @@ async fn a_batch_size_of_one_handles_each_message_on_its_own() {
 #[tokio::test]
 async fn a_consumer_whose_channel_is_lost_returns_even_while_a_batch_hangs() {
     let connection = test_support::amqp().await;
-    let topology = test_support::declare_topology(&connection, &test_support::unique_prefix()).await;
+    let topology =
+        test_support::declare_topology(&connection, &test_support::unique_prefix()).await;
     let _guard = test_support::TopologyGuard(topology.clone());
     let publisher = test_support::publisher(&topology);
     publisher
@@ -254,8 +255,15 @@ async fn a_consumer_whose_channel_is_lost_returns_even_while_a_batch_hangs() {
     let consuming = {
         let (channel, topology) = (channel.clone(), topology.clone());
         tokio::spawn(async move {
-            consumer::run(&channel, &topology, &publisher, spec, CancellationToken::new(), handler)
-                .await
+            consumer::run(
+                &channel,
+                &topology,
+                &publisher,
+                spec,
+                CancellationToken::new(),
+                handler,
+            )
+            .await
         })
     };
     tokio::time::timeout(Duration::from_secs(60), entered.notified())
