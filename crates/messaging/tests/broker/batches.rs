@@ -80,16 +80,21 @@ impl Handler for Recorder {
     }
 }
 
-/// Publish the messages (one poison, one flaky), then consume them in
-/// batches of up to `batch_size`; returns what the handler saw and the
-/// topology, once every message is settled and the consumer stopped.
-async fn consume_all(batch_size: u16) -> (Recorder, Topology, lapin::Connection) {
-    let retry = RetryPolicy {
+/// Quick retries, so a flaky message comes back within the test.
+fn retry() -> RetryPolicy {
+    RetryPolicy {
         max_attempts: 3,
         initial_delay: Duration::from_millis(200),
         max_delay: Duration::from_millis(200),
         max_wait: Duration::from_secs(60),
-    };
+    }
+}
+
+/// Publish the messages (one poison, one flaky), then consume them in
+/// batches of up to `batch_size`; returns what the handler saw and the
+/// topology, once every message is settled and the consumer stopped.
+async fn consume_all(batch_size: u16) -> (Recorder, Topology, lapin::Connection) {
+    let retry = retry();
     let connection = test_support::amqp().await;
     let topology = Topology::new(test_support::unique_prefix())
         .with_queue_expiry_ms(Some(test_support::QUEUE_EXPIRES_MS))
@@ -233,12 +238,7 @@ async fn a_consumer_whose_channel_is_lost_returns_even_while_a_batch_hangs() {
         service: "batch-test".into(),
         prefetch: 10,
         batch_size: 5,
-        retry: RetryPolicy {
-            max_attempts: 3,
-            initial_delay: Duration::from_millis(200),
-            max_delay: Duration::from_millis(200),
-            max_wait: Duration::from_secs(60),
-        },
+        retry: retry(),
     };
     let channel = connection.create_channel().await.unwrap();
     let entered = Arc::new(tokio::sync::Notify::new());
