@@ -28,6 +28,7 @@ use crate::{
 mod broker;
 mod cases;
 mod cluster;
+mod leftovers;
 
 /// The whole system on private servers.
 pub struct System {
@@ -366,58 +367,7 @@ pub async fn check_invariants(
     expected_dead: usize,
 ) {
     let pool = &system.pool;
-    let amqp = system.amqp().await;
-    let topology = system.topology();
-    let depth = |queue: String| {
-        let amqp = &amqp;
-        async move {
-            let channel = amqp.create_channel().await.unwrap();
-            let queue = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-            queue.message_count()
-        }
-    };
-    test_support::eventually(
-        Duration::from_secs(120),
-        &format!("{case}: the system to settle"),
-        || async {
-            let orders = scalar(pool, "SELECT count(*) FROM orders").await;
-            let pending = scalar(
-                pool,
-                "SELECT count(*) FROM orders WHERE status = 'accepted'",
-            )
-            .await;
-            let notified = scalar(pool, "SELECT count(*) FROM notifications").await;
-            let audited = scalar(pool, "SELECT count(*) FROM audit_log").await;
-            let unpublished = scalar(
-                pool,
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            )
-            .await;
-            let mut queued = 0;
-            for queue in topology.all_queues() {
-                if queue != topology.dead_letters() {
-                    queued += depth(queue).await;
-                }
-            }
-            (pending == 0
-                && notified == orders
-                && audited == orders
-                && unpublished == 0
-                && queued == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    leftovers::settle(system, case, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let orders = scalar(pool, "SELECT count(*) FROM orders").await;

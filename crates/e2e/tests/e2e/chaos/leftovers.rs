@@ -1,0 +1,244 @@
+//! What the settle loop waits for, and, when the system does not settle,
+//! what was left: the counts compared, every queue's ready and unacked
+//! messages and consumers, the dead letters, and the orders concerned with
+//! their rows (status history, outbox rows, processed messages, payment).
+//! A quiet system with work left in it must say where the work sits.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::System;
+
+/// The counts the settle loop compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub orders: i64,
+    pub accepted: i64,
+    pub notified: i64,
+    pub audited: i64,
+    pub unpublished: i64,
+    /// Ready messages in every queue but the dead letters.
+    pub queued: u64,
+    /// Queues whose depth could not be read.
+    pub unreadable: usize,
+}
+
+impl Counts {
+    pub async fn read(system: &System, amqp: &lapin::Connection) -> Self {
+        let pool = &system.pool;
+        let (mut queued, mut unreadable) = (0, 0);
+        let topology = system.topology();
+        for queue in topology.all_queues() {
+            if queue != topology.dead_letters() {
+                match ready(amqp, &queue).await {
+                    Some(ready) => queued += u64::from(ready),
+                    None => unreadable += 1,
+                }
+            }
+        }
+        Self {
+            orders: scalar(pool, "SELECT count(*) FROM orders").await,
+            accepted: scalar(
+                pool,
+                "SELECT count(*) FROM orders WHERE status = 'accepted'",
+            )
+            .await,
+            notified: scalar(pool, "SELECT count(*) FROM notifications").await,
+            audited: scalar(pool, "SELECT count(*) FROM audit_log").await,
+            unpublished: scalar(
+                pool,
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            )
+            .await,
+            queued,
+            unreadable,
+        }
+    }
+
+    /// Every order final, notified and audited once, nothing unpublished
+    /// and nothing waiting in a queue.
+    pub fn settled(&self) -> bool {
+        self.accepted == 0
+            && self.notified == self.orders
+            && self.audited == self.orders
+            && self.unpublished == 0
+            && self.queued == 0
+            && self.unreadable == 0
+    }
+}
+
+/// Wait up to `limit` for the system to settle; if it does not, panic
+/// with what was left.
+pub async fn settle(system: &System, case: &str, limit: Duration) {
+    let amqp = system.amqp().await;
+    let started = Instant::now();
+    let deadline = started + limit;
+    loop {
+        let counts = Counts::read(system, &amqp).await;
+        if counts.settled() {
+            println!("{case}: settled in {:.1?}", started.elapsed());
+            return;
+        }
+        if Instant::now() >= deadline {
+            let left = what_is_left(system, &counts).await;
+            panic!("{case}: the system did not settle within {limit:?}; what was left:\n{left}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Everything known about what was left, as text for a failed test.
+pub async fn what_is_left(system: &System, counts: &Counts) -> String {
+    let mut out = format!(
+        "counts: orders={} accepted={} notified={} audited={} unpublished_outbox={} \
+         ready_in_queues={} unreadable_queues={}\n",
+        counts.orders,
+        counts.accepted,
+        counts.notified,
+        counts.audited,
+        counts.unpublished,
+        counts.queued,
+        counts.unreadable
+    );
+    out += "queues (management API; its statistics lag a few seconds):\n";
+    match queues(system).await {
+        Some(queues) => {
+            for queue in queues {
+                out += &format!("  {}\n", queue_line(&queue));
+            }
+        }
+        None => out += "  no node's management API answered\n",
+    }
+    match dead_letters::list(&system.broker()).await {
+        Ok(letters) if letters.is_empty() => out += "dead letters: none\n",
+        Ok(letters) => {
+            out += &format!("dead letters ({}):\n", letters.len());
+            for letter in letters {
+                out += &format!("  {letter:?}\n");
+            }
+        }
+        Err(error) => out += &format!("dead letters: could not list them: {error:#}\n"),
+    }
+    let orders = concerned_orders(&system.pool).await;
+    out += &format!(
+        "orders not final, not notified or audited exactly once, or with an unpublished \
+         outbox row ({} shown, oldest first):\n",
+        orders.len()
+    );
+    for order in orders {
+        out += &format!("  {order}\n");
+    }
+    let unpublished: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(m)::text FROM (SELECT id, message_id, exchange, routing_key, order_id,
+                created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 20) m",
+    )
+    .fetch_all(&system.pool)
+    .await
+    .unwrap_or_default();
+    out += &format!("unpublished outbox rows ({} shown):\n", unpublished.len());
+    for row in unpublished {
+        out += &format!("  {row}\n");
+    }
+    out
+}
+
+/// Up to 20 orders that keep the system from settling, each with its rows.
+async fn concerned_orders(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "WITH concerned AS (
+             SELECT o.* FROM orders o
+             WHERE o.status = 'accepted'
+                OR (SELECT count(*) FROM notifications n WHERE n.order_id = o.id) <> 1
+                OR (SELECT count(*) FROM audit_log a WHERE a.order_id = o.id) <> 1
+                OR EXISTS (SELECT 1 FROM outbox m WHERE m.order_id = o.id AND m.published_at IS NULL)
+             ORDER BY o.created_at LIMIT 20)
+         SELECT json_build_object(
+             'id', o.id, 'status', o.status, 'lane', o.lane, 'created_at', o.created_at,
+             'history', (SELECT json_agg(json_build_object('status', h.status, 'service', h.service,
+                             'detail', h.detail, 'at', h.at) ORDER BY h.id)
+                         FROM order_status_history h WHERE h.order_id = o.id),
+             'outbox', (SELECT json_agg(json_build_object('id', m.id, 'message_id', m.message_id,
+                            'exchange', m.exchange, 'routing_key', m.routing_key,
+                            'created_at', m.created_at, 'published_at', m.published_at) ORDER BY m.id)
+                        FROM outbox m WHERE m.order_id = o.id),
+             'processed_messages', (SELECT json_agg(json_build_object('consumer', p.consumer,
+                                        'message_id', p.message_id, 'at', p.processed_at))
+                                    FROM processed_messages p JOIN outbox m ON m.message_id = p.message_id
+                                    WHERE m.order_id = o.id),
+             'payment', (SELECT json_build_object('state', p.state, 'updated_at', p.updated_at)
+                         FROM payments p WHERE p.order_id = o.id),
+             'notifications', (SELECT count(*) FROM notifications n WHERE n.order_id = o.id),
+             'audit_records', (SELECT count(*) FROM audit_log a WHERE a.order_id = o.id)
+         )::text
+         FROM concerned o ORDER BY o.created_at",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_else(|error| vec![format!("could not read them: {error}")])
+}
+
+/// Every queue as the management API of the first node that answers
+/// describes it.
+async fn queues(system: &System) -> Option<Vec<Value>> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for node in system.nodes() {
+        let url = format!("{}/api/queues/%2F", node.management_url());
+        if let Ok(response) = client.get(url).send().await
+            && let Ok(Value::Array(queues)) = response.json::<Value>().await
+        {
+            return Some(queues);
+        }
+    }
+    None
+}
+
+/// One queue's name, type, depths, consumers and replicas; for quorum
+/// queues also the messages waiting to be dead-lettered, which `messages`
+/// counts but neither `ready` nor `unacked` does.
+fn queue_line(queue: &Value) -> String {
+    let mut line = format!(
+        "{} ({}): messages={} ready={} unacked={} consumers={}",
+        queue["name"].as_str().unwrap_or("?"),
+        queue["type"].as_str().unwrap_or("?"),
+        queue["messages"],
+        queue["messages_ready"],
+        queue["messages_unacknowledged"],
+        queue["consumers"],
+    );
+    if let Some(fields) = queue.as_object() {
+        for (key, value) in fields {
+            if key.contains("dlx")
+                || ["leader", "online", "members", "state"].contains(&key.as_str())
+            {
+                line += &format!(" {key}={value}");
+            }
+        }
+    }
+    line
+}
+
+/// Messages ready in `queue`, if it can be read.
+async fn ready(amqp: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = amqp.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    let _ = channel.close(200, "counted".into()).await;
+    declared.ok().map(|q| q.message_count())
+}
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
