@@ -1,7 +1,8 @@
 //! What every orderflow service stands on, beside the message contracts:
 //! the Postgres pool and migrations, the transactional outbox and its relay,
-//! consumer-side dedupe, the health endpoints, and the start-up and consume
-//! loop of the three worker services.
+//! consumer-side dedupe, the health endpoints, the start-up and consume
+//! loop of the three worker services, and the subscribers' check for events
+//! their queues lost.
 
 pub mod db;
 pub mod health;
@@ -9,4 +10,5 @@ pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod periodic;
+pub mod resend;
 pub mod worker;

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{db::DatabaseSettings, health};
+use crate::{db::DatabaseSettings, health, resend::Resender};
 
 /// How long in-flight messages may take to finish after a stop is asked
 /// for: under Docker's 10 s between SIGTERM and SIGKILL.
@@ -63,6 +63,12 @@ pub struct WorkerSettings {
     /// consumer timeout, 30 min by default).
     #[arg(long, env = "RETRY_MAX_WAIT_MS", default_value_t = 600_000)]
     pub retry_max_wait_ms: u64,
+    /// Services subscribing to order events: an event published this many
+    /// seconds ago that the service has not handled, while its queue holds
+    /// fewer messages than such events, is sent to its queue again (see
+    /// `platform::resend`).
+    #[arg(long, env = "EVENT_RESEND_AFTER_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_resend_after_secs: u64,
 }
 
 impl WorkerSettings {
@@ -160,6 +166,7 @@ pub struct Worker {
     prefetch: u16,
     batch_size: u16,
     retry: RetryPolicy,
+    resend_after: Duration,
 }
 
 impl Worker {
@@ -200,6 +207,7 @@ impl Worker {
             prefetch: concurrency.prefetch,
             batch_size: settings.batch_size,
             retry: settings.retry_policy(),
+            resend_after: Duration::from_secs(settings.event_resend_after_secs),
         })
     }
 
@@ -326,12 +334,25 @@ impl Worker {
 impl Worker {
     /// Consume the service's queue on the order-events exchange (given at
     /// start, see [`subscriber_queues`]) until `shutdown`, handing the
-    /// decoded events to `handler`.
+    /// decoded events to `handler`, and send the queue again the events it
+    /// lost (see [`crate::resend`]).
     pub async fn run_events<E>(self, shutdown: CancellationToken, handler: E) -> anyhow::Result<()>
     where
         E: EventHandler + Clone,
     {
-        self.run(shutdown, Events(handler)).await
+        let resender = Resender::new(
+            self.pool.clone(),
+            self.broker.clone(),
+            self.publisher.clone(),
+            self.service,
+            self.resend_after,
+        );
+        let stop_resending = shutdown.child_token();
+        let resending = tokio::spawn(resender.run(stop_resending.clone()));
+        let consumed = self.run(shutdown, Events(handler)).await;
+        stop_resending.cancel();
+        let _ = resending.await;
+        consumed
     }
 }
 

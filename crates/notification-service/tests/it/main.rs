@@ -143,5 +143,6 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     running.await.unwrap().expect("a clean shutdown");
 }
 
+mod lost;
 mod refusals;
 mod webhooks;
