@@ -20,6 +20,8 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod stalled;
+
 use crate::{
     Publisher, Topology,
     topology::{RETRY_DELAY_HEADER, WATCH_DEAD_LETTERED, WATCH_RETRYING},
@@ -249,12 +251,14 @@ pub async fn run<H: Handler>(
         window: AckWindow::default(),
     };
     let stages = Stages::default();
+    let received = std::sync::atomic::AtomicU64::new(0);
     let consuming = consumer
         .take_until(stop.clone().cancelled_owned())
         // Known to the ack window as soon as it arrives, before any later
         // delivery can be acked past it.
         .inspect(|delivery| {
             if let Ok(delivery) = delivery {
+                received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 settler.window.received(delivery.delivery_tag);
             }
         })
@@ -305,6 +309,9 @@ pub async fn run<H: Handler>(
         }
         tokio::time::sleep(LOST_CHANNEL_GRACE).await;
     };
+    let stalled = stalled::stalled(channel, &spec.queue, &received, || {
+        settler.window.holds_nothing()
+    });
     tokio::select! {
         () = consuming => {}
         () = abandoned => tracing::error!(
@@ -314,6 +321,15 @@ pub async fn run<H: Handler>(
             "batches still in flight {LOST_CHANNEL_GRACE:?} after the channel was lost; \
              abandoning them: the broker redelivers what was not acked"
         ),
+        ready = stalled => {
+            tracing::error!(
+                queue = %spec.queue, ready,
+                "{ready} message(s) have waited in the queue for {:?} while this consumer, holding \
+                 none, received none: the broker is not serving its subscription; subscribing again",
+                stalled::CHECK_EVERY * stalled::CHECKS
+            );
+            failed.cancel();
+        }
     }
 
     if failed.is_cancelled() || !shutdown.is_cancelled() {
@@ -704,6 +720,12 @@ impl AckWindow {
 
     fn ready(&self, tag: u64, acker: Acker) {
         self.slots().insert(tag, Some(acker));
+    }
+
+    /// Whether no delivery is in hand: none being handled, none waiting
+    /// for its ack.
+    fn holds_nothing(&self) -> bool {
+        self.slots().is_empty()
     }
 
     /// Settled on its own (retried, dead-lettered, handed back).

@@ -81,7 +81,7 @@ impl Handler for Recorder {
 }
 
 /// Quick retries, so a flaky message comes back within the test.
-fn retry() -> RetryPolicy {
+pub(crate) fn retry() -> RetryPolicy {
     RetryPolicy {
         max_attempts: 3,
         initial_delay: Duration::from_millis(200),

@@ -5,4 +5,5 @@
 mod batches;
 mod failover;
 mod policies;
+mod stalled;
 mod upgrade;
