@@ -30,8 +30,8 @@ pub const CHECKS: u32 = 3;
 /// Returns the number of ready messages once `queue` has had some at
 /// [`CHECKS`] checks in a row while `received` (the deliveries this
 /// consumer got so far) did not move and `holds_nothing` said so. A check
-/// that cannot read the queue counts as a good one (a lost channel is
-/// noticed elsewhere).
+/// that cannot read the queue within [`CHECK_EVERY`] counts as a good one (a
+/// lost channel is noticed elsewhere).
 pub async fn stalled(
     channel: &Channel,
     queue: &str,
@@ -43,16 +43,27 @@ pub async fn stalled(
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         let now = received.load(Ordering::Relaxed);
-        let ready = ready(channel, queue).await.unwrap_or(0);
-        if ready > 0 && now == seen && holds_nothing() {
-            idle_checks += 1;
-            if idle_checks >= CHECKS {
-                return ready;
-            }
-        } else {
-            idle_checks = 0;
-        }
+        let idle = now == seen && holds_nothing();
         seen = now;
+        // Only an idle consumer asks: the broker answers on the consumer's
+        // own channel, which a slow answer would hold up.
+        let ready = if idle {
+            tokio::time::timeout(CHECK_EVERY, ready(channel, queue))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        if ready == 0 {
+            idle_checks = 0;
+            continue;
+        }
+        idle_checks += 1;
+        if idle_checks >= CHECKS {
+            return ready;
+        }
     }
 }
 
