@@ -325,6 +325,19 @@ pub async fn queue_counts(
     queue: &str,
 ) -> anyhow::Result<Option<(u32, u32)>> {
     let channel = connection.create_channel().await?;
+    match counts_on(&channel, queue).await {
+        Ok(counts) => {
+            let _ = channel.close(200, "counted".into()).await;
+            Ok(Some(counts))
+        }
+        Err(error) if is_soft(&error, AMQPSoftError::NOTFOUND) => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("counting the messages in {queue}")),
+    }
+}
+
+/// Messages ready in `queue` and its consumers, by a passive declare on
+/// `channel` (which the broker closes if there is no such queue).
+pub async fn counts_on(channel: &Channel, queue: &str) -> lapin::Result<(u32, u32)> {
     let declared = channel
         .queue_declare(
             queue.into(),
@@ -334,15 +347,8 @@ pub async fn queue_counts(
             },
             FieldTable::default(),
         )
-        .await;
-    match declared {
-        Ok(queue) => {
-            let _ = channel.close(200, "counted".into()).await;
-            Ok(Some((queue.message_count(), queue.consumer_count())))
-        }
-        Err(error) if is_soft(&error, AMQPSoftError::NOTFOUND) => Ok(None),
-        Err(error) => Err(error).with_context(|| format!("counting the messages in {queue}")),
-    }
+        .await?;
+    Ok((declared.message_count(), declared.consumer_count()))
 }
 
 async fn delete_queue(connection: &Connection, queue: &str) -> anyhow::Result<u32> {

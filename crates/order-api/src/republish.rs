@@ -24,11 +24,6 @@ use uuid::Uuid;
 /// Orders published again per check, at most.
 const BATCH: i64 = 100;
 
-/// The longest one check may take (100 publishes that each time out would
-/// take longer, but a check stops at the first failed publish); a check
-/// still running then is given up, rolling its transaction back.
-const ROUND_LIMIT: Duration = Duration::from_secs(120);
-
 /// The advisory lock that lets one order-api instance check at a time
 /// (any constant no other code of this database uses: "orderflow" in ASCII).
 const LOCK_KEY: i64 = 0x6f72_6465_7266_6c6f;
@@ -57,10 +52,8 @@ impl Republisher {
     /// Check every half waiting period (at least every second, at most every
     /// 30 s) until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let every = (self.after / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         platform::periodic::every(
-            every,
-            ROUND_LIMIT,
+            platform::periodic::half_of(self.after),
             shutdown,
             "check for orders the broker forgot",
             || self.check(),

@@ -27,10 +27,6 @@ use crate::handler::{Handled, Processor, move_payment};
 /// Payments looked at per round, at most.
 const BATCH: i64 = 50;
 
-/// The longest one round may take; a round still running then is given up
-/// (what it settled stays settled) and the next one starts.
-const ROUND_LIMIT: Duration = Duration::from_secs(120);
-
 /// Finishes payments left half done.
 #[derive(Clone)]
 pub struct Sweeper {
@@ -52,14 +48,8 @@ impl Sweeper {
 
     /// Sweep every `every` until `shutdown`.
     pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        platform::periodic::every(
-            every,
-            ROUND_LIMIT,
-            shutdown,
-            "sweep half-done payments",
-            || self.sweep(),
-        )
-        .await;
+        platform::periodic::every(every, shutdown, "sweep half-done payments", || self.sweep())
+            .await;
     }
 
     /// One round; returns how many orders it brought to a final status.

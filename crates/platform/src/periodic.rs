@@ -7,11 +7,29 @@ use std::{future::Future, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
+/// The longest one round may take before it is given up.
+pub const ROUND_LIMIT: Duration = Duration::from_secs(120);
+
+/// How often to look for work left waiting longer than `after`: every half
+/// of it, at least every second and at most every 30 s.
+pub fn half_of(after: Duration) -> Duration {
+    (after / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
 /// Run `round` every `period` (a round that overruns delays the next, none
 /// is skipped-and-bunched) until `shutdown`; a failed round is logged as
-/// "could not `what`; will retry", and a round still running after `limit`
-/// is dropped with a warning, so the next one starts.
-pub async fn every<F, Fut, T>(
+/// "could not `what`; will retry", and a round still running after
+/// [`ROUND_LIMIT`] is dropped with a warning, so the next one starts.
+pub async fn every<F, Fut, T>(period: Duration, shutdown: CancellationToken, what: &str, round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    every_within(period, ROUND_LIMIT, shutdown, what, round).await;
+}
+
+/// [`every`], each round given up after `limit`.
+async fn every_within<F, Fut, T>(
     period: Duration,
     limit: Duration,
     shutdown: CancellationToken,
@@ -55,7 +73,7 @@ mod tests {
         let rounds = Arc::new(AtomicU32::new(0));
         let shutdown = CancellationToken::new();
         let counted = rounds.clone();
-        let task = tokio::spawn(every(
+        let task = tokio::spawn(every_within(
             Duration::from_millis(10),
             Duration::from_millis(50),
             shutdown.clone(),

@@ -36,9 +36,6 @@ use tokio_util::sync::CancellationToken;
 /// Events sent again per check, at most.
 const BATCH: i64 = 100;
 
-/// The longest one check may take; see [`crate::periodic::every`].
-const ROUND_LIMIT: Duration = Duration::from_secs(120);
-
 /// Sends a subscribing service the events its queue lost.
 pub struct Resender {
     pool: PgPool,
@@ -74,10 +71,8 @@ impl Resender {
     /// Check every half waiting period (at least every second, at most every
     /// 30 s) until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let every = (self.after / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         crate::periodic::every(
-            every,
-            ROUND_LIMIT,
+            crate::periodic::half_of(self.after),
             shutdown,
             "check for events this service never got",
             || self.check(),

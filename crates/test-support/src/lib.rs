@@ -193,19 +193,20 @@ pub async fn next_message(
 
 /// Messages ready in `queue` right now.
 pub async fn queue_depth(connection: &Connection, queue: &str) -> u32 {
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    ready_messages(connection, queue)
         .await
-        .expect("the queue exists");
-    declared.message_count()
+        .unwrap_or_else(|| panic!("{queue} exists and can be read"))
+}
+
+/// Messages ready in `queue` right now, if it exists and can be read (on a
+/// channel of its own, closed after).
+pub async fn ready_messages(connection: &Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.ok()?;
+    let counts = messaging::declaration::counts_on(&channel, queue)
+        .await
+        .ok();
+    let _ = channel.close(200, "counted".into()).await;
+    counts.map(|(ready, _)| ready)
 }
 
 /// A confirmed publisher on the test broker for `topology`.

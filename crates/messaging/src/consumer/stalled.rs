@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use lapin::{Channel, options::QueueDeclareOptions, types::FieldTable};
+use lapin::Channel;
 
 /// How often a consumer looks at its queue.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -67,19 +67,10 @@ pub async fn stalled(
     }
 }
 
-/// Messages ready in `queue`, by a passive declare on the consumer's own
-/// channel.
+/// Messages ready in `queue`, asked on the consumer's own channel.
 async fn ready(channel: &Channel, queue: &str) -> Option<u32> {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    crate::declaration::counts_on(channel, queue)
         .await
         .ok()
-        .map(|declared| declared.message_count())
+        .map(|(ready, _)| ready)
 }

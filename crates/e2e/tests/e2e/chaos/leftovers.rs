@@ -32,7 +32,7 @@ impl Counts {
         let topology = system.topology();
         for queue in topology.all_queues() {
             if queue != topology.dead_letters() {
-                match ready(amqp, &queue).await {
+                match test_support::ready_messages(amqp, &queue).await {
                     Some(ready) => queued += u64::from(ready),
                     None => unreadable += 1,
                 }
@@ -220,23 +220,6 @@ fn queue_line(queue: &Value) -> String {
         }
     }
     line
-}
-
-/// Messages ready in `queue`, if it can be read.
-async fn ready(amqp: &lapin::Connection, queue: &str) -> Option<u32> {
-    let channel = amqp.create_channel().await.ok()?;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await;
-    let _ = channel.close(200, "counted".into()).await;
-    declared.ok().map(|q| q.message_count())
 }
 
 async fn scalar(pool: &PgPool, sql: &str) -> i64 {
