@@ -20,22 +20,11 @@ const QUEUE: &str = "orders.standard";
 /// What the management API says of `queue`, asked of each node in turn
 /// (a stopped or frozen one is skipped).
 async fn queue_info(system: &System, queue: &str) -> Option<Value> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    for node in system.nodes() {
-        let url = format!("{}/api/queues/%2F/{queue}", node.management_url());
-        let Ok(response) = client.get(url).send().await else {
-            continue;
-        };
-        if let Ok(info) = response.json::<Value>().await
-            && info["leader"].is_string()
-        {
-            return Some(info);
-        }
-    }
-    None
+    system
+        .management_api(&format!("queues/%2F/{queue}"), |info| {
+            info["leader"].is_string()
+        })
+        .await
 }
 
 async fn leader(system: &System) -> String {

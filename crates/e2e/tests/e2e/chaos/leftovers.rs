@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::System;
+use super::{System, scalar};
 
 /// The counts the settle loop compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,13 +103,13 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
         counts.unreadable
     );
     out += "queues (management API; its statistics lag a few seconds):\n";
-    match queues(system).await {
-        Some(queues) => {
+    match system.management_api("queues/%2F", Value::is_array).await {
+        Some(Value::Array(queues)) => {
             for queue in queues {
                 out += &format!("  {}\n", queue_line(&queue));
             }
         }
-        None => out += "  no node's management API answered\n",
+        _ => out += "  no node's management API answered\n",
     }
     match dead_letters::list(&system.broker()).await {
         Ok(letters) if letters.is_empty() => out += "dead letters: none\n",
@@ -179,24 +179,6 @@ async fn concerned_orders(pool: &PgPool) -> Vec<String> {
     .unwrap_or_else(|error| vec![format!("could not read them: {error}")])
 }
 
-/// Every queue as the management API of the first node that answers
-/// describes it.
-async fn queues(system: &System) -> Option<Vec<Value>> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    for node in system.nodes() {
-        let url = format!("{}/api/queues/%2F", node.management_url());
-        if let Ok(response) = client.get(url).send().await
-            && let Ok(Value::Array(queues)) = response.json::<Value>().await
-        {
-            return Some(queues);
-        }
-    }
-    None
-}
-
 /// One queue's name, type, depths, consumers and replicas; for quorum
 /// queues also the messages waiting to be dead-lettered, which `messages`
 /// counts but neither `ready` nor `unacked` does.
@@ -220,8 +202,4 @@ fn queue_line(queue: &Value) -> String {
         }
     }
     line
-}
-
-async fn scalar(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }

@@ -206,6 +206,32 @@ impl System {
         std::iter::once(&self.rabbit).chain(&self.peers)
     }
 
+    /// What the management API at `path` (below `/api/`) says, asked of
+    /// each node in turn: the first answer `wanted` takes (a stopped or
+    /// frozen node is skipped).
+    pub async fn management_api(
+        &self,
+        path: &str,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        for node in self.nodes() {
+            let url = format!("{}/api/{path}", node.management_url());
+            let Ok(response) = client.get(url).send().await else {
+                continue;
+            };
+            if let Ok(answer) = response.json::<Value>().await
+                && wanted(&answer)
+            {
+                return Some(answer);
+            }
+        }
+        None
+    }
+
     /// A connection to the first node that takes one.
     pub async fn amqp(&self) -> lapin::Connection {
         for node in self.nodes() {
