@@ -178,6 +178,15 @@ pub trait Handler {
             )
         }
     }
+
+    /// The message is about to be dead-lettered for `reason`: record it
+    /// wherever the message's subject is read from (the processor marks the
+    /// order held), before the dead letter is published. If that fails, the
+    /// dead letter goes anyway; by default nothing is recorded.
+    fn dead_lettering(&self, data: &[u8], reason: &str) -> impl Future<Output = ()> {
+        let _ = (data, reason);
+        async {}
+    }
 }
 
 /// A handler of one delivery at a time, from a function.
@@ -244,6 +253,7 @@ pub async fn run<H: Handler>(
     let stop = shutdown.child_token();
     let failed = CancellationToken::new();
     let settler = Settler {
+        handler: &handler,
         topology,
         publisher,
         spec: &spec,
@@ -478,7 +488,8 @@ fn copy(delivery: &Delivery) -> Delivery {
     }
 }
 
-struct Settler<'a> {
+struct Settler<'a, H> {
+    handler: &'a H,
     topology: &'a Topology,
     publisher: &'a Publisher,
     spec: &'a ConsumerSpec,
@@ -486,7 +497,7 @@ struct Settler<'a> {
     window: AckWindow,
 }
 
-impl Settler<'_> {
+impl<H: Handler> Settler<'_, H> {
     /// Settle a batch: the deliveries to ack wait in the window for one
     /// `multiple` ack; the others are settled one by one.
     async fn settle_all(&self, deliveries: Vec<Delivery>, dispositions: Vec<Disposition>) {
@@ -600,6 +611,7 @@ impl Settler<'_> {
         reason: &str,
     ) -> lapin::Result<bool> {
         self.requeues.forget(&message_key(&properties));
+        self.handler.dead_lettering(data, reason).await;
         let mut properties =
             with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
         for (header, value) in [
@@ -636,7 +648,7 @@ impl Settler<'_> {
     }
 }
 
-impl Settler<'_> {
+impl<H: Handler> Settler<'_, H> {
     /// A copy of a confirmed retry or dead letter, with its queue, for
     /// whoever watches (see [`Topology::watch_exchange`]); the message is
     /// safe already, so a copy that cannot be sent is only logged.

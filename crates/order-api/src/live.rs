@@ -44,10 +44,10 @@ const BIND_WAIT: Duration = Duration::from_secs(2);
 pub struct LiveEvent {
     pub order_id: Uuid,
     pub customer_id: String,
-    /// `accepted`, `processed`, `rejected`, `notified`, `retrying` or
-    /// `dead_lettered`; also the SSE event name.
+    /// `accepted`, `held`, `processed`, `rejected`, `notified`, `retrying`
+    /// or `dead_lettered`; also the SSE event name.
     pub status: String,
-    /// Why it was rejected, retried or dead-lettered.
+    /// Why it was rejected, held, retried or dead-lettered.
     pub reason: Option<String>,
     /// `standard` or `express`: the lane the order took (empty on a retry
     /// or dead letter, which only name the queue).
@@ -87,7 +87,8 @@ impl LiveEvent {
 
     /// A consumer's copy of a message it sent to a retry queue or the
     /// dead-letter queue (an order for a processor, or an event for a
-    /// subscriber): which it is, from the routing key; which order it is
+    /// subscriber): which it is, from the routing key (a dead-lettered order
+    /// is `held`, a dead-lettered event `dead_lettered`); which order it is
     /// about, from its body; and what went wrong, from its headers.
     fn of_failure(delivery: &Delivery) -> Option<Self> {
         let status = match delivery.routing_key.as_str() {
@@ -99,8 +100,18 @@ impl LiveEvent {
         struct About {
             order_id: Uuid,
             customer_id: String,
+            /// Set on an event (`order.processed`, ...), not on an order.
+            #[serde(rename = "type")]
+            event: Option<String>,
         }
         let about: About = serde_json::from_slice(&delivery.data).ok()?;
+        // A dead-lettered order message leaves its order held (the processor
+        // wrote that before publishing the dead letter); a dead-lettered
+        // event only says a subscriber gave up on it.
+        let status = match (status, &about.event) {
+            (WATCH_DEAD_LETTERED, None) => "held",
+            (status, _) => status,
+        };
         let headers = delivery.properties.headers().clone().unwrap_or_default();
         let header = |name: &str| match headers.inner().get(name) {
             Some(AMQPValue::LongString(s)) => Some(s.to_string()),
@@ -145,7 +156,7 @@ impl utoipa::PartialSchema for SseEvent {
                 "type": "object",
                 "required": ["event", "data"],
                 "properties": {
-                    "event": name(json!(["accepted", "processed", "rejected", "notified", "retrying", "dead_lettered"])),
+                    "event": name(json!(["accepted", "held", "processed", "rejected", "notified", "retrying", "dead_lettered"])),
                     // Its `contentSchema`, a LiveEvent, is added by
                     // `openapi::document`: utoipa's types cannot hold it.
                     "data": {"type": "string", "contentMediaType": "application/json"}

@@ -1,13 +1,15 @@
 //! Postgres is the source of truth, not the broker's disk: an order still
 //! `accepted` a while after its message was published, at a moment when the
-//! queues that could hold that message hold fewer messages than there are
-//! such orders, has been forgotten by the broker (a purge, a broker recreated
-//! without its data). Its message is published again from the outbox, with
-//! the same message id: the processors dedupe, so a false alarm costs one
-//! skipped message (as when the message was only in flight, delivered but
-//! not yet acked, which the count of ready messages leaves out). A queue
-//! that is merely long holds at least as many messages as there are waiting
-//! orders, so nothing is sent into it.
+//! order queues hold fewer ready messages than there are such orders, has
+//! been forgotten by the broker (a purge, a broker recreated without its
+//! data, a dead letter the broker made on its own). Its message is
+//! published again from the outbox, with the same message id: the
+//! processors dedupe, so a false alarm costs one skipped message (as when
+//! the message was only in flight, delivered but not yet acked, which the
+//! count of ready messages leaves out). A queue that is merely long holds at
+//! least as many messages as there are waiting orders, so nothing is sent
+//! into it. An order whose message the processor dead-lettered is `held`,
+//! not accepted: it waits for the person who replays it.
 //!
 //! One order-api instance at a time does this (a Postgres advisory lock);
 //! every re-published row gets a new `published_at`, so an order is sent
@@ -167,18 +169,17 @@ impl Republisher {
         Ok(sent.len())
     }
 
-    /// Ready messages in the queues that can hold an order message, the dead
-    /// letters included: a dead-lettered order stays accepted until a person
-    /// replays it, and its message is still on the broker.
+    /// Ready messages in the queues that can hold an order message. The
+    /// dead letters are not among them: an order whose message the
+    /// processor dead-lettered is `held`, not waiting; one the broker
+    /// dead-lettered on its own (the delivery limit reached through lost
+    /// channels) is still accepted, and is sent again like any order the
+    /// broker forgot.
     async fn held_by_broker(&self) -> anyhow::Result<u64> {
         let connection = self.broker.connect_once().await?;
         let topology = self.broker.topology();
         let mut held = 0;
-        for queue in topology
-            .order_queues()
-            .into_iter()
-            .chain([topology.dead_letters()])
-        {
+        for queue in topology.order_queues() {
             // A queue that does not exist (a broker recreated empty, before
             // the topology is declared again) makes the count meaningless.
             let (ready, _) = queue_counts(&connection, &queue)

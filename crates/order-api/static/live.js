@@ -174,7 +174,7 @@ function onLiveEvent(name, data) {
   } else if (name === "retrying") {
     entry.failures.push(["retrying", "retry", event.reason]);
     entry.row.dataset.retried = "true";
-  } else if (name === "dead_lettered") {
+  } else if (name === "held" || name === "dead_lettered") {
     entry.failures.push([`dead letter: ${event.reason}`, "bad"]);
     refreshDeadLetters();
   } else if (name === "notified") {

@@ -234,7 +234,7 @@ impl Processor {
              started AS (
                  INSERT INTO payments (order_id, message_id, amount_cents, currency, state)
                  SELECT id, message_id, total_cents, currency, 'authorising' FROM ordered
-                 WHERE status = 'accepted'
+                 WHERE status IN ('accepted', 'held')
                  ON CONFLICT (order_id) DO NOTHING)
              SELECT o.status,
                     EXISTS (SELECT 1 FROM processed_messages m
@@ -256,8 +256,11 @@ impl Processor {
                     order.order_id
                 ))),
                 // A redelivery, or another message for an order already
-                // decided (a replay): keep the first decision.
-                Some(status) if status != "accepted" || seen => Ok(Some(Handled::Duplicate)),
+                // decided (a replay): keep the first decision. A held order
+                // (its message dead-lettered, now replayed) is taken up again.
+                Some(status) if !matches!(status, "accepted" | "held") || seen => {
+                    Ok(Some(Handled::Duplicate))
+                }
                 Some(_) => Ok(None),
             })
             .collect())
@@ -526,7 +529,7 @@ impl Processor {
             "UPDATE payments p SET state = i.state, updated_at = now()
              FROM unnest($1::uuid[], $2::text[], $3::text[]) AS i(order_id, from_state, state), orders o
              WHERE p.order_id = i.order_id AND p.state = i.from_state
-               AND o.id = p.order_id AND o.status = 'accepted'
+               AND o.id = p.order_id AND o.status IN ('accepted', 'held')
              RETURNING p.order_id",
         )
         .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
@@ -672,7 +675,9 @@ fn next(order_id: Uuid, pending: Option<&Pending>) -> Next {
             "order {order_id} has no payment"
         ))));
     };
-    if pending.status != "accepted" {
+    // A held order (its message dead-lettered, then replayed) goes on as an
+    // accepted one does; a final one is over.
+    if !matches!(pending.status.as_str(), "accepted" | "held") {
         return Next::Over(Ok(Handled::Duplicate));
     }
     match pending.state.as_str() {
@@ -681,7 +686,7 @@ fn next(order_id: Uuid, pending: Option<&Pending>) -> Next {
         "capturing" => Next::Call(Operation::Capture),
         "voiding" => Next::Call(Operation::Void),
         settled => Next::Over(Err(HandleError::Poison(format!(
-            "order {order_id} is still accepted but its payment is {settled}"
+            "order {order_id} is not final but its payment is {settled}"
         )))),
     }
 }
@@ -700,7 +705,7 @@ async fn decide_all(tx: &mut PgConnection, orders: &[(Uuid, &Pending)]) -> sqlx:
     ids.sort();
     let locked: HashSet<Uuid> = sqlx::query_scalar(
         "SELECT o.id FROM orders o JOIN payments p ON p.order_id = o.id
-         WHERE o.id = ANY($1) AND o.status = 'accepted' AND p.state = 'authorised'
+         WHERE o.id = ANY($1) AND o.status IN ('accepted', 'held') AND p.state = 'authorised'
          ORDER BY o.id FOR UPDATE",
     )
     .bind(&ids)

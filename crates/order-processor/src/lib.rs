@@ -6,6 +6,7 @@
 pub mod configuration;
 pub mod consumer;
 pub mod handler;
+pub mod held;
 pub mod payment;
 pub mod startup;
 pub mod sweeper;

@@ -204,6 +204,17 @@ async fn an_unknown_order_has_no_stream() {
 /// The copy a consumer sends watchers of a retry or a dead letter: the
 /// order's own body, and the consumer's headers.
 async fn fail(app: &TestApp, what: &str, order_id: Uuid, headers: &[(&str, &str)]) {
+    fail_with(
+        app,
+        what,
+        json!({"order_id": order_id, "customer_id": "c-42"}),
+        headers,
+    )
+    .await;
+}
+
+/// [`fail`] for a message with this body (an order's, or an event's).
+async fn fail_with(app: &TestApp, what: &str, body: serde_json::Value, headers: &[(&str, &str)]) {
     let mut table = lapin::types::FieldTable::default();
     for (name, value) in headers {
         table.insert(
@@ -211,7 +222,6 @@ async fn fail(app: &TestApp, what: &str, order_id: Uuid, headers: &[(&str, &str)
             lapin::types::AMQPValue::LongString((*value).into()),
         );
     }
-    let body = json!({"order_id": order_id, "customer_id": "c-42"});
     let channel = app.amqp.create_channel().await.unwrap();
     channel
         .basic_publish(
@@ -273,7 +283,7 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
     )
     .await;
     let (name, data) = events.next().await.unwrap();
-    assert_eq!(name, "dead_lettered", "{data}");
+    assert_eq!(name, "held", "a dead-lettered order is held: {data}");
     assert_eq!(data["order_id"], id.to_string());
     assert!(
         data["reason"]
@@ -282,6 +292,18 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
             .starts_with("gave up after 8 attempts"),
         "{data}"
     );
+
+    // A subscriber's dead letter is an event's, not the order's.
+    fail_with(
+        &app,
+        WATCH_DEAD_LETTERED,
+        json!({"type": "order.processed", "order_id": id, "customer_id": "c-42"}),
+        &[(messaging::consumer::REASON_HEADER, "not an OrderEvent")],
+    )
+    .await;
+    let (name, data) = events.next().await.unwrap();
+    assert_eq!(name, "dead_lettered", "{data}");
+    assert_eq!(data["order_id"], id.to_string());
 
     // Not an order: not shown, and the stream goes on.
     let channel = app.amqp.create_channel().await.unwrap();

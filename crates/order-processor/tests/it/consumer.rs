@@ -207,10 +207,19 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
         "{reason}"
     );
     assert_eq!(consumer::previous_attempts(&dead.properties), 3);
+    let (held, why) = status(&running.pool, order.order_id).await;
+    assert_eq!(held, "held", "no final status, and the client sees why");
+    assert_eq!(why.as_deref(), Some(reason.as_str()));
+    let history: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT status, detail FROM order_status_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order.order_id)
+    .fetch_all(&running.pool)
+    .await
+    .unwrap();
     assert_eq!(
-        status(&running.pool, order.order_id).await.0,
-        "accepted",
-        "no final status"
+        history.last(),
+        Some(&("held".to_owned(), Some(reason.clone())))
     );
     let decoded: OrderPlaced = serde_json::from_slice(&dead.data).unwrap();
     assert_eq!(

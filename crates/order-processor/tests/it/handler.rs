@@ -187,3 +187,39 @@ async fn messages_that_can_never_succeed_are_poison() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_held_order_whose_message_comes_back_is_processed_once() {
+    let (_, pool) = test_support::fresh_database().await;
+    let order = accepted_order(&pool, &[("WIDGET", 1)]).await;
+    let processor = processor(&pool);
+    // Its payment started, then its message was dead-lettered.
+    assert!(processor.start(&order).await.unwrap().is_none());
+    assert!(processor.hold(order.order_id, "gave up").await.unwrap());
+    assert_eq!(
+        status(&pool, order.order_id).await,
+        ("held".to_owned(), Some("gave up".to_owned()))
+    );
+
+    // Replayed: taken up where it stood.
+    let handled = processor.handle(&order).await.unwrap();
+    assert!(matches!(
+        handled,
+        Handled::Decided {
+            outcome: Outcome::Processed,
+            ..
+        }
+    ));
+    assert_eq!(
+        status(&pool, order.order_id).await,
+        ("processed".to_owned(), None)
+    );
+    assert!(
+        !processor.hold(order.order_id, "late").await.unwrap(),
+        "a final order is never held"
+    );
+    assert!(matches!(
+        processor.handle(&order).await.unwrap(),
+        Handled::Duplicate
+    ));
+}

@@ -128,6 +128,21 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
             .iter()
             .any(|l| l.0.starts_with("gave up after 3 attempts"))
     );
+    let held: serde_json::Value = client
+        .get(format!("{}/{doomed_id}", system.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(held["status"], "held", "its client sees it held: {held}");
+    assert!(
+        held["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("gave up after 3 attempts")),
+        "and why: {held}"
+    );
 
     println!(
         "fixing the cause (processors restarted without demo failures) and replaying the doomed order"

@@ -15,7 +15,8 @@ use super::{System, scalar};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     pub orders: i64,
-    pub accepted: i64,
+    /// Orders `accepted` or `held`: not final.
+    pub not_final: i64,
     pub notified: i64,
     pub audited: i64,
     pub unpublished: i64,
@@ -40,9 +41,9 @@ impl Counts {
         }
         Self {
             orders: scalar(pool, "SELECT count(*) FROM orders").await,
-            accepted: scalar(
+            not_final: scalar(
                 pool,
-                "SELECT count(*) FROM orders WHERE status = 'accepted'",
+                "SELECT count(*) FROM orders WHERE status IN ('accepted', 'held')",
             )
             .await,
             notified: scalar(pool, "SELECT count(*) FROM notifications").await,
@@ -60,7 +61,7 @@ impl Counts {
     /// Every order final, notified and audited once, nothing unpublished
     /// and nothing waiting in a queue.
     pub fn settled(&self) -> bool {
-        self.accepted == 0
+        self.not_final == 0
             && self.notified == self.orders
             && self.audited == self.orders
             && self.unpublished == 0
@@ -92,10 +93,10 @@ pub async fn settle(system: &System, case: &str, limit: Duration) {
 /// Everything known about what was left, as text for a failed test.
 pub async fn what_is_left(system: &System, counts: &Counts) -> String {
     let mut out = format!(
-        "counts: orders={} accepted={} notified={} audited={} unpublished_outbox={} \
+        "counts: orders={} not_final={} notified={} audited={} unpublished_outbox={} \
          ready_in_queues={} unreadable_queues={}\n",
         counts.orders,
-        counts.accepted,
+        counts.not_final,
         counts.notified,
         counts.audited,
         counts.unpublished,
@@ -149,7 +150,7 @@ async fn concerned_orders(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
         "WITH concerned AS (
              SELECT o.* FROM orders o
-             WHERE o.status = 'accepted'
+             WHERE o.status IN ('accepted', 'held')
                 OR (SELECT count(*) FROM notifications n WHERE n.order_id = o.id) <> 1
                 OR (SELECT count(*) FROM audit_log a WHERE a.order_id = o.id) <> 1
                 OR EXISTS (SELECT 1 FROM outbox m WHERE m.order_id = o.id AND m.published_at IS NULL)

@@ -56,7 +56,8 @@ fn event(live: &LiveEvent) -> Event {
     tag = "orders",
     summary = "Follow an order live (Server-Sent Events)",
     description = "A `text/event-stream`: one event per status change, named `accepted`, \
-                   `processed`, `rejected` or `notified`, its data a LiveEvent. What already \
+                   `held` (its message dead-lettered; the reason says why), `processed`, \
+                   `rejected` or `notified`, its data a LiveEvent. What already \
                    happened comes first (read from the database after subscribing, so nothing \
                    is missed); the stream ends after the final status (`processed` or \
                    `rejected`), or after SSE_MAX_LIFETIME_SECS. Idle streams get a heartbeat \
@@ -101,9 +102,11 @@ pub async fn order_events(
             order_id: order.id,
             customer_id: order.customer_id.clone(),
             status: entry.status.clone(),
-            reason: (entry.status == "rejected")
-                .then(|| order.reason.clone())
-                .flatten(),
+            reason: match entry.status.as_str() {
+                "rejected" => order.reason.clone(),
+                "held" => entry.detail.clone(),
+                _ => None,
+            },
             lane: order.lane.clone(),
             processed_by: None,
             at: entry.at,

@@ -19,7 +19,9 @@ use crate::domain::Shipping;
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct OrderView {
     pub id: Uuid,
-    /// `accepted`, then `processed` or `rejected`.
+    /// `accepted`, then `processed` or `rejected`; `held` while its message
+    /// waits in the dead letters (the reason says why), until a replay moves
+    /// it on or its payment is abandoned.
     pub status: String,
     /// Why it was rejected.
     pub reason: Option<String>,
@@ -70,7 +72,7 @@ pub struct PricedLine {
 /// One step of the order's life.
 #[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct HistoryEntry {
-    /// `accepted`, `processed`, `rejected` or `notified`.
+    /// `accepted`, `held`, `processed`, `rejected` or `notified`.
     pub status: String,
     pub detail: Option<String>,
     pub service: String,

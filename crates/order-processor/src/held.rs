@@ -1,0 +1,30 @@
+//! An order whose message is dead-lettered is held: its status says so,
+//! with the reason, from that moment until a replay moves it on (the
+//! processor takes a held order up as it takes an accepted one) or the
+//! payment sweeper abandons it. Its client sees why it waits, and order-api's
+//! republisher, which looks for accepted orders the broker forgot, leaves it
+//! alone: its message is in the dead letters, waiting for a person.
+
+use uuid::Uuid;
+
+use crate::handler::Processor;
+
+impl Processor {
+    /// Hold `order_id` for `reason` if it is still accepted; `true` if it is
+    /// held now.
+    pub async fn hold(&self, order_id: Uuid, reason: &str) -> sqlx::Result<bool> {
+        let held: Option<bool> = sqlx::query_scalar(
+            "WITH held AS (
+                 UPDATE orders SET status = 'held', reason = $2, updated_at = now()
+                 WHERE id = $1 AND status = 'accepted' RETURNING id)
+             INSERT INTO order_status_history (order_id, status, detail, service)
+             SELECT id, 'held', $2, 'order-processor' FROM held
+             RETURNING true",
+        )
+        .bind(order_id)
+        .bind(reason)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(held.unwrap_or(false))
+    }
+}
