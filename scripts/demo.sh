@@ -76,7 +76,7 @@ wait_until() {
 }
 
 all_done() { # ids...: every one decided, notified and audited
-  [ "$(standings "$@" | json "sum(1 for o in j if o['status'] != 'accepted' and o['notified'] and o['audited'])")" = "$#" ]
+  [ "$(standings "$@" | json "sum(1 for o in j if o['status'] in ('processed', 'rejected') and o['notified'] and o['audited'])")" = "$#" ]
 }
 
 depths() { # one sample of the queue depths: "queue depth" lines

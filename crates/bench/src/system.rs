@@ -332,7 +332,7 @@ impl System {
     /// Orders in the database, and how many of them are final.
     pub async fn order_counts(&self) -> anyhow::Result<(i64, i64)> {
         Ok(sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE status <> 'accepted') FROM orders",
+            "SELECT count(*), count(*) FILTER (WHERE status IN ('processed', 'rejected')) FROM orders",
         )
         .fetch_one(&self.pool)
         .await?)

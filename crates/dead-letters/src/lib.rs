@@ -1,7 +1,9 @@
 //! The dead-letter queue, for people: list what is in it and why, and replay
 //! messages (one or all) onto the queue they came from. A replayed message
 //! keeps its message id, so if it had in fact been processed the consumer's
-//! dedupe skips it: replaying is always safe.
+//! dedupe skips it: replaying is always safe. Replaying an order's message
+//! moves its held order on: it is accepted again, so that order-api's
+//! republisher watches it as it watches any waiting order.
 
 use std::time::Duration;
 
@@ -12,6 +14,9 @@ use lapin::{
     options::{BasicAckOptions, BasicGetOptions},
     types::{AMQPValue, FieldTable},
 };
+use sqlx::PgPool;
+use uuid::Uuid;
+
 use messaging::{
     Broker, Publisher,
     consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER, SERVICE_HEADER, previous_attempts},
@@ -134,8 +139,13 @@ pub enum Selection {
 
 /// Publish the selected dead letters back onto their queue (with confirms,
 /// attempts reset), then remove them from the dead-letter queue; returns
-/// what was replayed. Messages whose queue is unknown stay.
-pub async fn replay(broker: &Broker, selection: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
+/// what was replayed. Messages whose queue is unknown stay. The held order
+/// of each is accepted again first (see [`release`]).
+pub async fn replay(
+    broker: &Broker,
+    pool: &PgPool,
+    selection: &Selection,
+) -> anyhow::Result<Vec<DeadLetter>> {
     let connection = broker.connect_once().await?;
     let channel = connection.create_channel().await?;
     let publisher = Publisher::new(broker.clone());
@@ -167,6 +177,7 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> anyhow::Result<Ve
             }
         }
         let properties = delivery.properties.clone().with_headers(headers);
+        release(pool, &letter, &broker.topology().orders_exchange()).await?;
         publisher
             .publish("", &queue, &delivery.data, properties)
             .await
@@ -176,4 +187,32 @@ pub async fn replay(broker: &Broker, selection: &Selection) -> anyhow::Result<Ve
     }
     give_back(&connection, channel, &queue, kept - replayed.len()).await?;
     Ok(replayed)
+}
+
+/// Before its message goes back: the held order of `letter` is accepted
+/// again (with a line of history), and its message counts as published
+/// now, so that order-api's republisher sends it again should the replayed
+/// message be lost on the way. Recorded first: if the publish then fails,
+/// the order is accepted with its message still in the dead letters, and
+/// the republisher sends it after its waiting period.
+async fn release(pool: &PgPool, letter: &DeadLetter, orders_exchange: &str) -> anyhow::Result<()> {
+    let Ok(order_id) = Uuid::parse_str(&letter.order_id) else {
+        return Ok(());
+    };
+    sqlx::query(
+        "WITH released AS (
+             UPDATE orders SET status = 'accepted', reason = NULL, updated_at = now()
+             WHERE id = $1 AND status = 'held' RETURNING id),
+         history AS (
+             INSERT INTO order_status_history (order_id, status, detail, service)
+             SELECT id, 'accepted', 'replayed from the dead letters', 'dead-letters' FROM released)
+         UPDATE outbox SET published_at = now()
+         WHERE order_id IN (SELECT id FROM released) AND exchange = $2",
+    )
+    .bind(order_id)
+    .bind(orders_exchange)
+    .execute(pool)
+    .await
+    .with_context(|| format!("accepting the held order {order_id} again"))?;
+    Ok(())
 }

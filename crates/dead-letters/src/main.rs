@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use clap::{Parser, Subcommand};
 use dead_letters::{Selection, list, replay};
 use messaging::AmqpSettings;
+use platform::db::DatabaseSettings;
 
 #[derive(Parser)]
 #[command(
@@ -14,6 +15,9 @@ use messaging::AmqpSettings;
 struct Cli {
     #[command(flatten)]
     amqp: AmqpSettings,
+    /// Where the orders are: a replay accepts a held order again.
+    #[command(flatten)]
+    database: DatabaseSettings,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,7 +77,8 @@ async fn main() -> anyhow::Result<()> {
                 (_, Some(id)) => Selection::MessageId(id),
                 _ => Selection::All,
             };
-            let replayed = replay(&broker, &selection).await?;
+            let pool = cli.database.connect_and_migrate().await?;
+            let replayed = replay(&broker, &pool, &selection).await?;
             for letter in &replayed {
                 println!(
                     "replayed message {} (order {}) onto {}",

@@ -34,6 +34,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_one_at_a_time() 
     let topology = test_support::declare_topology(&connection, &prefix).await;
     let _guard = test_support::TopologyGuard(topology.clone());
     let broker = test_support::broker(&topology);
+    let (_, pool) = test_support::fresh_database().await;
     let publisher = test_support::publisher(&topology);
     let work = topology.work_queue(Lane::Standard);
     for (id, reason) in [
@@ -63,7 +64,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_one_at_a_time() 
         "listing leaves them in place"
     );
 
-    let replayed = replay(&broker, &Selection::MessageId("m-2".into()))
+    let replayed = replay(&broker, &pool, &Selection::MessageId("m-2".into()))
         .await
         .unwrap();
 
@@ -79,7 +80,10 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_one_at_a_time() 
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].message_id, "m-1");
 
-    assert_eq!(replay(&broker, &Selection::All).await.unwrap().len(), 1);
+    assert_eq!(
+        replay(&broker, &pool, &Selection::All).await.unwrap().len(),
+        1
+    );
     assert!(list(&broker).await.unwrap().is_empty());
 }
 
@@ -94,6 +98,7 @@ async fn dead_letters_survive_being_listed_and_partly_replayed_a_hundred_times()
     let topology = test_support::declare_topology(&connection, &prefix).await;
     let _guard = test_support::TopologyGuard(topology.clone());
     let broker = test_support::broker(&topology);
+    let (_, pool) = test_support::fresh_database().await;
     let publisher = test_support::publisher(&topology);
     let work = topology.work_queue(Lane::Standard);
     let ids: Vec<String> = (1..=4).map(|i| format!("d-{i}")).collect();
@@ -120,7 +125,7 @@ async fn dead_letters_survive_being_listed_and_partly_replayed_a_hundred_times()
         assert_eq!(listed, ids, "round {round}: every dead letter is listed");
         // Always the same one: the others are only ever handed back.
         let chosen = &ids[0];
-        let replayed = replay(&broker, &Selection::MessageId(chosen.clone()))
+        let replayed = replay(&broker, &pool, &Selection::MessageId(chosen.clone()))
             .await
             .unwrap();
         assert_eq!(replayed.len(), 1, "round {round}: {chosen} replayed");
@@ -138,4 +143,68 @@ async fn dead_letters_survive_being_listed_and_partly_replayed_a_hundred_times()
             .unwrap();
     }
     assert_eq!(list(&broker).await.unwrap().len(), ids.len());
+}
+
+#[tokio::test]
+async fn replaying_an_orders_message_accepts_its_held_order_again() {
+    let prefix = test_support::unique_prefix();
+    let connection = test_support::amqp().await;
+    let topology = test_support::declare_topology(&connection, &prefix).await;
+    let _guard = test_support::TopologyGuard(topology.clone());
+    let broker = test_support::broker(&topology);
+    let (_, pool) = test_support::fresh_database().await;
+    let work = topology.work_queue(Lane::Standard);
+    let order_id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "WITH o AS (
+             INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
+                                 status, reason, correlation_id)
+             VALUES ($1, 'c-1', 'c-1@example.com', '[]', 100, 'EUR', 'standard', 'held',
+                     'gave up after 5 attempts', 'corr-1') RETURNING id)
+         INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id,
+                             published_at)
+         SELECT $2, $3, 'standard', '{}', 'corr-1', id, now() - interval '1 hour' FROM o",
+    )
+    .bind(order_id)
+    .bind(uuid::Uuid::new_v4())
+    .bind(topology.orders_exchange())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut properties = dead_properties("m-held", &work, "gave up after 5 attempts");
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        messaging::contracts::ORDER_ID_HEADER.into(),
+        AMQPValue::LongString(LongString::from(order_id.to_string())),
+    );
+    properties = properties.with_headers(headers);
+    test_support::publisher(&topology)
+        .publish(&topology.dead_letters(), "", b"{}", properties)
+        .await
+        .unwrap();
+
+    let replayed = replay(&broker, &pool, &Selection::All).await.unwrap();
+
+    assert_eq!(replayed.len(), 1);
+    let (status, reason, silent): (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT o.status, o.reason, m.published_at < now() - interval '1 minute'
+         FROM orders o JOIN outbox m ON m.order_id = o.id WHERE o.id = $1",
+    )
+    .bind(order_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), reason), ("accepted", None));
+    assert!(
+        !silent,
+        "its message counts as published now: the republisher watches it again"
+    );
+    let last: (String, String) = sqlx::query_as(
+        "SELECT status, service FROM order_status_history WHERE order_id = $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(order_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(last, ("accepted".to_owned(), "dead-letters".to_owned()));
 }

@@ -479,7 +479,7 @@ pub struct Progress {
 
 async fn count_finished(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<u64> {
     let finished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM orders WHERE id = ANY($1) AND status <> 'accepted'",
+        "SELECT count(*) FROM orders WHERE id = ANY($1) AND status IN ('processed', 'rejected')",
     )
     .bind(ids)
     .fetch_one(pool)
@@ -492,7 +492,7 @@ async fn count_finished(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<u64> {
 pub async fn progress(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<Progress> {
     let (finished, notified, audited): (i64, i64, i64) = sqlx::query_as(
         "SELECT
-            (SELECT count(*) FROM orders WHERE id = ANY($1) AND status <> 'accepted'),
+            (SELECT count(*) FROM orders WHERE id = ANY($1) AND status IN ('processed', 'rejected')),
             (SELECT count(*) FROM notifications WHERE order_id = ANY($1)),
             (SELECT count(*) FROM audit_log WHERE order_id = ANY($1))",
     )

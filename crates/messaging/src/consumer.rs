@@ -353,6 +353,9 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
+/// The longest [`Handler::dead_lettering`] may hold up the dead letter.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long batches in flight may still run after their channel is lost.
 pub const LOST_CHANNEL_GRACE: Duration = Duration::from_secs(10);
 
@@ -611,7 +614,14 @@ impl<H: Handler> Settler<'_, H> {
         reason: &str,
     ) -> lapin::Result<bool> {
         self.requeues.forget(&message_key(&properties));
-        self.handler.dead_lettering(data, reason).await;
+        if tokio::time::timeout(HOOK_TIMEOUT, self.handler.dead_lettering(data, reason))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "recording the dead letter took over {HOOK_TIMEOUT:?}; dead-lettering anyway"
+            );
+        }
         let mut properties =
             with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
         for (header, value) in [

@@ -174,7 +174,10 @@ function onLiveEvent(name, data) {
   } else if (name === "retrying") {
     entry.failures.push(["retrying", "retry", event.reason]);
     entry.row.dataset.retried = "true";
-  } else if (name === "held" || name === "dead_lettered") {
+  } else if (name === "held") {
+    markHeld(entry, event.reason);
+    refreshDeadLetters();
+  } else if (name === "dead_lettered") {
     entry.failures.push([`dead letter: ${event.reason}`, "bad"]);
     refreshDeadLetters();
   } else if (name === "notified") {
@@ -201,15 +204,24 @@ async function refreshStandings(generation) {
   }
 }
 
+// An order whose message waits in the dead letters: one step saying why,
+// whether the live event or the standings told first.
+function markHeld(entry, reason) {
+  const last = entry.failures[entry.failures.length - 1];
+  if (!(last && last[0].startsWith("dead letter"))) entry.failures.push([`dead letter: ${reason}`, "bad"]);
+}
+
 function applyStanding(standing) {
   const entry = state.orders.get(standing.id);
   if (!entry) return;
   entry.accepted = true;
   entry.row.querySelector(".lane").textContent = standing.lane;
-  if (standing.status !== "accepted") {
+  if (standing.status === "processed" || standing.status === "rejected") {
     entry.outcome = standing.status;
     entry.reason = standing.reason;
     entry.processedBy = standing.processed_by || entry.processedBy;
+  } else if (standing.status === "held") {
+    markHeld(entry, standing.reason);
   }
   entry.notified = entry.notified || standing.notified;
   entry.audited = entry.audited || standing.audited;

@@ -1,9 +1,12 @@
 //! An order whose message is dead-lettered is held: its status says so,
-//! with the reason, from that moment until a replay moves it on (the
-//! processor takes a held order up as it takes an accepted one) or the
-//! payment sweeper abandons it. Its client sees why it waits, and order-api's
+//! with the reason, from that moment until a replay accepts it again (see
+//! the `dead-letters` crate) or the payment sweeper ends its payment: one
+//! already decided is captured or voided, one never decided is abandoned and
+//! the order rejected. Its client sees why it waits, and order-api's
 //! republisher, which looks for accepted orders the broker forgot, leaves it
-//! alone: its message is in the dead letters, waiting for a person.
+//! alone: its message is in the dead letters, waiting for a person. A held
+//! order whose message comes back all the same is taken up as an accepted
+//! one.
 
 use uuid::Uuid;
 

@@ -150,7 +150,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         || async {
             let final_orders = scalar(
                 &pool,
-                "SELECT count(*) FROM orders WHERE status <> 'accepted'",
+                "SELECT count(*) FROM orders WHERE status IN ('processed', 'rejected')",
             )
             .await;
             let notified = scalar(&pool, "SELECT count(*) FROM notifications").await;

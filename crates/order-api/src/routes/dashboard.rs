@@ -348,7 +348,7 @@ pub async fn replay(
     }
     let selection = dead_letters::Selection::MessageId(message_id.clone());
     let _only_reader = state.dead_letters.lock().await;
-    let replayed = dead_letters::replay(&state.broker, &selection)
+    let replayed = dead_letters::replay(&state.broker, &state.pool, &selection)
         .await
         .map_err(broker_error)?;
     tracing::info!(client = %caller.client, replayed = replayed.len(), "dead letter replay asked from the live page");

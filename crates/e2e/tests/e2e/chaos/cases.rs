@@ -163,6 +163,7 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
             .unwrap();
     let replayed = dead_letters::replay(
         &broker,
+        &system.pool,
         &dead_letters::Selection::MessageId(message_id.to_string()),
     )
     .await

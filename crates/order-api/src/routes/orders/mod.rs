@@ -20,10 +20,10 @@ use crate::domain::Shipping;
 pub struct OrderView {
     pub id: Uuid,
     /// `accepted`, then `processed` or `rejected`; `held` while its message
-    /// waits in the dead letters (the reason says why), until a replay moves
-    /// it on or its payment is abandoned.
+    /// waits in the dead letters (the reason says why), until a replay
+    /// accepts it again or the payment sweeper ends its payment.
     pub status: String,
-    /// Why it was rejected.
+    /// Why it was rejected, or why it is held.
     pub reason: Option<String>,
     pub customer_id: String,
     pub email: String,
