@@ -4,8 +4,3 @@
 ALTER TABLE orders DROP CONSTRAINT orders_status_check;
 ALTER TABLE orders ADD CONSTRAINT orders_status_check
     CHECK (status IN ('accepted', 'held', 'processed', 'rejected'));
-
--- How often order-api's republisher has sent an order's message again: after
--- three times, an order that still does not finish (a processor crashing on
--- it, the broker dead-lettering it each time) is held instead, for a person.
-ALTER TABLE outbox ADD COLUMN republishes integer NOT NULL DEFAULT 0;

@@ -191,7 +191,7 @@ pub async fn replay(
 
 /// Before its message goes back: the held order of `letter` is accepted
 /// again (with a line of history), and its message counts as published
-/// now and never sent again, so that order-api's republisher sends it again should the replayed
+/// now, so that order-api's republisher sends it again should the replayed
 /// message be lost on the way. Recorded first: if the publish then fails,
 /// the order is accepted with its message still in the dead letters, and
 /// the republisher sends it after its waiting period.
@@ -206,7 +206,7 @@ async fn release(pool: &PgPool, letter: &DeadLetter, orders_exchange: &str) -> a
          history AS (
              INSERT INTO order_status_history (order_id, status, detail, service)
              SELECT id, 'accepted', 'replayed from the dead letters', 'dead-letters' FROM released)
-         UPDATE outbox SET published_at = now(), republishes = 0
+         UPDATE outbox SET published_at = now()
          WHERE order_id IN (SELECT id FROM released) AND exchange = $2",
     )
     .bind(order_id)

@@ -162,8 +162,8 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
              VALUES ($1, 'c-1', 'c-1@example.com', '[]', 100, 'EUR', 'standard', 'held',
                      'gave up after 5 attempts', 'corr-1') RETURNING id)
          INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id,
-                             published_at, republishes)
-         SELECT $2, $3, 'standard', '{}', 'corr-1', id, now() - interval '1 hour', 3 FROM o",
+                             published_at)
+         SELECT $2, $3, 'standard', '{}', 'corr-1', id, now() - interval '1 hour' FROM o",
     )
     .bind(order_id)
     .bind(uuid::Uuid::new_v4())
@@ -186,8 +186,8 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
     let replayed = replay(&broker, &pool, &Selection::All).await.unwrap();
 
     assert_eq!(replayed.len(), 1);
-    let (status, reason, silent, sends): (String, Option<String>, bool, i32) = sqlx::query_as(
-        "SELECT o.status, o.reason, m.published_at < now() - interval '1 minute', m.republishes
+    let (status, reason, silent): (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT o.status, o.reason, m.published_at < now() - interval '1 minute'
          FROM orders o JOIN outbox m ON m.order_id = o.id WHERE o.id = $1",
     )
     .bind(order_id)
@@ -196,8 +196,8 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
     .unwrap();
     assert_eq!((status.as_str(), reason), ("accepted", None));
     assert!(
-        !silent && sends == 0,
-        "its message counts as published now, never sent again: the republisher watches it again"
+        !silent,
+        "its message counts as published now: the republisher watches it again"
     );
     let last: (String, String) = sqlx::query_as(
         "SELECT status, service FROM order_status_history WHERE order_id = $1 ORDER BY id DESC LIMIT 1",

@@ -13,10 +13,7 @@
 //!
 //! One order-api instance at a time does this (a Postgres advisory lock);
 //! every re-published row gets a new `published_at`, so an order is sent
-//! again at most once per waiting period, and at most [`MAX_SENDS`] times:
-//! an order that still does not finish (a processor that crashes on it
-//! until the broker dead-letters it, again and again) is held instead, with
-//! the reason, for a person to look at.
+//! again at most once per waiting period.
 
 use std::time::Duration;
 
@@ -28,9 +25,6 @@ use uuid::Uuid;
 
 /// Orders published again per check, at most.
 const BATCH: i64 = 100;
-
-/// How often one order is sent again before it is held instead.
-pub const MAX_SENDS: i32 = 3;
 
 /// The advisory lock that lets one order-api instance check at a time
 /// (any constant no other code of this database uses: "orderflow" in ASCII).
@@ -128,7 +122,7 @@ impl Republisher {
         );
         let rows = sqlx::query(&format!(
             "SELECT m.id, m.message_id, m.routing_key, m.payload, m.correlation_id, m.order_id,
-                    m.republishes, extract(epoch FROM now() - m.published_at)::float8 AS silent_secs
+                    extract(epoch FROM now() - m.published_at)::float8 AS silent_secs
              {WAITING} ORDER BY m.published_at LIMIT $3"
         ))
         .bind(&exchange)
@@ -139,12 +133,7 @@ impl Republisher {
         .context("reading the waiting orders")?;
 
         let mut sent: Vec<i64> = Vec::with_capacity(rows.len());
-        let mut given_up: Vec<Uuid> = Vec::new();
         for row in &rows {
-            if row.get::<i32, _>("republishes") >= MAX_SENDS {
-                given_up.push(row.get("order_id"));
-                continue;
-            }
             let envelope = Envelope {
                 message_id: row.get("message_id"),
                 correlation_id: row.get("correlation_id"),
@@ -172,15 +161,11 @@ impl Republisher {
             log_republished(envelope.order_id, envelope.message_id, silent_secs);
             sent.push(row.get("id"));
         }
-        hold(&mut *tx, &given_up).await?;
-        sqlx::query(
-            "UPDATE outbox SET published_at = now(), republishes = republishes + 1
-             WHERE id = ANY($1)",
-        )
-        .bind(&sent)
-        .execute(&mut *tx)
-        .await
-        .context("recording the re-publish")?;
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&sent)
+            .execute(&mut *tx)
+            .await
+            .context("recording the re-publish")?;
         Ok(sent.len())
     }
 
@@ -204,34 +189,6 @@ impl Republisher {
         }
         Ok(held)
     }
-}
-
-/// Hold the orders sent again [`MAX_SENDS`] times that still did not finish.
-async fn hold(tx: &mut PgConnection, orders: &[Uuid]) -> anyhow::Result<()> {
-    if orders.is_empty() {
-        return Ok(());
-    }
-    let reason = format!(
-        "sent again {MAX_SENDS} times and still not final (a processor failing on it, or the \
-         broker dead-lettering it): held for a person; see the dead letters"
-    );
-    sqlx::query(
-        "WITH held AS (
-             UPDATE orders SET status = 'held', reason = $2, updated_at = now()
-             WHERE id = ANY($1) AND status = 'accepted' RETURNING id)
-         INSERT INTO order_status_history (order_id, status, detail, service)
-         SELECT id, 'held', $2, 'order-api' FROM held",
-    )
-    .bind(orders)
-    .bind(&reason)
-    .execute(&mut *tx)
-    .await
-    .context("holding the orders sent too often")?;
-    for order_id in orders {
-        tracing::error!(%order_id, "{reason}");
-    }
-    metrics::counter!("orders_held_by_republisher_total").increment(orders.len() as u64);
-    Ok(())
 }
 
 /// Orders still accepted whose message (on the orders exchange, `$1`) was

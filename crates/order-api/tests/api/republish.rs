@@ -126,25 +126,3 @@ async fn a_dead_letter_hides_no_forgotten_order_and_a_held_order_is_not_sent() {
         "a held order is not sent"
     );
 }
-
-#[tokio::test]
-async fn an_order_sent_again_three_times_that_never_finishes_is_held() {
-    let (pool, broker, guard) = one_order_published().await;
-    let queue = guard.0.work_queue(Lane::Standard);
-    let amqp = test_support::amqp().await;
-    let overdue = overdue(&pool, &broker);
-    // A processor crashes on it each time, until the broker gives it up.
-    for send in 1..=order_api::republish::MAX_SENDS {
-        purge(&amqp, &queue).await;
-        assert_eq!(overdue.check().await.unwrap(), 1, "send {send}");
-    }
-    purge(&amqp, &queue).await;
-    assert_eq!(overdue.check().await.unwrap(), 0, "not sent a fourth time");
-    assert_eq!(test_support::queue_depth(&amqp, &queue).await, 0);
-    let (status, reason): (String, String) = sqlx::query_as("SELECT status, reason FROM orders")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(status, "held");
-    assert!(reason.starts_with("sent again 3 times"), "{reason}");
-}
