@@ -1,12 +1,6 @@
 //! One order, from its message to its final status, with the money moved
-//! as payment providers move it:
-//!
-//! ```text
-//! authorising ──authorise──▶ authorised ──reserve stock──▶ capturing ──capture──▶ captured  (processed)
-//!      │                         │                                                     
-//!      └──declined──▶ declined   └──out of stock──▶ voiding ──void──▶ voided  (rejected)
-//!                    (rejected)
-//! ```
+//! as payment providers move it; the states it passes through, and the next
+//! step from each, are in [`crate::state`].
 //!
 //! A step is a provider call (idempotent by a key per order and step)
 //! followed by one Postgres transaction that records its result, guarded by
@@ -38,7 +32,10 @@ use platform::outbox::{self, Outboxed};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::payment::{Answer, Call, Charge, Operation, PaymentProvider, ProviderError};
+use crate::{
+    payment::{Answer, Call, Charge, Operation, PaymentProvider, ProviderError},
+    state::{self, OrderStatus, PaymentState, Step},
+};
 
 /// Name under which this service records the messages it handled.
 pub const CONSUMER: &str = "order-processor";
@@ -108,10 +105,12 @@ pub fn decode(body: &[u8]) -> Result<OrderPlaced, HandleError> {
 #[derive(sqlx::FromRow)]
 struct Pending {
     order_id: Uuid,
-    state: String,
+    #[sqlx(try_from = "String")]
+    state: PaymentState,
     reason: Option<String>,
     message_id: Uuid,
-    status: String,
+    #[sqlx(try_from = "String")]
+    status: OrderStatus,
     customer_id: String,
     email: String,
     items: sqlx::types::Json<Vec<OrderLine>>,
@@ -144,7 +143,7 @@ type Stepped = Option<Result<Handled, HandleError>>;
 /// the reason it is being voided).
 pub(crate) struct Move {
     pub order_id: Uuid,
-    pub to: &'static str,
+    pub to: PaymentState,
     pub reason: Option<String>,
     pub detail: String,
 }
@@ -155,7 +154,7 @@ struct Finish<'a> {
     index: usize,
     order_id: Uuid,
     pending: &'a Pending,
-    from: &'static str,
+    from: PaymentState,
     payment: PaymentOutcome,
     outcome: Outcome,
 }
@@ -395,24 +394,24 @@ impl Processor {
                 (_, Err(error)) => results[index] = Some(Err(error.into())),
                 (Operation::Authorise, Ok(Answer::Authorised)) => authorisations.push(Move {
                     order_id,
-                    to: "authorised",
+                    to: PaymentState::Authorised,
                     reason: None,
                     detail: format!("{} authorised", pending.amount()),
                 }),
                 (Operation::Authorise, Ok(Answer::Declined)) => finishes.push(finish(
-                    "authorising",
+                    PaymentState::Authorising,
                     PaymentOutcome::Declined,
                     Outcome::Rejected {
                         reason: "payment_declined".into(),
                     },
                 )),
                 (Operation::Capture, Ok(Answer::Captured)) => finishes.push(finish(
-                    "capturing",
+                    PaymentState::Capturing,
                     PaymentOutcome::Captured,
                     Outcome::Processed,
                 )),
                 (Operation::Void, Ok(Answer::Voided)) => finishes.push(finish(
-                    "voiding",
+                    PaymentState::Voiding,
                     PaymentOutcome::Voided,
                     Outcome::Rejected {
                         reason: pending.reason.clone().unwrap_or_else(|| "voided".into()),
@@ -427,8 +426,13 @@ impl Processor {
                 (Vec::new(), Vec::new(), Vec::new())
             } else {
                 let mut tx = self.pool.begin().await?;
-                let authorised =
-                    move_payments(&mut *tx, &authorisations, &["authorising"], CONSUMER).await?;
+                let authorised = move_payments(
+                    &mut *tx,
+                    &authorisations,
+                    &[PaymentState::Authorising],
+                    CONSUMER,
+                )
+                .await?;
                 let decided = self.finish_all(&mut tx, &finishes).await?;
                 // An authorisation is decided in the transaction that records
                 // it: one commit fewer on every order's way.
@@ -460,7 +464,7 @@ impl Processor {
             }));
         }
         for (index, operation, answer) in refusals {
-            let (order_id, from) = (orders[index].0, pending[&orders[index].0].state.as_str());
+            let (order_id, from) = (orders[index].0, pending[&orders[index].0].state);
             if let Err(error) = self.refused(order_id, from, operation, answer).await {
                 results[index] = Some(Err(error));
             }
@@ -468,9 +472,9 @@ impl Processor {
 
         // What this round's own changes made of the orders; any other is
         // read again next round.
-        let mut advanced: HashMap<Uuid, (&'static str, Option<String>)> = authorised
+        let mut advanced: HashMap<Uuid, (PaymentState, Option<String>)> = authorised
             .iter()
-            .map(|id| (*id, ("authorised", None)))
+            .map(|id| (*id, (PaymentState::Authorised, None)))
             .chain(
                 decisions
                     .into_iter()
@@ -480,7 +484,7 @@ impl Processor {
         for (order_id, _) in orders {
             match (advanced.remove(order_id), known.get_mut(order_id)) {
                 (Some((state, reason)), Some(pending)) => {
-                    pending.state = state.into();
+                    pending.state = state;
                     pending.reason = reason.or(pending.reason.take());
                 }
                 _ => {
@@ -497,7 +501,7 @@ impl Processor {
     async fn refused(
         &self,
         order_id: Uuid,
-        from: &str,
+        from: PaymentState,
         operation: Operation,
         answer: Answer,
     ) -> Result<(), HandleError> {
@@ -505,7 +509,7 @@ impl Processor {
             .bind(order_id)
             .fetch_one(&self.pool)
             .await?;
-        if state != from {
+        if state != from.as_str() {
             return Ok(());
         }
         Err(HandleError::Poison(format!(
@@ -533,7 +537,7 @@ impl Processor {
              RETURNING p.order_id",
         )
         .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
-        .bind(finishes.iter().map(|f| f.from).collect::<Vec<_>>())
+        .bind(finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>())
         .bind(finishes.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
         .fetch_all(&mut *tx)
         .await?
@@ -675,18 +679,13 @@ fn next(order_id: Uuid, pending: Option<&Pending>) -> Next {
             "order {order_id} has no payment"
         ))));
     };
-    // A held order (its message dead-lettered, then replayed) goes on as an
-    // accepted one does; a final one is over.
-    if !matches!(pending.status.as_str(), "accepted" | "held") {
-        return Next::Over(Ok(Handled::Duplicate));
-    }
-    match pending.state.as_str() {
-        "authorising" => Next::Call(Operation::Authorise),
-        "authorised" => Next::Decide,
-        "capturing" => Next::Call(Operation::Capture),
-        "voiding" => Next::Call(Operation::Void),
-        settled => Next::Over(Err(HandleError::Poison(format!(
-            "order {order_id} is not final but its payment is {settled}"
+    match state::next(pending.status, pending.state) {
+        Step::Call(operation) => Next::Call(operation),
+        Step::Decide => Next::Decide,
+        Step::Done => Next::Over(Ok(Handled::Duplicate)),
+        Step::Inconsistent => Next::Over(Err(HandleError::Poison(format!(
+            "order {order_id} is not final but its payment is {}",
+            pending.state
         )))),
     }
 }
@@ -750,7 +749,7 @@ async fn decide_all(tx: &mut PgConnection, orders: &[(Uuid, &Pending)]) -> sqlx:
                 }
                 Move {
                     order_id: *order_id,
-                    to: "capturing",
+                    to: PaymentState::Capturing,
                     reason: None,
                     detail: format!("stock reserved; capturing {amount}"),
                 }
@@ -759,7 +758,7 @@ async fn decide_all(tx: &mut PgConnection, orders: &[(Uuid, &Pending)]) -> sqlx:
                 let reason = format!("out_of_stock: {sku}");
                 Move {
                     order_id: *order_id,
-                    to: "voiding",
+                    to: PaymentState::Voiding,
                     detail: format!("{reason}; voiding the authorisation of {amount}"),
                     reason: Some(reason),
                 }
@@ -780,7 +779,7 @@ async fn decide_all(tx: &mut PgConnection, orders: &[(Uuid, &Pending)]) -> sqlx:
         .await?;
     }
     // The payments are locked and were `authorised`: this moves them.
-    move_payments(&mut *tx, &decisions, &["authorised"], CONSUMER).await?;
+    move_payments(&mut *tx, &decisions, &[PaymentState::Authorised], CONSUMER).await?;
     Ok(decisions)
 }
 
@@ -790,8 +789,8 @@ async fn decide_all(tx: &mut PgConnection, orders: &[(Uuid, &Pending)]) -> sqlx:
 pub(crate) async fn move_payment(
     conn: impl sqlx::PgExecutor<'_>,
     order_id: Uuid,
-    from: &[&str],
-    to: &'static str,
+    from: &[PaymentState],
+    to: PaymentState,
     reason: Option<&str>,
     detail: &str,
     service: &str,
@@ -812,7 +811,7 @@ pub(crate) async fn move_payment(
 pub(crate) async fn move_payments(
     conn: impl sqlx::PgExecutor<'_>,
     moves: &[Move],
-    from: &[&str],
+    from: &[PaymentState],
     service: &str,
 ) -> sqlx::Result<Vec<Uuid>> {
     if moves.is_empty() {
@@ -831,10 +830,10 @@ pub(crate) async fn move_payments(
          RETURNING order_id",
     )
     .bind(moves.iter().map(|m| m.order_id).collect::<Vec<_>>())
-    .bind(moves.iter().map(|m| m.to).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.to.as_str()).collect::<Vec<_>>())
     .bind(moves.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
     .bind(moves.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
-    .bind(from)
+    .bind(from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .bind(service)
     .fetch_all(conn)
     .await

@@ -9,4 +9,5 @@ pub mod handler;
 pub mod held;
 pub mod payment;
 pub mod startup;
+pub mod state;
 pub mod sweeper;

@@ -22,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::handler::{Handled, Processor, move_payment};
+use crate::{
+    handler::{Handled, Processor, move_payment},
+    state::PaymentState,
+};
 
 /// Payments looked at per round, at most.
 const BATCH: i64 = 50;
@@ -112,8 +115,8 @@ impl Sweeper {
         let moved = move_payment(
             &self.processor.pool,
             order_id,
-            &["authorising", "authorised"],
-            "voiding",
+            &[PaymentState::Authorising, PaymentState::Authorised],
+            PaymentState::Voiding,
             Some("payment_abandoned"),
             &reason,
             "order-processor (sweeper)",
