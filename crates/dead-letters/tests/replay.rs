@@ -27,14 +27,39 @@ fn dead_properties(message_id: &str, queue: &str, reason: &str) -> BasicProperti
         .with_headers(headers)
 }
 
+/// A topology of the test's own on the shared broker, and a fresh database.
+struct Setup {
+    connection: lapin::Connection,
+    topology: messaging::Topology,
+    broker: messaging::Broker,
+    pool: sqlx::PgPool,
+    _guard: test_support::TopologyGuard,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let connection = test_support::amqp().await;
+        let topology =
+            test_support::declare_topology(&connection, &test_support::unique_prefix()).await;
+        Setup {
+            broker: test_support::broker(&topology),
+            pool: test_support::fresh_database().await.1,
+            _guard: test_support::TopologyGuard(topology.clone()),
+            connection,
+            topology,
+        }
+    }
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_with_their_reason_and_replayed_one_at_a_time() {
-    let prefix = test_support::unique_prefix();
-    let connection = test_support::amqp().await;
-    let topology = test_support::declare_topology(&connection, &prefix).await;
-    let _guard = test_support::TopologyGuard(topology.clone());
-    let broker = test_support::broker(&topology);
-    let (_, pool) = test_support::fresh_database().await;
+    let Setup {
+        connection,
+        topology,
+        broker,
+        pool,
+        _guard,
+    } = Setup::new().await;
     let publisher = test_support::publisher(&topology);
     let work = topology.work_queue(Lane::Standard);
     for (id, reason) in [
@@ -93,12 +118,13 @@ async fn dead_letters_survive_being_listed_and_partly_replayed_a_hundred_times()
     // back by closing its channel, which a quorum queue counts as a
     // delivery: on RabbitMQ 4.x, past the default limit of 20, a queue
     // without an explicit "no limit" would drop them.
-    let prefix = test_support::unique_prefix();
-    let connection = test_support::amqp().await;
-    let topology = test_support::declare_topology(&connection, &prefix).await;
-    let _guard = test_support::TopologyGuard(topology.clone());
-    let broker = test_support::broker(&topology);
-    let (_, pool) = test_support::fresh_database().await;
+    let Setup {
+        connection,
+        topology,
+        broker,
+        pool,
+        _guard,
+    } = Setup::new().await;
     let publisher = test_support::publisher(&topology);
     let work = topology.work_queue(Lane::Standard);
     let ids: Vec<String> = (1..=4).map(|i| format!("d-{i}")).collect();
@@ -147,12 +173,13 @@ async fn dead_letters_survive_being_listed_and_partly_replayed_a_hundred_times()
 
 #[tokio::test]
 async fn replaying_an_orders_message_accepts_its_held_order_again() {
-    let prefix = test_support::unique_prefix();
-    let connection = test_support::amqp().await;
-    let topology = test_support::declare_topology(&connection, &prefix).await;
-    let _guard = test_support::TopologyGuard(topology.clone());
-    let broker = test_support::broker(&topology);
-    let (_, pool) = test_support::fresh_database().await;
+    let Setup {
+        topology,
+        broker,
+        pool,
+        _guard,
+        ..
+    } = Setup::new().await;
     let work = topology.work_queue(Lane::Standard);
     let order_id = uuid::Uuid::new_v4();
     sqlx::query(

@@ -24,6 +24,24 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    /// Every status, in the order an order can reach them.
+    pub const ALL: [OrderStatus; 4] = [
+        OrderStatus::Accepted,
+        OrderStatus::Held,
+        OrderStatus::Processed,
+        OrderStatus::Rejected,
+    ];
+
+    /// The text Postgres stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Accepted => "accepted",
+            OrderStatus::Held => "held",
+            OrderStatus::Processed => "processed",
+            OrderStatus::Rejected => "rejected",
+        }
+    }
+
     /// Whether the processor still has work to do on the order.
     pub fn is_open(self) -> bool {
         matches!(self, OrderStatus::Accepted | OrderStatus::Held)
@@ -34,13 +52,10 @@ impl TryFrom<String> for OrderStatus {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, String> {
-        match text.as_str() {
-            "accepted" => Ok(OrderStatus::Accepted),
-            "held" => Ok(OrderStatus::Held),
-            "processed" => Ok(OrderStatus::Processed),
-            "rejected" => Ok(OrderStatus::Rejected),
-            _ => Err(format!("unknown order status {text:?}")),
-        }
+        OrderStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == text)
+            .ok_or_else(|| format!("unknown order status {text:?}"))
     }
 }
 
@@ -58,6 +73,17 @@ pub enum PaymentState {
 }
 
 impl PaymentState {
+    /// Every state, in the order a payment can reach them.
+    pub const ALL: [PaymentState; 7] = [
+        PaymentState::Authorising,
+        PaymentState::Authorised,
+        PaymentState::Capturing,
+        PaymentState::Voiding,
+        PaymentState::Captured,
+        PaymentState::Voided,
+        PaymentState::Declined,
+    ];
+
     /// The text Postgres stores.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -82,18 +108,10 @@ impl TryFrom<String> for PaymentState {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, String> {
-        [
-            PaymentState::Authorising,
-            PaymentState::Authorised,
-            PaymentState::Capturing,
-            PaymentState::Voiding,
-            PaymentState::Captured,
-            PaymentState::Voided,
-            PaymentState::Declined,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == text)
-        .ok_or_else(|| format!("unknown payment state {text:?}"))
+        PaymentState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| format!("unknown payment state {text:?}"))
     }
 }
 
@@ -130,22 +148,6 @@ pub fn next(status: OrderStatus, state: PaymentState) -> Step {
 mod tests {
     use super::*;
 
-    const STATUSES: [OrderStatus; 4] = [
-        OrderStatus::Accepted,
-        OrderStatus::Held,
-        OrderStatus::Processed,
-        OrderStatus::Rejected,
-    ];
-    const STATES: [PaymentState; 7] = [
-        PaymentState::Authorising,
-        PaymentState::Authorised,
-        PaymentState::Capturing,
-        PaymentState::Voiding,
-        PaymentState::Captured,
-        PaymentState::Voided,
-        PaymentState::Declined,
-    ];
-
     #[test]
     fn an_open_order_goes_on_from_where_its_payment_stands() {
         for status in [OrderStatus::Accepted, OrderStatus::Held] {
@@ -179,7 +181,7 @@ mod tests {
     #[test]
     fn a_final_order_has_nothing_left_whatever_its_payment() {
         for status in [OrderStatus::Processed, OrderStatus::Rejected] {
-            for state in STATES {
+            for state in PaymentState::ALL {
                 assert_eq!(next(status, state), Step::Done, "{status:?} {state}");
             }
         }
@@ -187,11 +189,11 @@ mod tests {
 
     #[test]
     fn states_read_back_as_postgres_stores_them() {
-        for state in STATES {
+        for state in PaymentState::ALL {
             assert_eq!(PaymentState::try_from(state.as_str().to_owned()), Ok(state));
         }
         for (status, text) in
-            STATUSES
+            OrderStatus::ALL
                 .into_iter()
                 .zip(["accepted", "held", "processed", "rejected"])
         {
