@@ -35,6 +35,9 @@ pub const REASON_HEADER: &str = "x-orderflow-reason";
 pub const SERVICE_HEADER: &str = "x-orderflow-service";
 /// Header naming the queue a dead letter came from (where replay sends it).
 pub const QUEUE_HEADER: &str = "x-orderflow-queue";
+/// Header on a dead letter whose order the consumer held (see
+/// [`Handler::dead_lettering`]): `true`.
+pub const HELD_HEADER: &str = "x-orderflow-held";
 
 /// What the consumer loop does with a delivery once the handler is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,11 +184,13 @@ pub trait Handler {
 
     /// The message is about to be dead-lettered for `reason`: record it
     /// wherever the message's subject is read from (the processor marks the
-    /// order held), before the dead letter is published. If that fails, the
-    /// dead letter goes anyway; by default nothing is recorded.
-    fn dead_lettering(&self, data: &[u8], reason: &str) -> impl Future<Output = ()> {
+    /// order held), before the dead letter is published; `true` if an order
+    /// is held now, which the dead letter then says ([`HELD_HEADER`]). If
+    /// recording fails, the dead letter goes anyway; by default nothing is
+    /// recorded.
+    fn dead_lettering(&self, data: &[u8], reason: &str) -> impl Future<Output = bool> {
         let _ = (data, reason);
-        async {}
+        async { false }
     }
 }
 
@@ -614,16 +619,19 @@ impl<H: Handler> Settler<'_, H> {
         reason: &str,
     ) -> lapin::Result<bool> {
         self.requeues.forget(&message_key(&properties));
-        if tokio::time::timeout(HOOK_TIMEOUT, self.handler.dead_lettering(data, reason))
+        let held = tokio::time::timeout(HOOK_TIMEOUT, self.handler.dead_lettering(data, reason))
             .await
-            .is_err()
-        {
-            tracing::warn!(
-                "recording the dead letter took over {HOOK_TIMEOUT:?}; dead-lettering anyway"
-            );
-        }
+            .unwrap_or_else(|_| {
+                tracing::warn!(
+                    "recording the dead letter took over {HOOK_TIMEOUT:?}; dead-lettering anyway"
+                );
+                false
+            });
         let mut properties =
             with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
+        if held {
+            properties = with_header(properties, HELD_HEADER, AMQPValue::Boolean(true));
+        }
         for (header, value) in [
             (REASON_HEADER, reason),
             (SERVICE_HEADER, self.spec.service.as_str()),

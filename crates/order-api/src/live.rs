@@ -18,7 +18,7 @@ use lapin::{
 };
 use messaging::{
     Broker,
-    consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER},
+    consumer::{ATTEMPTS_HEADER, HELD_HEADER, QUEUE_HEADER, REASON_HEADER},
     contracts::{OrderEvent, Outcome},
     topology::{RETRY_DELAY_HEADER, WATCH_DEAD_LETTERED, WATCH_RETRYING},
 };
@@ -87,9 +87,10 @@ impl LiveEvent {
 
     /// A consumer's copy of a message it sent to a retry queue or the
     /// dead-letter queue (an order for a processor, or an event for a
-    /// subscriber): which it is, from the routing key (a dead-lettered order
-    /// is `held`, a dead-lettered event `dead_lettered`); which order it is
-    /// about, from its body; and what went wrong, from its headers.
+    /// subscriber): which it is, from the routing key (`held` for a dead
+    /// letter whose order the consumer held, else `dead_lettered`); which
+    /// order it is about, from its body; and what went wrong, from its
+    /// headers.
     fn of_failure(delivery: &Delivery) -> Option<Self> {
         let status = match delivery.routing_key.as_str() {
             WATCH_RETRYING => WATCH_RETRYING,
@@ -100,19 +101,21 @@ impl LiveEvent {
         struct About {
             order_id: Uuid,
             customer_id: String,
-            /// Set on an event (`order.processed`, ...), not on an order.
-            #[serde(rename = "type")]
-            event: Option<String>,
         }
         let about: About = serde_json::from_slice(&delivery.data).ok()?;
-        // A dead-lettered order message leaves its order held (the processor
-        // wrote that before publishing the dead letter); a dead-lettered
-        // event only says a subscriber gave up on it.
-        let status = match (status, &about.event) {
-            (WATCH_DEAD_LETTERED, None) => "held",
-            (status, _) => status,
-        };
         let headers = delivery.properties.headers().clone().unwrap_or_default();
+        // The processor held the order before it published the dead letter,
+        // and says so on it; any other dead letter (an event a subscriber
+        // gave up on, an order that could not be held) is only that.
+        let held = matches!(
+            headers.inner().get(HELD_HEADER),
+            Some(AMQPValue::Boolean(true))
+        );
+        let status = if status == WATCH_DEAD_LETTERED && held {
+            "held"
+        } else {
+            status
+        };
         let header = |name: &str| match headers.inner().get(name) {
             Some(AMQPValue::LongString(s)) => Some(s.to_string()),
             Some(AMQPValue::ShortString(s)) => Some(s.to_string()),

@@ -78,26 +78,30 @@ impl Handler for Orders<'_> {
     }
 
     /// An order whose message is dead-lettered is held, with the reason (see
-    /// [`crate::held`]). Only the order id is read: a message of a schema
-    /// this processor does not know still holds its order; a body without
-    /// one holds nothing.
-    async fn dead_lettering(&self, data: &[u8], reason: &str) {
+    /// [`crate::held`]); `true` if it is held now. Only the order id is
+    /// read: a message of a schema this processor does not know still holds
+    /// its order; a body without one holds nothing.
+    async fn dead_lettering(&self, data: &[u8], reason: &str) -> bool {
         let Some(order_id) = serde_json::from_slice::<serde_json::Value>(data)
             .ok()
             .and_then(|body| body.get("order_id")?.as_str()?.parse::<uuid::Uuid>().ok())
         else {
-            return;
+            return false;
         };
         match self.processor.hold(order_id, reason).await {
             Ok(true) => {
-                tracing::warn!(%order_id, "order held: its message goes to the dead letters")
+                tracing::warn!(%order_id, "order held: its message goes to the dead letters");
+                true
             }
-            Ok(false) => {}
-            Err(error) => tracing::warn!(
-                %order_id, error.message = %format!("{error:#}"),
-                "could not mark the order held; it stays accepted, and order-api's republisher \
-                 sends it again as a message the broker lost"
-            ),
+            Ok(false) => false,
+            Err(error) => {
+                tracing::warn!(
+                    %order_id, error.message = %format!("{error:#}"),
+                    "could not mark the order held; it stays accepted, and order-api's \
+                     republisher sends it again as a message the broker lost"
+                );
+                false
+            }
         }
     }
 }

@@ -202,25 +202,18 @@ async fn an_unknown_order_has_no_stream() {
 }
 
 /// The copy a consumer sends watchers of a retry or a dead letter: the
-/// order's own body, and the consumer's headers.
+/// order's own body, and the consumer's headers (the held flag a boolean,
+/// as the consumer sets it).
 async fn fail(app: &TestApp, what: &str, order_id: Uuid, headers: &[(&str, &str)]) {
-    fail_with(
-        app,
-        what,
-        json!({"order_id": order_id, "customer_id": "c-42"}),
-        headers,
-    )
-    .await;
-}
-
-/// [`fail`] for a message with this body (an order's, or an event's).
-async fn fail_with(app: &TestApp, what: &str, body: serde_json::Value, headers: &[(&str, &str)]) {
+    let body = json!({"order_id": order_id, "customer_id": "c-42"});
     let mut table = lapin::types::FieldTable::default();
     for (name, value) in headers {
-        table.insert(
-            (*name).into(),
-            lapin::types::AMQPValue::LongString((*value).into()),
-        );
+        let value = if *name == messaging::consumer::HELD_HEADER {
+            lapin::types::AMQPValue::Boolean(*value == "true")
+        } else {
+            lapin::types::AMQPValue::LongString((*value).into())
+        };
+        table.insert((*name).into(), value);
     }
     let channel = app.amqp.create_channel().await.unwrap();
     channel
@@ -279,6 +272,7 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
                 messaging::consumer::QUEUE_HEADER,
                 &app.topology.work_queue(Lane::Standard),
             ),
+            (messaging::consumer::HELD_HEADER, "true"),
         ],
     )
     .await;
@@ -293,11 +287,12 @@ async fn the_all_orders_stream_shows_retries_and_dead_letters_on_their_order() {
         "{data}"
     );
 
-    // A subscriber's dead letter is an event's, not the order's.
-    fail_with(
+    // A dead letter that held no order (a subscriber's event, say) is only
+    // a dead letter.
+    fail(
         &app,
         WATCH_DEAD_LETTERED,
-        json!({"type": "order.processed", "order_id": id, "customer_id": "c-42"}),
+        id,
         &[(messaging::consumer::REASON_HEADER, "not an OrderEvent")],
     )
     .await;

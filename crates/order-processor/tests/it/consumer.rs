@@ -209,6 +209,14 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
     assert_eq!(consumer::previous_attempts(&dead.properties), 3);
     let (held, why) = status(&running.pool, order.order_id).await;
     assert_eq!(held, "held", "no final status, and the client sees why");
+    assert_eq!(
+        dead.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(consumer::HELD_HEADER).cloned()),
+        Some(lapin::types::AMQPValue::Boolean(true)),
+        "the dead letter says its order is held"
+    );
     assert_eq!(why.as_deref(), Some(reason.as_str()));
     let history: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT status, detail FROM order_status_history WHERE order_id = $1 ORDER BY id",

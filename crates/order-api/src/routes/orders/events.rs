@@ -209,7 +209,7 @@ pub struct EventFilter {
     summary = "Follow every order live (Server-Sent Events)",
     description = "Admin keys only. A `text/event-stream` of `accepted`, `held`, `processed` \
                    and `rejected` events from now on, with each `retrying` and \
-                   `dead_lettered` (an event's dead letter), each a LiveEvent; with \
+                   `dead_lettered` (a dead letter that held no order), each a LiveEvent; with \
                    `customer_id`, only that customer's. Idle \
                    streams get a heartbeat comment every 15 s; a client that falls too far \
                    behind gets a `lagged` event and is disconnected.",
