@@ -19,7 +19,10 @@ use uuid::Uuid;
 
 use messaging::{
     Broker, Publisher,
-    consumer::{ATTEMPTS_HEADER, QUEUE_HEADER, REASON_HEADER, SERVICE_HEADER, previous_attempts},
+    consumer::{
+        ATTEMPTS_HEADER, HELD_HEADER, QUEUE_HEADER, REASON_HEADER, SERVICE_HEADER,
+        previous_attempts,
+    },
     contracts::ORDER_ID_HEADER,
     declaration::queue_counts,
 };
@@ -168,6 +171,7 @@ pub async fn replay(
             REASON_HEADER,
             SERVICE_HEADER,
             QUEUE_HEADER,
+            HELD_HEADER,
             "x-death",
         ];
         let mut headers = FieldTable::default();
@@ -177,7 +181,9 @@ pub async fn replay(
             }
         }
         let properties = delivery.properties.clone().with_headers(headers);
-        release(pool, &letter, &broker.topology().orders_exchange()).await?;
+        if broker.topology().order_queues().contains(&queue) {
+            release(pool, &letter, &broker.topology().orders_exchange()).await?;
+        }
         publisher
             .publish("", &queue, &delivery.data, properties)
             .await

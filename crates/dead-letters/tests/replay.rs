@@ -174,11 +174,11 @@ async fn dead_letters_survive_being_listed_and_partly_replayed_a_hundred_times()
 #[tokio::test]
 async fn replaying_an_orders_message_accepts_its_held_order_again() {
     let Setup {
+        connection,
         topology,
         broker,
         pool,
         _guard,
-        ..
     } = Setup::new().await;
     let work = topology.work_queue(Lane::Standard);
     let order_id = uuid::Uuid::new_v4();
@@ -204,6 +204,10 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
         messaging::contracts::ORDER_ID_HEADER.into(),
         AMQPValue::LongString(LongString::from(order_id.to_string())),
     );
+    headers.insert(
+        messaging::consumer::HELD_HEADER.into(),
+        AMQPValue::Boolean(true),
+    );
     properties = properties.with_headers(headers);
     test_support::publisher(&topology)
         .publish(&topology.dead_letters(), "", b"{}", properties)
@@ -213,6 +217,14 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
     let replayed = replay(&broker, &pool, &Selection::All).await.unwrap();
 
     assert_eq!(replayed.len(), 1);
+    let back = test_support::next_message(&connection, &work, Duration::from_secs(5)).await;
+    assert!(
+        back.properties
+            .headers()
+            .as_ref()
+            .is_none_or(|h| !h.inner().contains_key(messaging::consumer::HELD_HEADER)),
+        "a replay carries no earlier answer to whether its order is held"
+    );
     let (status, reason, silent): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT o.status, o.reason, m.published_at < now() - interval '1 minute'
          FROM orders o JOIN outbox m ON m.order_id = o.id WHERE o.id = $1",

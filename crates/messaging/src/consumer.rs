@@ -35,8 +35,8 @@ pub const REASON_HEADER: &str = "x-orderflow-reason";
 pub const SERVICE_HEADER: &str = "x-orderflow-service";
 /// Header naming the queue a dead letter came from (where replay sends it).
 pub const QUEUE_HEADER: &str = "x-orderflow-queue";
-/// Header on a dead letter whose order the consumer held (see
-/// [`Handler::dead_lettering`]): `true`.
+/// Header on a dead letter saying whether its order is held (see
+/// [`Handler::dead_lettering`]).
 pub const HELD_HEADER: &str = "x-orderflow-held";
 
 /// What the consumer loop does with a delivery once the handler is done.
@@ -184,7 +184,7 @@ pub trait Handler {
 
     /// The message is about to be dead-lettered for `reason`: record it
     /// wherever the message's subject is read from (the processor marks the
-    /// order held), before the dead letter is published; `true` if an order
+    /// order held), before the dead letter is published; `true` if its order
     /// is held now, which the dead letter then says ([`HELD_HEADER`]). If
     /// recording fails, the dead letter goes anyway; by default nothing is
     /// recorded.
@@ -629,9 +629,8 @@ impl<H: Handler> Settler<'_, H> {
             });
         let mut properties =
             with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
-        if held {
-            properties = with_header(properties, HELD_HEADER, AMQPValue::Boolean(true));
-        }
+        // Always set: a replayed message must not carry an earlier answer.
+        properties = with_header(properties, HELD_HEADER, AMQPValue::Boolean(held));
         for (header, value) in [
             (REASON_HEADER, reason),
             (SERVICE_HEADER, self.spec.service.as_str()),

@@ -87,10 +87,10 @@ impl LiveEvent {
 
     /// A consumer's copy of a message it sent to a retry queue or the
     /// dead-letter queue (an order for a processor, or an event for a
-    /// subscriber): which it is, from the routing key (`held` for a dead
-    /// letter whose order the consumer held, else `dead_lettered`); which
-    /// order it is about, from its body; and what went wrong, from its
-    /// headers.
+    /// subscriber): which it is, from the routing key; which order it is
+    /// about, from its body; and from its headers what went wrong, and
+    /// whether the consumer held the order (then it is `held`, not
+    /// `dead_lettered`).
     fn of_failure(delivery: &Delivery) -> Option<Self> {
         let status = match delivery.routing_key.as_str() {
             WATCH_RETRYING => WATCH_RETRYING,

@@ -350,7 +350,10 @@ pub async fn replay(
     let _only_reader = state.dead_letters.lock().await;
     let replayed = dead_letters::replay(&state.broker, &state.pool, &selection)
         .await
-        .map_err(broker_error)?;
+        .map_err(|error| match error.downcast::<sqlx::Error>() {
+            Ok(database) => ApiError::from(database),
+            Err(broker) => broker_error(broker),
+        })?;
     tracing::info!(client = %caller.client, replayed = replayed.len(), "dead letter replay asked from the live page");
     let replayed: Vec<DeadLetterView> = replayed.into_iter().map(Into::into).collect();
     if replayed.is_empty() {

@@ -196,6 +196,10 @@ async fn a_held_order_whose_message_comes_back_is_processed_once() {
     // Its payment started, then its message was dead-lettered.
     assert!(processor.start(&order).await.unwrap().is_none());
     assert!(processor.hold(order.order_id, "gave up").await.unwrap());
+    assert!(
+        processor.hold(order.order_id, "again").await.unwrap(),
+        "held already: still held, with its first reason"
+    );
     assert_eq!(
         status(&pool, order.order_id).await,
         ("held".to_owned(), Some("gave up".to_owned()))
