@@ -249,19 +249,20 @@ impl Processor {
         Ok(orders
             .iter()
             .zip(found)
-            .map(|(order, (status, seen))| match status.as_deref() {
-                None => Err(HandleError::Poison(format!(
-                    "order {} does not exist",
-                    order.order_id
-                ))),
-                // A redelivery, or another message for an order already
-                // decided (a replay): keep the first decision. A held order
-                // (its message dead-lettered, now replayed) is taken up again.
-                Some(status) if !matches!(status, "accepted" | "held") || seen => {
-                    Ok(Some(Handled::Duplicate))
-                }
-                Some(_) => Ok(None),
-            })
+            .map(
+                |(order, (status, seen))| match status.map(OrderStatus::try_from) {
+                    None => Err(HandleError::Poison(format!(
+                        "order {} does not exist",
+                        order.order_id
+                    ))),
+                    // An open order (a held one too: its message dead-lettered,
+                    // now replayed) is taken up, unless this message was handled.
+                    Some(Ok(status)) if status.is_open() && !seen => Ok(None),
+                    // A redelivery, or another message for an order already
+                    // decided (a replay): keep the first decision.
+                    Some(_) => Ok(Some(Handled::Duplicate)),
+                },
+            )
             .collect())
     }
 
