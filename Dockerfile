@@ -25,7 +25,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/app/target \
     cargo build --release --locked \
         -p order-api -p order-processor -p notification-service -p logging-service \
-        -p order-stats -p dead-letters \
+        -p order-stats -p dead-letters -p payment-provider \
     && mkdir -p /out \
     && cp target/release/order-api \
           target/release/order-processor \
@@ -34,6 +34,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
           target/release/order-stats \
           target/release/dead-letters \
           target/release/api-keys \
+          target/release/payment-provider \
           /out/
 
 # ---- runtime -------------------------------------------------------------
@@ -56,7 +57,7 @@ USER 10001:10001
 # Defaults: order-api 8080, order-processor 8081, notification-service 8082,
 # logging-service 8083, order-stats 8084 (HTTP_PORT; each serves /healthz
 # and /readyz).
-EXPOSE 8080 8081 8082 8083 8084
+EXPOSE 8080 8081 8082 8083 8084 8085
 
 # No ENTRYPOINT: the command names the binary to run.
 CMD ["order-api"]

@@ -7,7 +7,9 @@
 #
 # Defaults: RabbitMQ amqp://guest:guest@127.0.0.1:5672, Postgres
 # postgres://postgres@127.0.0.1:5432/orderflow (created if missing);
-# override with AMQP_URL / DATABASE_URL. order-api listens on :8080.
+# override with AMQP_URL / DATABASE_URL. order-api listens on :8080. The
+# stand-in payment provider listens on :8085 with its books in
+# PROVIDER_DATABASE_URL (default: database payment_provider, created).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,9 +17,12 @@ PROFILE=${PROFILE:-dev}
 PROCESSORS=${PROCESSORS:-3}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow}
+PROVIDER_DATABASE_URL=${PROVIDER_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/payment_provider}
+# The provider's latency and demo failures: customer "flaky-2" fails
+# payment twice, then succeeds; "doomed" always fails.
 export PAYMENT_LATENCY_MS=${PAYMENT_LATENCY_MS:-200}
-# Demo: customer "flaky-2" fails payment twice, then succeeds; "doomed" always fails.
 export DEMO_FAILURES=${DEMO_FAILURES:-true}
+export PAYMENT_PROVIDER_URL=${PAYMENT_PROVIDER_URL:-http://127.0.0.1:8085}
 # Four attempts (three retries, 1 s, 2 s, 4 s): "doomed" reaches the
 # dead-letter queue in seconds, not the minute and a half of the default.
 export RETRY_MAX_ATTEMPTS=${RETRY_MAX_ATTEMPTS:-4}
@@ -45,6 +50,7 @@ start() { "$target_dir/$1" & pids+=($!); }
 
 # order-api first: it applies the migrations the others would otherwise race for.
 HTTP_PORT=8080 start order-api
+DATABASE_URL=$PROVIDER_DATABASE_URL HTTP_PORT=8085 start payment-provider
 for i in $(seq 1 "$PROCESSORS"); do
   HTTP_PORT=$((8090 + i)) INSTANCE_ID=processor-$i start order-processor
 done

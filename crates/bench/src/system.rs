@@ -122,6 +122,10 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 pub struct System {
     pub name: String,
     pub database: ScratchDatabase,
+    /// The stand-in payment provider's books: a database of its own.
+    pub provider_database: ScratchDatabase,
+    /// Where the processors reach the provider.
+    provider_url: String,
     pub topology: Topology,
     prefix: String,
     pub pool: PgPool,
@@ -153,6 +157,7 @@ impl System {
                 )
             })?;
         let database = ScratchDatabase::create(environment, "run").await?;
+        let provider_database = ScratchDatabase::create(environment, "provider").await?;
         // Opened now and kept: while the services under test hold every
         // connection Postgres allows, the benchmark still counts.
         let pool = PgPoolOptions::new()
@@ -164,6 +169,8 @@ impl System {
         let mut system = Self {
             name: name.to_string(),
             database,
+            provider_database,
+            provider_url: String::new(),
             topology,
             prefix,
             pool,
@@ -176,6 +183,11 @@ impl System {
         // order-api first: it applies the migrations the others would race for.
         system.spawn("order-api", &[]).await?;
         system.api_key = system.make_api_key()?;
+        let books = system.provider_database.url.clone();
+        let provider = system
+            .spawn("payment-provider", &[("DATABASE_URL", books.as_str())])
+            .await?;
+        system.provider_url = format!("http://127.0.0.1:{provider}");
         system.start_processors(shape.processors).await?;
         if shape.subscribers {
             system.spawn("notification-service", &[]).await?;
@@ -232,13 +244,22 @@ impl System {
             .count();
         for n in running + 1..=running + count {
             let instance = format!("processor-{n}");
-            self.spawn("order-processor", &[("INSTANCE_ID", instance.as_str())])
-                .await?;
+            let provider = self.provider_url.clone();
+            self.spawn(
+                "order-processor",
+                &[
+                    ("INSTANCE_ID", instance.as_str()),
+                    ("PAYMENT_PROVIDER_URL", provider.as_str()),
+                ],
+            )
+            .await?;
         }
         Ok(())
     }
 
-    async fn spawn(&mut self, binary: &str, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+    /// Start `binary` with `extra` settings over the system's, wait until it
+    /// is ready; the port it listens on.
+    async fn spawn(&mut self, binary: &str, extra: &[(&str, &str)]) -> anyhow::Result<u16> {
         let port = free_port()?;
         let label = extra
             .iter()
@@ -292,7 +313,7 @@ impl System {
         };
         wait_ready(&service, &log_path).await?;
         self.services.push(service);
-        Ok(())
+        Ok(port)
     }
 
     /// The processors' pids and RSS, and every other service's.
@@ -354,6 +375,7 @@ impl System {
         let _ = self.amqp.close(200, "benchmark done".into()).await;
         self.pool.close().await;
         self.database.drop().await?;
+        self.provider_database.drop().await?;
         outcome
     }
 }

@@ -3,6 +3,8 @@
 use clap::Parser;
 use platform::worker::WorkerSettings;
 
+use crate::payment::http::ProviderSettings as HttpProviderSettings;
+
 /// Settings of order-processor.
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -15,21 +17,9 @@ pub struct Settings {
     /// Port of /healthz and /readyz; 0 picks a free one.
     #[arg(long, env = "HTTP_PORT", default_value_t = 8081)]
     pub http_port: u16,
-    /// Simulated payment-provider latency per call (authorise, capture or
-    /// void), in milliseconds.
-    #[arg(long, env = "PAYMENT_LATENCY_MS", default_value_t = 20)]
-    pub payment_latency_ms: u64,
-    /// Orders whose total is above this many cents are declined by the
-    /// simulated payment provider (a deterministic rule, for demos and tests).
-    #[arg(long, env = "PAYMENT_DECLINE_OVER_CENTS", default_value_t = 1_000_000)]
-    pub payment_decline_over_cents: i64,
-    /// Let customer ids inject payment-provider failures (to watch retries,
-    /// dead letters and the sweeper): `flaky-N` / `flaky-<step>-N` fail the
-    /// first N calls, `doomed` / `doomed-<step>` every call, and
-    /// `timeout-<step>-N` time out after doing the work, where `<step>` is
-    /// authorise, capture or void (plain `flaky-N` and `doomed`: authorise).
-    #[arg(long, env = "DEMO_FAILURES", default_value_t = false, action = clap::ArgAction::Set)]
-    pub demo_failures: bool,
+    /// How the payment provider is reached.
+    #[command(flatten)]
+    pub provider: HttpProviderSettings,
     /// Name of this instance in logs and in `orders.processed_by`
     /// (default: host name and process id).
     #[arg(long, env = "INSTANCE_ID")]

@@ -2,29 +2,16 @@
 //! its outbox relay, the payment sweeper, and consumers on both lanes' work
 //! queues.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use messaging::contracts::Lane;
 use platform::{outbox::Relay, worker::Worker};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    configuration::Settings, consumer, handler::Processor, payment::PaymentProvider,
+    configuration::Settings, consumer, handler::Processor, payment::http::HttpProvider,
     sweeper::Sweeper,
 };
-
-/// Connections the simulated payment provider keeps its books with.
-const PROVIDER_CONNECTIONS: u32 = 10;
-
-/// The simulated payment provider stands for another company's service:
-/// its calls do not take connections from the processor's own pool, which
-/// is sized to the batches it handles at once (a batch's calls run
-/// concurrently). Same database, its own few connections.
-fn provider_pool(pool: &PgPool) -> PgPool {
-    platform::db::pool_options(PROVIDER_CONNECTIONS, pool.options().get_acquire_timeout())
-        .connect_lazy_with((*pool.connect_options()).clone())
-}
 
 /// A started order-processor.
 pub struct Application {
@@ -57,12 +44,7 @@ impl Application {
         let processor = Processor {
             pool: worker.pool().clone(),
             topology: worker.topology().clone(),
-            payments: PaymentProvider::new(
-                provider_pool(worker.pool()),
-                Duration::from_millis(settings.payment_latency_ms),
-                settings.payment_decline_over_cents,
-            )
-            .with_demo_failures(settings.demo_failures),
+            payments: Arc::new(HttpProvider::new(&settings.provider)?),
             instance_id,
         };
         let sweeper = Sweeper::new(

@@ -49,16 +49,25 @@ impl std::fmt::Debug for DatabaseSettings {
 }
 
 impl DatabaseSettings {
-    /// Wait for Postgres, create the database if needed, apply migrations,
-    /// and return a pool.
+    /// Wait for Postgres, create the database if needed, apply orderflow's
+    /// migrations, and return a pool.
     pub async fn connect_and_migrate(&self) -> anyhow::Result<PgPool> {
+        self.connect_and_migrate_with(&MIGRATOR).await
+    }
+
+    /// [`Self::connect_and_migrate`] with another service's migrations (the
+    /// stand-in payment provider keeps its own database).
+    pub async fn connect_and_migrate_with(
+        &self,
+        migrator: &sqlx::migrate::Migrator,
+    ) -> anyhow::Result<PgPool> {
         let shown = messaging::amqp::redact(&self.database_url);
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1u32;
         loop {
             match self.try_connect().await {
                 Ok(pool) => {
-                    MIGRATOR
+                    migrator
                         .run(&pool)
                         .await
                         .context("applying the database migrations")?;

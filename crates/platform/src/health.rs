@@ -1,5 +1,5 @@
-//! `/healthz` (the process is alive) and `/readyz` (its Postgres and
-//! RabbitMQ are reachable), served by every service. Both are public, so
+//! `/healthz` (the process is alive) and `/readyz` (its Postgres and, for
+//! a service that has one, RabbitMQ are reachable), served by every service. Both are public, so
 //! `/readyz` says which dependency is down but never why: the error text
 //! (addresses, user names) goes to the log.
 
@@ -13,17 +13,26 @@ use sqlx::PgPool;
 #[derive(Clone)]
 pub struct Readiness {
     pool: PgPool,
-    broker: messaging::Broker,
+    broker: Option<messaging::Broker>,
 }
 
 impl Readiness {
     /// Readiness of `pool` and `broker`.
     pub fn new(pool: PgPool, broker: messaging::Broker) -> Self {
-        Self { pool, broker }
+        Self {
+            pool,
+            broker: Some(broker),
+        }
     }
 
-    /// `Ok` when both dependencies answer; otherwise which is unreachable.
-    pub async fn check(&self) -> Result<(), serde_json::Value> {
+    /// Readiness of a service without a broker: `pool` alone.
+    pub fn postgres(pool: PgPool) -> Self {
+        Self { pool, broker: None }
+    }
+
+    /// `Ok` with what answered when every dependency does; otherwise which
+    /// is unreachable.
+    pub async fn check(&self) -> Result<serde_json::Value, serde_json::Value> {
         let postgres = match tokio::time::timeout(
             Duration::from_secs(2),
             sqlx::query("SELECT 1").execute(&self.pool),
@@ -40,17 +49,19 @@ impl Readiness {
                 "unreachable"
             }
         };
-        let rabbitmq = if self.broker.is_connected() {
-            "ok"
-        } else {
-            tracing::warn!("not ready: the RabbitMQ connection is closed");
-            "unreachable"
-        };
-        if postgres == "ok" && rabbitmq == "ok" {
-            Ok(())
-        } else {
-            Err(json!({ "postgres": postgres, "rabbitmq": rabbitmq }))
+        let mut answers = json!({ "postgres": postgres });
+        let mut ready = postgres == "ok";
+        if let Some(broker) = &self.broker {
+            let rabbitmq = if broker.is_connected() {
+                "ok"
+            } else {
+                tracing::warn!("not ready: the RabbitMQ connection is closed");
+                ready = false;
+                "unreachable"
+            };
+            answers["rabbitmq"] = json!(rabbitmq);
         }
+        if ready { Ok(answers) } else { Err(answers) }
     }
 }
 
@@ -67,10 +78,10 @@ pub fn router<S: Clone + Send + Sync + 'static>(readiness: Readiness) -> Router<
 
 async fn ready(State(readiness): State<Readiness>) -> impl IntoResponse {
     match readiness.check().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "status": "ready", "postgres": "ok", "rabbitmq": "ok" })),
-        ),
+        Ok(mut answers) => {
+            answers["status"] = json!("ready");
+            (StatusCode::OK, Json(answers))
+        }
         Err(details) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "unavailable", "details": details })),

@@ -66,14 +66,7 @@ pub fn init_tracing() {
 
 /// A new database named `orderflow_test_<uuid>`, migrated; its URL and a pool.
 pub async fn fresh_database() -> (String, PgPool) {
-    let base = postgres_base_url();
-    let (server, _) = base
-        .rsplit_once('/')
-        .expect("TEST_DATABASE_URL has a database name");
-    let url = format!("{server}/orderflow_test_{}", Uuid::new_v4().simple());
-    Postgres::create_database(&url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot create a test database on {server}: {e}"));
+    let url = empty_database().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(5)
         .connect(&url)
@@ -84,6 +77,20 @@ pub async fn fresh_database() -> (String, PgPool) {
         .await
         .expect("migrating the test database");
     (url, pool)
+}
+
+/// A new, empty database named `orderflow_test_<uuid>` (for a service that
+/// migrates its own, such as the stand-in payment provider); its URL.
+pub async fn empty_database() -> String {
+    let base = postgres_base_url();
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("TEST_DATABASE_URL has a database name");
+    let url = format!("{server}/orderflow_test_{}", Uuid::new_v4().simple());
+    Postgres::create_database(&url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a test database on {server}: {e}"));
+    url
 }
 
 /// Point a worker's settings at the test servers: the given database, a

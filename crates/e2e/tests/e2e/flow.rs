@@ -83,9 +83,11 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
 async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     let Stack {
         api,
+        provider: _provider,
         workers,
         log_dir,
         pool,
+        books,
         database_url,
         env,
         _topology,
@@ -227,7 +229,10 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         (0..DISTINCT).filter(|i| i % 27 == 1).count() as i64,
         "the deterministic decline rule held"
     );
-    println!("money: {}", crate::chaos::check_money(&pool, "flow").await);
+    println!(
+        "money: {}",
+        crate::chaos::check_money(&pool, &books, "flow").await
+    );
     // Each kind of ending, as GET /orders/{id} and the email tell it.
     for (condition, steps, email) in [
         (

@@ -105,10 +105,11 @@ async fn no_service_logs_personal_data_or_secrets_through_a_whole_order() {
         .filter(|(_, log)| log.contains(&id))
         .map(|(service, _)| service.as_str())
         .collect();
-    // order-api, the processor that took it, and both subscribers.
+    // order-api, the payment provider, the processor that took it, and
+    // both subscribers.
     assert_eq!(
         telling.len(),
-        4,
+        5,
         "the logs that tell the order's story: {telling:?}"
     );
     for (service, log) in &logs {
@@ -165,7 +166,20 @@ fn no_settings_type_shows_a_secret_in_debug_output() {
         ),
         format!(
             "{:?}",
-            order_processor::configuration::Settings::parse_from(with("order-processor", &[]))
+            order_processor::configuration::Settings::parse_from(with(
+                "order-processor",
+                &["--payment-provider-key", "provkey-5"]
+            ))
+        ),
+        format!(
+            "{:?}",
+            payment_provider::configuration::Settings::parse_from([
+                "payment-provider",
+                "--database-url",
+                "postgres://orderflow:dbsecret-1@db:5432/payment_provider",
+                "--api-key",
+                "provkey-5",
+            ])
         ),
         format!("{notification:?}"),
         format!("{:?}", notification.webhook_policy()),
@@ -175,11 +189,17 @@ fn no_settings_type_shows_a_secret_in_debug_output() {
         ),
     ];
     for text in printed {
-        for secret in ["dbsecret-1", "amqpsecret-2", "mgmtsecret-3", "whsecret-4"] {
+        for secret in [
+            "dbsecret-1",
+            "amqpsecret-2",
+            "mgmtsecret-3",
+            "whsecret-4",
+            "provkey-5",
+        ] {
             assert!(!text.contains(secret), "{secret} shows in {text}");
         }
         assert!(
-            text.contains("rabbitmq") || text.contains("Secret(***)"),
+            text.contains("rabbitmq") || text.contains("Secret(***)") || text.contains("@db:5432"),
             "what is not secret still shows: {text}"
         );
     }

@@ -1,7 +1,6 @@
 //! Running the real service binaries as child processes.
 
 use std::{
-    fs::File,
     net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -58,8 +57,23 @@ impl Service {
         env: &[(&str, String)],
         log_dir: &std::path::Path,
     ) -> Self {
-        let port = free_port();
-        let log = File::create(log_dir.join(format!("{name}.log"))).expect("a log file");
+        Self::start_on(free_port(), binary_name, name, env, log_dir)
+    }
+
+    /// [`Self::start`] on `port` (a service others were told the port of,
+    /// started again); its log is appended to.
+    pub fn start_on(
+        port: u16,
+        binary_name: &str,
+        name: &str,
+        env: &[(&str, String)],
+        log_dir: &std::path::Path,
+    ) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("{name}.log")))
+            .expect("a log file");
         let child = Command::new(binary(binary_name))
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("HTTP_PORT", port.to_string())
@@ -178,13 +192,29 @@ pub fn keyed_client(key: &str, timeout: Duration) -> reqwest::Client {
         .expect("an HTTP client")
 }
 
-/// The four services (three order-processors) on a fresh database and
-/// topology, ready, logging JSON to `log_dir`.
+/// Start the stand-in payment provider with `env`, its books in
+/// `database_url` (created if missing).
+pub fn start_provider(
+    env: &[(&str, String)],
+    database_url: &str,
+    log_dir: &std::path::Path,
+) -> Service {
+    let mut env = env.to_vec();
+    env.push(("DATABASE_URL", database_url.to_owned()));
+    Service::start("payment-provider", "payment-provider", &env, log_dir)
+}
+
+/// The five services (three order-processors) and the stand-in payment
+/// provider on fresh databases and topology, ready, logging JSON to
+/// `log_dir`.
 pub struct Stack {
     pub api: Service,
+    pub provider: Service,
     pub workers: Vec<Service>,
     pub log_dir: std::path::PathBuf,
     pub pool: sqlx::PgPool,
+    /// The payment provider's books.
+    pub books: sqlx::PgPool,
     pub database_url: String,
     /// What every service was started with (`HTTP_PORT` and `INSTANCE_ID`
     /// aside).
@@ -227,6 +257,9 @@ impl Stack {
         ];
         // Later entries win.
         env.extend(extra.iter().cloned());
+        let books_url = test_support::empty_database().await;
+        let provider = start_provider(&env, &books_url, &log_dir);
+        env.push(("PAYMENT_PROVIDER_URL", provider.url("")));
         let with_instance = |id: &str| {
             let mut env = env.clone();
             env.push(("INSTANCE_ID", id.to_owned()));
@@ -252,13 +285,15 @@ impl Stack {
             &log_dir,
         ));
         workers.push(Service::start("order-stats", "order-stats", &env, &log_dir));
-        wait_ready(std::iter::once(&api).chain(&workers)).await;
+        wait_ready(std::iter::once(&api).chain([&provider]).chain(&workers)).await;
         println!("services ready; logs in {}", log_dir.display());
         Self {
             api,
+            provider,
             workers,
             log_dir,
             pool,
+            books: sqlx::PgPool::connect_lazy(&books_url).expect("a database URL"),
             database_url,
             env,
             _topology: topology,
@@ -268,6 +303,7 @@ impl Stack {
     /// Everything every service has logged so far, by service name.
     pub fn logs(&self) -> Vec<(String, String)> {
         std::iter::once(&self.api)
+            .chain([&self.provider])
             .chain(&self.workers)
             .map(|service| {
                 let log =

@@ -53,14 +53,14 @@ pub struct OrderRequest {
     /// An absolute http(s) URL to receive the order's events, at most 2048
     /// characters, without a user name or password; not one of orderflow's
     /// own services (their host names, or a loopback host, with their ports
-    /// 8080–8083, 5432, 5672, 15672). The pattern is the canonical form
+    /// 8080–8085, 5432, 5672, 15672). The pattern is the canonical form
     /// (lower-case scheme and host name); any such URL the WHATWG URL
     /// standard parses is accepted.
     #[serde(default)]
     #[schema(
         format = "uri",
         max_length = 2048,
-        pattern = r"^(?!https?://(?:[^/?#]*\.)?(?:localhost|order-api|order-processor|notification-service|logging-service|rabbitmq|postgres):(?:808[0-3]|5432|5672)(?:[/?#]|$))https?://(?:(?!xn--)[a-z0-9-]+\.)*(?!xn--)[a-z][a-z0-9-]*(?::[0-9]{1,4})?(?:[/?](?:[-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?(?:#(?:[-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?$"
+        pattern = r"^(?!https?://(?:[^/?#]*\.)?(?:localhost|order-api|order-processor|notification-service|logging-service|order-stats|payment-provider|rabbitmq|postgres):(?:808[0-5]|5432|5672)(?:[/?#]|$))https?://(?:(?!xn--)[a-z0-9-]+\.)*(?!xn--)[a-z][a-z0-9-]*(?::[0-9]{1,4})?(?:[/?](?:[-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?(?:#(?:[-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?$"
     )]
     pub callback_url: Option<String>,
     #[serde(default)]
@@ -287,17 +287,19 @@ fn is_plausible_email(email: &str) -> bool {
 }
 
 /// The services' and their servers' host names (as in docker-compose.yml).
-const SERVICE_HOSTS: [&str; 6] = [
+const SERVICE_HOSTS: [&str; 8] = [
     "order-api",
     "order-processor",
     "notification-service",
     "logging-service",
+    "order-stats",
+    "payment-provider",
     "rabbitmq",
     "postgres",
 ];
 /// The ports they listen on: a loopback callback to one of these would have
 /// a service call itself (or its broker or database).
-const SERVICE_PORTS: [u16; 7] = [8080, 8081, 8082, 8083, 5432, 5672, 15672];
+const SERVICE_PORTS: [u16; 9] = [8080, 8081, 8082, 8083, 8084, 8085, 5432, 5672, 15672];
 
 /// Whether a callback would make the services call themselves.
 fn points_at_a_service(url: &url::Url) -> bool {

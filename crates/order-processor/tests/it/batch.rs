@@ -30,7 +30,7 @@ async fn a_batch_reserves_stock_order_by_order_and_sets_apart_only_the_orders_at
         .await
         .unwrap();
     let gadgets = stock(&pool, "GADGET").await;
-    let processor = demo_processor(&pool);
+    let processor = demo_processor(&pool).await;
     let handled_before = accepted_order(&pool, &[("GIZMO", 1)]).await;
     processor.handle(&handled_before).await.unwrap();
 
@@ -120,7 +120,7 @@ async fn concurrent_batches_over_the_same_stock_neither_deadlock_nor_oversell() 
         .execute(&pool)
         .await
         .unwrap();
-    let processor = demo_processor(&pool);
+    let processor = demo_processor(&pool).await;
     let mut batches: Vec<Vec<(OrderPlaced, tracing::Span)>> = vec![Vec::new(), Vec::new()];
     for i in 0..20 {
         // Lines in both orders, so only the SKU order of the locks saves them.

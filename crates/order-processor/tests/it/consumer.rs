@@ -41,7 +41,8 @@ async fn start_with(configure: impl FnOnce(&mut Settings)) -> Running {
     let mut settings = Settings::parse_from(["order-processor"]);
     test_support::isolate(&mut settings.worker, url);
     settings.http_port = 0;
-    settings.payment_latency_ms = 0;
+    // Demo customers (`flaky-2`, `doomed`) fail as they ask.
+    settings.provider = crate::helpers::provider(1_000_000, true).await.settings();
     configure(&mut settings);
     let topology = settings.worker.topology();
     let app = Application::build(settings)
@@ -162,7 +163,6 @@ async fn the_health_port_reports_ready() {
 #[tokio::test]
 async fn a_transient_failure_is_retried_with_backoff_and_then_succeeds() {
     let running = start_with(|s| {
-        s.demo_failures = true;
         s.worker.retry_initial_delay_ms = 100;
     })
     .await;
@@ -186,7 +186,6 @@ async fn a_transient_failure_is_retried_with_backoff_and_then_succeeds() {
 #[tokio::test]
 async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often() {
     let running = start_with(|s| {
-        s.demo_failures = true;
         s.worker.retry_max_attempts = 3;
         s.worker.retry_initial_delay_ms = 100;
     })
@@ -203,7 +202,7 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
     .await;
     let reason = test_support::header(&dead, consumer::REASON_HEADER).unwrap();
     assert!(
-        reason.starts_with("gave up after 3 attempts: payment provider unavailable"),
+        reason.starts_with("gave up after 3 attempts: payment provider answered 503 to authorise"),
         "{reason}"
     );
     assert_eq!(consumer::previous_attempts(&dead.properties), 3);
@@ -311,7 +310,7 @@ async fn the_final_outbox_flush_waits_for_a_delivery_still_committing() {
     let mut settings = Settings::parse_from(["order-processor"]);
     test_support::isolate(&mut settings.worker, url);
     settings.http_port = 0;
-    settings.payment_latency_ms = 0;
+    settings.provider = crate::helpers::provider(1_000_000, false).await.settings();
     let topology = settings.worker.amqp.topology();
     let _guard = test_support::TopologyGuard(topology.clone());
     let app = Application::build(settings).await.unwrap();

@@ -1,14 +1,9 @@
 //! The handler, driven directly for deterministic cases.
 
-use std::time::Duration;
-
 use messaging::contracts::Outcome;
-use order_processor::{
-    handler::{HandleError, Handled, decode},
-    payment::PaymentProvider,
-};
+use order_processor::handler::{HandleError, Handled, decode};
 
-use crate::helpers::{accepted_order, count, processor, status, stock};
+use crate::helpers::{accepted_order, count, processor, processor_with, status, stock};
 
 #[tokio::test]
 async fn an_order_is_processed_stock_reserved_and_its_event_queued() {
@@ -16,7 +11,7 @@ async fn an_order_is_processed_stock_reserved_and_its_event_queued() {
     let before = stock(&pool, "WIDGET").await;
     let order = accepted_order(&pool, &[("WIDGET", 3)]).await;
 
-    let handled = processor(&pool).handle(&order).await.unwrap();
+    let handled = processor(&pool).await.handle(&order).await.unwrap();
 
     assert!(matches!(
         handled,
@@ -49,7 +44,7 @@ async fn a_redelivered_message_has_its_effect_once() {
     let (_, pool) = test_support::fresh_database().await;
     let before = stock(&pool, "WIDGET").await;
     let order = accepted_order(&pool, &[("WIDGET", 2)]).await;
-    let processor = processor(&pool);
+    let processor = processor(&pool).await;
 
     processor.handle(&order).await.unwrap();
     let again = processor.handle(&order).await.unwrap();
@@ -64,7 +59,7 @@ async fn concurrent_deliveries_of_one_message_have_their_effect_once() {
     let (_, pool) = test_support::fresh_database().await;
     let before = stock(&pool, "WIDGET").await;
     let order = accepted_order(&pool, &[("WIDGET", 1)]).await;
-    let processor = processor(&pool);
+    let processor = processor(&pool).await;
 
     let results = futures_util::future::join_all((0..5).map(|_| processor.handle(&order))).await;
 
@@ -83,7 +78,7 @@ async fn short_stock_rejects_the_order_and_reserves_nothing() {
     // WIDGET is fine, LIMITED-EDITION (5 in stock) is not: all or nothing.
     let order = accepted_order(&pool, &[("WIDGET", 1), ("LIMITED-EDITION", 6)]).await;
 
-    let handled = processor(&pool).handle(&order).await.unwrap();
+    let handled = processor(&pool).await.handle(&order).await.unwrap();
 
     let Handled::Decided {
         outcome: Outcome::Rejected { reason },
@@ -108,7 +103,8 @@ async fn racing_processors_never_oversell() {
     for _ in 0..20 {
         orders.push(accepted_order(&pool, &[("LIMITED-EDITION", 1)]).await);
     }
-    let processors: Vec<_> = (0..4).map(|_| processor(&pool)).collect();
+    let one = processor(&pool).await;
+    let processors: Vec<_> = (0..4).map(|_| one.clone()).collect();
 
     let results = futures_util::future::join_all(
         orders
@@ -147,8 +143,7 @@ async fn payment_above_the_limit_is_declined_and_reserves_nothing() {
     let (_, pool) = test_support::fresh_database().await;
     let before = stock(&pool, "WIDGET").await;
     let order = accepted_order(&pool, &[("WIDGET", 10)]).await;
-    let mut processor = processor(&pool);
-    processor.payments = PaymentProvider::new(pool.clone(), Duration::ZERO, 100);
+    let (processor, _provider) = processor_with(&pool, 100, false).await;
 
     processor.handle(&order).await.unwrap();
 
@@ -177,7 +172,7 @@ async fn messages_that_can_never_succeed_are_poison() {
     ));
 
     order.order_id = uuid::Uuid::new_v4();
-    let unknown = processor(&pool).handle(&order).await;
+    let unknown = processor(&pool).await.handle(&order).await;
     assert!(
         matches!(unknown, Err(HandleError::Poison(_))),
         "{unknown:?}"
@@ -192,7 +187,7 @@ async fn messages_that_can_never_succeed_are_poison() {
 async fn a_held_order_whose_message_comes_back_is_processed_once() {
     let (_, pool) = test_support::fresh_database().await;
     let order = accepted_order(&pool, &[("WIDGET", 1)]).await;
-    let processor = processor(&pool);
+    let processor = processor(&pool).await;
     // Its payment started, then its message was dead-lettered.
     assert!(processor.start(&order).await.unwrap().is_none());
     assert!(processor.hold(order.order_id, "gave up").await.unwrap());

@@ -8,15 +8,15 @@ use std::time::Duration;
 use messaging::contracts::{OrderPlaced, Outcome, PaymentOutcome};
 use order_processor::{
     handler::{Handled, Processor},
-    payment::{Answer, Charge, Operation, PaymentProvider},
+    payment::{Answer, Call, Charge, Operation},
     sweeper::Sweeper,
 };
 use sqlx::PgPool;
 
-use crate::helpers::{accepted_order, accepted_order_of, demo_processor, processor, stock};
+use crate::helpers::{accepted_order, accepted_order_of, processor_with, provider, stock};
 
 /// What orderflow's books and the provider's say about one order's money.
-#[derive(Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, PartialEq, Eq)]
 struct Money {
     status: String,
     payment: String,
@@ -29,26 +29,43 @@ struct Money {
     events: i64,
 }
 
-async fn money(pool: &PgPool, order: &OrderPlaced) -> Money {
-    sqlx::query_as(
-        "SELECT o.status, p.state AS payment, a.state AS provider,
-            (SELECT count(*) FROM provider_ledger
-             WHERE reference = o.id AND operation = 'authorise' AND outcome = 'authorised') AS authorisations,
-            (SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
-             WHERE reference = o.id AND operation = 'capture' AND outcome = 'captured') AS captured_cents,
-            (SELECT count(*) FROM provider_ledger
-             WHERE reference = o.id AND operation = 'void' AND outcome = 'voided') AS voids,
+/// orderflow's books (`pool`) and the provider's (`books`) on `order`.
+async fn money(pool: &PgPool, books: &PgPool, order: &OrderPlaced) -> Money {
+    let (status, payment, final_statuses, events): (String, String, i64, i64) = sqlx::query_as(
+        "SELECT o.status, p.state,
             (SELECT count(*) FROM order_status_history
-             WHERE order_id = o.id AND status IN ('processed', 'rejected')) AS final_statuses,
-            (SELECT count(*) FROM outbox WHERE order_id = o.id) AS events
+             WHERE order_id = o.id AND status IN ('processed', 'rejected')),
+            (SELECT count(*) FROM outbox WHERE order_id = o.id)
          FROM orders o JOIN payments p ON p.order_id = o.id
-         LEFT JOIN provider_authorisations a ON a.reference = o.id
          WHERE o.id = $1",
     )
     .bind(order.order_id)
     .fetch_one(pool)
     .await
-    .unwrap()
+    .unwrap();
+    let (provider, authorisations, captured_cents, voids) = sqlx::query_as(
+        "SELECT (SELECT state FROM provider_authorisations WHERE reference = $1),
+            (SELECT count(*) FROM provider_ledger
+             WHERE reference = $1 AND operation = 'authorise' AND outcome = 'authorised'),
+            (SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
+             WHERE reference = $1 AND operation = 'capture' AND outcome = 'captured'),
+            (SELECT count(*) FROM provider_ledger
+             WHERE reference = $1 AND operation = 'void' AND outcome = 'voided')",
+    )
+    .bind(order.order_id)
+    .fetch_one(books)
+    .await
+    .unwrap();
+    Money {
+        status,
+        payment,
+        provider,
+        authorisations,
+        captured_cents,
+        voids,
+        final_statuses,
+        events,
+    }
 }
 
 /// Captured once, for the order's total; nothing voided.
@@ -83,16 +100,16 @@ fn voided() -> Money {
 async fn authorise_at_the_provider(processor: &Processor, order: &OrderPlaced) -> Answer {
     processor
         .payments
-        .call(
-            Operation::Authorise,
-            &Charge {
+        .call(Call {
+            operation: Operation::Authorise,
+            charge: Charge {
                 reference: order.order_id,
                 customer_id: &order.customer_id,
                 amount_cents: order.total_cents,
                 currency: &order.currency,
             },
-            &Operation::Authorise.key(order.order_id),
-        )
+            idempotency_key: &Operation::Authorise.key(order.order_id),
+        })
         .await
         .unwrap()
 }
@@ -105,7 +122,7 @@ const STEPS: usize = 2;
 async fn a_crash_between_any_two_steps_is_finished_by_the_next_delivery() {
     let (_, pool) = test_support::fresh_database().await;
     let widgets = stock(&pool, "WIDGET").await;
-    let processor = processor(&pool);
+    let (processor, provider) = processor_with(&pool, 1_000_000, false).await;
     for crashed_after in 0..STEPS {
         // In stock: captured. Short of stock: voided.
         let paid = accepted_order(&pool, &[("WIDGET", 2)]).await;
@@ -128,12 +145,12 @@ async fn a_crash_between_any_two_steps_is_finished_by_the_next_delivery() {
             );
         }
         assert_eq!(
-            money(&pool, &paid).await,
+            money(&pool, &provider.books, &paid).await,
             captured(&paid),
             "crashed after {crashed_after} steps"
         );
         assert_eq!(
-            money(&pool, &short).await,
+            money(&pool, &provider.books, &short).await,
             voided(),
             "crashed after {crashed_after} steps"
         );
@@ -150,7 +167,7 @@ async fn a_crash_between_any_two_steps_is_finished_by_the_next_delivery() {
 #[tokio::test]
 async fn a_provider_failing_or_timing_out_after_the_work_moves_the_money_once() {
     let (_, pool) = test_support::fresh_database().await;
-    let processor = demo_processor(&pool);
+    let (processor, provider) = processor_with(&pool, 1_000_000, true).await;
     // (customer, in stock?, what the provider's books hold after the first try)
     let cases = [
         ("timeout-authorise", true, Some("authorised")),
@@ -169,13 +186,13 @@ async fn a_provider_failing_or_timing_out_after_the_work_moves_the_money_once() 
         let order = accepted_order_of(&pool, customer, items).await;
         let first = processor.handle(&order).await;
         assert!(first.is_err(), "{customer}: the first try fails: {first:?}");
-        let provider: Option<String> =
+        let at_provider: Option<String> =
             sqlx::query_scalar("SELECT state FROM provider_authorisations WHERE reference = $1")
                 .bind(order.order_id)
-                .fetch_optional(&pool)
+                .fetch_optional(&provider.books)
                 .await
                 .unwrap();
-        assert_eq!(provider.as_deref(), after_first, "{customer}");
+        assert_eq!(at_provider.as_deref(), after_first, "{customer}");
         let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
             .bind(order.order_id)
             .fetch_one(&pool)
@@ -192,15 +209,18 @@ async fn a_provider_failing_or_timing_out_after_the_work_moves_the_money_once() 
             "{customer}: {second:?}"
         );
         let expected = if in_stock { captured(&order) } else { voided() };
-        assert_eq!(money(&pool, &order).await, expected, "{customer}");
+        assert_eq!(
+            money(&pool, &provider.books, &order).await,
+            expected,
+            "{customer}"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_declined_payment_holds_and_takes_nothing() {
     let (_, pool) = test_support::fresh_database().await;
-    let mut processor = processor(&pool);
-    processor.payments = PaymentProvider::new(pool.clone(), Duration::ZERO, 100);
+    let (processor, provider) = processor_with(&pool, 100, false).await;
     let order = accepted_order(&pool, &[("WIDGET", 1)]).await;
 
     let handled = processor.handle(&order).await.unwrap();
@@ -220,7 +240,7 @@ async fn a_declined_payment_holds_and_takes_nothing() {
             PaymentOutcome::Declined
         )
     );
-    let money = money(&pool, &order).await;
+    let money = money(&pool, &provider.books, &order).await;
     assert_eq!(
         (money.payment.as_str(), money.provider.as_deref()),
         ("declined", Some("declined"))
@@ -234,7 +254,7 @@ async fn a_declined_payment_holds_and_takes_nothing() {
 #[tokio::test]
 async fn the_sweeper_settles_a_decided_payment_whose_message_is_gone() {
     let (_, pool) = test_support::fresh_database().await;
-    let processor = processor(&pool);
+    let (processor, provider) = processor_with(&pool, 1_000_000, false).await;
     let paid = accepted_order(&pool, &[("WIDGET", 1)]).await;
     let short = accepted_order(&pool, &[("LIMITED-EDITION", 6)]).await;
     for order in [&paid, &short] {
@@ -252,14 +272,14 @@ async fn the_sweeper_settles_a_decided_payment_whose_message_is_gone() {
     let sweeper = Sweeper::new(processor.clone(), Duration::ZERO, Duration::from_secs(3600));
     assert_eq!(sweeper.sweep().await.unwrap(), 2);
 
-    assert_eq!(money(&pool, &paid).await, captured(&paid));
-    assert_eq!(money(&pool, &short).await, voided());
+    assert_eq!(money(&pool, &provider.books, &paid).await, captured(&paid));
+    assert_eq!(money(&pool, &provider.books, &short).await, voided());
     for order in [&paid, &short] {
         assert_eq!(processor.handle(order).await.unwrap(), Handled::Duplicate);
     }
     assert_eq!(sweeper.sweep().await.unwrap(), 0);
     assert_eq!(
-        money(&pool, &paid).await,
+        money(&pool, &provider.books, &paid).await,
         captured(&paid),
         "a late delivery moves nothing"
     );
@@ -268,7 +288,7 @@ async fn the_sweeper_settles_a_decided_payment_whose_message_is_gone() {
 #[tokio::test]
 async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refused() {
     let (_, pool) = test_support::fresh_database().await;
-    let processor = processor(&pool);
+    let (processor, provider) = processor_with(&pool, 1_000_000, false).await;
     // Its processor died before calling the provider...
     let never_called = accepted_order(&pool, &[("WIDGET", 1)]).await;
     processor.start(&never_called).await.unwrap();
@@ -283,8 +303,8 @@ async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refu
     let sweeper = Sweeper::new(processor.clone(), Duration::from_secs(3600), Duration::ZERO);
     assert_eq!(sweeper.sweep().await.unwrap(), 2);
 
-    assert_eq!(money(&pool, &authorised).await, voided());
-    let never = money(&pool, &never_called).await;
+    assert_eq!(money(&pool, &provider.books, &authorised).await, voided());
+    let never = money(&pool, &provider.books, &never_called).await;
     assert_eq!(
         (
             never.status.as_str(),
@@ -315,7 +335,7 @@ async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refu
 #[tokio::test]
 async fn a_delivery_and_the_sweeper_meeting_on_one_payment_settle_it_once() {
     let (_, pool) = test_support::fresh_database().await;
-    let processor = processor(&pool);
+    let (processor, provider) = processor_with(&pool, 1_000_000, false).await;
     let mut orders = Vec::new();
     for _ in 0..6 {
         let order = accepted_order(&pool, &[("GIZMO", 1)]).await;
@@ -337,14 +357,14 @@ async fn a_delivery_and_the_sweeper_meeting_on_one_payment_settle_it_once() {
         .count();
     assert_eq!(delivered + swept.unwrap(), orders.len(), "{deliveries:?}");
     for order in &orders {
-        assert_eq!(money(&pool, order).await, captured(order));
+        assert_eq!(money(&pool, &provider.books, order).await, captured(order));
     }
 }
 
 #[tokio::test]
 async fn the_provider_does_each_request_once_and_refuses_a_second_capture() {
-    let (_, pool) = test_support::fresh_database().await;
-    let provider = PaymentProvider::new(pool.clone(), Duration::ZERO, 1_000_000);
+    let provider = provider(1_000_000, false).await;
+    let client = provider.client();
     let reference = uuid::Uuid::new_v4();
     let charge = Charge {
         reference,
@@ -352,7 +372,13 @@ async fn the_provider_does_each_request_once_and_refuses_a_second_capture() {
         amount_cents: 4950,
         currency: "EUR",
     };
-    let call = |operation, key: &'static str| provider.call(operation, &charge, key);
+    let call = |operation, idempotency_key: &'static str| {
+        client.call(Call {
+            operation,
+            charge,
+            idempotency_key,
+        })
+    };
 
     assert_eq!(
         call(Operation::Authorise, "a").await.unwrap(),
@@ -379,7 +405,7 @@ async fn the_provider_does_each_request_once_and_refuses_a_second_capture() {
         Answer::Refused(_)
     ));
     assert!(
-        matches!(call(Operation::Void, "a").await.unwrap(), Answer::Refused(why) if why.contains("reused")),
+        matches!(call(Operation::Void, "a").await.unwrap(), Answer::Refused(why) if why.contains("another request")),
         "a key names one request"
     );
     let (captures, captured): (i64, i64) = sqlx::query_as(
@@ -387,7 +413,7 @@ async fn the_provider_does_each_request_once_and_refuses_a_second_capture() {
          WHERE reference = $1 AND outcome = 'captured'",
     )
     .bind(reference)
-    .fetch_one(&pool)
+    .fetch_one(&provider.books)
     .await
     .unwrap();
     assert_eq!((captures, captured), (1, 4950));

@@ -15,7 +15,7 @@ use messaging::{
     consumer::{self, ConsumerSpec, Disposition, Each, Handler, RetryPolicy},
     contracts::{Lane, OrderPlaced},
 };
-use order_processor::{consumer::Orders, handler::Processor, payment::PaymentProvider};
+use order_processor::{consumer::Orders, handler::Processor};
 use platform::outbox::Relay;
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -67,7 +67,7 @@ async fn starved_consumer(retry: RetryPolicy) -> Starved {
     let processor = Processor {
         pool: starved.clone(),
         topology: topology.clone(),
-        payments: PaymentProvider::new(starved.clone(), Duration::ZERO, 1_000_000),
+        payments: crate::helpers::provider(1_000_000, false).await.client(),
         instance_id: "starved-processor".into(),
     };
     let relay = Relay::new(starved, publisher.clone());

@@ -145,16 +145,10 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     );
 
     println!(
-        "fixing the cause (processors restarted without demo failures) and replaying the doomed order"
+        "fixing the cause (the payment provider restarted without demo failures) and replaying the doomed order"
     );
-    for processor in system.processors.drain(..) {
-        assert!(processor.stop().await.success());
-    }
     system.env.retain(|(k, _)| *k != "DEMO_FAILURES");
-    system.processors = (1..=3)
-        .map(|i| system.service("order-processor", &format!("processor-{i}")))
-        .collect();
-    system.wait_ready().await;
+    system.restart_provider().await;
     let message_id =
         sqlx::query_scalar::<_, Uuid>("SELECT message_id FROM outbox WHERE order_id = $1")
             .bind(doomed_id)
@@ -487,5 +481,60 @@ async fn fifty_concurrent_posts_with_one_key() {
         "the key: 1 order, {replays} replays, {in_flight} × 409; largest batch order-api stored in one transaction: {largest}"
     );
     check_invariants(&system, "50 POSTs one key", &accepted, 0).await;
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_the_payment_provider_under_load_and_start_it_again() {
+    // 100 ms per provider call: calls are in flight when it dies, some
+    // done and unanswered, some not begun.
+    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "100")]).await;
+    let load = Load::start(system.api_url(), system.client(), RATE);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    println!("kill -9 the payment provider mid-load; 5 s later it starts again");
+    system.provider.take().expect("the provider runs").kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    system.provider = Some(system.start_provider(system.provider_port));
+    system.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = load.finish().await;
+    check_invariants(&system, "kill -9 payment provider", &report.accepted, 0).await;
+    let unanswered: usize = (1..=3)
+        .map(|i| {
+            system
+                .log(&format!("processor-{i}"))
+                .matches("payment provider")
+                .count()
+        })
+        .sum();
+    println!("processor log lines about the provider failing: {unanswered}");
+    assert!(unanswered > 0, "the processors saw the provider gone");
+    system.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_provider_slower_than_the_processors_wait_for_20_s() {
+    // The processors wait 1 s for an answer; for 20 s the provider takes 3.
+    let mut system =
+        System::start(&[("DEMO_FAILURES", "true"), ("PAYMENT_TIMEOUT_MS", "1000")]).await;
+    let load = Load::start(system.api_url(), system.client(), RATE);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("the payment provider answers in 3 s for 20 s; the processors wait 1 s");
+    system.provider_latency(3000).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    system.provider_latency(20).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish().await;
+    check_invariants(&system, "slow payment provider", &report.accepted, 0).await;
+    let timed_out: usize = (1..=3)
+        .map(|i| {
+            system
+                .log(&format!("processor-{i}"))
+                .matches("did not answer")
+                .count()
+        })
+        .sum();
+    println!("processor log lines of provider calls given up: {timed_out}");
+    assert!(timed_out > 0, "calls outlived the processors' wait");
     system.stop_all().await;
 }

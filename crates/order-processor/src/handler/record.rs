@@ -1,0 +1,347 @@
+//! What a round records, in one transaction: authorisations with the
+//! decisions they lead to (stock reserved, or not), and finished payments
+//! with the order's final status and its event. Every change is guarded by
+//! the state it leaves, so a change someone else made first is not made
+//! twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use chrono::Utc;
+use messaging::{
+    amqp::Envelope,
+    contracts::{Lane, OrderEvent, Outcome, PaymentOutcome, SCHEMA_VERSION},
+};
+use platform::outbox::{self, Outboxed};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{CONSUMER, HandleError, Processor, round::Pending};
+use crate::state::PaymentState;
+
+/// A payment moving on to `to`, with its line of history (and, given one,
+/// the reason it is being voided).
+pub(crate) struct Move {
+    pub order_id: Uuid,
+    pub to: PaymentState,
+    pub reason: Option<String>,
+    pub detail: String,
+}
+
+/// A payment the provider has settled, to be recorded with the order's
+/// final status.
+pub(super) struct Finish<'a> {
+    pub(super) index: usize,
+    pub(super) order_id: Uuid,
+    pub(super) pending: &'a Pending,
+    pub(super) from: PaymentState,
+    pub(super) payment: PaymentOutcome,
+    pub(super) outcome: Outcome,
+}
+
+impl Processor {
+    /// The money has moved as the provider confirmed: for each payment still
+    /// where the provider found it, its final state, the order's final
+    /// status, its history, its event and the message's record as handled.
+    /// The event of each finish, or `None` where someone else finished it.
+    pub(super) async fn finish_all(
+        &self,
+        tx: &mut PgConnection,
+        finishes: &[Finish<'_>],
+    ) -> Result<Vec<Option<Outboxed>>, HandleError> {
+        if finishes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let moved: HashSet<Uuid> = sqlx::query_scalar(
+            "UPDATE payments p SET state = i.state, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS i(order_id, from_state, state), orders o
+             WHERE p.order_id = i.order_id AND p.state = i.from_state
+               AND o.id = p.order_id AND o.status IN ('accepted', 'held')
+             RETURNING p.order_id",
+        )
+        .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
+        .bind(finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>())
+        .bind(finishes.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let done: Vec<&Finish<'_>> = finishes
+            .iter()
+            .filter(|f| moved.contains(&f.order_id))
+            .collect();
+        if done.is_empty() {
+            return Ok(finishes.iter().map(|_| None).collect());
+        }
+        let details: Vec<(String, String)> = done.iter().map(|f| f.details()).collect();
+        // The decisions, both histories and the messages' records in one
+        // round trip; the guarded UPDATE above let one transaction through.
+        sqlx::query(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::uuid[])
+                     AS i(order_id, status, reason, order_detail, payment_state, payment_detail, message_id)),
+             decided AS (
+                 UPDATE orders o SET status = i.status, reason = i.reason, processed_by = $8, updated_at = now()
+                 FROM input i WHERE o.id = i.order_id RETURNING o.id),
+             paid AS (
+                 INSERT INTO payment_history (order_id, state, detail, service)
+                 SELECT i.order_id, i.payment_state, i.payment_detail, 'order-processor'
+                 FROM input i JOIN decided d ON d.id = i.order_id),
+             handled AS (
+                 INSERT INTO processed_messages (consumer, message_id)
+                 SELECT $9, message_id FROM input
+                 ON CONFLICT DO NOTHING)
+             INSERT INTO order_status_history (order_id, status, detail, service)
+             SELECT i.order_id, i.status, i.order_detail, 'order-processor'
+             FROM input i JOIN decided d ON d.id = i.order_id",
+        )
+        .bind(done.iter().map(|f| f.order_id).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.outcome.status()).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.reason()).collect::<Vec<_>>())
+        .bind(details.iter().map(|(_, order)| order.as_str()).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
+        .bind(details.iter().map(|(payment, _)| payment.as_str()).collect::<Vec<_>>())
+        .bind(done.iter().map(|f| f.pending.message_id).collect::<Vec<_>>())
+        .bind(&self.instance_id)
+        .bind(CONSUMER)
+        .execute(&mut *tx)
+        .await?;
+        let events: Vec<(OrderEvent, Envelope, serde_json::Value)> = done
+            .iter()
+            .map(|f| self.event(f))
+            .collect::<Result<_, _>>()?;
+        let exchange = self.topology.events_exchange();
+        let messages = events
+            .iter()
+            .map(|(_, envelope, payload)| outbox::Message {
+                exchange: &exchange,
+                routing_key: "",
+                envelope: envelope.clone(),
+                payload,
+            })
+            .collect();
+        let mut queued = outbox::enqueue_all(tx, messages).await?.into_iter();
+        Ok(finishes
+            .iter()
+            .map(|f| {
+                moved
+                    .contains(&f.order_id)
+                    .then(|| queued.next().expect("one event per finish"))
+            })
+            .collect())
+    }
+
+    /// The event announcing a finished order, its envelope and its payload.
+    fn event(
+        &self,
+        finish: &Finish<'_>,
+    ) -> Result<(OrderEvent, Envelope, serde_json::Value), HandleError> {
+        let pending = finish.pending;
+        let lane = match pending.lane.as_str() {
+            "express" => Lane::Express,
+            _ => Lane::Standard,
+        };
+        let event = OrderEvent {
+            schema_version: SCHEMA_VERSION,
+            message_id: Uuid::new_v4(),
+            occurred_at: Utc::now(),
+            outcome: finish.outcome.clone(),
+            order_id: finish.order_id,
+            customer_id: pending.customer_id.clone(),
+            email: pending.email.clone(),
+            total_cents: pending.total_cents,
+            currency: pending.currency.clone(),
+            lane,
+            processed_by: self.instance_id.clone(),
+            callback_url: pending.callback_url.clone(),
+            payment: Some(finish.payment),
+            items: pending.items.0.clone(),
+        };
+        let envelope = Envelope {
+            message_id: event.message_id,
+            correlation_id: pending.correlation_id.clone(),
+            order_id: finish.order_id,
+        };
+        let payload = serde_json::to_value(&event).map_err(anyhow::Error::from)?;
+        Ok((event, envelope, payload))
+    }
+}
+
+impl Finish<'_> {
+    fn reason(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Rejected { reason } => Some(reason.as_str()),
+            Outcome::Processed => None,
+        }
+    }
+
+    /// The payment's line of history and the order's.
+    fn details(&self) -> (String, String) {
+        let amount = self.pending.amount();
+        match (&self.outcome, self.payment) {
+            (Outcome::Processed, _) => (
+                format!("{amount} captured"),
+                format!("stock reserved, payment of {amount} captured"),
+            ),
+            (Outcome::Rejected { reason }, PaymentOutcome::Declined) => {
+                (format!("{amount} declined by the provider"), reason.clone())
+            }
+            (Outcome::Rejected { reason }, _) => (
+                format!("authorisation of {amount} voided: {reason}"),
+                format!("{reason}; authorisation of {amount} voided, nothing charged"),
+            ),
+        }
+    }
+}
+
+/// The authorisations are held: reserve each order's stock and decide to
+/// capture, or, short of stock, to void. The decision is the payment's next
+/// state, recorded with the reservation. The payments are locked in order
+/// id order and the stock rows of the whole batch in SKU order, so
+/// processors cannot deadlock; each order takes all its lines or none, in
+/// the order the orders came. Returns the decisions made.
+pub(super) async fn decide_all(
+    tx: &mut PgConnection,
+    orders: &[(Uuid, &Pending)],
+) -> sqlx::Result<Vec<Move>> {
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+    ids.sort();
+    let locked: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT o.id FROM orders o JOIN payments p ON p.order_id = o.id
+         WHERE o.id = ANY($1) AND o.status IN ('accepted', 'held') AND p.state = 'authorised'
+         ORDER BY o.id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let orders: Vec<&(Uuid, &Pending)> = orders
+        .iter()
+        .filter(|(id, _)| locked.contains(id))
+        .collect();
+    let skus: BTreeSet<&str> = orders
+        .iter()
+        .flat_map(|(_, pending)| pending.items.iter().map(|line| line.sku.as_str()))
+        .collect();
+    let mut stock: HashMap<String, i64> = sqlx::query_as::<_, (String, i32)>(
+        "SELECT sku, stock FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(skus.into_iter().collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(sku, stock)| (sku, i64::from(stock)))
+    .collect();
+
+    let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+    let mut decisions = Vec::with_capacity(orders.len());
+    for (order_id, pending) in orders {
+        let mut needed: BTreeMap<&str, i64> = BTreeMap::new();
+        for line in pending.items.iter() {
+            *needed.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
+        }
+        let short = needed
+            .iter()
+            .find(|(sku, quantity)| stock.get(**sku).is_none_or(|left| left < *quantity));
+        let amount = pending.amount();
+        decisions.push(match short {
+            None => {
+                for (sku, quantity) in needed {
+                    *stock.get_mut(sku).expect("a locked stock row") -= quantity;
+                    *taken.entry(sku.to_owned()).or_default() += quantity;
+                }
+                Move {
+                    order_id: *order_id,
+                    to: PaymentState::Capturing,
+                    reason: None,
+                    detail: format!("stock reserved; capturing {amount}"),
+                }
+            }
+            Some((sku, _)) => {
+                let reason = format!("out_of_stock: {sku}");
+                Move {
+                    order_id: *order_id,
+                    to: PaymentState::Voiding,
+                    detail: format!("{reason}; voiding the authorisation of {amount}"),
+                    reason: Some(reason),
+                }
+            }
+        });
+    }
+    if !taken.is_empty() {
+        let (skus, quantities): (Vec<String>, Vec<i64>) = taken.into_iter().unzip();
+        // The rows are locked and hold enough: the guard only restates it.
+        sqlx::query(
+            "UPDATE inventory i SET stock = i.stock - t.taken
+             FROM unnest($1::text[], $2::int8[]) AS t(sku, taken)
+             WHERE i.sku = t.sku AND i.stock >= t.taken",
+        )
+        .bind(&skus)
+        .bind(&quantities)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // The payments are locked and were `authorised`: this moves them.
+    move_payments(&mut *tx, &decisions, &[PaymentState::Authorised], CONSUMER).await?;
+    Ok(decisions)
+}
+
+/// Move the payment of `order_id` from one of `from` to `to` with a
+/// line of history by `service` (and, given one, the reason it is being
+/// voided), in one statement; `false` if it was in none of `from`.
+pub(crate) async fn move_payment(
+    conn: impl sqlx::PgExecutor<'_>,
+    order_id: Uuid,
+    from: &[PaymentState],
+    to: PaymentState,
+    reason: Option<&str>,
+    detail: &str,
+    service: &str,
+) -> sqlx::Result<bool> {
+    let step = Move {
+        order_id,
+        to,
+        reason: reason.map(str::to_owned),
+        detail: detail.to_owned(),
+    };
+    Ok(!move_payments(conn, &[step], from, service)
+        .await?
+        .is_empty())
+}
+
+/// [`move_payment`] for several payments, in one statement; returns the
+/// orders whose payments moved.
+pub(crate) async fn move_payments(
+    conn: impl sqlx::PgExecutor<'_>,
+    moves: &[Move],
+    from: &[PaymentState],
+    service: &str,
+) -> sqlx::Result<Vec<Uuid>> {
+    if moves.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                 AS i(order_id, state, reason, detail)),
+         moved AS (
+             UPDATE payments p SET state = i.state, reason = coalesce(i.reason, p.reason), updated_at = now()
+             FROM input i WHERE p.order_id = i.order_id AND p.state = ANY($5)
+             RETURNING p.order_id, i.state, i.detail)
+         INSERT INTO payment_history (order_id, state, detail, service)
+         SELECT order_id, state, detail, $6 FROM moved
+         RETURNING order_id",
+    )
+    .bind(moves.iter().map(|m| m.order_id).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.to.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
+    .bind(from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    .bind(service)
+    .fetch_all(conn)
+    .await
+}

@@ -1,0 +1,11 @@
+use clap::Parser;
+use payment_provider::{configuration::Settings, startup::Application};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::parse();
+    messaging::telemetry::init("payment-provider", settings.log.log_format);
+    let shutdown = messaging::shutdown::token_on_signal();
+    let application = Application::build(settings).await?;
+    application.run_until_stopped(shutdown).await
+}
