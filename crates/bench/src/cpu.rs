@@ -32,6 +32,22 @@ pub struct Usage {
     pub total_ms_per_op: f64,
 }
 
+impl Usage {
+    /// What the stand-in payment provider (its service and its database's
+    /// backends) spent per operation.
+    pub fn provider_ms_per_op(&self) -> f64 {
+        PROVIDER_GROUPS
+            .iter()
+            .filter_map(|group| self.ms_per_op.get(*group))
+            .sum()
+    }
+
+    /// What orderflow spent per operation: the total less the provider's.
+    pub fn orderflow_ms_per_op(&self) -> f64 {
+        self.total_ms_per_op - self.provider_ms_per_op()
+    }
+}
+
 /// Read the CPU time of `services` (name, pid), of every Postgres and
 /// RabbitMQ process, of this process, and of the whole machine.
 pub fn snapshot(services: &[(String, u32)]) -> Snapshot {
@@ -48,6 +64,7 @@ pub fn snapshot(services: &[(String, u32)]) -> Snapshot {
     for pid in all_pids() {
         if let Some((command, seconds)) = process_cpu(pid) {
             let group = match command.as_str() {
+                "postgres" if serves_the_provider(pid) => PROVIDER_POSTGRES,
                 "postgres" => "postgres",
                 "beam.smp" | "erl_child_setup" | "epmd" | "inet_gethost" => "rabbitmq",
                 _ => continue,
@@ -60,6 +77,22 @@ pub fn snapshot(services: &[(String, u32)]) -> Snapshot {
         groups,
         machine_busy_s: machine_busy_seconds().unwrap_or(0.0),
     }
+}
+
+/// The group of the Postgres backends serving the stand-in payment
+/// provider's database: its cost is told apart from orderflow's.
+pub const PROVIDER_POSTGRES: &str = "postgres (provider)";
+
+/// The groups that are the stand-in payment provider, not orderflow.
+pub const PROVIDER_GROUPS: [&str; 2] = ["payment-provider", PROVIDER_POSTGRES];
+
+/// Whether Postgres process `pid` is a backend connected to a benchmark's
+/// provider database: a backend's command line names its database
+/// (`postgres: user database host(port) state`).
+fn serves_the_provider(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| {
+        String::from_utf8_lossy(&line).contains(crate::system::PROVIDER_DATABASE_MARK)
+    })
 }
 
 /// `order-processor-3` and its siblings count as one group.

@@ -25,8 +25,8 @@ use clap::{Parser, Subcommand};
 use loadgen::{LoadOptions, Percentiles, Posted};
 use messaging::contracts::Lane;
 use report::{
-    Burst, Express, HttpRun, LowLoad, Machine, Memory, Rate, Raw, Reference, Results, Sample,
-    ScalingRun,
+    Burst, Express, HttpRun, LowLoad, Machine, Memory, ProcessorStage, Rate, Raw, Reference,
+    Results, Sample, ScalingRun,
 };
 use system::{Environment, ScratchDatabase, Shape, System};
 use tokio_util::sync::CancellationToken;
@@ -112,6 +112,9 @@ enum Command {
     /// printed: for setting the services of another build (--bin-dir)
     /// beside this one's on the same machine (writes nothing).
     LowLoad,
+    /// The full run's processor-stage row alone (a backlog drained by two
+    /// processors), printed (writes nothing).
+    ProcessorStage,
     /// The full run's HTTP rows alone (bare axum + one INSERT, order-api as
     /// fast as it goes, order-api at half that rate), printed (writes
     /// nothing).
@@ -131,6 +134,7 @@ struct Sizes {
     express_backlog: u64,
     express_orders: u64,
     low_load_orders: u64,
+    stage_orders: u64,
 }
 
 impl Sizes {
@@ -148,6 +152,7 @@ impl Sizes {
                 express_backlog: 500,
                 express_orders: 20,
                 low_load_orders: 60,
+                stage_orders: 300,
             }
         } else {
             Self {
@@ -162,6 +167,7 @@ impl Sizes {
                 express_backlog: 5_000,
                 express_orders: 100,
                 low_load_orders: 600,
+                stage_orders: 20_000,
             }
         }
     }
@@ -249,6 +255,11 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&row)?);
         return Ok(());
     }
+    if let Some(Command::ProcessorStage) = cli.command {
+        let row = processor_stage(&environment, &sizes).await?;
+        println!("{}", serde_json::to_string_pretty(&row)?);
+        return Ok(());
+    }
     if let Some(Command::Http) = cli.command {
         let runs = http_runs(&environment, &sizes).await?;
         println!("{}", serde_json::to_string_pretty(&runs)?);
@@ -316,6 +327,11 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         sizes.low_load_orders
     ));
     let low_load = low_load(environment, sizes).await?;
+    step(&format!(
+        "the processor stage: a backlog of {} orders drained by two processors",
+        sizes.stage_orders
+    ));
+    let processor_stage = processor_stage(environment, sizes).await?;
     Ok(Results {
         quick: cli.quick,
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -329,8 +345,61 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         burst,
         express,
         low_load,
+        processor_stage,
         memory,
     })
+}
+
+/// The processor stage alone: orders posted while no processor runs (their
+/// messages wait on the work queue, published), then drained by two
+/// processors with no payment latency and no subscribers. The CPU is read
+/// over the drain only, so it is what processing costs: the processors,
+/// orderflow's Postgres, RabbitMQ, and the provider beside them.
+async fn processor_stage(
+    environment: &Environment,
+    sizes: &Sizes,
+) -> anyhow::Result<ProcessorStage> {
+    let shape = Shape {
+        processors: 0,
+        payment_latency_ms: 0,
+        prefetch: DEFAULT_PREFETCH,
+        subscribers: false,
+    };
+    let mut system = System::start(environment, "processor-stage", shape).await?;
+    let posted = loadgen::post_orders(LoadOptions {
+        progress: true,
+        ..system.load(sizes.stage_orders, CONCURRENCY)
+    })
+    .await?;
+    let orders = posted.accepted.len() as u64;
+    system.wait_published(WAIT).await?;
+    let before = cpu::snapshot(&system.pids());
+    let clock = Instant::now();
+    system.start_processors(2).await?;
+    let finished = system.wait_final(orders, WAIT).await?;
+    let drained_s = clock.elapsed().as_secs_f64();
+    let usage = before.usage_since(&cpu::snapshot(&system.pids()), orders);
+    let exactly_once = system.finals_once(orders).await?;
+    system.stop().await?;
+    let stage = ProcessorStage {
+        orders,
+        finished,
+        drained_per_s: orders as f64 / drained_s.max(f64::EPSILON),
+        exactly_once,
+        cpu: usage,
+    };
+    eprintln!(
+        "  drained {:.0}/s; orderflow's Postgres {:.2} ms per order, the provider's {:.2} ms",
+        stage.drained_per_s,
+        stage.postgres_ms_per_order(),
+        stage
+            .cpu
+            .ms_per_op
+            .get(cpu::PROVIDER_POSTGRES)
+            .copied()
+            .unwrap_or(0.0)
+    );
+    Ok(stage)
 }
 
 fn step(what: &str) {

@@ -27,7 +27,29 @@ pub struct Results {
     pub burst: Burst,
     pub express: Express,
     pub low_load: LowLoad,
+    pub processor_stage: ProcessorStage,
     pub memory: Vec<Memory>,
+}
+
+/// A backlog drained by two processors with no payment latency: what the
+/// processor stage costs per order.
+#[derive(Debug, Serialize)]
+pub struct ProcessorStage {
+    pub orders: u64,
+    /// Every order was final before the deadline.
+    pub finished: bool,
+    pub drained_per_s: f64,
+    /// One final status per order, each message handled once.
+    pub exactly_once: bool,
+    /// Over the drain only.
+    pub cpu: Usage,
+}
+
+impl ProcessorStage {
+    /// orderflow's Postgres CPU per order (the provider's database apart).
+    pub fn postgres_ms_per_order(&self) -> f64 {
+        self.cpu.ms_per_op.get("postgres").copied().unwrap_or(0.0)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -322,6 +344,13 @@ impl Results {
                 ));
             }
         }
+        let stage = &self.processor_stage;
+        if !stage.finished || !stage.exactly_once {
+            failures.push(format!(
+                "processor stage: finished {}, exactly once {}",
+                stage.finished, stage.exactly_once
+            ));
+        }
         let low = &self.low_load;
         if !low.complete || !low.exactly_once || low.errors > 0 {
             failures.push(format!(
@@ -401,13 +430,15 @@ impl Results {
                 met: share >= 0.7,
             });
             targets.push(Target {
-                name: "CPU per order end to end (best no-I/O run)",
+                name: "CPU per order end to end (best no-I/O run), the stand-in provider's share apart",
                 goal: "≤ 2.0 ms".into(),
                 measured: format!(
-                    "{:.1} ms (reference pipeline {:.1} ms)",
-                    best.cpu.total_ms_per_op, self.reference.cpu.total_ms_per_op
+                    "{:.1} ms, and {:.1} ms the provider's (reference pipeline {:.1} ms)",
+                    best.cpu.orderflow_ms_per_op(),
+                    best.cpu.provider_ms_per_op(),
+                    self.reference.cpu.total_ms_per_op
                 ),
-                met: best.cpu.total_ms_per_op <= 2.0,
+                met: best.cpu.orderflow_ms_per_op() <= 2.0,
             });
         }
         for (prefetch, name) in [
@@ -451,6 +482,23 @@ impl Results {
                 low.accept_to_final.p50_ms, low.accept_to_done.p50_ms
             ),
             met: low.accept_to_final.p50_ms <= 6.0,
+        });
+        let stage = &self.processor_stage;
+        targets.push(Target {
+            name: "orderflow's Postgres CPU per order, the processor stage (a backlog, two processors, no payment latency)",
+            goal: "≤ 0.9 ms".into(),
+            measured: format!(
+                "{:.2} ms (the provider's database {:.2} ms; {:.0} orders/s)",
+                stage.postgres_ms_per_order(),
+                stage
+                    .cpu
+                    .ms_per_op
+                    .get(crate::cpu::PROVIDER_POSTGRES)
+                    .copied()
+                    .unwrap_or(0.0),
+                stage.drained_per_s
+            ),
+            met: stage.postgres_ms_per_order() <= 0.9,
         });
         targets.push(Target {
             name: "express accept→final p99 behind the backlog",
@@ -863,6 +911,13 @@ fn cpu_section(md: &mut String, results: &Results) {
                 )
             }),
     );
+    rows.push((
+        format!(
+            "the processor stage: a backlog of {} drained by 2 processors, no I/O (per order)",
+            results.processor_stage.orders
+        ),
+        &results.processor_stage.cpu,
+    ));
     let order = [
         "load generator",
         "bare axum",
@@ -872,6 +927,8 @@ fn cpu_section(md: &mut String, results: &Results) {
         "logging-service",
         "postgres",
         "rabbitmq",
+        "payment-provider",
+        crate::cpu::PROVIDER_POSTGRES,
         "other",
     ];
     let groups: Vec<&str> = order
@@ -887,7 +944,10 @@ fn cpu_section(md: &mut String, results: &Results) {
         "\n## Where the CPU goes\n\nCPU milliseconds per request or per order, read from /proc \
          (user + system time of each process; *other* is the rest of the machine's busy time), \
          and how busy the {} cores were. Two cores give at most 2,000 CPU-ms per second, so \
-         *ceiling* = 2,000 / total is the most this work could do here if nothing else ran.\n",
+         *ceiling* = 2,000 / total is the most this work could do here if nothing else ran. \
+         *payment-provider* and *postgres (provider)* are the stand-in payment provider (its \
+         service, and the Postgres backends of its own database): another company's cost in \
+         real life, counted in *total* but not in orderflow's CPU per order above.\n",
         results.machine.cores
     );
     let _ = write!(md, "| run | cores busy | total ms | ceiling/s |");

@@ -157,7 +157,8 @@ impl System {
                 )
             })?;
         let database = ScratchDatabase::create(environment, "run").await?;
-        let provider_database = ScratchDatabase::create(environment, "provider").await?;
+        let provider_database =
+            ScratchDatabase::create(environment, PROVIDER_DATABASE_PURPOSE).await?;
         // Opened now and kept: while the services under test hold every
         // connection Postgres allows, the benchmark still counts.
         let pool = PgPoolOptions::new()
@@ -332,6 +333,54 @@ impl System {
             .collect()
     }
 
+    /// Wait until every order's message is published (the outbox is
+    /// empty).
+    pub async fn wait_published(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let unpublished: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                    .fetch_one(&self.pool)
+                    .await?;
+            if unpublished == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("the outbox still held unpublished orders after {limit:?}")
+    }
+
+    /// Wait until `orders` orders are final; whether they all were before
+    /// `limit`.
+    pub async fn wait_final(&self, orders: u64, limit: Duration) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let finals: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM orders WHERE status IN ('processed', 'rejected')",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            if u64::try_from(finals).unwrap_or(0) >= orders {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(false)
+    }
+
+    /// Whether each of `orders` orders got one final status and its message
+    /// was handled once.
+    pub async fn finals_once(&self, orders: u64) -> anyhow::Result<bool> {
+        let (finals, handled): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM order_status_history WHERE status IN ('processed', 'rejected')),
+                    (SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let orders = i64::try_from(orders).unwrap_or(i64::MAX);
+        Ok(finals == orders && handled == orders)
+    }
+
     /// Messages ready on `lane`'s work queue.
     pub async fn queue_depth(&self, lane: Lane) -> anyhow::Result<u32> {
         let channel = self.amqp.create_channel().await?;
@@ -379,6 +428,12 @@ impl System {
         outcome
     }
 }
+
+/// The purpose in the names of the payment provider's databases.
+const PROVIDER_DATABASE_PURPOSE: &str = "provider";
+
+/// What every provider database's name holds (see [`ScratchDatabase`]).
+pub const PROVIDER_DATABASE_MARK: &str = "orderflow_bench_provider_";
 
 /// A throwaway database: each system, raw loop and bare server gets one.
 pub struct ScratchDatabase {
