@@ -112,11 +112,7 @@ async fn authorise(
     let Json(body) = match body {
         Ok(body) => body,
         Err(rejection) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                &rejection.body_text(),
-            );
+            return rejected(&rejection);
         }
     };
     if body.amount_cents < 0 {
@@ -178,11 +174,7 @@ async fn settle(
         match Json::<Settle>::from_request(request, &()).await {
             Ok(Json(body)) => body,
             Err(rejection) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    &rejection.body_text(),
-                );
+                return rejected(&rejection);
             }
         }
     };
@@ -308,6 +300,10 @@ async fn read(State(provider): State<Provider>, Path(reference): Path<Uuid>) -> 
     }
 }
 
+/// The most latency `PUT /faults/latency` sets: below the server's own
+/// request timeout.
+const MAX_LATENCY_MS: u64 = 20_000;
+
 /// `PUT /faults/latency`'s body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,16 +316,17 @@ async fn set_latency(
     body: Result<Json<Latency>, JsonRejection>,
 ) -> Response {
     match body {
+        Ok(Json(Latency { latency_ms })) if latency_ms > MAX_LATENCY_MS => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!("latency_ms may be at most {MAX_LATENCY_MS}"),
+        ),
         Ok(Json(Latency { latency_ms })) => {
             provider.latency_ms.store(latency_ms, Ordering::Relaxed);
             tracing::warn!(latency_ms, "latency changed");
             Json(json!({ "latency_ms": latency_ms })).into_response()
         }
-        Err(rejection) => error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            &rejection.body_text(),
-        ),
+        Err(rejection) => rejected(&rejection),
     }
 }
 
@@ -358,6 +355,19 @@ async fn authenticate(State(provider): State<Provider>, request: Request, next: 
 /// SHA-256 of an API key.
 pub fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// A body that could not be read as JSON: too big (413), not JSON (415),
+/// or not the request (400).
+fn rejected(rejection: &JsonRejection) -> Response {
+    let (status, code) = match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+        }
+        _ => (StatusCode::BAD_REQUEST, "invalid_request"),
+    };
+    error(status, code, &rejection.body_text())
 }
 
 /// An error in the shape orderflow's APIs answer with.

@@ -3,7 +3,8 @@
 //!
 //! A request is answered once. Its key is locked for the transaction (a
 //! second request with the key while the first is at work is told so, not
-//! queued), then looked up in the ledger: a key seen before gets the first
+//! queued), then looked up in the ledger (and the authorisation it is about
+//! locked in turn, so requests on one authorisation take turns): a key seen before gets the first
 //! answer again, or a refusal if it now comes with another request. A new
 //! key does the work on the authorisation and records the answer in the
 //! ledger in the same commit, so no answer is ever given for work that was
@@ -162,6 +163,17 @@ impl Books {
     /// Do what `request` asks to the authorisation; its outcome and the
     /// amount it moved.
     async fn work(&self, tx: &mut PgConnection, request: &Request) -> sqlx::Result<(String, i64)> {
+        // Requests on one authorisation (under different keys: an
+        // authorise racing a void) take turns, so each statement below
+        // sees what the one before it committed. Without it a void could
+        // miss an authorisation not yet committed, find it authorised a
+        // statement later, and record a refusal for good: a hold never
+        // released. The key's lock is only ever tried, so waiting here
+        // cannot deadlock.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 1))")
+            .bind(request.reference)
+            .execute(&mut *tx)
+            .await?;
         let done: Option<(String, i64)> = match request.operation {
             // One authorisation per reference: another one, under another
             // key, is refused below.

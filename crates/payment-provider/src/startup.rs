@@ -27,6 +27,10 @@ pub struct Application {
 impl Application {
     /// Connect to (and create, and migrate) its database, and bind the port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            settings.api_key.as_deref() != Some(""),
+            "PROVIDER_API_KEY is set but empty: set a key, or unset it for an open API"
+        );
         let pool = settings
             .database()
             .connect_and_migrate_with(&MIGRATOR)

@@ -267,3 +267,67 @@ async fn a_caller_without_the_key_or_the_idempotency_key_is_refused() {
         .unwrap();
     assert_eq!(ready.status(), StatusCode::OK, "health needs no key");
 }
+
+#[tokio::test]
+async fn a_void_racing_an_authorisation_never_leaves_the_hold_open() {
+    let provider = start().await;
+    let references: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    let races = references.iter().map(|reference| {
+        let provider = &provider;
+        async move {
+            let (authorise_key, void_key) = (
+                format!("{reference}:authorise"),
+                format!("{reference}:void"),
+            );
+            let void = format!("/v1/authorisations/{reference}/void");
+            tokio::join!(
+                provider.authorise(&authorise_key, *reference, 100, "c"),
+                provider.post(&void, &void_key, json!({})),
+            )
+        }
+    });
+    for ((authorised, voided), reference) in futures_util::future::join_all(races)
+        .await
+        .into_iter()
+        .zip(&references)
+    {
+        // Whichever came first, the void wins: the hold is released, or
+        // never made.
+        assert_eq!(
+            voided.0,
+            StatusCode::OK,
+            "{reference}: the void is done: {}",
+            voided.2
+        );
+        assert_eq!(
+            provider.state(*reference).await,
+            "voided",
+            "{reference}: {authorised:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_at_work_is_told_so_and_the_same_key_later_gets_the_answer() {
+    let provider = start().await;
+    let reference = Uuid::new_v4();
+    // Another request holding the key: its lock, as the provider takes it.
+    let mut other = provider.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended('busy', 0))")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let (status, _, body) = provider.authorise("busy", reference, 100, "c").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "idempotency_key_in_use");
+    assert_eq!(provider.state(reference).await, "", "nothing done");
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended('busy', 0))")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let (status, replayed, body) = provider.authorise("busy", reference, 100, "c").await;
+    assert_eq!(
+        (status, replayed, body["outcome"].as_str()),
+        (StatusCode::OK, false, Some("authorised"))
+    );
+}

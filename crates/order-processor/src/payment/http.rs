@@ -75,6 +75,9 @@ impl HttpProvider {
             // The provider is one host; its address is configuration, not
             // something a redirect may change.
             .redirect(reqwest::redirect::Policy::none())
+            // Nor a proxy from the environment: the key goes to the provider
+            // and nowhere else.
+            .no_proxy()
             .build()?;
         Ok(Self {
             client,

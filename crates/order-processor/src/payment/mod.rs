@@ -85,7 +85,8 @@ pub enum ProviderError {
     /// done.
     #[error("payment provider did not answer {0} in time")]
     TimedOut(Operation),
-    /// The provider could not be reached (nothing was sent).
+    /// The provider could not be reached, or the connection broke before
+    /// an answer came (the call may have been done).
     #[error("payment provider unreachable for {0}: {1}")]
     Unreachable(Operation, String),
     /// The provider answered, but not with an answer to the call: it is
