@@ -234,7 +234,7 @@ impl Provider {
                 amount_cents,
                 replayed,
             } => {
-                tracing::info!(operation = %asked.operation, reference = %asked.reference, outcome = %outcome, replayed, "answered");
+                tracing::info!(operation = %asked.operation, reference = %asked.reference, outcome = %outcome, replayed, "request answered");
                 if matches!(fault, Some(fault @ faults::Fault::SlowUpTo(_)) if fault.applies(calls))
                 {
                     tokio::time::sleep(self.slow_answer).await;

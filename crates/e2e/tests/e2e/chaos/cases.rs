@@ -275,6 +275,7 @@ async fn sigterm_everything_mid_load_and_start_again() {
     system.stop_all().await;
     let report = load.finish().await;
     println!("starting every service again");
+    system.provider = Some(system.start_provider(system.provider_port));
     system.api = Some(system.service("order-api", "order-api"));
     system.start_workers();
     system.wait_ready().await;
