@@ -373,12 +373,18 @@ async fn processor_stage(
     .await?;
     let orders = posted.accepted.len() as u64;
     system.wait_published(WAIT).await?;
+    // Let the statistics catch up with order-api's last commits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let commits_before = system.commits().await?;
     let before = cpu::snapshot(&system.pids());
     let clock = Instant::now();
     system.start_processors(2).await?;
     let finished = system.wait_final(orders, WAIT).await?;
     let drained_s = clock.elapsed().as_secs_f64();
     let usage = before.usage_since(&cpu::snapshot(&system.pids()), orders);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let commits_after = system.commits().await?;
+    let per_order = |before: i64, after: i64| (after - before) as f64 / orders.max(1) as f64;
     let exactly_once = system.finals_once(orders).await?;
     system.stop().await?;
     let stage = ProcessorStage {
@@ -386,18 +392,22 @@ async fn processor_stage(
         finished,
         drained_per_s: orders as f64 / drained_s.max(f64::EPSILON),
         exactly_once,
+        commits_per_order: per_order(commits_before.0, commits_after.0),
+        provider_commits_per_order: per_order(commits_before.1, commits_after.1),
         cpu: usage,
     };
     eprintln!(
-        "  drained {:.0}/s; orderflow's Postgres {:.2} ms per order, the provider's {:.2} ms",
+        "  drained {:.0}/s; orderflow's Postgres {:.2} ms and {:.1} commits per order, the provider's {:.2} ms and {:.1}",
         stage.drained_per_s,
         stage.postgres_ms_per_order(),
+        stage.commits_per_order,
         stage
             .cpu
             .ms_per_op
             .get(cpu::PROVIDER_POSTGRES)
             .copied()
-            .unwrap_or(0.0)
+            .unwrap_or(0.0),
+        stage.provider_commits_per_order
     );
     Ok(stage)
 }

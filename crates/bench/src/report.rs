@@ -41,6 +41,11 @@ pub struct ProcessorStage {
     pub drained_per_s: f64,
     /// One final status per order, each message handled once.
     pub exactly_once: bool,
+    /// Transactions committed in orderflow's database per order over the
+    /// drain (every statement outside a transaction is one).
+    pub commits_per_order: f64,
+    /// The same in the provider's database.
+    pub provider_commits_per_order: f64,
     /// Over the drain only.
     pub cpu: Usage,
 }
@@ -488,8 +493,9 @@ impl Results {
             name: "orderflow's Postgres CPU per order, the processor stage (a backlog, two processors, no payment latency)",
             goal: "≤ 0.9 ms".into(),
             measured: format!(
-                "{:.2} ms (the provider's database {:.2} ms; {:.0} orders/s)",
+                "{:.2} ms, {:.1} commits (the provider's database {:.2} ms; {:.0} orders/s)",
                 stage.postgres_ms_per_order(),
+                stage.commits_per_order,
                 stage
                     .cpu
                     .ms_per_op

@@ -381,6 +381,20 @@ impl System {
         Ok(finals == orders && handled == orders)
     }
 
+    /// Transactions committed so far in orderflow's database and in the
+    /// provider's (Postgres's statistics, which a backend reports within
+    /// a second or so of its last commit).
+    pub async fn commits(&self) -> anyhow::Result<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = $1),
+                    (SELECT xact_commit FROM pg_stat_database WHERE datname = $2)",
+        )
+        .bind(&self.database.name)
+        .bind(&self.provider_database.name)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Messages ready on `lane`'s work queue.
     pub async fn queue_depth(&self, lane: Lane) -> anyhow::Result<u32> {
         let channel = self.amqp.create_channel().await?;

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Context;
-use platform::{health, http::HttpLimits};
+use platform::{db::Plans, health, http::HttpLimits};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,9 +31,10 @@ impl Application {
             settings.api_key.as_deref() != Some(""),
             "PROVIDER_API_KEY is set but empty: set a key, or unset it for an open API"
         );
+        // Each statement looks up one key: its plan is kept.
         let pool = settings
             .database()
-            .connect_and_migrate_with(&MIGRATOR)
+            .connect_and_migrate_with(&MIGRATOR, Plans::Kept)
             .await?;
         let address = SocketAddr::new(settings.http_host, settings.http_port);
         let listener = TcpListener::bind(address)

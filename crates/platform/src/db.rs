@@ -52,7 +52,7 @@ impl DatabaseSettings {
     /// Wait for Postgres, create the database if needed, apply orderflow's
     /// migrations, and return a pool.
     pub async fn connect_and_migrate(&self) -> anyhow::Result<PgPool> {
-        self.connect_and_migrate_with(&MIGRATOR).await
+        self.connect_and_migrate_with(&MIGRATOR, Plans::Fresh).await
     }
 
     /// [`Self::connect_and_migrate`] with another service's migrations (the
@@ -60,12 +60,13 @@ impl DatabaseSettings {
     pub async fn connect_and_migrate_with(
         &self,
         migrator: &sqlx::migrate::Migrator,
+        plans: Plans,
     ) -> anyhow::Result<PgPool> {
         let shown = messaging::amqp::redact(&self.database_url);
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1u32;
         loop {
-            match self.try_connect().await {
+            match self.try_connect(plans).await {
                 Ok(pool) => {
                     migrator
                         .run(&pool)
@@ -85,7 +86,7 @@ impl DatabaseSettings {
         }
     }
 
-    async fn try_connect(&self) -> anyhow::Result<PgPool> {
+    async fn try_connect(&self, plans: Plans) -> anyhow::Result<PgPool> {
         if !Postgres::database_exists(&self.database_url).await? {
             // Concurrent starts race here; losing the race is fine.
             if let Err(error) = Postgres::create_database(&self.database_url).await
@@ -100,13 +101,7 @@ impl DatabaseSettings {
             .context("parsing DATABASE_URL")?
             // Failures are logged by the services, with context.
             .disable_statement_logging()
-            // Plan every execution for the tables as they are now. A
-            // prepared statement's generic plan is made once per connection
-            // and kept: made while the tables were empty it seq-scans them,
-            // and each batch then reads every row of a table that keeps
-            // growing (the idempotency-key claim went from a share of a
-            // millisecond to most of Postgres's CPU within a minute).
-            .options([("plan_cache_mode", "force_custom_plan")]);
+            .options([("plan_cache_mode", plans.setting())]);
         let pool = pool_options(
             self.db_max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             Duration::from_millis(self.db_acquire_timeout_ms),
@@ -114,6 +109,33 @@ impl DatabaseSettings {
         .connect_with(options)
         .await?;
         Ok(pool)
+    }
+}
+
+/// How a pool's connections plan their prepared statements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plans {
+    /// Plan every execution for the tables as they are now. A prepared
+    /// statement's generic plan is made once per connection and kept: made
+    /// while the tables were empty it seq-scans them, and each batch then
+    /// reads every row of a table that keeps growing (the idempotency-key
+    /// claim went from a share of a millisecond to most of Postgres's CPU
+    /// within a minute). orderflow's services, whose batch statements run
+    /// over tables that grow.
+    Fresh,
+    /// Postgres's default: a generic plan once it is no worse. For
+    /// statements that each look up one key of a primary or unique index
+    /// (the stand-in payment provider's), where planning every execution
+    /// is most of the cost.
+    Kept,
+}
+
+impl Plans {
+    fn setting(self) -> &'static str {
+        match self {
+            Plans::Fresh => "force_custom_plan",
+            Plans::Kept => "auto",
+        }
     }
 }
 
