@@ -200,7 +200,7 @@ impl Provider {
         }
         let fault = self
             .demo_failures
-            .then(|| faults::asked_for(customer_id, asked.operation))
+            .then(|| faults::asked_for(customer_id, asked.operation.as_str()))
             .flatten();
         let (recorded, calls) = match self.books.make(key, &asked, fault).await {
             Ok(made) => made,

@@ -10,8 +10,6 @@
 //! where `<step>` is `authorise`, `capture` or `void`, and requests are
 //! counted per idempotency key.
 
-use crate::books::Operation;
-
 /// A failure a customer asks for on one operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -30,19 +28,19 @@ impl Fault {
     }
 }
 
-/// The failure `customer_id` asks for on `operation`, if any.
-pub fn asked_for(customer_id: &str, operation: Operation) -> Option<Fault> {
-    let step = operation.as_str();
+/// The failure `customer_id` asks for on `step` (`authorise`, `capture` or
+/// `void`), if any.
+pub fn asked_for(customer_id: &str, step: &str) -> Option<Fault> {
     let calls = |rest: &str| rest.parse::<u32>().ok();
     match customer_id.split_once('-') {
         None if customer_id == "doomed" => {
-            (operation == Operation::Authorise).then_some(Fault::FailUpTo(u32::MAX))
+            (step == "authorise").then_some(Fault::FailUpTo(u32::MAX))
         }
         Some(("doomed", rest)) if rest == step => Some(Fault::FailUpTo(u32::MAX)),
         Some(("flaky", rest)) => match rest.split_once('-') {
             Some((named, n)) if named == step => calls(n).map(Fault::FailUpTo),
             Some(_) => None,
-            None => (operation == Operation::Authorise)
+            None => (step == "authorise")
                 .then(|| calls(rest).map(Fault::FailUpTo))
                 .flatten(),
         },
@@ -62,22 +60,22 @@ mod tests {
     #[test]
     fn demo_customer_ids_name_the_step_and_the_requests_that_fail() {
         use Fault::*;
-        use Operation::*;
-        assert_eq!(asked_for("doomed", Authorise), Some(FailUpTo(u32::MAX)));
-        assert_eq!(asked_for("doomed", Capture), None);
-        assert_eq!(asked_for("flaky-2", Authorise), Some(FailUpTo(2)));
-        assert_eq!(asked_for("flaky-2", Void), None);
+        let (authorise, capture, void) = ("authorise", "capture", "void");
+        assert_eq!(asked_for("doomed", authorise), Some(FailUpTo(u32::MAX)));
+        assert_eq!(asked_for("doomed", capture), None);
+        assert_eq!(asked_for("flaky-2", authorise), Some(FailUpTo(2)));
+        assert_eq!(asked_for("flaky-2", void), None);
         assert_eq!(
-            asked_for("doomed-capture", Capture),
+            asked_for("doomed-capture", capture),
             Some(FailUpTo(u32::MAX))
         );
-        assert_eq!(asked_for("doomed-capture", Authorise), None);
-        assert_eq!(asked_for("flaky-void-3", Void), Some(FailUpTo(3)));
-        assert_eq!(asked_for("timeout-capture-2", Capture), Some(SlowUpTo(2)));
-        assert_eq!(asked_for("timeout-authorise", Authorise), Some(SlowUpTo(1)));
-        assert_eq!(asked_for("timeout-authorise", Capture), None);
-        assert_eq!(asked_for("c-7", Authorise), None);
-        assert_eq!(asked_for("flaky-x", Authorise), None);
+        assert_eq!(asked_for("doomed-capture", authorise), None);
+        assert_eq!(asked_for("flaky-void-3", void), Some(FailUpTo(3)));
+        assert_eq!(asked_for("timeout-capture-2", capture), Some(SlowUpTo(2)));
+        assert_eq!(asked_for("timeout-authorise", authorise), Some(SlowUpTo(1)));
+        assert_eq!(asked_for("timeout-authorise", capture), None);
+        assert_eq!(asked_for("c-7", authorise), None);
+        assert_eq!(asked_for("flaky-x", authorise), None);
         assert!(FailUpTo(2).applies(2) && !FailUpTo(2).applies(3));
     }
 }

@@ -20,9 +20,11 @@
 //! Read it in this order: [`Processor::handle_all`] here (start the
 //! payments, then settle them round by round), [`round`] (one round: where
 //! each order stands, its provider call, what to record), [`record`] (the
-//! transaction that records a round), and [`crate::state`] (the states and
+//! transaction that records a round), [`pending`] (what a round knows of an
+//! order), and [`crate::state`] (the states and
 //! the next step from each).
 
+mod pending;
 mod record;
 mod round;
 

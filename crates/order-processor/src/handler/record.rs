@@ -15,7 +15,7 @@ use platform::outbox::{self, Outboxed};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{CONSUMER, HandleError, Processor, round::Pending};
+use super::{CONSUMER, HandleError, Processor, pending::Pending};
 use crate::state::PaymentState;
 
 /// A payment moving on to `to`, with its line of history (and, given one,

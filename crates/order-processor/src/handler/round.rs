@@ -4,52 +4,18 @@
 
 use std::collections::HashMap;
 
-use messaging::contracts::{OrderLine, Outcome, PaymentOutcome, display_amount};
+use messaging::contracts::{Outcome, PaymentOutcome};
 use uuid::Uuid;
 
 use super::{
     CONSUMER, HandleError, Handled, Processor, Stepped,
+    pending::Pending,
     record::{Finish, Move, decide_all, move_payments},
 };
 use crate::{
-    payment::{self, Answer, Call, Charge, Operation},
-    state::{self, OrderStatus, PaymentState, Step},
+    payment::{self, Answer, Call, Operation},
+    state::{self, PaymentState, Step},
 };
-
-/// An order whose payment is under way, as Postgres has it.
-#[derive(sqlx::FromRow)]
-pub(super) struct Pending {
-    pub(super) order_id: Uuid,
-    #[sqlx(try_from = "String")]
-    pub(super) state: PaymentState,
-    pub(super) reason: Option<String>,
-    pub(super) message_id: Uuid,
-    #[sqlx(try_from = "String")]
-    pub(super) status: OrderStatus,
-    pub(super) customer_id: String,
-    pub(super) email: String,
-    pub(super) items: sqlx::types::Json<Vec<OrderLine>>,
-    pub(super) total_cents: i64,
-    pub(super) currency: String,
-    pub(super) lane: String,
-    pub(super) callback_url: Option<String>,
-    pub(super) correlation_id: String,
-}
-
-impl Pending {
-    fn charge(&self, order_id: Uuid) -> Charge<'_> {
-        Charge {
-            reference: order_id,
-            customer_id: &self.customer_id,
-            amount_cents: self.total_cents,
-            currency: &self.currency,
-        }
-    }
-
-    pub(super) fn amount(&self) -> String {
-        display_amount(self.total_cents, &self.currency)
-    }
-}
 
 /// What a round does with one order, given its recorded state.
 enum Next {
