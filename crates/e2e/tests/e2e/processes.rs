@@ -192,16 +192,17 @@ pub fn keyed_client(key: &str, timeout: Duration) -> reqwest::Client {
         .expect("an HTTP client")
 }
 
-/// Start the stand-in payment provider with `env`, its books in
+/// Start the stand-in payment provider on `port` with `env`, its books in
 /// `database_url` (created if missing).
 pub fn start_provider(
+    port: u16,
     env: &[(&str, String)],
     database_url: &str,
     log_dir: &std::path::Path,
 ) -> Service {
     let mut env = env.to_vec();
     env.push(("DATABASE_URL", database_url.to_owned()));
-    Service::start("payment-provider", "payment-provider", &env, log_dir)
+    Service::start_on(port, "payment-provider", "payment-provider", &env, log_dir)
 }
 
 /// The five services (three order-processors) and the stand-in payment
@@ -258,7 +259,7 @@ impl Stack {
         // Later entries win.
         env.extend(extra.iter().cloned());
         let books_url = test_support::empty_database().await;
-        let provider = start_provider(&env, &books_url, &log_dir);
+        let provider = start_provider(free_port(), &env, &books_url, &log_dir);
         env.push(("PAYMENT_PROVIDER_URL", provider.url("")));
         let with_instance = |id: &str| {
             let mut env = env.clone();

@@ -275,7 +275,7 @@ async fn sigterm_everything_mid_load_and_start_again() {
     system.stop_all().await;
     let report = load.finish().await;
     println!("starting every service again");
-    system.provider = Some(system.start_provider(system.provider_port));
+    system.provider = Some(system.start_provider());
     system.api = Some(system.service("order-api", "order-api"));
     system.start_workers();
     system.wait_ready().await;
@@ -495,7 +495,7 @@ async fn kill_9_the_payment_provider_under_load_and_start_it_again() {
     println!("kill -9 the payment provider mid-load; 5 s later it starts again");
     system.provider.take().expect("the provider runs").kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    system.provider = Some(system.start_provider(system.provider_port));
+    system.provider = Some(system.start_provider());
     system.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let report = load.finish().await;

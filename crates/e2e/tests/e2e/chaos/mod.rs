@@ -135,7 +135,7 @@ impl System {
             stock_before: HashMap::new(),
             key: String::new(),
         };
-        system.provider = Some(system.start_provider(provider_port));
+        system.provider = Some(system.start_provider());
         // order-api first: it creates the database and applies migrations.
         system.api = Some(system.service("order-api", "order-api"));
         system.wait_ready().await;
@@ -165,16 +165,13 @@ impl System {
         Service::start(binary, name, &env, &self.log_dir)
     }
 
-    /// Start the payment provider on `port` (the one the processors were
-    /// given), its books in its own database.
-    pub fn start_provider(&self, port: u16) -> Service {
-        let mut env = self.env.clone();
-        env.push(("DATABASE_URL", self.postgres.url("payment_provider")));
-        Service::start_on(
-            port,
-            "payment-provider",
-            "payment-provider",
-            &env,
+    /// Start the payment provider on the port the processors were given,
+    /// its books in its own database.
+    pub fn start_provider(&self) -> Service {
+        crate::processes::start_provider(
+            self.provider_port,
+            &self.env,
+            &self.postgres.url("payment_provider"),
             &self.log_dir,
         )
     }
@@ -188,7 +185,7 @@ impl System {
                 "the provider stops cleanly"
             );
         }
-        self.provider = Some(self.start_provider(self.provider_port));
+        self.provider = Some(self.start_provider());
         self.wait_ready().await;
     }
 
