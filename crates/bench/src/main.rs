@@ -25,10 +25,10 @@ use clap::{Parser, Subcommand};
 use loadgen::{LoadOptions, Percentiles, Posted};
 use messaging::contracts::Lane;
 use report::{
-    Burst, Express, HttpRun, LowLoad, Machine, Memory, ProcessorStage, Rate, Raw, Reference,
-    Results, Sample, ScalingRun,
+    Burst, Express, HttpRun, LowLoad, Machine, Memory, PerOrder, ProcessorStage, Rate, Raw,
+    Reference, Results, Sample, ScalingRun,
 };
-use system::{Environment, ScratchDatabase, Shape, System};
+use system::{Activity, Environment, ScratchDatabase, Shape, System};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -375,7 +375,7 @@ async fn processor_stage(
     system.wait_published(WAIT).await?;
     // Let the statistics catch up with order-api's last commits.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let commits_before = system.commits().await?;
+    let activity_before = system.activity().await?;
     let before = cpu::snapshot(&system.pids());
     let clock = Instant::now();
     system.start_processors(2).await?;
@@ -383,8 +383,16 @@ async fn processor_stage(
     let drained_s = clock.elapsed().as_secs_f64();
     let usage = before.usage_since(&cpu::snapshot(&system.pids()), orders);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let commits_after = system.commits().await?;
+    let activity_after = system.activity().await?;
     let per_order = |before: i64, after: i64| (after - before) as f64 / orders.max(1) as f64;
+    let per_order_of = |before: &Activity, after: &Activity| PerOrder {
+        commits: per_order(before.commits, after.commits),
+        rows_written: per_order(before.rows_written, after.rows_written),
+        statements: before
+            .statements
+            .zip(after.statements)
+            .map(|(before, after)| per_order(before, after)),
+    };
     let exactly_once = system.finals_once(orders).await?;
     system.stop().await?;
     let stage = ProcessorStage {
@@ -392,22 +400,22 @@ async fn processor_stage(
         finished,
         drained_per_s: orders as f64 / drained_s.max(f64::EPSILON),
         exactly_once,
-        commits_per_order: per_order(commits_before.0, commits_after.0),
-        provider_commits_per_order: per_order(commits_before.1, commits_after.1),
+        orderflow_database: per_order_of(&activity_before.0, &activity_after.0),
+        provider_database: per_order_of(&activity_before.1, &activity_after.1),
         cpu: usage,
     };
     eprintln!(
-        "  drained {:.0}/s; orderflow's Postgres {:.2} ms and {:.1} commits per order, the provider's {:.2} ms and {:.1}",
+        "  drained {:.0}/s; per order, orderflow's Postgres {:.2} ms, {}; the provider's {:.2} ms, {}",
         stage.drained_per_s,
         stage.postgres_ms_per_order(),
-        stage.commits_per_order,
+        stage.orderflow_database,
         stage
             .cpu
             .ms_per_op
             .get(cpu::PROVIDER_POSTGRES)
             .copied()
             .unwrap_or(0.0),
-        stage.provider_commits_per_order
+        stage.provider_database
     );
     Ok(stage)
 }

@@ -41,13 +41,39 @@ pub struct ProcessorStage {
     pub drained_per_s: f64,
     /// One final status per order, each message handled once.
     pub exactly_once: bool,
-    /// Transactions committed in orderflow's database per order over the
-    /// drain (every statement outside a transaction is one).
-    pub commits_per_order: f64,
+    /// What orderflow's database did per order over the drain.
+    pub orderflow_database: PerOrder,
     /// The same in the provider's database.
-    pub provider_commits_per_order: f64,
+    pub provider_database: PerOrder,
     /// Over the drain only.
     pub cpu: Usage,
+}
+
+/// What one database did per order.
+#[derive(Debug, Serialize)]
+pub struct PerOrder {
+    /// Transactions committed (every statement outside a transaction is
+    /// one).
+    pub commits: f64,
+    /// Rows inserted, updated and deleted.
+    pub rows_written: f64,
+    /// Statements run (round trips; `BEGIN` and `COMMIT` count), where the
+    /// server keeps `pg_stat_statements`.
+    pub statements: Option<f64>,
+}
+
+impl std::fmt::Display for PerOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} commits, {:.1} rows written",
+            self.commits, self.rows_written
+        )?;
+        match self.statements {
+            Some(statements) => write!(f, ", {statements:.1} statements"),
+            None => write!(f, " (statements: no pg_stat_statements)"),
+        }
+    }
 }
 
 impl ProcessorStage {
@@ -493,9 +519,9 @@ impl Results {
             name: "orderflow's Postgres CPU per order, the processor stage (a backlog, two processors, no payment latency)",
             goal: "≤ 0.9 ms".into(),
             measured: format!(
-                "{:.2} ms, {:.1} commits (the provider's database {:.2} ms; {:.0} orders/s)",
+                "{:.2} ms; {} (the provider's database {:.2} ms; {:.0} orders/s)",
                 stage.postgres_ms_per_order(),
-                stage.commits_per_order,
+                stage.orderflow_database,
                 stage
                     .cpu
                     .ms_per_op

@@ -381,18 +381,14 @@ impl System {
         Ok(finals == orders && handled == orders)
     }
 
-    /// Transactions committed so far in orderflow's database and in the
-    /// provider's (Postgres's statistics, which a backend reports within
-    /// a second or so of its last commit).
-    pub async fn commits(&self) -> anyhow::Result<(i64, i64)> {
-        Ok(sqlx::query_as(
-            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = $1),
-                    (SELECT xact_commit FROM pg_stat_database WHERE datname = $2)",
-        )
-        .bind(&self.database.name)
-        .bind(&self.provider_database.name)
-        .fetch_one(&self.pool)
-        .await?)
+    /// What orderflow's database and the provider's have done so far, by
+    /// Postgres's statistics (which a backend reports within a second or
+    /// so of its last commit).
+    pub async fn activity(&self) -> anyhow::Result<(Activity, Activity)> {
+        Ok((
+            Activity::of(&self.pool, &self.database.name).await?,
+            Activity::of(&self.pool, &self.provider_database.name).await?,
+        ))
     }
 
     /// Messages ready on `lane`'s work queue.
@@ -511,4 +507,44 @@ async fn wait_ready(service: &Service, log: &Path) -> anyhow::Result<()> {
         service.name,
         log.display()
     )
+}
+
+/// Counters of one database.
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    pub commits: i64,
+    /// Rows inserted, updated and deleted.
+    pub rows_written: i64,
+    /// Statements run, where the server keeps `pg_stat_statements` (it
+    /// must be in `shared_preload_libraries`).
+    pub statements: Option<i64>,
+}
+
+impl Activity {
+    async fn of(pool: &PgPool, database: &str) -> anyhow::Result<Activity> {
+        let (commits, rows_written): (i64, i64) = sqlx::query_as(
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted
+             FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(database)
+        .fetch_one(pool)
+        .await?;
+        // Without the library loaded the view exists but cannot be read.
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(pool)
+            .await;
+        let statements = sqlx::query_scalar(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)",
+        )
+        .bind(database)
+        .fetch_one(pool)
+        .await
+        .ok();
+        Ok(Activity {
+            commits,
+            rows_written,
+            statements,
+        })
+    }
 }

@@ -3,10 +3,15 @@
 //! tested here without Postgres.
 //!
 //! ```text
-//! authorising ──authorise──▶ authorised ──reserve stock──▶ capturing ──capture──▶ captured  (processed)
-//!      │                         │
-//!      └──declined──▶ declined   └──out of stock──▶ voiding ──void──▶ voided  (rejected)
+//! authorising ──authorise, reserve stock──▶ capturing ──capture──▶ captured  (processed)
+//!      │    │
+//!      │    └──authorise, out of stock──▶ voiding ──void──▶ voided  (rejected)
+//!      └──declined──▶ declined  (rejected)
 //! ```
+//!
+//! An authorisation is recorded with the decision it leads to. `authorised`
+//! (authorised, not yet decided) is what releases before this one recorded
+//! first; a payment left there is decided as it is read.
 
 use std::fmt;
 

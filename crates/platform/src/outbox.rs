@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, bail};
 use messaging::{Publisher, amqp::Envelope};
 use sqlx::{
-    PgConnection, PgPool, Postgres, Row,
+    PgPool, Postgres, Row,
     postgres::{PgArguments, PgRow},
     query::Query,
 };
@@ -62,41 +62,8 @@ pub struct Message<'a> {
     pub payload: &'a serde_json::Value,
 }
 
-/// Add a message to the outbox inside the caller's transaction.
-pub async fn enqueue(
-    conn: &mut PgConnection,
-    exchange: &str,
-    routing_key: &str,
-    envelope: &Envelope,
-    payload: &serde_json::Value,
-) -> sqlx::Result<Outboxed> {
-    let message = Message {
-        exchange,
-        routing_key,
-        envelope: envelope.clone(),
-        payload,
-    };
-    let mut added = enqueue_all(conn, vec![message]).await?;
-    Ok(added.pop().expect("one row per message"))
-}
-
-/// Add messages to the outbox inside the caller's transaction, in one
-/// statement; returned in their order.
-pub async fn enqueue_all(
-    conn: &mut PgConnection,
-    messages: Vec<Message<'_>>,
-) -> sqlx::Result<Vec<Outboxed>> {
-    let rows = Rows::new(messages)?;
-    let written = rows
-        .bind(sqlx::query(&Rows::insert(1)))
-        .fetch_all(conn)
-        .await?;
-    Ok(rows.written(&written))
-}
-
-/// Messages as outbox rows, for an INSERT of its own ([`enqueue_all`]) or
-/// one that is part of a larger statement, in one round trip with the
-/// change the messages announce.
+/// Messages as outbox rows, for an INSERT that is part of the statement
+/// making the change they announce: one round trip, and one transaction.
 pub struct Rows<'a> {
     messages: Vec<Message<'a>>,
     bodies: Vec<String>,
@@ -116,11 +83,26 @@ impl<'a> Rows<'a> {
     /// `$first` to `$first + 5` (bound by [`Rows::bind`]) and returning each
     /// row's `id` and `message_id`: a statement of its own or a CTE.
     pub fn insert(first: usize) -> String {
+        Self::insert_where(first, "true")
+    }
+
+    /// [`Rows::insert`] of only the rows whose order is among the
+    /// `order_id`s of `orders`, a CTE of the same statement: the messages
+    /// announcing changes that statement made, where it made them.
+    pub fn insert_for(first: usize, orders: &str) -> String {
+        Self::insert_where(
+            first,
+            &format!("m.order_id IN (SELECT order_id FROM {orders})"),
+        )
+    }
+
+    fn insert_where(first: usize, condition: &str) -> String {
         let rows = crate::db::unnest(first, &["uuid", "text", "text", "text", "text", "uuid"]);
         format!(
             "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
              SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
              FROM {rows} AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
+             WHERE {condition}
              RETURNING id, message_id"
         )
     }
@@ -159,6 +141,15 @@ impl<'a> Rows<'a> {
     /// The messages, in their order, once written: `written` are the rows
     /// the INSERT returned (`id`, `message_id`).
     pub fn written(self, written: &[PgRow]) -> Vec<Outboxed> {
+        self.written_of(written)
+            .into_iter()
+            .map(|message| message.expect("every message written"))
+            .collect()
+    }
+
+    /// [`Rows::written`] after [`Rows::insert_for`]: `None` for each
+    /// message that was not written.
+    pub fn written_of(self, written: &[PgRow]) -> Vec<Option<Outboxed>> {
         let ids: std::collections::HashMap<uuid::Uuid, i64> = written
             .iter()
             .map(|row| (row.get("message_id"), row.get("id")))
@@ -166,12 +157,14 @@ impl<'a> Rows<'a> {
         self.messages
             .into_iter()
             .zip(self.bodies)
-            .map(|(message, body)| Outboxed {
-                id: ids[&message.envelope.message_id],
-                exchange: message.exchange.to_owned(),
-                routing_key: message.routing_key.to_owned(),
-                body: body.into_bytes(),
-                envelope: message.envelope,
+            .map(|(message, body)| {
+                Some(Outboxed {
+                    id: *ids.get(&message.envelope.message_id)?,
+                    exchange: message.exchange.to_owned(),
+                    routing_key: message.routing_key.to_owned(),
+                    body: body.into_bytes(),
+                    envelope: message.envelope,
+                })
             })
             .collect()
     }

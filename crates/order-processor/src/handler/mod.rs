@@ -5,11 +5,12 @@
 //! A step is a provider call (idempotent by a key per order and step)
 //! followed by one Postgres transaction that records its result, guarded by
 //! the state it leaves; an authorisation is recorded with the decision it
-//! leads to (`authorised` then `capturing` or `voiding`, stock reserved), so
-//! an order takes two steps, or one when declined. Orders whose messages
-//! came together take their steps together: their provider calls run
-//! concurrently and one transaction records a round of results with
-//! set-based statements. The payment's state is the only memory between
+//! leads to (`capturing` with the stock reserved, or `voiding`), so an order
+//! takes two steps, or one when declined. Orders whose messages came
+//! together take their steps together: one statement starts their payments
+//! and reads what the steps need, their provider calls run concurrently, and
+//! set-based statements record a round's results: one transaction for the
+//! decisions, one statement for the final statuses. The payment's state is the only memory between
 //! steps, so a crash between any two of them leaves a state the next
 //! delivery of the message (or the sweeper, for a message that is gone)
 //! continues from, and a provider call repeated after a crash gets the
@@ -19,10 +20,9 @@
 //!
 //! Read it in this order: [`Processor::handle_all`] here (start the
 //! payments, then settle them round by round), [`round`] (one round: where
-//! each order stands, its provider call, what to record), [`record`] (the
-//! transaction that records a round), [`pending`] (what a round knows of an
-//! order), and [`crate::state`] (the states and
-//! the next step from each).
+//! each order stands, its provider call, what to record), [`record`] (how
+//! a round's results are recorded), [`pending`] (what a round knows of an
+//! order), and [`crate::state`] (the states and the next step from each).
 
 mod pending;
 mod record;
@@ -34,8 +34,9 @@ use messaging::{
     Topology,
     contracts::{OrderPlaced, Outcome, PaymentOutcome, SCHEMA_VERSION},
 };
+use pending::Pending;
 use platform::outbox::Outboxed;
-use sqlx::PgPool;
+use sqlx::{FromRow, PgPool, Row};
 use uuid::Uuid;
 
 pub(crate) use record::move_payment;
@@ -135,14 +136,14 @@ impl Processor {
         orders: &[(OrderPlaced, tracing::Span)],
     ) -> Result<Vec<Result<Handled, HandleError>>, HandleError> {
         let messages: Vec<&OrderPlaced> = orders.iter().map(|(order, _)| order).collect();
-        let started = self.start_all(&messages).await?;
+        let (started, known) = self.start_all(&messages).await?;
         let open: Vec<(Uuid, tracing::Span)> = orders
             .iter()
             .zip(&started)
             .filter(|(_, started)| matches!(started, Ok(None)))
             .map(|((order, span), _)| (order.order_id, span.clone()))
             .collect();
-        let mut settled = self.settle_all(&open).await?.into_iter();
+        let mut settled = self.settle_all(&open, known).await?.into_iter();
         Ok(started
             .into_iter()
             .map(|started| match started {
@@ -157,34 +158,49 @@ impl Processor {
     /// has one; `Some(Duplicate)` if the message or the order was handled
     /// before.
     pub async fn start(&self, order: &OrderPlaced) -> Result<Option<Handled>, HandleError> {
-        let mut started = self.start_all(&[order]).await?;
+        let (mut started, _) = self.start_all(&[order]).await?;
         started.pop().expect("one answer per order")
     }
 
-    /// [`Self::start`] for several messages, in one statement.
+    /// [`Self::start`] for several messages, in one statement, which also
+    /// reads what the rounds need of each open order and its payment.
     async fn start_all(
         &self,
         orders: &[&OrderPlaced],
-    ) -> Result<Vec<Result<Option<Handled>, HandleError>>, HandleError> {
+    ) -> Result<
+        (
+            Vec<Result<Option<Handled>, HandleError>>,
+            HashMap<Uuid, Pending>,
+        ),
+        HandleError,
+    > {
         if orders.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), HashMap::new()));
         }
-        // The amount is the one order-api stored, not the message's.
-        let found: Vec<(Option<String>, bool)> = sqlx::query_as(
+        // The amount is the one order-api stored, not the message's. A
+        // payment started now is read from what the INSERT returns, one
+        // started before from the table.
+        let found = sqlx::query(
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS i(order_id, message_id, n)),
              ordered AS (
-                 SELECT i.n, i.message_id, o.id, o.status, o.total_cents, o.currency
+                 SELECT i.n, i.message_id AS delivered, o.*,
+                        EXISTS (SELECT 1 FROM processed_messages m
+                                WHERE m.consumer = $3 AND m.message_id = i.message_id) AS seen
                  FROM input i JOIN orders o ON o.id = i.order_id),
              started AS (
                  INSERT INTO payments (order_id, message_id, amount_cents, currency, state)
-                 SELECT id, message_id, total_cents, currency, 'authorising' FROM ordered
-                 WHERE status IN ('accepted', 'held')
-                 ON CONFLICT (order_id) DO NOTHING)
-             SELECT o.status,
-                    EXISTS (SELECT 1 FROM processed_messages m
-                            WHERE m.consumer = $3 AND m.message_id = i.message_id)
+                 SELECT id, delivered, total_cents, currency, 'authorising' FROM ordered
+                 WHERE status IN ('accepted', 'held') AND NOT seen
+                 ON CONFLICT (order_id) DO NOTHING
+                 RETURNING order_id, state, reason, message_id)
+             SELECT o.status, o.seen, o.id AS order_id,
+                    coalesce(s.state, p.state) AS state, coalesce(s.reason, p.reason) AS reason,
+                    coalesce(s.message_id, p.message_id) AS message_id, o.customer_id, o.email,
+                    o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
              FROM input i LEFT JOIN ordered o ON o.n = i.n
+             LEFT JOIN started s ON s.order_id = o.id
+             LEFT JOIN payments p ON p.order_id = o.id
              ORDER BY i.n",
         )
         .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
@@ -192,24 +208,28 @@ impl Processor {
         .bind(CONSUMER)
         .fetch_all(&self.pool)
         .await?;
-        Ok(orders
-            .iter()
-            .zip(found)
-            .map(
-                |(order, (status, seen))| match status.map(OrderStatus::try_from) {
-                    None => Err(HandleError::Poison(format!(
-                        "order {} does not exist",
-                        order.order_id
-                    ))),
-                    // An open order (a held one too: its message dead-lettered,
-                    // now replayed) is taken up, unless this message was handled.
-                    Some(Ok(status)) if status.is_open() && !seen => Ok(None),
-                    // A redelivery, or another message for an order already
-                    // decided (a replay): keep the first decision.
-                    Some(_) => Ok(Some(Handled::Duplicate)),
-                },
-            )
-            .collect())
+        let mut known = HashMap::new();
+        let mut started = Vec::with_capacity(orders.len());
+        for (order, row) in orders.iter().zip(found) {
+            let status: Option<String> = row.try_get("status")?;
+            let seen: Option<bool> = row.try_get("seen")?;
+            started.push(match status.map(OrderStatus::try_from) {
+                None => Err(HandleError::Poison(format!(
+                    "order {} does not exist",
+                    order.order_id
+                ))),
+                // An open order (a held one too: its message dead-lettered,
+                // now replayed) is taken up, unless this message was handled.
+                Some(Ok(status)) if status.is_open() && seen == Some(false) => {
+                    known.insert(order.order_id, Pending::from_row(&row)?);
+                    Ok(None)
+                }
+                // A redelivery, or another message for an order already
+                // decided (a replay): keep the first decision.
+                Some(_) => Ok(Some(Handled::Duplicate)),
+            });
+        }
+        Ok((started, known))
     }
 
     /// Take the payment of `order_id` from wherever it stands to the order's
@@ -217,18 +237,19 @@ impl Processor {
     /// payment left half done.
     pub async fn settle(&self, order_id: Uuid) -> Result<Handled, HandleError> {
         let mut settled = self
-            .settle_all(&[(order_id, tracing::Span::current())])
+            .settle_all(&[(order_id, tracing::Span::current())], HashMap::new())
             .await?;
         settled.pop().expect("one result per order")
     }
 
-    /// [`Self::settle`] for several orders, round by round.
+    /// [`Self::settle`] for several orders, round by round, given what is
+    /// `known` of some of them already.
     async fn settle_all(
         &self,
         orders: &[(Uuid, tracing::Span)],
+        mut known: HashMap<Uuid, Pending>,
     ) -> Result<Vec<Result<Handled, HandleError>>, HandleError> {
         let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
-        let mut known = HashMap::new();
         for _ in 0..MAX_STEPS {
             let open: Vec<usize> = (0..orders.len())
                 .filter(|&i| results[i].is_none())

@@ -41,101 +41,112 @@ pub(super) struct Finish<'a> {
 impl Processor {
     /// The money has moved as the provider confirmed: for each payment still
     /// where the provider found it, its final state, the order's final
-    /// status, its history, its event and the message's record as handled.
-    /// The event of each finish, or `None` where someone else finished it.
+    /// status, both histories, the message's record as handled and the
+    /// order's event, in one statement (and so one transaction). The event
+    /// of each finish, or `None` where someone else finished it.
     pub(super) async fn finish_all(
         &self,
-        tx: &mut PgConnection,
         finishes: &[Finish<'_>],
     ) -> Result<Vec<Option<Outboxed>>, HandleError> {
         if finishes.is_empty() {
             return Ok(Vec::new());
         }
-        let moved: HashSet<Uuid> = sqlx::query_scalar(
-            "UPDATE payments p SET state = i.state, updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS i(order_id, from_state, state), orders o
-             WHERE p.order_id = i.order_id AND p.state = i.from_state
-               AND o.id = p.order_id AND o.status IN ('accepted', 'held')
-             RETURNING p.order_id",
-        )
-        .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
-        .bind(finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>())
-        .bind(finishes.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let done: Vec<&Finish<'_>> = finishes
-            .iter()
-            .filter(|f| moved.contains(&f.order_id))
-            .collect();
-        if done.is_empty() {
-            return Ok(finishes.iter().map(|_| None).collect());
-        }
-        let details: Vec<(String, String)> = done.iter().map(|f| f.details()).collect();
-        // The decisions, both histories and the messages' records in one
-        // round trip; the guarded UPDATE above let one transaction through.
-        sqlx::query(
-            "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                      $6::text[], $7::uuid[])
-                     AS i(order_id, status, reason, order_detail, payment_state, payment_detail, message_id)),
-             decided AS (
-                 UPDATE orders o SET status = i.status, reason = i.reason, processed_by = $8, updated_at = now()
-                 FROM input i WHERE o.id = i.order_id RETURNING o.id),
-             paid AS (
-                 INSERT INTO payment_history (order_id, state, detail, service)
-                 SELECT i.order_id, i.payment_state, i.payment_detail, 'order-processor'
-                 FROM input i JOIN decided d ON d.id = i.order_id),
-             handled AS (
-                 INSERT INTO processed_messages (consumer, message_id)
-                 SELECT $9, message_id FROM input
-                 ON CONFLICT DO NOTHING)
-             INSERT INTO order_status_history (order_id, status, detail, service)
-             SELECT i.order_id, i.status, i.order_detail, 'order-processor'
-             FROM input i JOIN decided d ON d.id = i.order_id",
-        )
-        .bind(done.iter().map(|f| f.order_id).collect::<Vec<_>>())
-        .bind(done.iter().map(|f| f.outcome.status()).collect::<Vec<_>>())
-        .bind(done.iter().map(|f| f.reason()).collect::<Vec<_>>())
-        .bind(details.iter().map(|(_, order)| order.as_str()).collect::<Vec<_>>())
-        .bind(done.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>())
-        .bind(details.iter().map(|(payment, _)| payment.as_str()).collect::<Vec<_>>())
-        .bind(done.iter().map(|f| f.pending.message_id).collect::<Vec<_>>())
-        .bind(&self.instance_id)
-        .bind(CONSUMER)
-        .execute(&mut *tx)
-        .await?;
-        let events: Vec<(OrderEvent, Envelope, serde_json::Value)> = done
+        let details: Vec<(String, String)> = finishes.iter().map(|f| f.details()).collect();
+        let exchange = self.topology.events_exchange();
+        let events: Vec<(Envelope, serde_json::Value)> = finishes
             .iter()
             .map(|f| self.event(f))
             .collect::<Result<_, _>>()?;
-        let exchange = self.topology.events_exchange();
-        let messages = events
-            .iter()
-            .map(|(_, envelope, payload)| outbox::Message {
-                exchange: &exchange,
-                routing_key: "",
-                envelope: envelope.clone(),
-                payload,
-            })
-            .collect();
-        let mut queued = outbox::enqueue_all(tx, messages).await?.into_iter();
-        Ok(finishes
-            .iter()
-            .map(|f| {
-                moved
-                    .contains(&f.order_id)
-                    .then(|| queued.next().expect("one event per finish"))
-            })
-            .collect())
+        let events = outbox::Rows::new(
+            events
+                .iter()
+                .map(|(envelope, payload)| outbox::Message {
+                    exchange: &exchange,
+                    routing_key: "",
+                    envelope: envelope.clone(),
+                    payload,
+                })
+                .collect(),
+        )?;
+        // `moved` lets through only the payments still where the provider
+        // found it, of orders still open; everything else follows it.
+        let statement = format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::text[], $7::text[], $8::uuid[])
+                     AS i(order_id, from_state, payment_state, status, reason, order_detail,
+                          payment_detail, message_id)),
+             moved AS (
+                 UPDATE payments p SET state = i.payment_state, updated_at = now()
+                 FROM input i, orders o
+                 WHERE p.order_id = i.order_id AND p.state = i.from_state
+                   AND o.id = p.order_id AND o.status IN ('accepted', 'held')
+                 RETURNING p.order_id),
+             decided AS (
+                 UPDATE orders o SET status = i.status, reason = i.reason, processed_by = $9, updated_at = now()
+                 FROM input i JOIN moved USING (order_id) WHERE o.id = i.order_id),
+             paid AS (
+                 INSERT INTO payment_history (order_id, state, detail, service)
+                 SELECT order_id, i.payment_state, i.payment_detail, $10
+                 FROM input i JOIN moved USING (order_id)),
+             told AS (
+                 INSERT INTO order_status_history (order_id, status, detail, service)
+                 SELECT order_id, i.status, i.order_detail, $10
+                 FROM input i JOIN moved USING (order_id)),
+             handled AS (
+                 INSERT INTO processed_messages (consumer, message_id)
+                 SELECT $10, i.message_id FROM input i JOIN moved USING (order_id)
+                 ON CONFLICT DO NOTHING),
+             outboxed AS ({})
+             SELECT id, message_id FROM outboxed",
+            outbox::Rows::insert_for(11, "moved")
+        );
+        let written = events
+            .bind(
+                sqlx::query(&statement)
+                    .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
+                    .bind(finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>())
+                    .bind(
+                        finishes
+                            .iter()
+                            .map(|f| f.payment.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        finishes
+                            .iter()
+                            .map(|f| f.outcome.status())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(finishes.iter().map(|f| f.reason()).collect::<Vec<_>>())
+                    .bind(
+                        details
+                            .iter()
+                            .map(|(_, order)| order.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        details
+                            .iter()
+                            .map(|(payment, _)| payment.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        finishes
+                            .iter()
+                            .map(|f| f.pending.message_id)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(&self.instance_id)
+                    .bind(CONSUMER),
+            )
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(events.written_of(&written))
     }
 
     /// The event announcing a finished order, its envelope and its payload.
-    fn event(
-        &self,
-        finish: &Finish<'_>,
-    ) -> Result<(OrderEvent, Envelope, serde_json::Value), HandleError> {
+    fn event(&self, finish: &Finish<'_>) -> Result<(Envelope, serde_json::Value), HandleError> {
         let pending = finish.pending;
         let lane = match pending.lane.as_str() {
             "express" => Lane::Express,
@@ -163,7 +174,7 @@ impl Processor {
             order_id: finish.order_id,
         };
         let payload = serde_json::to_value(&event).map_err(anyhow::Error::from)?;
-        Ok((event, envelope, payload))
+        Ok((envelope, payload))
     }
 }
 
@@ -207,14 +218,19 @@ pub(super) async fn decide_all(
     if orders.is_empty() {
         return Ok(Vec::new());
     }
-    let mut ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
-    ids.sort();
     let locked: HashSet<Uuid> = sqlx::query_scalar(
-        "SELECT o.id FROM orders o JOIN payments p ON p.order_id = o.id
-         WHERE o.id = ANY($1) AND o.status IN ('accepted', 'held') AND p.state = 'authorised'
-         ORDER BY o.id FOR UPDATE",
+        "SELECT o.id FROM unnest($1::uuid[], $2::text[]) AS i(order_id, state)
+         JOIN orders o ON o.id = i.order_id JOIN payments p ON p.order_id = o.id
+         WHERE o.status IN ('accepted', 'held') AND p.state = i.state
+         ORDER BY o.id FOR UPDATE OF o, p",
     )
-    .bind(&ids)
+    .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(
+        orders
+            .iter()
+            .map(|(_, p)| p.state.as_str())
+            .collect::<Vec<_>>(),
+    )
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
@@ -258,7 +274,7 @@ pub(super) async fn decide_all(
                     order_id: *order_id,
                     to: PaymentState::Capturing,
                     reason: None,
-                    detail: format!("stock reserved; capturing {amount}"),
+                    detail: format!("{amount} authorised, stock reserved; capturing"),
                 }
             }
             Some((sku, _)) => {
@@ -266,7 +282,7 @@ pub(super) async fn decide_all(
                 Move {
                     order_id: *order_id,
                     to: PaymentState::Voiding,
-                    detail: format!("{reason}; voiding the authorisation of {amount}"),
+                    detail: format!("{amount} authorised, but {reason}; voiding"),
                     reason: Some(reason),
                 }
             }
@@ -285,8 +301,14 @@ pub(super) async fn decide_all(
         .execute(&mut *tx)
         .await?;
     }
-    // The payments are locked and were `authorised`: this moves them.
-    move_payments(&mut *tx, &decisions, &[PaymentState::Authorised], CONSUMER).await?;
+    // The payments are locked and still where the round found them.
+    move_payments(
+        &mut *tx,
+        &decisions,
+        &[PaymentState::Authorising, PaymentState::Authorised],
+        CONSUMER,
+    )
+    .await?;
     Ok(decisions)
 }
 

@@ -8,9 +8,9 @@ use messaging::contracts::{Outcome, PaymentOutcome};
 use uuid::Uuid;
 
 use super::{
-    CONSUMER, HandleError, Handled, Processor, Stepped,
+    HandleError, Handled, Processor, Stepped,
     pending::Pending,
-    record::{Finish, Move, decide_all, move_payments},
+    record::{Finish, decide_all},
 };
 use crate::{
     payment::{self, Answer, Call, Operation},
@@ -26,10 +26,10 @@ enum Next {
 
 impl Processor {
     /// One step of each order's payment: read where they stand, make their
-    /// provider calls concurrently, then record every result in one
-    /// transaction (authorisations with the decisions they lead to and the
-    /// stock those reserve, and final statuses with their events), each
-    /// change guarded by the state it leaves.
+    /// provider calls concurrently, then record what they answered: the
+    /// authorisations with the decisions they lead to and the stock those
+    /// reserve, in one transaction; the final statuses with their events, in
+    /// one statement. Each change is guarded by the state it leaves.
     ///
     /// `known` holds what the previous round left each order in, where its
     /// own guarded change made it so; the rest are read now.
@@ -81,7 +81,6 @@ impl Processor {
             .collect();
         let answers = payment::call_all(&*self.payments, &requests).await;
 
-        let mut authorisations = Vec::new();
         let mut finishes = Vec::new();
         let mut refusals = Vec::new();
         for ((index, operation, _), answer) in calls.into_iter().zip(answers) {
@@ -97,12 +96,11 @@ impl Processor {
             };
             match (operation, answer) {
                 (_, Err(error)) => results[index] = Some(Err(error.into())),
-                (Operation::Authorise, Ok(Answer::Authorised)) => authorisations.push(Move {
-                    order_id,
-                    to: PaymentState::Authorised,
-                    reason: None,
-                    detail: format!("{} authorised", pending.amount()),
-                }),
+                // Decided in the transaction that records it: the payment
+                // goes from `authorising` to `capturing` or `voiding`.
+                (Operation::Authorise, Ok(Answer::Authorised)) => {
+                    to_decide.push((order_id, pending))
+                }
                 (Operation::Authorise, Ok(Answer::Declined)) => finishes.push(finish(
                     PaymentState::Authorising,
                     PaymentOutcome::Declined,
@@ -126,35 +124,19 @@ impl Processor {
             }
         }
 
-        let (authorised, decided, decisions) =
-            if authorisations.is_empty() && finishes.is_empty() && to_decide.is_empty() {
-                (Vec::new(), Vec::new(), Vec::new())
-            } else {
-                let mut tx = self.pool.begin().await?;
-                let authorised = move_payments(
-                    &mut *tx,
-                    &authorisations,
-                    &[PaymentState::Authorising],
-                    CONSUMER,
-                )
-                .await?;
-                let decided = self.finish_all(&mut tx, &finishes).await?;
-                // An authorisation is decided in the transaction that records
-                // it: one commit fewer on every order's way.
-                to_decide.extend(authorised.iter().map(|id| (*id, &pending[id])));
-                // Last, so the stock rows stay locked only until the commit.
-                let decisions = decide_all(&mut tx, &to_decide).await?;
-                tx.commit().await?;
-                (authorised, decided, decisions)
-            };
+        let decisions = if to_decide.is_empty() {
+            Vec::new()
+        } else {
+            let mut tx = self.pool.begin().await?;
+            let decisions = decide_all(&mut tx, &to_decide).await?;
+            tx.commit().await?;
+            decisions
+        };
+        let decided = self.finish_all(&finishes).await?;
 
         let spans: HashMap<Uuid, &tracing::Span> =
             orders.iter().map(|(id, span)| (*id, span)).collect();
         let span_of = |order_id: Uuid| spans[&order_id];
-        for moved in &authorised {
-            let amount = pending[moved].amount();
-            span_of(*moved).in_scope(|| tracing::info!("payment of {amount} authorised"));
-        }
         for decision in &decisions {
             span_of(decision.order_id).in_scope(|| tracing::info!("{}", decision.detail));
         }
@@ -177,14 +159,9 @@ impl Processor {
 
         // What this round's own changes made of the orders; any other is
         // read again next round.
-        let mut advanced: HashMap<Uuid, (PaymentState, Option<String>)> = authorised
-            .iter()
-            .map(|id| (*id, (PaymentState::Authorised, None)))
-            .chain(
-                decisions
-                    .into_iter()
-                    .map(|m| (m.order_id, (m.to, m.reason))),
-            )
+        let mut advanced: HashMap<Uuid, (PaymentState, Option<String>)> = decisions
+            .into_iter()
+            .map(|m| (m.order_id, (m.to, m.reason)))
             .collect();
         for (order_id, _) in orders {
             match (advanced.remove(order_id), known.get_mut(order_id)) {

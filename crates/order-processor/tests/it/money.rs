@@ -68,6 +68,15 @@ async fn money(pool: &PgPool, books: &PgPool, order: &OrderPlaced) -> Money {
     }
 }
 
+/// The states `order`'s payment was recorded in, in order.
+async fn history(pool: &PgPool, order: &OrderPlaced) -> Vec<String> {
+    sqlx::query_scalar("SELECT state FROM payment_history WHERE order_id = $1 ORDER BY id")
+        .bind(order.order_id)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// Captured once, for the order's total; nothing voided.
 fn captured(order: &OrderPlaced) -> Money {
     Money {
@@ -154,6 +163,9 @@ async fn a_crash_between_any_two_steps_is_finished_by_the_next_delivery() {
             voided(),
             "crashed after {crashed_after} steps"
         );
+        // The authorisation is recorded with its decision: one line each.
+        assert_eq!(history(&pool, &paid).await, ["capturing", "captured"]);
+        assert_eq!(history(&pool, &short).await, ["voiding", "voided"]);
     }
     let processed = i32::try_from(STEPS).unwrap();
     assert_eq!(
@@ -162,6 +174,34 @@ async fn a_crash_between_any_two_steps_is_finished_by_the_next_delivery() {
         "reserved once per processed order"
     );
     assert_eq!(stock(&pool, "LIMITED-EDITION").await, 5);
+}
+
+#[tokio::test]
+async fn a_payment_an_earlier_release_left_authorised_is_decided_then_captured() {
+    let (_, pool) = test_support::fresh_database().await;
+    let (processor, provider) = processor_with(&pool, 1_000_000, false).await;
+    let order = accepted_order(&pool, &[("WIDGET", 1)]).await;
+    assert_eq!(processor.start(&order).await.unwrap(), None);
+    assert_eq!(
+        authorise_at_the_provider(&processor, &order).await,
+        Answer::Authorised
+    );
+    // Releases before this one recorded `authorised` on its own, and one
+    // stopped there.
+    sqlx::query("UPDATE payments SET state = 'authorised' WHERE order_id = $1")
+        .bind(order.order_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let widgets = stock(&pool, "WIDGET").await;
+    let handled = processor.handle(&order).await.unwrap();
+    assert!(matches!(handled, Handled::Decided { .. }), "{handled:?}");
+    assert_eq!(
+        money(&pool, &provider.books, &order).await,
+        captured(&order)
+    );
+    assert_eq!(stock(&pool, "WIDGET").await, widgets - 1);
+    assert_eq!(history(&pool, &order).await, ["capturing", "captured"]);
 }
 
 #[tokio::test]
