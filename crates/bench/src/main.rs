@@ -355,6 +355,9 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
 /// processors with no payment latency and no subscribers. The CPU is read
 /// over the drain only, so it is what processing costs: the processors,
 /// orderflow's Postgres, RabbitMQ, and the provider beside them.
+/// How long Postgres may take to count a backend's last commits.
+const STATISTICS_LAG: Duration = Duration::from_secs(11);
+
 async fn processor_stage(
     environment: &Environment,
     sizes: &Sizes,
@@ -373,8 +376,9 @@ async fn processor_stage(
     .await?;
     let orders = posted.accepted.len() as u64;
     system.wait_published(WAIT).await?;
-    // Let the statistics catch up with order-api's last commits.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the statistics catch up with order-api's last commits: an idle
+    // backend reports its counters within 10 s (PGSTAT_IDLE_INTERVAL).
+    tokio::time::sleep(STATISTICS_LAG).await;
     let activity_before = system.activity().await?;
     let before = cpu::snapshot(&system.pids());
     let clock = Instant::now();
@@ -382,7 +386,7 @@ async fn processor_stage(
     let finished = system.wait_final(orders, WAIT).await?;
     let drained_s = clock.elapsed().as_secs_f64();
     let usage = before.usage_since(&cpu::snapshot(&system.pids()), orders);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(STATISTICS_LAG).await;
     let activity_after = system.activity().await?;
     let per_order = |before: i64, after: i64| (after - before) as f64 / orders.max(1) as f64;
     let per_order_of = |before: &Activity, after: &Activity| PerOrder {

@@ -20,11 +20,11 @@ use crate::state::PaymentState;
 
 /// A payment moving on to `to`, with its line of history (and, given one,
 /// the reason it is being voided).
-pub(crate) struct Move {
-    pub order_id: Uuid,
-    pub to: PaymentState,
-    pub reason: Option<String>,
-    pub detail: String,
+pub(super) struct Move {
+    pub(super) order_id: Uuid,
+    pub(super) to: PaymentState,
+    pub(super) reason: Option<String>,
+    pub(super) detail: String,
 }
 
 /// A payment the provider has settled, to be recorded with the order's
@@ -207,10 +207,12 @@ impl Finish<'_> {
 
 /// The authorisations are held: reserve each order's stock and decide to
 /// capture, or, short of stock, to void. The decision is the payment's next
-/// state, recorded with the reservation. The payments are locked in order
-/// id order and the stock rows of the whole batch in SKU order, so
-/// processors cannot deadlock; each order takes all its lines or none, in
-/// the order the orders came. Returns the decisions made.
+/// state, recorded with the reservation in one statement, for the payments
+/// still where the round found them: a payment someone else moved meanwhile
+/// (the sweeper) is left to them, and its stock is not taken. The stock
+/// rows of the whole batch are locked first, in SKU order, and only then
+/// the payments, so processors cannot deadlock; each order takes all its
+/// lines or none, in the order the orders came. Returns the decisions made.
 pub(super) async fn decide_all(
     tx: &mut PgConnection,
     orders: &[(Uuid, &Pending)],
@@ -218,27 +220,6 @@ pub(super) async fn decide_all(
     if orders.is_empty() {
         return Ok(Vec::new());
     }
-    let locked: HashSet<Uuid> = sqlx::query_scalar(
-        "SELECT o.id FROM unnest($1::uuid[], $2::text[]) AS i(order_id, state)
-         JOIN orders o ON o.id = i.order_id JOIN payments p ON p.order_id = o.id
-         WHERE o.status IN ('accepted', 'held') AND p.state = i.state
-         ORDER BY o.id FOR UPDATE OF o, p",
-    )
-    .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-    .bind(
-        orders
-            .iter()
-            .map(|(_, p)| p.state.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-    let orders: Vec<&(Uuid, &Pending)> = orders
-        .iter()
-        .filter(|(id, _)| locked.contains(id))
-        .collect();
     let skus: BTreeSet<&str> = orders
         .iter()
         .flat_map(|(_, pending)| pending.items.iter().map(|line| line.sku.as_str()))
@@ -253,7 +234,8 @@ pub(super) async fn decide_all(
     .map(|(sku, stock)| (sku, i64::from(stock)))
     .collect();
 
-    let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+    // What each order takes: (order, sku, quantity).
+    let mut taken: Vec<(Uuid, &str, i64)> = Vec::new();
     let mut decisions = Vec::with_capacity(orders.len());
     for (order_id, pending) in orders {
         let mut needed: BTreeMap<&str, i64> = BTreeMap::new();
@@ -268,7 +250,7 @@ pub(super) async fn decide_all(
             None => {
                 for (sku, quantity) in needed {
                     *stock.get_mut(sku).expect("a locked stock row") -= quantity;
-                    *taken.entry(sku.to_owned()).or_default() += quantity;
+                    taken.push((*order_id, sku, quantity));
                 }
                 Move {
                     order_id: *order_id,
@@ -288,27 +270,47 @@ pub(super) async fn decide_all(
             }
         });
     }
-    if !taken.is_empty() {
-        let (skus, quantities): (Vec<String>, Vec<i64>) = taken.into_iter().unzip();
-        // The rows are locked and hold enough: the guard only restates it.
-        sqlx::query(
-            "UPDATE inventory i SET stock = i.stock - t.taken
-             FROM unnest($1::text[], $2::int8[]) AS t(sku, taken)
-             WHERE i.sku = t.sku AND i.stock >= t.taken",
-        )
-        .bind(&skus)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-    }
-    // The payments are locked and still where the round found them.
-    move_payments(
-        &mut *tx,
-        &decisions,
-        &[PaymentState::Authorising, PaymentState::Authorised],
-        CONSUMER,
+    // The stock rows are locked and hold enough for every order: the
+    // guard on the stock only restates it.
+    let moved: HashSet<Uuid> = sqlx::query_scalar(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+                 AS i(order_id, from_state, state, reason, detail)),
+         moved AS (
+             UPDATE payments p SET state = i.state, reason = coalesce(i.reason, p.reason), updated_at = now()
+             FROM input i, orders o
+             WHERE p.order_id = i.order_id AND p.state = i.from_state
+               AND o.id = p.order_id AND o.status IN ('accepted', 'held')
+             RETURNING p.order_id, i.state, i.detail),
+         taken AS (
+             UPDATE inventory s SET stock = s.stock - t.quantity
+             FROM (SELECT l.sku, sum(l.quantity) AS quantity
+                   FROM unnest($6::uuid[], $7::text[], $8::int8[]) AS l(order_id, sku, quantity)
+                   JOIN moved USING (order_id) GROUP BY l.sku) t
+             WHERE s.sku = t.sku AND s.stock >= t.quantity)
+         INSERT INTO payment_history (order_id, state, detail, service)
+         SELECT order_id, state, detail, $9 FROM moved
+         RETURNING order_id",
     )
-    .await?;
+    .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(
+        orders
+            .iter()
+            .map(|(_, pending)| pending.state.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(decisions.iter().map(|m| m.to.as_str()).collect::<Vec<_>>())
+    .bind(decisions.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
+    .bind(decisions.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
+    .bind(taken.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(taken.iter().map(|(_, sku, _)| *sku).collect::<Vec<_>>())
+    .bind(taken.iter().map(|(_, _, quantity)| *quantity).collect::<Vec<_>>())
+    .bind(CONSUMER)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    decisions.retain(|decision| moved.contains(&decision.order_id));
     Ok(decisions)
 }
 
@@ -324,46 +326,22 @@ pub(crate) async fn move_payment(
     detail: &str,
     service: &str,
 ) -> sqlx::Result<bool> {
-    let step = Move {
-        order_id,
-        to,
-        reason: reason.map(str::to_owned),
-        detail: detail.to_owned(),
-    };
-    Ok(!move_payments(conn, &[step], from, service)
-        .await?
-        .is_empty())
-}
-
-/// [`move_payment`] for several payments, in one statement; returns the
-/// orders whose payments moved.
-pub(crate) async fn move_payments(
-    conn: impl sqlx::PgExecutor<'_>,
-    moves: &[Move],
-    from: &[PaymentState],
-    service: &str,
-) -> sqlx::Result<Vec<Uuid>> {
-    if moves.is_empty() {
-        return Ok(Vec::new());
-    }
-    sqlx::query_scalar(
-        "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
-                 AS i(order_id, state, reason, detail)),
-         moved AS (
-             UPDATE payments p SET state = i.state, reason = coalesce(i.reason, p.reason), updated_at = now()
-             FROM input i WHERE p.order_id = i.order_id AND p.state = ANY($5)
-             RETURNING p.order_id, i.state, i.detail)
+    let moved: Option<Uuid> = sqlx::query_scalar(
+        "WITH moved AS (
+             UPDATE payments SET state = $2, reason = coalesce($3, reason), updated_at = now()
+             WHERE order_id = $1 AND state = ANY($4)
+             RETURNING order_id)
          INSERT INTO payment_history (order_id, state, detail, service)
-         SELECT order_id, state, detail, $6 FROM moved
+         SELECT order_id, $2, $5, $6 FROM moved
          RETURNING order_id",
     )
-    .bind(moves.iter().map(|m| m.order_id).collect::<Vec<_>>())
-    .bind(moves.iter().map(|m| m.to.as_str()).collect::<Vec<_>>())
-    .bind(moves.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
-    .bind(moves.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
+    .bind(order_id)
+    .bind(to.as_str())
+    .bind(reason)
     .bind(from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    .bind(detail)
     .bind(service)
-    .fetch_all(conn)
-    .await
+    .fetch_optional(conn)
+    .await?;
+    Ok(moved.is_some())
 }
