@@ -1,8 +1,8 @@
-//! What a round records, in one transaction: authorisations with the
-//! decisions they lead to (stock reserved, or not), and finished payments
-//! with the order's final status and its event. Every change is guarded by
-//! the state it leaves, so a change someone else made first is not made
-//! twice.
+//! What a round records: authorisations with the decisions they lead to
+//! (stock reserved, or not), in one transaction of two statements (lock the
+//! stock, then record); finished payments with the order's final status and
+//! its event, in one statement. Every change is guarded by the state it
+//! leaves, so a change someone else made first is not made twice.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 

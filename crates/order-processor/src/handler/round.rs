@@ -1,6 +1,6 @@
 //! One round of a batch: where each order stands, the provider calls its
-//! state asks for (made concurrently), and one transaction recording what
-//! they answered (see [`super::record`]).
+//! state asks for (made concurrently), and what they answered, recorded
+//! (see [`super::record`]).
 
 use std::collections::HashMap;
 
