@@ -237,12 +237,12 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     for (condition, steps, email) in [
         (
             "status = 'processed'",
-            vec!["authorised", "capturing", "captured"],
+            vec!["capturing", "captured"],
             "has been charged",
         ),
         (
             "reason LIKE 'out_of_stock%'",
-            vec!["authorised", "voiding", "voided"],
+            vec!["voiding", "voided"],
             "has been released",
         ),
         (

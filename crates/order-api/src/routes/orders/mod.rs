@@ -44,8 +44,9 @@ pub struct OrderView {
 /// Where an order's payment stands, and how it got there.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PaymentView {
-    /// `authorising`, `authorised`, `capturing` or `voiding` while under
-    /// way; `captured`, `voided` or `declined` once settled.
+    /// `authorising`, `capturing` or `voiding` while under way (a payment
+    /// an earlier release left undecided reads `authorised`); `captured`,
+    /// `voided` or `declined` once settled.
     pub state: String,
     pub amount_cents: i64,
     pub currency: String,
