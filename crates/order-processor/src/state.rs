@@ -1,6 +1,8 @@
 //! The states an order and its payment pass through, as Postgres stores
-//! them (text), and what the processor does next in each: a pure function,
-//! tested here without Postgres.
+//! them (text); what the processor does next in each ([`next`]), what the
+//! provider's answer makes of a payment ([`answered`]), and what the stock
+//! allows an order ([`reserve`]): pure functions, tested here without
+//! Postgres.
 //!
 //! ```text
 //! authorising ──authorise, reserve stock──▶ capturing ──capture──▶ captured  (processed)
@@ -13,9 +15,14 @@
 //! (authorised, not yet decided) is what releases before this one recorded
 //! first; a payment left there is decided as it is read.
 
-use std::fmt;
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+};
 
-use crate::payment::Operation;
+use messaging::contracts::{Outcome, PaymentOutcome};
+
+use crate::payment::{Answer, Operation};
 
 /// An order's status. `accepted` and `held` (its message dead-lettered)
 /// are open: the processor takes either on. `processed` and `rejected` are
@@ -149,9 +156,163 @@ pub fn next(status: OrderStatus, state: PaymentState) -> Step {
     }
 }
 
+/// What the provider's answer to a step's call makes of the payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answered {
+    /// An authorisation held: reserve the stock and decide.
+    Decide,
+    /// The money has settled: record `payment` with the order's `outcome`,
+    /// if the payment is still `from`.
+    Finish {
+        from: PaymentState,
+        payment: PaymentOutcome,
+        outcome: Outcome,
+    },
+    /// An answer the step cannot use (the provider refused the call).
+    Refused,
+}
+
+/// What `answer`, to the call `operation` that the payment's state asked
+/// for, makes of it; `void_reason` is why a payment being voided is.
+pub fn answered(operation: Operation, answer: &Answer, void_reason: Option<&str>) -> Answered {
+    match (operation, answer) {
+        (Operation::Authorise, Answer::Authorised) => Answered::Decide,
+        (Operation::Authorise, Answer::Declined) => Answered::Finish {
+            from: PaymentState::Authorising,
+            payment: PaymentOutcome::Declined,
+            outcome: Outcome::Rejected {
+                reason: "payment_declined".into(),
+            },
+        },
+        (Operation::Capture, Answer::Captured) => Answered::Finish {
+            from: PaymentState::Capturing,
+            payment: PaymentOutcome::Captured,
+            outcome: Outcome::Processed,
+        },
+        (Operation::Void, Answer::Voided) => Answered::Finish {
+            from: PaymentState::Voiding,
+            payment: PaymentOutcome::Voided,
+            outcome: Outcome::Rejected {
+                reason: void_reason.unwrap_or("voided").into(),
+            },
+        },
+        _ => Answered::Refused,
+    }
+}
+
+/// Take what `lines` ask for from `stock` (what is left of each SKU), all
+/// of it or none: the quantity taken of each SKU, or the first SKU (in SKU
+/// order) short of what the lines ask.
+pub fn reserve<'a>(
+    stock: &mut HashMap<String, i64>,
+    lines: impl IntoIterator<Item = (&'a str, i64)>,
+) -> Result<BTreeMap<&'a str, i64>, &'a str> {
+    let mut needed: BTreeMap<&str, i64> = BTreeMap::new();
+    for (sku, quantity) in lines {
+        *needed.entry(sku).or_default() += quantity;
+    }
+    if let Some((sku, _)) = needed
+        .iter()
+        .find(|(sku, quantity)| stock.get(**sku).is_none_or(|left| left < *quantity))
+    {
+        return Err(sku);
+    }
+    for (sku, quantity) in &needed {
+        *stock.get_mut(*sku).expect("checked above") -= quantity;
+    }
+    Ok(needed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_answer_to_the_call_its_state_asked_for_moves_the_payment_on() {
+        assert_eq!(
+            answered(Operation::Authorise, &Answer::Authorised, None),
+            Answered::Decide
+        );
+        let declined = answered(Operation::Authorise, &Answer::Declined, None);
+        assert_eq!(
+            declined,
+            Answered::Finish {
+                from: PaymentState::Authorising,
+                payment: PaymentOutcome::Declined,
+                outcome: Outcome::Rejected {
+                    reason: "payment_declined".into()
+                },
+            }
+        );
+        assert_eq!(
+            answered(Operation::Capture, &Answer::Captured, None),
+            Answered::Finish {
+                from: PaymentState::Capturing,
+                payment: PaymentOutcome::Captured,
+                outcome: Outcome::Processed,
+            }
+        );
+        assert_eq!(
+            answered(
+                Operation::Void,
+                &Answer::Voided,
+                Some("out_of_stock: GADGET")
+            ),
+            Answered::Finish {
+                from: PaymentState::Voiding,
+                payment: PaymentOutcome::Voided,
+                outcome: Outcome::Rejected {
+                    reason: "out_of_stock: GADGET".into()
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn a_refusal_or_an_answer_to_another_call_is_refused() {
+        let refused = Answer::Refused("authorisation voided".into());
+        for operation in [Operation::Authorise, Operation::Capture, Operation::Void] {
+            assert_eq!(answered(operation, &refused, None), Answered::Refused);
+        }
+        assert_eq!(
+            answered(Operation::Capture, &Answer::Voided, None),
+            Answered::Refused
+        );
+        assert_eq!(
+            answered(Operation::Void, &Answer::Captured, None),
+            Answered::Refused
+        );
+        assert_eq!(
+            answered(Operation::Authorise, &Answer::Captured, None),
+            Answered::Refused
+        );
+    }
+
+    #[test]
+    fn an_order_takes_all_its_lines_or_none_in_the_order_orders_come() {
+        let mut stock: HashMap<String, i64> =
+            [("GADGET".to_owned(), 3), ("WIDGET".to_owned(), 5)].into();
+        // Two lines of one SKU count together.
+        assert_eq!(
+            reserve(&mut stock, [("GADGET", 1), ("WIDGET", 2), ("GADGET", 1)]),
+            Ok([("GADGET", 2), ("WIDGET", 2)].into())
+        );
+        // Short of one SKU: nothing taken, not even what was there.
+        assert_eq!(
+            reserve(&mut stock, [("WIDGET", 1), ("GADGET", 2)]),
+            Err("GADGET")
+        );
+        assert_eq!(stock["WIDGET"], 3);
+        assert_eq!(stock["GADGET"], 1);
+        // A SKU the shop does not stock is short.
+        assert_eq!(reserve(&mut stock, [("UNKNOWN", 1)]), Err("UNKNOWN"));
+        // What is left still serves the next order.
+        assert_eq!(
+            reserve(&mut stock, [("GADGET", 1)]),
+            Ok([("GADGET", 1)].into())
+        );
+        assert_eq!(stock["GADGET"], 0);
+    }
 
     #[test]
     fn an_open_order_goes_on_from_where_its_payment_stands() {

@@ -22,7 +22,8 @@
 //! payments, then settle them round by round), [`round`] (one round: where
 //! each order stands, its provider call, what to record), [`record`] (how
 //! a round's results are recorded), [`pending`] (what a round knows of an
-//! order), and [`crate::state`] (the states and the next step from each).
+//! order), and [`crate::state`] (the states, the next step from each, what
+//! an answer makes of a payment and what the stock allows an order).
 
 mod pending;
 mod record;

@@ -4,7 +4,7 @@
 //! its event, in one statement. Every change is guarded by the state it
 //! leaves, so a change someone else made first is not made twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::Utc;
 use messaging::{
@@ -16,7 +16,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{CONSUMER, HandleError, Processor, pending::Pending};
-use crate::state::PaymentState;
+use crate::state::{self, PaymentState};
 
 /// A payment moving on to `to`, with its line of history (and, given one,
 /// the reason it is being voided).
@@ -30,7 +30,6 @@ pub(super) struct Move {
 /// A payment the provider has settled, to be recorded with the order's
 /// final status.
 pub(super) struct Finish<'a> {
-    pub(super) index: usize,
     pub(super) order_id: Uuid,
     pub(super) pending: &'a Pending,
     pub(super) from: PaymentState,
@@ -46,7 +45,7 @@ impl Processor {
     /// of each finish, or `None` where someone else finished it.
     pub(super) async fn finish_all(
         &self,
-        finishes: &[Finish<'_>],
+        finishes: &[&Finish<'_>],
     ) -> Result<Vec<Option<Outboxed>>, HandleError> {
         if finishes.is_empty() {
             return Ok(Vec::new());
@@ -238,20 +237,14 @@ pub(super) async fn decide_all(
     let mut taken: Vec<(Uuid, &str, i64)> = Vec::new();
     let mut decisions = Vec::with_capacity(orders.len());
     for (order_id, pending) in orders {
-        let mut needed: BTreeMap<&str, i64> = BTreeMap::new();
-        for line in pending.items.iter() {
-            *needed.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
-        }
-        let short = needed
+        let lines = pending
+            .items
             .iter()
-            .find(|(sku, quantity)| stock.get(**sku).is_none_or(|left| left < *quantity));
+            .map(|line| (line.sku.as_str(), i64::from(line.quantity)));
         let amount = pending.amount();
-        decisions.push(match short {
-            None => {
-                for (sku, quantity) in needed {
-                    *stock.get_mut(sku).expect("a locked stock row") -= quantity;
-                    taken.push((*order_id, sku, quantity));
-                }
+        decisions.push(match state::reserve(&mut stock, lines) {
+            Ok(reserved) => {
+                taken.extend(reserved.into_iter().map(|(sku, n)| (*order_id, sku, n)));
                 Move {
                     order_id: *order_id,
                     to: PaymentState::Capturing,
@@ -259,7 +252,7 @@ pub(super) async fn decide_all(
                     detail: format!("{amount} authorised, stock reserved; capturing"),
                 }
             }
-            Some((sku, _)) => {
+            Err(sku) => {
                 let reason = format!("out_of_stock: {sku}");
                 Move {
                     order_id: *order_id,

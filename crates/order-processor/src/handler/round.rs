@@ -5,23 +5,31 @@
 use std::collections::HashMap;
 
 use messaging::contracts::{Outcome, PaymentOutcome};
+use platform::outbox::Outboxed;
 use uuid::Uuid;
 
 use super::{
     HandleError, Handled, Processor, Stepped,
     pending::Pending,
-    record::{Finish, decide_all},
+    record::{Finish, Move, decide_all},
 };
 use crate::{
     payment::{self, Answer, Call, Operation},
-    state::{self, PaymentState, Step},
+    state::{self, Answered, PaymentState, Step},
 };
 
-/// What a round does with one order, given its recorded state.
-enum Next {
-    Call(Operation),
-    Decide,
+/// One order in a round: what the round does with it, then what came of it.
+enum Work<'a> {
+    /// Nothing to do this round: the order's result.
     Over(Result<Handled, HandleError>),
+    /// Ask the provider.
+    Call(Operation, &'a Pending),
+    /// Reserve its stock and decide (its authorisation is held).
+    Decide(&'a Pending),
+    /// Record that the provider settled the money.
+    Finish(Finish<'a>),
+    /// The provider refused the call the payment's state asked for.
+    Refused(Operation, Answer, &'a Pending),
 }
 
 impl Processor {
@@ -38,131 +46,81 @@ impl Processor {
         orders: &[(Uuid, tracing::Span)],
         known: &mut HashMap<Uuid, Pending>,
     ) -> Result<Vec<Stepped>, HandleError> {
-        let unknown: Vec<Uuid> = orders
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| !known.contains_key(id))
-            .collect();
-        if !unknown.is_empty() {
-            let read: Vec<Pending> = sqlx::query_as(
-                "SELECT p.order_id, p.state, p.reason, p.message_id, o.status, o.customer_id, o.email,
-                        o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
-                 FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)",
-            )
-            .bind(&unknown)
-            .fetch_all(&self.pool)
-            .await?;
-            known.extend(read.into_iter().map(|pending| (pending.order_id, pending)));
-        }
+        self.read_unknown(orders, known).await?;
         let pending = &*known;
 
-        let mut results: Vec<Stepped> = orders.iter().map(|_| None).collect();
-        let mut calls = Vec::new();
-        let mut keys = Vec::new();
-        let mut to_decide: Vec<(Uuid, &Pending)> = Vec::new();
-        for (index, (order_id, _)) in orders.iter().enumerate() {
-            match next(*order_id, pending.get(order_id)) {
-                Next::Over(result) => results[index] = Some(result),
-                Next::Decide => to_decide.push((*order_id, &pending[order_id])),
-                Next::Call(operation) => {
-                    calls.push((index, operation, pending[order_id].charge(*order_id)));
-                    keys.push(operation.key(*order_id));
-                }
-            }
-        }
-        let requests: Vec<Call<'_>> = calls
+        // Where each order stands, and the provider's answers to the calls
+        // that asks for.
+        let mut work: Vec<Work<'_>> = orders
             .iter()
-            .zip(&keys)
-            .map(|((_, operation, charge), key)| Call {
-                operation: *operation,
-                charge: *charge,
-                idempotency_key: key,
+            .map(|(order_id, _)| plan(*order_id, pending.get(order_id)))
+            .collect();
+        self.call_provider(&mut work).await;
+
+        // What the answers make of the payments, recorded.
+        let to_decide: Vec<(Uuid, &Pending)> = work
+            .iter()
+            .filter_map(|work| match work {
+                Work::Decide(pending) => Some((pending.order_id, *pending)),
+                _ => None,
             })
             .collect();
-        let answers = payment::call_all(&*self.payments, &requests).await;
-
-        let mut finishes = Vec::new();
-        let mut refusals = Vec::new();
-        for ((index, operation, _), answer) in calls.into_iter().zip(answers) {
-            let order_id = orders[index].0;
-            let pending = &pending[&order_id];
-            let finish = |from, payment, outcome| Finish {
-                index,
-                order_id,
-                pending,
-                from,
-                payment,
-                outcome,
-            };
-            match (operation, answer) {
-                (_, Err(error)) => results[index] = Some(Err(error.into())),
-                // Decided in the transaction that records it: the payment
-                // goes from `authorising` to `capturing` or `voiding`.
-                (Operation::Authorise, Ok(Answer::Authorised)) => {
-                    to_decide.push((order_id, pending))
-                }
-                (Operation::Authorise, Ok(Answer::Declined)) => finishes.push(finish(
-                    PaymentState::Authorising,
-                    PaymentOutcome::Declined,
-                    Outcome::Rejected {
-                        reason: "payment_declined".into(),
-                    },
-                )),
-                (Operation::Capture, Ok(Answer::Captured)) => finishes.push(finish(
-                    PaymentState::Capturing,
-                    PaymentOutcome::Captured,
-                    Outcome::Processed,
-                )),
-                (Operation::Void, Ok(Answer::Voided)) => finishes.push(finish(
-                    PaymentState::Voiding,
-                    PaymentOutcome::Voided,
-                    Outcome::Rejected {
-                        reason: pending.reason.clone().unwrap_or_else(|| "voided".into()),
-                    },
-                )),
-                (operation, Ok(answer)) => refusals.push((index, operation, answer)),
-            }
-        }
-
-        let decisions = if to_decide.is_empty() {
-            Vec::new()
+        let mut decisions: HashMap<Uuid, Move> = if to_decide.is_empty() {
+            HashMap::new()
         } else {
             let mut tx = self.pool.begin().await?;
             let decisions = decide_all(&mut tx, &to_decide).await?;
             tx.commit().await?;
-            decisions
+            decisions.into_iter().map(|m| (m.order_id, m)).collect()
         };
-        let decided = self.finish_all(&finishes).await?;
-
-        let spans: HashMap<Uuid, &tracing::Span> =
-            orders.iter().map(|(id, span)| (*id, span)).collect();
-        let span_of = |order_id: Uuid| spans[&order_id];
-        for decision in &decisions {
-            span_of(decision.order_id).in_scope(|| tracing::info!("{}", decision.detail));
-        }
-        for (finish, event) in finishes.into_iter().zip(decided) {
-            let Some(event) = event else { continue };
-            span_of(finish.order_id)
-                .in_scope(|| announce(finish.pending, &finish.outcome, finish.payment));
-            results[finish.index] = Some(Ok(Handled::Decided {
-                outcome: finish.outcome,
-                payment: finish.payment,
-                event,
-            }));
-        }
-        for (index, operation, answer) in refusals {
-            let (order_id, from) = (orders[index].0, pending[&orders[index].0].state);
-            if let Err(error) = self.refused(order_id, from, operation, answer).await {
-                results[index] = Some(Err(error));
-            }
-        }
-
-        // What this round's own changes made of the orders; any other is
-        // read again next round.
-        let mut advanced: HashMap<Uuid, (PaymentState, Option<String>)> = decisions
-            .into_iter()
-            .map(|m| (m.order_id, (m.to, m.reason)))
+        let finishes: Vec<&Finish<'_>> = work
+            .iter()
+            .filter_map(|work| match work {
+                Work::Finish(finish) => Some(finish),
+                _ => None,
+            })
             .collect();
+        let mut events: HashMap<Uuid, Outboxed> = finishes
+            .iter()
+            .map(|finish| finish.order_id)
+            .zip(self.finish_all(&finishes).await?)
+            .filter_map(|(order_id, event)| Some((order_id, event?)))
+            .collect();
+
+        // Each order's result, told in its own log lines, and what this
+        // round's own changes made of the orders (any other is read again
+        // next round).
+        let mut results = Vec::with_capacity(orders.len());
+        let mut advanced: HashMap<Uuid, (PaymentState, Option<String>)> = HashMap::new();
+        for ((order_id, span), work) in orders.iter().zip(work) {
+            let stepped = match work {
+                Work::Over(result) => Some(result),
+                Work::Call(..) => unreachable!("every call was answered"),
+                Work::Decide(_) => {
+                    if let Some(decision) = decisions.remove(order_id) {
+                        span.in_scope(|| tracing::info!("{}", decision.detail));
+                        advanced.insert(*order_id, (decision.to, decision.reason));
+                    }
+                    None
+                }
+                // `None` where someone else finished it: read again.
+                Work::Finish(finish) => events.remove(order_id).map(|event| {
+                    span.in_scope(|| announce(finish.pending, &finish.outcome, finish.payment));
+                    Ok(Handled::Decided {
+                        outcome: finish.outcome,
+                        payment: finish.payment,
+                        event,
+                    })
+                }),
+                Work::Refused(operation, answer, pending) => self
+                    .refused(*order_id, pending.state, operation, answer)
+                    .await
+                    .err()
+                    .map(Err),
+            };
+            results.push(stepped);
+        }
+
         for (order_id, _) in orders {
             match (advanced.remove(order_id), known.get_mut(order_id)) {
                 (Some((state, reason)), Some(pending)) => {
@@ -175,6 +133,83 @@ impl Processor {
             }
         }
         Ok(results)
+    }
+
+    /// Read what the round needs of the orders not in `known`.
+    async fn read_unknown(
+        &self,
+        orders: &[(Uuid, tracing::Span)],
+        known: &mut HashMap<Uuid, Pending>,
+    ) -> Result<(), HandleError> {
+        let unknown: Vec<Uuid> = orders
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !known.contains_key(id))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let read: Vec<Pending> = sqlx::query_as(
+            "SELECT p.order_id, p.state, p.reason, p.message_id, o.status, o.customer_id, o.email,
+                    o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
+             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)",
+        )
+        .bind(&unknown)
+        .fetch_all(&self.pool)
+        .await?;
+        known.extend(read.into_iter().map(|pending| (pending.order_id, pending)));
+        Ok(())
+    }
+
+    /// Make the round's provider calls concurrently, and put in each
+    /// call's place what its answer makes of the payment.
+    async fn call_provider(&self, work: &mut [Work<'_>]) {
+        let calls: Vec<(Operation, &Pending, String)> = work
+            .iter()
+            .filter_map(|work| match work {
+                Work::Call(operation, pending) => {
+                    Some((*operation, *pending, operation.key(pending.order_id)))
+                }
+                _ => None,
+            })
+            .collect();
+        let requests: Vec<Call<'_>> = calls
+            .iter()
+            .map(|(operation, pending, key)| Call {
+                operation: *operation,
+                charge: pending.charge(pending.order_id),
+                idempotency_key: key,
+            })
+            .collect();
+        let mut answers = payment::call_all(&*self.payments, &requests)
+            .await
+            .into_iter();
+        for work in work.iter_mut() {
+            let Work::Call(operation, pending) = *work else {
+                continue;
+            };
+            let answer = answers.next().expect("one answer per call");
+            *work = match answer {
+                Err(error) => Work::Over(Err(error.into())),
+                Ok(answer) => {
+                    match state::answered(operation, &answer, pending.reason.as_deref()) {
+                        Answered::Decide => Work::Decide(pending),
+                        Answered::Finish {
+                            from,
+                            payment,
+                            outcome,
+                        } => Work::Finish(Finish {
+                            order_id: pending.order_id,
+                            pending,
+                            from,
+                            payment,
+                            outcome,
+                        }),
+                        Answered::Refused => Work::Refused(operation, answer, pending),
+                    }
+                }
+            };
+        }
     }
 
     /// An answer the step cannot use: if the payment has moved on meanwhile
@@ -200,18 +235,18 @@ impl Processor {
     }
 }
 
-/// What to do with an order in its recorded state.
-fn next(order_id: Uuid, pending: Option<&Pending>) -> Next {
+/// What a round does with an order in its recorded state.
+fn plan(order_id: Uuid, pending: Option<&Pending>) -> Work<'_> {
     let Some(pending) = pending else {
-        return Next::Over(Err(HandleError::Poison(format!(
+        return Work::Over(Err(HandleError::Poison(format!(
             "order {order_id} has no payment"
         ))));
     };
     match state::next(pending.status, pending.state) {
-        Step::Call(operation) => Next::Call(operation),
-        Step::Decide => Next::Decide,
-        Step::Done => Next::Over(Ok(Handled::Duplicate)),
-        Step::Inconsistent => Next::Over(Err(HandleError::Poison(format!(
+        Step::Call(operation) => Work::Call(operation, pending),
+        Step::Decide => Work::Decide(pending),
+        Step::Done => Work::Over(Ok(Handled::Duplicate)),
+        Step::Inconsistent => Work::Over(Err(HandleError::Poison(format!(
             "order {order_id} is not final but its payment is {}",
             pending.state
         )))),
