@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The chaos suite alone: eleven fault cases, each on its own private RabbitMQ
+# The chaos suite alone: every fault case, each on its own private RabbitMQ
 # node and Postgres cluster (temp dirs, free ports; the shared servers on
 # 5672/5432 are never touched). Needs root (Postgres runs as the postgres
 # user via runuser) and Debian's rabbitmq-server and postgresql packages.
