@@ -381,10 +381,10 @@ async fn processor_stage(
     tokio::time::sleep(STATISTICS_LAG).await;
     let activity_before = system.activity().await?;
     let before = cpu::snapshot(&system.pids());
-    let clock = Instant::now();
+    let start = system.clock().await?;
     system.start_processors(2).await?;
     let finished = system.wait_final(orders, WAIT).await?;
-    let drained_s = clock.elapsed().as_secs_f64();
+    let drained_s = system.seconds_since(start).await?;
     let usage = before.usage_since(&cpu::snapshot(&system.pids()), orders);
     tokio::time::sleep(STATISTICS_LAG).await;
     let activity_after = system.activity().await?;
