@@ -354,9 +354,8 @@ impl System {
     /// orders are final; `false` if some were still waiting at `limit`.
     ///
     /// It looks twice a second: each look reads the orders table, Postgres
-    /// CPU that the drain being measured is charged with (a third of it
-    /// when it looked every 50 ms during a 20,000-order drain). How long
-    /// the drain took is read from the orders themselves
+    /// CPU that the drain being measured is charged with. How long the
+    /// drain took is read from the orders themselves
     /// ([`System::seconds_since`]), not from when this returns.
     pub async fn wait_final(&self, orders: u64, limit: Duration) -> anyhow::Result<bool> {
         let deadline = Instant::now() + limit;
