@@ -350,14 +350,15 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
     })
 }
 
+/// How long Postgres may take to count a backend's last commits: an idle
+/// backend reports its counters within 10 s (PGSTAT_IDLE_INTERVAL).
+const STATISTICS_LAG: Duration = Duration::from_secs(11);
+
 /// The processor stage alone: orders posted while no processor runs (their
 /// messages wait on the work queue, published), then drained by two
 /// processors with no payment latency and no subscribers. The CPU is read
 /// over the drain only, so it is what processing costs: the processors,
 /// orderflow's Postgres, RabbitMQ, and the provider beside them.
-/// How long Postgres may take to count a backend's last commits.
-const STATISTICS_LAG: Duration = Duration::from_secs(11);
-
 async fn processor_stage(
     environment: &Environment,
     sizes: &Sizes,
@@ -376,8 +377,7 @@ async fn processor_stage(
     .await?;
     let orders = posted.accepted.len() as u64;
     system.wait_published(WAIT).await?;
-    // Let the statistics catch up with order-api's last commits: an idle
-    // backend reports its counters within 10 s (PGSTAT_IDLE_INTERVAL).
+    // Let the statistics catch up with order-api's last commits.
     tokio::time::sleep(STATISTICS_LAG).await;
     let activity_before = system.activity().await?;
     let before = cpu::snapshot(&system.pids());

@@ -413,8 +413,8 @@ impl System {
     }
 
     /// What orderflow's database and the provider's have done so far, by
-    /// Postgres's statistics (which a backend reports within a second or
-    /// so of its last commit).
+    /// Postgres's statistics (which an idle backend reports within 10 s of
+    /// its last commit).
     pub async fn activity(&self) -> anyhow::Result<(Activity, Activity)> {
         Ok((
             Activity::of(&self.pool, &self.database.name).await?,

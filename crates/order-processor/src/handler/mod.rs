@@ -10,11 +10,11 @@
 //! together take their steps together: one statement starts their payments
 //! and reads what the steps need, their provider calls run concurrently, and
 //! set-based statements record a round's results: one transaction for the
-//! decisions, one statement for the final statuses. The payment's state is the only memory between
-//! steps, so a crash between any two of them leaves a state the next
-//! delivery of the message (or the sweeper, for a message that is gone)
-//! continues from, and a provider call repeated after a crash gets the
-//! provider's first answer. `captured`, `voided` and `declined` are written
+//! decisions, one statement for the final statuses. The payment's state is
+//! the only memory between steps, so a crash between any two of them leaves
+//! a state the next delivery of the message (or the sweeper, for a message
+//! that is gone) continues from, and a provider call repeated after a crash
+//! gets the provider's first answer. `captured`, `voided` and `declined` are written
 //! in the transaction that gives the order its final status and queues its
 //! event, so the event tells what really happened to the money.
 //!

@@ -18,10 +18,11 @@ use uuid::Uuid;
 use super::{CONSUMER, HandleError, Processor, pending::Pending};
 use crate::state::{self, PaymentState};
 
-/// A payment moving on to `to`, with its line of history (and, given one,
-/// the reason it is being voided).
+/// A payment moving from `from` on to `to`, with its line of history (and,
+/// given one, the reason it is being voided).
 pub(super) struct Move {
     pub(super) order_id: Uuid,
+    pub(super) from: PaymentState,
     pub(super) to: PaymentState,
     pub(super) reason: Option<String>,
     pub(super) detail: String,
@@ -247,6 +248,7 @@ pub(super) async fn decide_all(
                 taken.extend(reserved.into_iter().map(|(sku, n)| (*order_id, sku, n)));
                 Move {
                     order_id: *order_id,
+                    from: pending.state,
                     to: PaymentState::Capturing,
                     reason: None,
                     detail: format!("{amount} authorised, stock reserved; capturing"),
@@ -256,6 +258,7 @@ pub(super) async fn decide_all(
                 let reason = format!("out_of_stock: {sku}");
                 Move {
                     order_id: *order_id,
+                    from: pending.state,
                     to: PaymentState::Voiding,
                     detail: format!("{amount} authorised, but {reason}; voiding"),
                     reason: Some(reason),
@@ -285,13 +288,8 @@ pub(super) async fn decide_all(
          SELECT order_id, state, detail, $9 FROM moved
          RETURNING order_id",
     )
-    .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-    .bind(
-        orders
-            .iter()
-            .map(|(_, pending)| pending.state.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(decisions.iter().map(|m| m.order_id).collect::<Vec<_>>())
+    .bind(decisions.iter().map(|m| m.from.as_str()).collect::<Vec<_>>())
     .bind(decisions.iter().map(|m| m.to.as_str()).collect::<Vec<_>>())
     .bind(decisions.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
     .bind(decisions.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
