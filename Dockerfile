@@ -12,11 +12,14 @@ FROM rust:1-bookworm AS builder
 WORKDIR /app
 
 # Only what the build needs (see also .dockerignore). migrations/ is embedded
-# at compile time by sqlx::migrate!("../../migrations"); no database is needed
-# at build time.
+# at compile time by sqlx::migrate!("../../migrations"), and the statements
+# sqlx checks at compile time are checked against .sqlx/ (SQLX_OFFLINE): no
+# database is needed at build time.
 COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
 COPY migrations ./migrations
+COPY .sqlx ./.sqlx
+ENV SQLX_OFFLINE=true
 
 # The registry and target dir are BuildKit cache mounts, so they are not part
 # of the image layer: the binaries must be copied out in this same RUN.

@@ -3,7 +3,8 @@
 #   scripts/test.sh
 # It makes sure RabbitMQ and Postgres answer on 127.0.0.1 (installing or
 # starting them where it can), lints the compose file and the Dockerfile,
-# runs fmt and clippy, builds the binaries, fuzzes order-api against its
+# runs fmt and clippy, checks the compile-checked SQL against the migrations
+# (scripts/sqlx-prepare.sh --check), builds the binaries, fuzzes order-api against its
 # OpenAPI document (scripts/fuzz-api.sh) and runs the whole test suite
 # (unit, integration, end-to-end, chaos, and the live page in headless
 # Chromium driven by Playwright, both installed here) against the real
@@ -23,6 +24,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "       and cargo-nextest if you like (cargo install cargo-nextest); then run this again." >&2
   exit 1
 fi
+
+# The SQL the compiler checks is checked against .sqlx/, never against
+# whatever database a DATABASE_URL in the environment names.
+export SQLX_OFFLINE=true
 
 step "RabbitMQ and Postgres"
 INSTALL_MISSING=${INSTALL_MISSING:-1} scripts/wait-for-services.sh
@@ -112,6 +117,9 @@ fi
 step "cargo fmt and clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "the compile-checked SQL against the migrations (.sqlx/ is what they make)"
+scripts/sqlx-prepare.sh --check
 
 step "build the service binaries (the end-to-end tests run them)"
 cargo build --workspace --bins

@@ -16,17 +16,17 @@ impl Processor {
     /// Hold `order_id` for `reason` if it is still accepted; `true` if it is
     /// held now (by this call or an earlier one).
     pub async fn hold(&self, order_id: Uuid, reason: &str) -> sqlx::Result<bool> {
-        let held: Option<bool> = sqlx::query_scalar(
-            "WITH held AS (
+        let held = sqlx::query_scalar!(
+            r#"WITH held AS (
                  UPDATE orders SET status = 'held', reason = $2, updated_at = now()
                  WHERE id = $1 AND status = 'accepted' RETURNING id),
              history AS (
                  INSERT INTO order_status_history (order_id, status, detail, service)
                  SELECT id, 'held', $2, 'order-processor' FROM held)
-             SELECT EXISTS (SELECT 1 FROM held) OR status = 'held' FROM orders WHERE id = $1",
+             SELECT EXISTS (SELECT 1 FROM held) OR status = 'held' AS "held!" FROM orders WHERE id = $1"#,
+            order_id,
+            reason,
         )
-        .bind(order_id)
-        .bind(reason)
         .fetch_optional(&self.pool)
         .await?;
         Ok(held.unwrap_or(false))

@@ -18,11 +18,52 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
+    str::FromStr,
 };
 
 use messaging::contracts::{Outcome, PaymentOutcome};
+use sqlx::{
+    Postgres,
+    error::BoxDynError,
+    postgres::{PgTypeInfo, PgValueRef},
+};
 
 use crate::payment::{Answer, Operation};
+
+/// A state Postgres stores as the text of [`as_str`](PaymentState::as_str):
+/// parsed from it, and decoded from a column by sqlx where a statement
+/// names the type (`p.state AS "state: PaymentState"`). Statements bind the
+/// text itself.
+macro_rules! stored_as_text {
+    ($state:ty, $what:literal) => {
+        impl FromStr for $state {
+            type Err = String;
+
+            fn from_str(text: &str) -> Result<Self, String> {
+                <$state>::ALL
+                    .into_iter()
+                    .find(|state| state.as_str() == text)
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " {:?}"), text))
+            }
+        }
+
+        impl sqlx::Type<Postgres> for $state {
+            fn type_info() -> PgTypeInfo {
+                <str as sqlx::Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <str as sqlx::Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl sqlx::Decode<'_, Postgres> for $state {
+            fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
+                Ok(<&str as sqlx::Decode<Postgres>>::decode(value)?.parse()?)
+            }
+        }
+    };
+}
 
 /// An order's status. `accepted` and `held` (its message dead-lettered)
 /// are open: the processor takes either on. `processed` and `rejected` are
@@ -60,16 +101,7 @@ impl OrderStatus {
     }
 }
 
-impl TryFrom<String> for OrderStatus {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, String> {
-        OrderStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == text)
-            .ok_or_else(|| format!("unknown order status {text:?}"))
-    }
-}
+stored_as_text!(OrderStatus, "order status");
 
 /// Where a payment stands. The first four are steps on the way; the last
 /// three are where the money ended.
@@ -116,16 +148,7 @@ impl fmt::Display for PaymentState {
     }
 }
 
-impl TryFrom<String> for PaymentState {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, String> {
-        PaymentState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == text)
-            .ok_or_else(|| format!("unknown payment state {text:?}"))
-    }
-}
+stored_as_text!(PaymentState, "payment state");
 
 /// What the processor does next with an order and its payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,16 +379,16 @@ mod tests {
     #[test]
     fn states_read_back_as_postgres_stores_them() {
         for state in PaymentState::ALL {
-            assert_eq!(PaymentState::try_from(state.as_str().to_owned()), Ok(state));
+            assert_eq!(state.as_str().parse::<PaymentState>(), Ok(state));
         }
         for (status, text) in
             OrderStatus::ALL
                 .into_iter()
                 .zip(["accepted", "held", "processed", "rejected"])
         {
-            assert_eq!(OrderStatus::try_from(text.to_owned()), Ok(status));
+            assert_eq!(text.parse::<OrderStatus>(), Ok(status));
         }
-        assert!(PaymentState::try_from("refunded".to_owned()).is_err());
-        assert!(OrderStatus::try_from("lost".to_owned()).is_err());
+        assert!("refunded".parse::<PaymentState>().is_err());
+        assert!("lost".parse::<OrderStatus>().is_err());
     }
 }

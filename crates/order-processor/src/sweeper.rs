@@ -57,27 +57,28 @@ impl Sweeper {
 
     /// One round; returns how many orders it brought to a final status.
     pub async fn sweep(&self) -> anyhow::Result<usize> {
-        let due: Vec<(Uuid, String)> = sqlx::query_as(
-            "UPDATE payments SET updated_at = now()
-             WHERE order_id IN (
-                 SELECT order_id FROM payments
-                 WHERE (state IN ('capturing', 'voiding')
-                        AND updated_at < now() - make_interval(secs => $1))
-                    OR (state IN ('authorising', 'authorised')
-                        AND updated_at < now() - make_interval(secs => $2))
-                 ORDER BY updated_at LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
-             RETURNING order_id, state",
+        let due = sqlx::query!(
+            r#"UPDATE payments SET updated_at = now()
+               WHERE order_id IN (
+                   SELECT order_id FROM payments
+                   WHERE (state IN ('capturing', 'voiding')
+                          AND updated_at < now() - make_interval(secs => $1))
+                      OR (state IN ('authorising', 'authorised')
+                          AND updated_at < now() - make_interval(secs => $2))
+                   ORDER BY updated_at LIMIT $3
+                   FOR UPDATE SKIP LOCKED)
+               RETURNING order_id, state AS "state: PaymentState""#,
+            self.settle_after.as_secs_f64(),
+            self.abandon_after.as_secs_f64(),
+            BATCH,
         )
-        .bind(self.settle_after.as_secs_f64())
-        .bind(self.abandon_after.as_secs_f64())
-        .bind(BATCH)
         .fetch_all(&self.processor.pool)
         .await?;
         let mut settled = 0;
-        for (order_id, state) in due {
-            let span = tracing::info_span!("order", order_id = %order_id, sweeper = true);
-            if self.sweep_one(order_id, &state).instrument(span).await? {
+        for payment in due {
+            let span = tracing::info_span!("order", order_id = %payment.order_id, sweeper = true);
+            let swept = self.sweep_one(payment.order_id, payment.state);
+            if swept.instrument(span).await? {
                 settled += 1;
             }
         }
@@ -86,8 +87,8 @@ impl Sweeper {
 
     /// Take one payment found in `state` to its end; `true` if it got there
     /// now.
-    async fn sweep_one(&self, order_id: Uuid, state: &str) -> sqlx::Result<bool> {
-        if matches!(state, "authorising" | "authorised") {
+    async fn sweep_one(&self, order_id: Uuid, state: PaymentState) -> sqlx::Result<bool> {
+        if matches!(state, PaymentState::Authorising | PaymentState::Authorised) {
             self.abandon(order_id).await?;
         }
         match self.processor.settle(order_id).await {

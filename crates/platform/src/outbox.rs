@@ -54,6 +54,26 @@ pub struct Outboxed {
     envelope: Envelope,
 }
 
+impl Outboxed {
+    /// The message written to the outbox as row `id`: where it goes, its
+    /// body (the row's payload) and its envelope.
+    pub fn new(
+        id: i64,
+        exchange: String,
+        routing_key: String,
+        body: String,
+        envelope: Envelope,
+    ) -> Self {
+        Self {
+            id,
+            exchange,
+            routing_key,
+            body: body.into_bytes(),
+            envelope,
+        }
+    }
+}
+
 /// A message for the outbox: where it goes and what it says.
 pub struct Message<'a> {
     pub exchange: &'a str,
@@ -83,26 +103,11 @@ impl<'a> Rows<'a> {
     /// `$first` to `$first + 5` (bound by [`Rows::bind`]) and returning each
     /// row's `id` and `message_id`: a statement of its own or a CTE.
     pub fn insert(first: usize) -> String {
-        Self::insert_where(first, "true")
-    }
-
-    /// [`Rows::insert`] of only the rows whose order is among the
-    /// `order_id`s of `orders`, a CTE of the same statement: the messages
-    /// announcing changes that statement made, where it made them.
-    pub fn insert_for(first: usize, orders: &str) -> String {
-        Self::insert_where(
-            first,
-            &format!("m.order_id IN (SELECT order_id FROM {orders})"),
-        )
-    }
-
-    fn insert_where(first: usize, condition: &str) -> String {
         let rows = crate::db::unnest(first, &["uuid", "text", "text", "text", "text", "uuid"]);
         format!(
             "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
              SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
              FROM {rows} AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
-             WHERE {condition}
              RETURNING id, message_id"
         )
     }
@@ -141,15 +146,6 @@ impl<'a> Rows<'a> {
     /// The messages, in their order, once written: `written` are the rows
     /// the INSERT returned (`id`, `message_id`).
     pub fn written(self, written: &[PgRow]) -> Vec<Outboxed> {
-        self.written_of(written)
-            .into_iter()
-            .map(|message| message.expect("every message written"))
-            .collect()
-    }
-
-    /// [`Rows::written`] after [`Rows::insert_for`]: `None` for each
-    /// message that was not written.
-    pub fn written_of(self, written: &[PgRow]) -> Vec<Option<Outboxed>> {
         let ids: std::collections::HashMap<uuid::Uuid, i64> = written
             .iter()
             .map(|row| (row.get("message_id"), row.get("id")))
@@ -158,13 +154,14 @@ impl<'a> Rows<'a> {
             .into_iter()
             .zip(self.bodies)
             .map(|(message, body)| {
-                Some(Outboxed {
-                    id: *ids.get(&message.envelope.message_id)?,
-                    exchange: message.exchange.to_owned(),
-                    routing_key: message.routing_key.to_owned(),
-                    body: body.into_bytes(),
-                    envelope: message.envelope,
-                })
+                let id = ids[&message.envelope.message_id];
+                Outboxed::new(
+                    id,
+                    message.exchange.to_owned(),
+                    message.routing_key.to_owned(),
+                    body,
+                    message.envelope,
+                )
             })
             .collect()
     }

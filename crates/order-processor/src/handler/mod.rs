@@ -33,18 +33,18 @@ use std::{collections::HashMap, sync::Arc};
 
 use messaging::{
     Topology,
-    contracts::{OrderPlaced, Outcome, PaymentOutcome, SCHEMA_VERSION},
+    contracts::{OrderLine, OrderPlaced, Outcome, PaymentOutcome, SCHEMA_VERSION},
 };
 use pending::Pending;
 use platform::outbox::Outboxed;
-use sqlx::{FromRow, PgPool, Row};
+use sqlx::{PgPool, types::Json};
 use uuid::Uuid;
 
 pub(crate) use record::move_payment;
 
 use crate::{
     payment::{PaymentProvider, ProviderError},
-    state::OrderStatus,
+    state::{OrderStatus, PaymentState},
 };
 
 /// Name under which this service records the messages it handled.
@@ -180,9 +180,10 @@ impl Processor {
         }
         // The amount is the one order-api stored, not the message's. A
         // payment started now is read from what the INSERT returns, one
-        // started before from the table.
-        let found = sqlx::query(
-            "WITH input AS (
+        // started before from the table. An order that does not exist has no
+        // row.
+        let found = sqlx::query!(
+            r#"WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS i(order_id, message_id, n)),
              ordered AS (
                  SELECT i.n, i.message_id AS delivered, o.*,
@@ -195,34 +196,61 @@ impl Processor {
                  WHERE status IN ('accepted', 'held') AND NOT seen
                  ON CONFLICT (order_id) DO NOTHING
                  RETURNING order_id, state, reason, message_id)
-             SELECT o.status, o.seen, o.id AS order_id,
-                    coalesce(s.state, p.state) AS state, coalesce(s.reason, p.reason) AS reason,
-                    coalesce(s.message_id, p.message_id) AS message_id, o.customer_id, o.email,
-                    o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
-             FROM input i LEFT JOIN ordered o ON o.n = i.n
+             SELECT o.n AS "n!", o.seen AS "seen!", o.status AS "status!: OrderStatus",
+                    o.id AS "order_id!", coalesce(s.state, p.state) AS "state: PaymentState",
+                    coalesce(s.reason, p.reason) AS reason,
+                    coalesce(s.message_id, p.message_id) AS message_id,
+                    o.customer_id AS "customer_id!", o.email AS "email!",
+                    o.items AS "items!: Json<Vec<OrderLine>>", o.total_cents AS "total_cents!",
+                    o.currency AS "currency!", o.lane AS "lane!", o.callback_url,
+                    o.correlation_id AS "correlation_id!"
+             FROM ordered o
              LEFT JOIN started s ON s.order_id = o.id
              LEFT JOIN payments p ON p.order_id = o.id
-             ORDER BY i.n",
+             ORDER BY o.n"#,
+            &orders.iter().map(|o| o.order_id).collect::<Vec<_>>(),
+            &orders.iter().map(|o| o.message_id).collect::<Vec<_>>(),
+            CONSUMER,
         )
-        .bind(orders.iter().map(|o| o.order_id).collect::<Vec<_>>())
-        .bind(orders.iter().map(|o| o.message_id).collect::<Vec<_>>())
-        .bind(CONSUMER)
         .fetch_all(&self.pool)
         .await?;
+        let mut found = found.into_iter().peekable();
         let mut known = HashMap::new();
         let mut started = Vec::with_capacity(orders.len());
-        for (order, row) in orders.iter().zip(found) {
-            let status: Option<String> = row.try_get("status")?;
-            let seen: Option<bool> = row.try_get("seen")?;
-            started.push(match status.map(OrderStatus::try_from) {
+        for (n, order) in (1..).zip(orders) {
+            started.push(match found.next_if(|row| row.n == n) {
                 None => Err(HandleError::Poison(format!(
                     "order {} does not exist",
                     order.order_id
                 ))),
                 // An open order (a held one too: its message dead-lettered,
                 // now replayed) is taken up, unless this message was handled.
-                Some(Ok(status)) if status.is_open() && seen == Some(false) => {
-                    known.insert(order.order_id, Pending::from_row(&row)?);
+                Some(row) if row.status.is_open() && !row.seen => {
+                    // Another processor started the payment after this
+                    // statement's snapshot was taken: try again.
+                    let (Some(state), Some(message_id)) = (row.state, row.message_id) else {
+                        return Err(anyhow::anyhow!(
+                            "order {}: its payment was started meanwhile",
+                            row.order_id
+                        )
+                        .into());
+                    };
+                    let pending = Pending {
+                        order_id: row.order_id,
+                        state,
+                        reason: row.reason,
+                        message_id,
+                        status: row.status,
+                        customer_id: row.customer_id,
+                        email: row.email,
+                        items: row.items,
+                        total_cents: row.total_cents,
+                        currency: row.currency,
+                        lane: row.lane,
+                        callback_url: row.callback_url,
+                        correlation_id: row.correlation_id,
+                    };
+                    known.insert(order.order_id, pending);
                     Ok(None)
                 }
                 // A redelivery, or another message for an order already

@@ -1,6 +1,7 @@
 //! An order whose payment is under way: what a round knows of it.
 
 use messaging::contracts::{OrderLine, display_amount};
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{
@@ -9,18 +10,15 @@ use crate::{
 };
 
 /// An order whose payment is under way, as Postgres has it.
-#[derive(sqlx::FromRow)]
 pub(super) struct Pending {
     pub(super) order_id: Uuid,
-    #[sqlx(try_from = "String")]
     pub(super) state: PaymentState,
     pub(super) reason: Option<String>,
     pub(super) message_id: Uuid,
-    #[sqlx(try_from = "String")]
     pub(super) status: OrderStatus,
     pub(super) customer_id: String,
     pub(super) email: String,
-    pub(super) items: sqlx::types::Json<Vec<OrderLine>>,
+    pub(super) items: Json<Vec<OrderLine>>,
     pub(super) total_cents: i64,
     pub(super) currency: String,
     pub(super) lane: String,

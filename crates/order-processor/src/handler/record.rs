@@ -11,7 +11,7 @@ use messaging::{
     amqp::Envelope,
     contracts::{Lane, OrderEvent, Outcome, PaymentOutcome, SCHEMA_VERSION},
 };
-use platform::outbox::{self, Outboxed};
+use platform::outbox::Outboxed;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -52,30 +52,20 @@ impl Processor {
             return Ok(Vec::new());
         }
         let details: Vec<(String, String)> = finishes.iter().map(|f| f.details()).collect();
-        let exchange = self.topology.events_exchange();
-        let events: Vec<(Envelope, serde_json::Value)> = finishes
+        let events: Vec<(Envelope, String)> = finishes
             .iter()
             .map(|f| self.event(f))
             .collect::<Result<_, _>>()?;
-        let events = outbox::Rows::new(
-            events
-                .iter()
-                .map(|(envelope, payload)| outbox::Message {
-                    exchange: &exchange,
-                    routing_key: "",
-                    envelope: envelope.clone(),
-                    payload,
-                })
-                .collect(),
-        )?;
+        let exchange = self.topology.events_exchange();
         // `moved` lets through only the payments still where the provider
         // found it, of orders still open; everything else follows it.
-        let statement = format!(
-            "WITH input AS (
+        let written = sqlx::query!(
+            r#"WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                      $6::text[], $7::text[], $8::uuid[])
+                                      $6::text[], $7::text[], $8::uuid[], $9::uuid[], $10::text[],
+                                      $11::text[])
                      AS i(order_id, from_state, payment_state, status, reason, order_detail,
-                          payment_detail, message_id)),
+                          payment_detail, message_id, event_id, event, correlation_id)),
              moved AS (
                  UPDATE payments p SET state = i.payment_state, updated_at = now()
                  FROM input i, orders o
@@ -83,70 +73,63 @@ impl Processor {
                    AND o.id = p.order_id AND o.status IN ('accepted', 'held')
                  RETURNING p.order_id),
              decided AS (
-                 UPDATE orders o SET status = i.status, reason = i.reason, processed_by = $9, updated_at = now()
+                 UPDATE orders o SET status = i.status, reason = i.reason, processed_by = $12, updated_at = now()
                  FROM input i JOIN moved USING (order_id) WHERE o.id = i.order_id),
              paid AS (
                  INSERT INTO payment_history (order_id, state, detail, service)
-                 SELECT order_id, i.payment_state, i.payment_detail, $10
+                 SELECT order_id, i.payment_state, i.payment_detail, $13
                  FROM input i JOIN moved USING (order_id)),
              told AS (
                  INSERT INTO order_status_history (order_id, status, detail, service)
-                 SELECT order_id, i.status, i.order_detail, $10
+                 SELECT order_id, i.status, i.order_detail, $13
                  FROM input i JOIN moved USING (order_id)),
              handled AS (
                  INSERT INTO processed_messages (consumer, message_id)
-                 SELECT $10, i.message_id FROM input i JOIN moved USING (order_id)
-                 ON CONFLICT DO NOTHING),
-             outboxed AS ({})
-             SELECT id, message_id FROM outboxed",
-            outbox::Rows::insert_for(11, "moved")
-        );
-        let written = events
-            .bind(
-                sqlx::query(&statement)
-                    .bind(finishes.iter().map(|f| f.order_id).collect::<Vec<_>>())
-                    .bind(finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>())
-                    .bind(
-                        finishes
-                            .iter()
-                            .map(|f| f.payment.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        finishes
-                            .iter()
-                            .map(|f| f.outcome.status())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(finishes.iter().map(|f| f.reason()).collect::<Vec<_>>())
-                    .bind(
-                        details
-                            .iter()
-                            .map(|(_, order)| order.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        details
-                            .iter()
-                            .map(|(payment, _)| payment.as_str())
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        finishes
-                            .iter()
-                            .map(|f| f.pending.message_id)
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(&self.instance_id)
-                    .bind(CONSUMER),
-            )
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(events.written_of(&written))
+                 SELECT $13, i.message_id FROM input i JOIN moved USING (order_id)
+                 ON CONFLICT DO NOTHING)
+             INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
+             SELECT i.event_id, $14, '', i.event::jsonb, i.correlation_id, order_id
+             FROM input i JOIN moved USING (order_id)
+             RETURNING order_id, id"#,
+            &finishes.iter().map(|f| f.order_id).collect::<Vec<_>>(),
+            &finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>() as &[&str],
+            &finishes.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>() as &[&str],
+            &finishes.iter().map(|f| f.outcome.status()).collect::<Vec<_>>() as &[&str],
+            &finishes.iter().map(|f| f.reason()).collect::<Vec<_>>() as &[Option<&str>],
+            &details.iter().map(|(_, order)| order.as_str()).collect::<Vec<_>>() as &[&str],
+            &details.iter().map(|(payment, _)| payment.as_str()).collect::<Vec<_>>() as &[&str],
+            &finishes.iter().map(|f| f.pending.message_id).collect::<Vec<_>>(),
+            &events.iter().map(|(envelope, _)| envelope.message_id).collect::<Vec<_>>(),
+            &events.iter().map(|(_, body)| body.as_str()).collect::<Vec<_>>() as &[&str],
+            &events.iter().map(|(envelope, _)| envelope.correlation_id.as_str()).collect::<Vec<_>>() as &[&str],
+            &self.instance_id,
+            CONSUMER,
+            &exchange,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: HashMap<Uuid, i64> = written
+            .into_iter()
+            .map(|row| (row.order_id, row.id))
+            .collect();
+        Ok(finishes
+            .iter()
+            .zip(events)
+            .map(|(finish, (envelope, body))| {
+                let id = *ids.get(&finish.order_id)?;
+                Some(Outboxed::new(
+                    id,
+                    exchange.clone(),
+                    String::new(),
+                    body,
+                    envelope,
+                ))
+            })
+            .collect())
     }
 
-    /// The event announcing a finished order, its envelope and its payload.
-    fn event(&self, finish: &Finish<'_>) -> Result<(Envelope, serde_json::Value), HandleError> {
+    /// The event announcing a finished order: its envelope and its body.
+    fn event(&self, finish: &Finish<'_>) -> Result<(Envelope, String), HandleError> {
         let pending = finish.pending;
         let lane = match pending.lane.as_str() {
             "express" => Lane::Express,
@@ -173,8 +156,8 @@ impl Processor {
             correlation_id: pending.correlation_id.clone(),
             order_id: finish.order_id,
         };
-        let payload = serde_json::to_value(&event).map_err(anyhow::Error::from)?;
-        Ok((envelope, payload))
+        let body = serde_json::to_string(&event).map_err(anyhow::Error::from)?;
+        Ok((envelope, body))
     }
 }
 
@@ -224,14 +207,14 @@ pub(super) async fn decide_all(
         .iter()
         .flat_map(|(_, pending)| pending.items.iter().map(|line| line.sku.as_str()))
         .collect();
-    let mut stock: HashMap<String, i64> = sqlx::query_as::<_, (String, i32)>(
+    let mut stock: HashMap<String, i64> = sqlx::query!(
         "SELECT sku, stock FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        &skus.into_iter().collect::<Vec<_>>() as &[&str],
     )
-    .bind(skus.into_iter().collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|(sku, stock)| (sku, i64::from(stock)))
+    .map(|row| (row.sku, i64::from(row.stock)))
     .collect();
 
     // What each order takes: (order, sku, quantity).
@@ -268,7 +251,7 @@ pub(super) async fn decide_all(
     }
     // The stock rows are locked and hold enough for every order: the
     // guard on the stock only restates it.
-    let moved: HashSet<Uuid> = sqlx::query_scalar(
+    let moved: HashSet<Uuid> = sqlx::query_scalar!(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
                  AS i(order_id, from_state, state, reason, detail)),
@@ -287,16 +270,16 @@ pub(super) async fn decide_all(
          INSERT INTO payment_history (order_id, state, detail, service)
          SELECT order_id, state, detail, $9 FROM moved
          RETURNING order_id",
+        &decisions.iter().map(|m| m.order_id).collect::<Vec<_>>(),
+        &decisions.iter().map(|m| m.from.as_str()).collect::<Vec<_>>() as &[&str],
+        &decisions.iter().map(|m| m.to.as_str()).collect::<Vec<_>>() as &[&str],
+        &decisions.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
+        &decisions.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>() as &[&str],
+        &taken.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+        &taken.iter().map(|(_, sku, _)| *sku).collect::<Vec<_>>() as &[&str],
+        &taken.iter().map(|(_, _, quantity)| *quantity).collect::<Vec<_>>(),
+        CONSUMER,
     )
-    .bind(decisions.iter().map(|m| m.order_id).collect::<Vec<_>>())
-    .bind(decisions.iter().map(|m| m.from.as_str()).collect::<Vec<_>>())
-    .bind(decisions.iter().map(|m| m.to.as_str()).collect::<Vec<_>>())
-    .bind(decisions.iter().map(|m| m.reason.as_deref()).collect::<Vec<_>>())
-    .bind(decisions.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>())
-    .bind(taken.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
-    .bind(taken.iter().map(|(_, sku, _)| *sku).collect::<Vec<_>>())
-    .bind(taken.iter().map(|(_, _, quantity)| *quantity).collect::<Vec<_>>())
-    .bind(CONSUMER)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
@@ -317,7 +300,7 @@ pub(crate) async fn move_payment(
     detail: &str,
     service: &str,
 ) -> sqlx::Result<bool> {
-    let moved: Option<Uuid> = sqlx::query_scalar(
+    let moved = sqlx::query_scalar!(
         "WITH moved AS (
              UPDATE payments SET state = $2, reason = coalesce($3, reason), updated_at = now()
              WHERE order_id = $1 AND state = ANY($4)
@@ -325,13 +308,13 @@ pub(crate) async fn move_payment(
          INSERT INTO payment_history (order_id, state, detail, service)
          SELECT order_id, $2, $5, $6 FROM moved
          RETURNING order_id",
+        order_id,
+        to.as_str(),
+        reason,
+        &from.iter().map(|s| s.as_str()).collect::<Vec<_>>() as &[&str],
+        detail,
+        service,
     )
-    .bind(order_id)
-    .bind(to.as_str())
-    .bind(reason)
-    .bind(from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-    .bind(detail)
-    .bind(service)
     .fetch_optional(conn)
     .await?;
     Ok(moved.is_some())

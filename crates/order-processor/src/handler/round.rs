@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 
-use messaging::contracts::{Outcome, PaymentOutcome};
+use messaging::contracts::{OrderLine, Outcome, PaymentOutcome};
 use platform::outbox::Outboxed;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
@@ -15,7 +16,7 @@ use super::{
 };
 use crate::{
     payment::{self, Answer, Call, Operation},
-    state::{self, Answered, PaymentState, Step},
+    state::{self, Answered, OrderStatus, PaymentState, Step},
 };
 
 /// One order in a round: what the round does with it, then what came of it.
@@ -149,12 +150,15 @@ impl Processor {
         if unknown.is_empty() {
             return Ok(());
         }
-        let read: Vec<Pending> = sqlx::query_as(
-            "SELECT p.order_id, p.state, p.reason, p.message_id, o.status, o.customer_id, o.email,
-                    o.items, o.total_cents, o.currency, o.lane, o.callback_url, o.correlation_id
-             FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)",
+        let read = sqlx::query_as!(
+            Pending,
+            r#"SELECT p.order_id, p.state AS "state: PaymentState", p.reason, p.message_id,
+                      o.status AS "status: OrderStatus", o.customer_id, o.email,
+                      o.items AS "items: Json<Vec<OrderLine>>", o.total_cents, o.currency, o.lane,
+                      o.callback_url, o.correlation_id
+               FROM payments p JOIN orders o ON o.id = p.order_id WHERE p.order_id = ANY($1)"#,
+            &unknown,
         )
-        .bind(&unknown)
         .fetch_all(&self.pool)
         .await?;
         known.extend(read.into_iter().map(|pending| (pending.order_id, pending)));
@@ -222,11 +226,13 @@ impl Processor {
         operation: Operation,
         answer: Answer,
     ) -> Result<(), HandleError> {
-        let state: String = sqlx::query_scalar("SELECT state FROM payments WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_one(&self.pool)
-            .await?;
-        if state != from.as_str() {
+        let state = sqlx::query_scalar!(
+            r#"SELECT state AS "state: PaymentState" FROM payments WHERE order_id = $1"#,
+            order_id
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if state != from {
             return Ok(());
         }
         Err(HandleError::Poison(format!(
