@@ -205,7 +205,7 @@ async fn release(pool: &PgPool, letter: &DeadLetter, orders_exchange: &str) -> a
     let Ok(order_id) = Uuid::parse_str(&letter.order_id) else {
         return Ok(());
     };
-    sqlx::query(
+    sqlx::query!(
         "WITH released AS (
              UPDATE orders SET status = 'accepted', reason = NULL, updated_at = now()
              WHERE id = $1 AND status = 'held' RETURNING id),
@@ -214,9 +214,9 @@ async fn release(pool: &PgPool, letter: &DeadLetter, orders_exchange: &str) -> a
              SELECT id, 'accepted', 'replayed from the dead letters', 'dead-letters' FROM released)
          UPDATE outbox SET published_at = now()
          WHERE order_id IN (SELECT id FROM released) AND exchange = $2",
+        order_id,
+        orders_exchange,
     )
-    .bind(order_id)
-    .bind(orders_exchange)
     .execute(pool)
     .await
     .with_context(|| format!("accepting the held order {order_id} again"))?;

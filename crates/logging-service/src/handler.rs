@@ -63,7 +63,7 @@ pub async fn record_all(pool: &PgPool, events: &[Received]) -> anyhow::Result<Ve
         columns.3.push(correlation_id.as_str());
         columns.4.push(serde_json::to_value(event)?);
     }
-    let recorded: Vec<Uuid> = sqlx::query_scalar(
+    let recorded = sqlx::query_scalar!(
         "WITH batch AS (
              SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[])
                  AS b(event_id, order_id, event_type, correlation_id, payload)),
@@ -75,13 +75,13 @@ pub async fn record_all(pool: &PgPool, events: &[Received]) -> anyhow::Result<Ve
          SELECT DISTINCT ON (b.event_id) b.event_id, b.order_id, b.event_type, b.correlation_id, b.payload
          FROM batch b JOIN first f ON f.message_id = b.event_id
          RETURNING event_id",
+        CONSUMER,
+        &columns.0,
+        &columns.1,
+        &columns.2 as &[&str],
+        &columns.3 as &[&str],
+        &columns.4,
     )
-    .bind(CONSUMER)
-    .bind(&columns.0)
-    .bind(&columns.1)
-    .bind(&columns.2)
-    .bind(&columns.3)
-    .bind(&columns.4)
     .fetch_all(pool)
     .await?;
     let mut fresh: std::collections::HashSet<Uuid> = recorded.into_iter().collect();

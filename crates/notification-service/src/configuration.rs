@@ -5,7 +5,10 @@ use std::time::Duration;
 use clap::Parser;
 use platform::worker::WorkerSettings;
 
-use crate::{egress::AllowList, webhooks::WebhookPolicy};
+use crate::{
+    egress::AllowList,
+    webhooks::{Secret, WebhookPolicy},
+};
 
 /// Settings of notification-service.
 #[derive(Parser, Clone, Debug)]
@@ -43,23 +46,6 @@ pub struct Settings {
 /// The secret used when none is configured: fine for a demo, logged as a
 /// warning at start.
 pub const DEV_SECRET: &str = "orderflow-dev-webhook-secret";
-
-/// A secret: never printed.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        Ok(Self(value.to_owned()))
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 impl Settings {
     /// How webhooks are sent.

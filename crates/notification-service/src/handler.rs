@@ -103,8 +103,8 @@ async fn notify_all(pool: &PgPool, events: &[&OrderEvent]) -> anyhow::Result<Vec
         // The webhook, if the order asked for one: the event as sent on the fanout.
         hooks.push(serde_json::to_vec(event)?);
     }
-    let sent: Vec<Uuid> = sqlx::query_scalar(
-        "WITH batch AS (
+    let sent = sqlx::query_scalar!(
+        r#"WITH batch AS (
              SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                                   $7::text[], $8::text[], $9::bytea[])
                  AS b(event_id, order_id, recipient, subject, body, detail, url, hook)),
@@ -123,17 +123,17 @@ async fn notify_all(pool: &PgPool, events: &[&OrderEvent]) -> anyhow::Result<Vec
          noted AS (
              INSERT INTO order_status_history (order_id, status, detail, service)
              SELECT order_id, 'notified', detail, 'notification-service' FROM fresh)
-         SELECT event_id FROM fresh",
+         SELECT event_id AS "event_id!" FROM fresh"#,
+        CONSUMER,
+        &ids.0,
+        &ids.1,
+        &texts.0,
+        &texts.1,
+        &texts.2,
+        &texts.3,
+        &texts.4 as &[Option<String>],
+        &hooks,
     )
-    .bind(CONSUMER)
-    .bind(&ids.0)
-    .bind(&ids.1)
-    .bind(&texts.0)
-    .bind(&texts.1)
-    .bind(&texts.2)
-    .bind(&texts.3)
-    .bind(&texts.4)
-    .bind(&hooks)
     .fetch_all(pool)
     .await?;
     let mut fresh: HashSet<Uuid> = sent.into_iter().collect();

@@ -22,13 +22,27 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{
-    configuration::Secret,
-    egress::{self, AllowList, GuardedResolver, SystemResolver},
-};
+use crate::egress::{self, AllowList, GuardedResolver, SystemResolver};
 
 /// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256>`.
 pub const SIGNATURE_HEADER: &str = "Orderflow-Signature";
+
+/// The shared secret webhooks are signed with: never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
 
 /// How webhooks are sent.
 #[derive(Clone, Debug)]
@@ -91,7 +105,6 @@ pub fn backoff(policy: &WebhookPolicy, attempt: u32) -> Duration {
     base / 2 + base.mul_f64(fastrand::f64() / 2.0)
 }
 
-#[derive(sqlx::FromRow)]
 struct Due {
     id: i64,
     event_id: Uuid,
@@ -178,15 +191,16 @@ impl Dispatcher {
     /// attempt can take so no other dispatcher sends them meanwhile.
     async fn claim(&self, limit: usize) -> anyhow::Result<Vec<Due>> {
         let lease = self.policy.timeout + Duration::from_secs(30);
-        let due = sqlx::query_as(
+        let due = sqlx::query_as!(
+            Due,
             "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => $2)
              WHERE id IN (SELECT id FROM webhook_deliveries
                           WHERE state = 'pending' AND next_attempt_at <= now()
                           ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING id, event_id, url, body, attempts",
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            lease.as_secs_f64(),
         )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(lease.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
         Ok(due)
@@ -296,7 +310,7 @@ impl Dispatcher {
             Outcome::Dead => ("dead", Duration::ZERO),
             Outcome::Refused => ("refused", Duration::ZERO),
         };
-        sqlx::query(
+        sqlx::query!(
             "WITH attempt AS (
                  INSERT INTO webhook_attempts (delivery_id, attempt, status_code, latency_ms, error)
                  VALUES ($1, $2, $3, $4, $5))
@@ -305,14 +319,14 @@ impl Dispatcher {
                  next_attempt_at = now() + make_interval(secs => $7),
                  finished_at = CASE WHEN $6 = 'pending' THEN NULL ELSE now() END
              WHERE id = $1",
+            delivery.id,
+            i32::try_from(attempt).unwrap_or(i32::MAX),
+            status.map(i32::from),
+            latency_ms,
+            error,
+            state,
+            wait.as_secs_f64(),
         )
-        .bind(delivery.id)
-        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
-        .bind(status.map(i32::from))
-        .bind(latency_ms)
-        .bind(error)
-        .bind(state)
-        .bind(wait.as_secs_f64())
         .execute(&self.pool)
         .await
         .context("recording the webhook attempt")?;

@@ -48,7 +48,7 @@ pub struct Applied {
 }
 
 /// Where the reader of `stream` stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Position {
     pub stream: String,
     pub next_offset: i64,
@@ -58,10 +58,11 @@ pub struct Position {
 
 /// The stored position in `stream`, if the read model has one.
 pub async fn position(pool: &PgPool, stream: &str) -> sqlx::Result<Option<Position>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Position,
         "SELECT stream, next_offset, events, skipped FROM event_log_positions WHERE stream = $1",
+        stream,
     )
-    .bind(stream)
     .fetch_optional(pool)
     .await
 }
@@ -69,7 +70,7 @@ pub async fn position(pool: &PgPool, stream: &str) -> sqlx::Result<Option<Positi
 /// Empty the read model and forget the position, in one statement: the
 /// next read starts at the beginning of the log.
 pub async fn reset(pool: &PgPool) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "TRUNCATE sales_per_minute, revenue_per_minute, event_log_seen, event_log_skipped, \
          event_log_positions",
     )
@@ -87,12 +88,12 @@ pub async fn apply(pool: &PgPool, stream: &str, entries: &[Entry]) -> sqlx::Resu
         return Ok(Applied::default());
     };
     let mut tx = pool.begin().await?;
-    let next: i64 = sqlx::query_scalar(
+    let next = sqlx::query_scalar!(
         "INSERT INTO event_log_positions AS p (stream) VALUES ($1)
          ON CONFLICT (stream) DO UPDATE SET stream = p.stream
          RETURNING next_offset",
+        stream,
     )
-    .bind(stream)
     .fetch_one(&mut *tx)
     .await?;
     let mut applied = Applied::default();
@@ -119,27 +120,27 @@ pub async fn apply(pool: &PgPool, stream: &str, entries: &[Entry]) -> sqlx::Resu
         applied.duplicates = events.len() as u64 - counted;
     }
     if !skipped.0.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO event_log_skipped (stream_offset, reason, payload)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[])
              ON CONFLICT DO NOTHING",
+            &skipped.0,
+            &skipped.1 as &[&str],
+            &skipped.2 as &[&[u8]],
         )
-        .bind(&skipped.0)
-        .bind(&skipped.1)
-        .bind(&skipped.2)
         .execute(&mut *tx)
         .await?;
         applied.skipped = skipped.0.len() as u64;
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE event_log_positions
          SET next_offset = $2, events = events + $3, skipped = skipped + $4, updated_at = now()
          WHERE stream = $1",
+        stream,
+        last + 1,
+        i64::try_from(applied.counted).unwrap_or(i64::MAX),
+        i64::try_from(applied.skipped).unwrap_or(i64::MAX),
     )
-    .bind(stream)
-    .bind(last + 1)
-    .bind(i64::try_from(applied.counted).unwrap_or(i64::MAX))
-    .bind(i64::try_from(applied.skipped).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -167,8 +168,8 @@ async fn count(tx: &mut sqlx::PgConnection, events: &[&OrderEvent]) -> sqlx::Res
             .5
             .push(serde_json::to_value(&event.items).unwrap_or_default());
     }
-    let counted: i64 = sqlx::query_scalar(
-        "WITH batch AS (
+    let counted = sqlx::query_scalar!(
+        r#"WITH batch AS (
              SELECT DISTINCT ON (message_id) *
              FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::bool[], $5::bigint[], $6::jsonb[])
                  AS b(message_id, occurred_at, currency, processed, total_cents, items)
@@ -199,21 +200,21 @@ async fn count(tx: &mut sqlx::PgConnection, events: &[&OrderEvent]) -> sqlx::Res
              ON CONFLICT (minute, currency) DO UPDATE SET orders = r.orders + EXCLUDED.orders,
                  rejected = r.rejected + EXCLUDED.rejected,
                  revenue_cents = r.revenue_cents + EXCLUDED.revenue_cents)
-         SELECT count(*) FROM counted",
+         SELECT count(*) AS "counted!" FROM counted"#,
+        &columns.0,
+        &columns.1,
+        &columns.2 as &[&str],
+        &columns.3,
+        &columns.4,
+        &columns.5,
     )
-    .bind(&columns.0)
-    .bind(&columns.1)
-    .bind(&columns.2)
-    .bind(&columns.3)
-    .bind(&columns.4)
-    .bind(&columns.5)
     .fetch_one(&mut *tx)
     .await?;
     Ok(u64::try_from(counted).unwrap_or(0))
 }
 
 /// One SKU in one minute.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SkuMinute {
     pub minute: DateTime<Utc>,
     pub sku: String,
@@ -223,7 +224,7 @@ pub struct SkuMinute {
 }
 
 /// One currency in one minute.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RevenueMinute {
     pub minute: DateTime<Utc>,
     pub currency: String,
@@ -237,18 +238,20 @@ pub async fn since(
     pool: &PgPool,
     since: DateTime<Utc>,
 ) -> sqlx::Result<(Vec<SkuMinute>, Vec<RevenueMinute>)> {
-    let skus = sqlx::query_as(
+    let skus = sqlx::query_as!(
+        SkuMinute,
         "SELECT minute, sku, orders, units, rejected FROM sales_per_minute
          WHERE minute >= $1 ORDER BY minute, sku",
+        since,
     )
-    .bind(since)
     .fetch_all(pool)
     .await?;
-    let revenue = sqlx::query_as(
+    let revenue = sqlx::query_as!(
+        RevenueMinute,
         "SELECT minute, currency, orders, rejected, revenue_cents FROM revenue_per_minute
          WHERE minute >= $1 ORDER BY minute, currency",
+        since,
     )
-    .bind(since)
     .fetch_all(pool)
     .await?;
     Ok((skus, revenue))

@@ -105,11 +105,12 @@ impl Books {
         fault: Option<Fault>,
     ) -> sqlx::Result<(Recorded, u32)> {
         let mut tx = self.pool.begin().await?;
-        let free: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
+        let free = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS "free!""#,
+            key
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         if !free {
             return Ok((Recorded::KeyInUse, 0));
         }
@@ -121,32 +122,32 @@ impl Books {
             tx.commit().await?;
             return Ok((Recorded::Failed, calls));
         }
-        let seen: Option<(String, i64, String)> = sqlx::query_as(
+        let seen = sqlx::query!(
             "SELECT request, amount_cents, outcome FROM provider_ledger WHERE idempotency_key = $1",
+            key
         )
-        .bind(key)
         .fetch_optional(&mut *tx)
         .await?;
         let recorded = match seen {
-            Some((asked, _, _)) if asked != request.fingerprint() => Recorded::KeyReused,
-            Some((_, amount_cents, outcome)) => Recorded::Answered {
-                outcome,
-                amount_cents,
+            Some(seen) if seen.request != request.fingerprint() => Recorded::KeyReused,
+            Some(seen) => Recorded::Answered {
+                outcome: seen.outcome,
+                amount_cents: seen.amount_cents,
                 replayed: true,
             },
             None => {
                 let (outcome, amount_cents) = self.work(&mut tx, request).await?;
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO provider_ledger
                          (idempotency_key, operation, reference, request, amount_cents, outcome)
                      VALUES ($1, $2, $3, $4, $5, $6)",
+                    key,
+                    request.operation.as_str(),
+                    request.reference,
+                    request.fingerprint(),
+                    amount_cents,
+                    &outcome,
                 )
-                .bind(key)
-                .bind(request.operation.as_str())
-                .bind(request.reference)
-                .bind(request.fingerprint())
-                .bind(amount_cents)
-                .bind(&outcome)
                 .execute(&mut *tx)
                 .await?;
                 Recorded::Answered {
@@ -170,26 +171,30 @@ impl Books {
         // statement later, and record a refusal for good: a hold never
         // released. The key's lock is only ever tried, so waiting here
         // cannot deadlock.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 1))")
-            .bind(request.reference)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 1))",
+            request.reference
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         let done: Option<(String, i64)> = match request.operation {
             // One authorisation per reference: another one, under another
             // key, is refused below.
             Operation::Authorise => {
-                sqlx::query_as(
-                    "INSERT INTO provider_authorisations (reference, amount_cents, currency, state)
-                     VALUES ($1, $2, $3, CASE WHEN $2 > $4 THEN 'declined' ELSE 'authorised' END)
-                     ON CONFLICT (reference) DO NOTHING
-                     RETURNING state, CASE WHEN state = 'authorised' THEN amount_cents ELSE 0 END",
+                sqlx::query!(
+                    r#"INSERT INTO provider_authorisations (reference, amount_cents, currency, state)
+                       VALUES ($1, $2::int8, $3, CASE WHEN $2::int8 > $4 THEN 'declined' ELSE 'authorised' END)
+                       ON CONFLICT (reference) DO NOTHING
+                       RETURNING state,
+                                 CASE WHEN state = 'authorised' THEN amount_cents ELSE 0 END AS "moved!""#,
+                    request.reference,
+                    request.amount_cents,
+                    &request.currency,
+                    self.decline_over_cents,
                 )
-                .bind(request.reference)
-                .bind(request.amount_cents)
-                .bind(&request.currency)
-                .bind(self.decline_over_cents)
                 .fetch_optional(&mut *tx)
                 .await?
+                .map(|done| (done.state, done.moved))
             }
             Operation::Capture | Operation::Void => {
                 let to = match request.operation {
@@ -198,8 +203,8 @@ impl Books {
                 };
                 // Voiding what was never authorised leaves a voided record,
                 // so an authorisation arriving late is refused, not left open.
-                sqlx::query_as(
-                    "WITH moved AS (
+                sqlx::query!(
+                    r#"WITH moved AS (
                          UPDATE provider_authorisations SET state = $2, updated_at = now()
                          WHERE reference = $1 AND state = 'authorised'
                          RETURNING state, amount_cents),
@@ -208,22 +213,25 @@ impl Books {
                          SELECT $1, 0, 'XXX', 'voided' WHERE $2 = 'voided' AND NOT EXISTS (SELECT 1 FROM moved)
                          ON CONFLICT (reference) DO NOTHING
                          RETURNING state, amount_cents)
-                     SELECT * FROM moved UNION ALL SELECT * FROM placeholder",
+                     SELECT state AS "state!", amount_cents AS "moved!" FROM moved
+                     UNION ALL SELECT state, amount_cents FROM placeholder"#,
+                    request.reference,
+                    to,
                 )
-                .bind(request.reference)
-                .bind(to)
                 .fetch_optional(&mut *tx)
                 .await?
+                .map(|done| (done.state, done.moved))
             }
         };
         if let Some(done) = done {
             return Ok(done);
         }
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM provider_authorisations WHERE reference = $1")
-                .bind(request.reference)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let state = sqlx::query_scalar!(
+            "SELECT state FROM provider_authorisations WHERE reference = $1",
+            request.reference
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         Ok((
             format!(
                 "refused: the authorisation is {}",
@@ -235,23 +243,24 @@ impl Books {
 
     /// The authorisation of `reference`: its state, amount and currency.
     pub async fn read(&self, reference: Uuid) -> sqlx::Result<Option<(String, i64, String)>> {
-        sqlx::query_as(
+        let authorisation = sqlx::query!(
             "SELECT state, amount_cents, currency FROM provider_authorisations WHERE reference = $1",
+            reference
         )
-        .bind(reference)
         .fetch_optional(&self.pool)
-        .await
+        .await?;
+        Ok(authorisation.map(|a| (a.state, a.amount_cents, a.currency)))
     }
 }
 
 /// Count one more request with `key`; how many there were.
 async fn count_call(tx: &mut PgConnection, key: &str) -> sqlx::Result<u32> {
-    let calls: i32 = sqlx::query_scalar(
+    let calls = sqlx::query_scalar!(
         "INSERT INTO provider_calls AS c (idempotency_key, calls) VALUES ($1, 1)
          ON CONFLICT (idempotency_key) DO UPDATE SET calls = c.calls + 1
          RETURNING c.calls",
+        key
     )
-    .bind(key)
     .fetch_one(tx)
     .await?;
     Ok(u32::try_from(calls).unwrap_or(0))

@@ -35,7 +35,7 @@ impl Readiness {
     pub async fn check(&self) -> Result<serde_json::Value, serde_json::Value> {
         let postgres = match tokio::time::timeout(
             Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&self.pool),
+            sqlx::query_scalar!(r#"SELECT 1 AS "one!""#).fetch_one(&self.pool),
         )
         .await
         {

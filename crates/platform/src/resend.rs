@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::Context;
 use messaging::{Broker, Publisher, amqp::Envelope, declaration::queue_counts};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 /// Events sent again per check, at most.
@@ -92,12 +92,13 @@ impl Resender {
         let queue = self.broker.topology().subscriber_queue(self.service);
         let held = self.ready(&queue).await?;
         let mut tx = self.pool.begin().await.context("starting the check")?;
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('resend:' || $1))")
-                .bind(self.service)
-                .fetch_one(&mut *tx)
-                .await
-                .context("taking the service's resend lock")?;
+        let locked: bool = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock(hashtext('resend:' || $1)) AS "locked!""#,
+            self.service
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .context("taking the service's resend lock")?;
         if !locked {
             return Ok(0);
         }
@@ -120,8 +121,8 @@ impl Resender {
     /// yet, or younger than the waiting period.
     async fn advance(&self, tx: &mut PgConnection) -> anyhow::Result<()> {
         let from = self.handled_up_to.load(Ordering::Relaxed);
-        let to: i64 = sqlx::query_scalar(
-            "WITH top AS (SELECT coalesce(max(id), 0) AS id FROM outbox)
+        let to = sqlx::query_scalar!(
+            r#"WITH top AS (SELECT coalesce(max(id), 0) AS id FROM outbox)
              SELECT coalesce(
                  (SELECT m.id - 1 FROM outbox m
                   WHERE m.id > $1 AND m.id <= (SELECT id FROM top)
@@ -130,12 +131,12 @@ impl Resender {
                                  SELECT 1 FROM processed_messages p
                                  WHERE p.consumer = $4 AND p.message_id = m.message_id)))
                   ORDER BY m.id LIMIT 1),
-                 (SELECT id FROM top))",
+                 (SELECT id FROM top)) AS "to!""#,
+            from,
+            self.after.as_secs_f64(),
+            self.broker.topology().events_exchange(),
+            self.service,
         )
-        .bind(from)
-        .bind(self.after.as_secs_f64())
-        .bind(self.broker.topology().events_exchange())
-        .bind(self.service)
         .fetch_one(&mut *tx)
         .await
         .context("finding the events handled so far")?;
@@ -151,26 +152,26 @@ impl Resender {
         queue: &str,
         held: i64,
     ) -> anyhow::Result<usize> {
-        let rows = sqlx::query(
-            "SELECT m.message_id, m.payload, m.correlation_id, m.order_id,
-                    extract(epoch FROM now() - m.published_at)::float8 AS silent_secs,
-                    count(*) OVER () AS missing -- before the LIMIT
+        let rows = sqlx::query!(
+            r#"SELECT m.message_id, m.payload, m.correlation_id, m.order_id,
+                    extract(epoch FROM now() - m.published_at)::float8 AS "silent_secs!",
+                    count(*) OVER () AS "missing!" -- before the LIMIT
              FROM outbox m
              WHERE m.id > $1 AND m.exchange = $2
                AND m.published_at < now() - make_interval(secs => $3)
                AND NOT EXISTS (SELECT 1 FROM processed_messages p
                                WHERE p.consumer = $4 AND p.message_id = m.message_id)
-             ORDER BY m.id LIMIT $5",
+             ORDER BY m.id LIMIT $5"#,
+            self.handled_up_to.load(Ordering::Relaxed),
+            self.broker.topology().events_exchange(),
+            self.after.as_secs_f64(),
+            self.service,
+            BATCH,
         )
-        .bind(self.handled_up_to.load(Ordering::Relaxed))
-        .bind(self.broker.topology().events_exchange())
-        .bind(self.after.as_secs_f64())
-        .bind(self.service)
-        .bind(BATCH)
         .fetch_all(&mut *tx)
         .await
         .context("reading the events not handled")?;
-        let Some(missing) = rows.first().map(|row| row.get::<i64, _>("missing")) else {
+        let Some(missing) = rows.first().map(|row| row.missing) else {
             return Ok(0);
         };
         let to_send = missing - held;
@@ -188,11 +189,10 @@ impl Resender {
         let mut sent = 0;
         for row in rows.iter().take(usize::try_from(to_send).unwrap_or(0)) {
             let envelope = Envelope {
-                message_id: row.get("message_id"),
-                correlation_id: row.get("correlation_id"),
-                order_id: row.get("order_id"),
+                message_id: row.message_id,
+                correlation_id: row.correlation_id.clone(),
+                order_id: row.order_id,
             };
-            let payload: serde_json::Value = row.get("payload");
             // The default exchange routes by queue name: this service's
             // copy only, not the other subscribers'.
             let published = self
@@ -200,7 +200,7 @@ impl Resender {
                 .publish(
                     "",
                     queue,
-                    &serde_json::to_vec(&payload)?,
+                    &serde_json::to_vec(&row.payload)?,
                     envelope.properties(),
                 )
                 .await;
@@ -211,7 +211,7 @@ impl Resender {
                 );
                 break;
             }
-            let silent_secs: f64 = row.get("silent_secs");
+            let silent_secs = row.silent_secs;
             tracing::warn!(
                 order_id = %envelope.order_id, message_id = %envelope.message_id,
                 "event published {silent_secs:.0} s ago was never handled here: sent again to \

@@ -70,7 +70,7 @@ pub(crate) async fn start_receiver(receiver: Receiver) -> (String, Arc<Receiver>
 /// Lets webhooks reach the loopback receivers (`WEBHOOK_ALLOWED_HOSTS=127.0.0.1`).
 pub(crate) fn policy(max_attempts: u32) -> WebhookPolicy {
     WebhookPolicy {
-        secret: notification_service::configuration::Secret(SECRET.into()),
+        secret: notification_service::webhooks::Secret(SECRET.into()),
         max_attempts,
         initial_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(400),
