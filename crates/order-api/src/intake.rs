@@ -26,7 +26,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use messaging::{
     amqp::Envelope,
-    contracts::{OrderPlaced, SCHEMA_VERSION},
+    contracts::{Lane, OrderPlaced, SCHEMA_VERSION},
 };
 use platform::outbox::{self, Outboxed};
 use sqlx::{PgConnection, PgPool, postgres::PgRow};
@@ -34,10 +34,9 @@ use uuid::Uuid;
 
 use crate::{
     batch::Batcher,
-    domain::ValidOrder,
+    domain::{PricedLine, Shipping, ValidOrder},
     error::ApiError,
     idempotency::{self, Claim, IdempotencyKey, NextAction, SavedResponse},
-    routes::orders::{HistoryEntry, OrderView, PricedLine},
 };
 
 /// Batches committing at once, at most: two, so that one commit stalled (a
@@ -59,13 +58,42 @@ pub struct Placement {
     pub correlation_id: String,
 }
 
+/// An order as the intake stored it: accepted at the transaction's time,
+/// with its first line of history.
+pub struct StoredOrder {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub email: String,
+    pub items: Vec<PricedLine>,
+    pub total_cents: i64,
+    pub currency: String,
+    pub lane: Lane,
+    pub callback_url: Option<String>,
+    pub shipping: Option<Shipping>,
+    pub correlation_id: String,
+    pub created_at: DateTime<Utc>,
+    /// Its first line of history.
+    pub detail: String,
+}
+
+impl StoredOrder {
+    /// The status a stored order starts in.
+    pub const STATUS: &str = "accepted";
+    /// Who its first line of history is by.
+    pub const SERVICE: &str = "order-api";
+}
+
+/// How the answer to a stored order is written: the body saved with its
+/// idempotency key and sent to the client (the HTTP layer's view of it).
+pub type Answer = fn(&StoredOrder) -> serde_json::Result<Vec<u8>>;
+
 /// What storing a placement did.
 pub enum Placed {
     /// Stored now: the answer (saved with the key, if any), the order and
     /// its outbox message, to publish.
     Accepted {
         saved: SavedResponse,
-        view: Box<OrderView>,
+        order: Box<StoredOrder>,
         message: Outboxed,
     },
     /// The key was used before with this body: its first answer.
@@ -83,15 +111,23 @@ struct Store {
     pool: PgPool,
     orders_exchange: String,
     idempotency_ttl: Duration,
+    answer: Answer,
 }
 
 impl Intake {
-    /// Start the writers; they stop once every handle is dropped.
-    pub fn start(pool: PgPool, orders_exchange: String, idempotency_ttl: Duration) -> Self {
+    /// Start the writers, answering each stored order with `answer`; they
+    /// stop once every handle is dropped.
+    pub fn start(
+        pool: PgPool,
+        orders_exchange: String,
+        idempotency_ttl: Duration,
+        answer: Answer,
+    ) -> Self {
         let store = Arc::new(Store {
             pool,
             orders_exchange,
             idempotency_ttl,
+            answer,
         });
         let writers = Batcher::start(WRITERS, MAX_BATCH, move |batch| {
             let store = Arc::clone(&store);
@@ -204,18 +240,18 @@ impl Store {
         let open: Vec<usize> = (0..placements.len())
             .filter(|&i| answers[i].is_none())
             .collect();
-        let mut views = Vec::new();
+        let mut stored = Vec::new();
         if !open.is_empty() {
             let (at, priced) = price(&mut tx, open.iter().map(|&i| &placements[i].order)).await?;
             for (index, lines) in open.into_iter().zip(priced) {
                 match lines {
-                    Ok(lines) => views.push((view(&placements[index], lines, at), index)),
+                    Ok(lines) => stored.push((accepted(&placements[index], lines, at), index)),
                     Err(error) => answers[index] = Some(Err(error)),
                 }
             }
         }
 
-        let messages = self.placed_messages(&views, placements)?;
+        let messages = self.placed_messages(&stored, placements)?;
         let outbox = outbox::Rows::new(
             messages
                 .iter()
@@ -227,15 +263,15 @@ impl Store {
                 })
                 .collect(),
         )?;
-        let mut saved = Vec::with_capacity(views.len());
-        for (view, _) in &views {
+        let mut saved = Vec::with_capacity(stored.len());
+        for (order, _) in &stored {
             saved.push(SavedResponse {
                 status: StatusCode::ACCEPTED.as_u16(),
-                body: serde_json::to_vec(view).map_err(anyhow::Error::from)?,
-                order_id: view.id,
+                body: (self.answer)(order).map_err(anyhow::Error::from)?,
+                order_id: order.id,
             });
         }
-        let saves: Vec<(Claim<'_>, &SavedResponse)> = views
+        let saves: Vec<(Claim<'_>, &SavedResponse)> = stored
             .iter()
             .zip(&saved)
             .filter_map(|((_, index), saved)| {
@@ -249,14 +285,14 @@ impl Store {
                 Some((claim, saved))
             })
             .collect();
-        let written = insert_all(&mut tx, &views, placements, &saves, &outbox).await?;
+        let written = insert_all(&mut tx, &stored, placements, &saves, &outbox).await?;
         tx.commit().await?;
 
         let messages = outbox.written(&written);
-        for (((view, index), saved), message) in views.into_iter().zip(saved).zip(messages) {
+        for (((order, index), saved), message) in stored.into_iter().zip(saved).zip(messages) {
             answers[index] = Some(Ok(Placed::Accepted {
                 saved,
-                view: Box::new(view),
+                order: Box::new(order),
                 message,
             }));
         }
@@ -270,26 +306,26 @@ impl Store {
     /// key), envelope and body.
     fn placed_messages(
         &self,
-        views: &[(OrderView, usize)],
+        stored: &[(StoredOrder, usize)],
         placements: &[Placement],
     ) -> Result<Vec<(&'static str, Envelope, serde_json::Value)>, ApiError> {
-        let mut messages = Vec::with_capacity(views.len());
-        for (view, index) in views {
+        let mut messages = Vec::with_capacity(stored.len());
+        for (stored, index) in stored {
             let order = &placements[*index].order;
             let envelope = Envelope {
                 message_id: Uuid::new_v4(),
-                correlation_id: view.correlation_id.clone(),
-                order_id: view.id,
+                correlation_id: stored.correlation_id.clone(),
+                order_id: stored.id,
             };
             let message = OrderPlaced {
                 schema_version: SCHEMA_VERSION,
                 message_id: envelope.message_id,
-                occurred_at: view.created_at,
-                order_id: view.id,
+                occurred_at: stored.created_at,
+                order_id: stored.id,
                 customer_id: order.customer_id.clone(),
                 email: order.email.clone(),
                 items: order.items.clone(),
-                total_cents: view.total_cents,
+                total_cents: stored.total_cents,
                 currency: order.currency.clone(),
                 lane: order.lane,
                 callback_url: order.callback_url.clone(),
@@ -353,35 +389,27 @@ async fn price<'a>(
     Ok((at, priced))
 }
 
-/// A new order as it is stored at `at` and answered: accepted, with its
-/// first history line.
-fn view(placement: &Placement, items: Vec<PricedLine>, at: DateTime<Utc>) -> OrderView {
+/// A new order as it is stored at `at`: accepted, with its first line of
+/// history.
+fn accepted(placement: &Placement, items: Vec<PricedLine>, at: DateTime<Utc>) -> StoredOrder {
     let order = &placement.order;
     let total_cents = items
         .iter()
         .map(|l| i64::from(l.quantity) * l.unit_price_cents)
         .sum();
-    OrderView {
+    StoredOrder {
         id: Uuid::new_v4(),
-        status: "accepted".into(),
-        reason: None,
         customer_id: order.customer_id.clone(),
         email: order.email.clone(),
         total_cents,
         items,
         currency: order.currency.clone(),
-        lane: order.lane.as_str().into(),
+        lane: order.lane,
         callback_url: order.callback_url.clone(),
         shipping: order.shipping.clone(),
         correlation_id: placement.correlation_id.clone(),
         created_at: at,
-        history: vec![HistoryEntry {
-            status: "accepted".into(),
-            detail: Some(format!("queued on the {} lane", order.lane.as_str())),
-            service: "order-api".into(),
-            at,
-        }],
-        payment: None,
+        detail: format!("queued on the {} lane", order.lane.as_str()),
     }
 }
 
@@ -389,12 +417,12 @@ fn view(placement: &Placement, items: Vec<PricedLine>, at: DateTime<Utc>) -> Ord
 /// and their outbox messages in one statement; the outbox rows written.
 async fn insert_all(
     conn: &mut PgConnection,
-    views: &[(OrderView, usize)],
+    stored: &[(StoredOrder, usize)],
     placements: &[Placement],
     saves: &[(Claim<'_>, &SavedResponse)],
     outbox: &outbox::Rows<'_>,
 ) -> Result<Vec<PgRow>, ApiError> {
-    if views.is_empty() {
+    if stored.is_empty() {
         return Ok(Vec::new());
     }
     let sql = format!(
@@ -435,7 +463,7 @@ async fn insert_all(
         idempotency::save_insert(14),
         outbox::Rows::insert(20),
     );
-    let orders: Vec<&OrderView> = views.iter().map(|(view, _)| view).collect();
+    let orders: Vec<&StoredOrder> = stored.iter().map(|(order, _)| order).collect();
     let query = sqlx::query(&sql)
         .bind(orders.iter().map(|o| o.id).collect::<Vec<_>>())
         .bind(
@@ -478,17 +506,12 @@ async fn insert_all(
                 .collect::<Vec<_>>(),
         )
         .bind(
-            views
+            stored
                 .iter()
                 .map(|(_, index)| placements[*index].client.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.history[0].detail.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(orders.iter().map(|o| o.detail.as_str()).collect::<Vec<_>>())
         .bind(orders.iter().map(|o| o.created_at).collect::<Vec<_>>());
     let query = outbox.bind(idempotency::bind_saves(query, saves));
     Ok(query.fetch_all(&mut *conn).await?)

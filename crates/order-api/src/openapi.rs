@@ -1,7 +1,6 @@
-//! The API described as OpenAPI 3.1, generated from the handlers and types:
-//! `GET /openapi.json`, and an interactive page at `GET /docs`.
+//! The API described as OpenAPI 3.1, generated from the handlers and types
+//! (served at `GET /openapi.json` and `GET /docs` by [`crate::router`]).
 
-use axum::{Json, Router, response::Html, routing::get};
 use serde_json::{Value, json};
 use utoipa::{
     Modify, OpenApi,
@@ -12,13 +11,12 @@ use utoipa::{
         security::{Http, HttpAuthScheme, SecurityScheme},
     },
 };
-use utoipa_scalar::Scalar;
 
 use crate::{
-    domain::{ItemRequest, OrderRequest, Shipping},
+    domain::{ItemRequest, OrderRequest, PricedLine, Shipping},
     error::{ErrorBody, ErrorDetail, FieldError},
     live::{LiveEvent, SseEvent},
-    routes::orders::{self, HistoryEntry, OrderView, PaymentStep, PaymentView, PricedLine},
+    routes::orders::{self, HistoryEntry, OrderView, PaymentStep, PaymentView},
 };
 
 #[derive(OpenApi)]
@@ -155,13 +153,4 @@ pub fn document(max_quantity: i32) -> Value {
     schemas["SseEvent"]["oneOf"][0]["properties"]["data"]["contentSchema"] =
         json!({"$ref": "#/components/schemas/LiveEvent"});
     spec
-}
-
-/// `/openapi.json` and `/docs`.
-pub fn router<S: Clone + Send + Sync + 'static>(max_quantity: i32) -> Router<S> {
-    let spec = document(max_quantity);
-    let page = Scalar::new(spec.clone()).to_html();
-    Router::new()
-        .route("/openapi.json", get(move || async move { Json(spec) }))
-        .route("/docs", get(move || async move { Html(page) }))
 }

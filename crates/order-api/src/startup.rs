@@ -1,53 +1,28 @@
 //! Builds order-api from its settings and runs it: the HTTP server, the
 //! outbox relay and the idempotency-key clean-up, until asked to stop.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use axum::Router;
-use messaging::{Broker, Publisher, Topology};
+use messaging::{Broker, Publisher};
 use platform::{health, outbox::Relay};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::{KeyLookup, RateLimits},
+    announcer::Announcer,
+    auth::{AuthState, KeyLookup, RateLimits},
     configuration::Settings,
     idempotency,
     intake::Intake,
     live::{Feed, Streams},
     republish::Republisher,
-    routes,
+    router::router,
+    routes::{orders::OrderView, orders::post::MaxQuantity, sse::Streaming},
+    state::AppState,
 };
-
-/// What every request handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    /// Where POSTs hand their orders to be stored, in batches.
-    pub intake: Intake,
-    pub relay: Relay,
-    /// For the live page: queue depths, dead letters and their replay.
-    pub broker: Broker,
-    /// Held while the dead-letter queue is read or replayed from: listing
-    /// takes every dead letter off the queue for a moment, so a replay at
-    /// the same time would find nothing.
-    pub dead_letters: Arc<tokio::sync::Mutex<()>>,
-    pub topology: Topology,
-    pub max_quantity: i32,
-    pub idempotency_ttl: Duration,
-    /// Live events for Server-Sent Events clients.
-    pub feed: Feed,
-    /// Open event streams, capped per key and in all.
-    pub streams: Streams,
-    /// The longest an order's event stream stays open.
-    pub sse_max_lifetime: Duration,
-    /// Requests per API key.
-    pub rate_limits: RateLimits,
-    /// Every request's API key, looked up with those arriving with it.
-    pub keys: KeyLookup,
-}
 
 /// A built, listening order-api.
 pub struct Application {
@@ -73,27 +48,37 @@ impl Application {
             publisher.clone(),
             settings.order_republish_after(),
         );
+        let feed = Feed::default();
         let state = AppState {
             pool: pool.clone(),
+            auth: AuthState {
+                keys: KeyLookup::start(pool.clone()),
+                rate_limits: RateLimits::new(
+                    settings.rate_limit_per_second,
+                    settings.rate_limit_burst,
+                ),
+            },
             intake: Intake::start(
                 pool.clone(),
                 broker.topology().orders_exchange(),
                 settings.idempotency_ttl(),
+                OrderView::accepted_body,
             ),
-            relay: Relay::new(pool.clone(), publisher),
+            announcer: Announcer {
+                feed: feed.clone(),
+                relay: Relay::new(pool.clone(), publisher),
+            },
             broker: broker.clone(),
-            dead_letters: Arc::default(),
-            topology: broker.topology().clone(),
-            max_quantity: settings.max_quantity,
-            idempotency_ttl: settings.idempotency_ttl(),
-            feed: Feed::default(),
-            streams: Streams::new(settings.sse_max_streams_per_key, settings.sse_max_streams),
-            sse_max_lifetime: Duration::from_secs(settings.sse_max_lifetime_secs),
-            rate_limits: RateLimits::new(settings.rate_limit_per_second, settings.rate_limit_burst),
-            keys: KeyLookup::start(pool.clone()),
+            dead_letters: Default::default(),
+            streaming: Streaming {
+                feed,
+                streams: Streams::new(settings.sse_max_streams_per_key, settings.sse_max_streams),
+                max_lifetime: Duration::from_secs(settings.sse_max_lifetime_secs),
+            },
+            max_quantity: MaxQuantity(settings.max_quantity),
         };
         let health = health::router(health::Readiness::new(pool, broker.clone()));
-        let router = routes::router(state.clone(), health, settings.max_body_bytes);
+        let router = router(state.clone(), health, settings.max_body_bytes);
         let address = SocketAddr::new(settings.http_host, settings.http_port);
         let listener = TcpListener::bind(address)
             .await
@@ -119,12 +104,13 @@ impl Application {
         // Not a child of `shutdown`: the relay's final flush must wait for the
         // requests still committing orders when shutdown is asked for.
         let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(self.state.relay.clone().run(
+        let relay = tokio::spawn(self.state.announcer.relay.clone().run(
             Duration::from_millis(self.settings.outbox_relay_interval_ms),
             relay_stop.clone(),
         ));
         let cleanup = tokio::spawn(clean_up_keys(
-            self.state.clone(),
+            self.state.pool.clone(),
+            self.state.auth.rate_limits.clone(),
             self.settings.idempotency_ttl(),
             Duration::from_secs(self.settings.idempotency_cleanup_interval_secs.max(1)),
             shutdown.clone(),
@@ -138,6 +124,7 @@ impl Application {
         };
         let feed = tokio::spawn(
             self.state
+                .streaming
                 .feed
                 .clone()
                 .run(self.broker.clone(), shutdown.clone()),
@@ -169,14 +156,15 @@ impl Application {
 /// Forget expired idempotency keys, and the rate-limit state of keys that
 /// have been quiet.
 async fn clean_up_keys(
-    state: AppState,
+    pool: PgPool,
+    rate_limits: RateLimits,
     ttl: Duration,
     every: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        state.rate_limits.forget_idle();
-        match idempotency::delete_expired(&state.pool, ttl).await {
+        rate_limits.forget_idle();
+        match idempotency::delete_expired(&pool, ttl).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "expired idempotency keys deleted"),
             Err(error) => tracing::warn!(error.message = %error, "idempotency key clean-up failed"),

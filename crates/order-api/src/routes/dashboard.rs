@@ -3,7 +3,7 @@
 //! besides `GET /events`: queue depths each second, where recent orders
 //! stand, the dead letters and their replay, and a burst of orders.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     Extension, Json,
@@ -20,20 +20,21 @@ use messaging::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::mpsc;
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc};
 use uuid::Uuid;
 
-use super::orders::{
-    events::{EventStream, sse},
-    post::announce,
+use super::{
+    JsonBody,
+    sse::{EventStream, Streaming, sse},
 };
 use crate::{
+    announcer::Announcer,
     auth::Caller,
+    correlation::CorrelationId,
     domain::ValidOrder,
     error::{ApiError, FieldError, Result},
-    intake::{Placed, Placement},
-    routes::CorrelationId,
-    startup::AppState,
+    intake::{Intake, Placed, Placement},
 };
 
 /// How often the page is sent the queue depths.
@@ -50,6 +51,12 @@ const MAX_LOOKUP: usize = 100;
 
 /// Orders of a burst stored at once (each waits for its group commit).
 const BURST_CONCURRENCY: usize = 64;
+
+/// Held while the dead-letter queue is read or replayed from: listing takes
+/// every dead letter off the queue for a moment, so a replay at the same
+/// time would find nothing.
+#[derive(Clone, Default)]
+pub struct DeadLetterLock(Arc<Mutex<()>>);
 
 /// Where on the page the journeys, queues and buttons are.
 pub async fn page() -> Response {
@@ -170,22 +177,23 @@ async fn shown_queues(broker: &Broker, retry_queues: &mut Vec<String>) -> Vec<St
 /// `GET /dashboard/queues`: every queue's depth, once a second, as
 /// `queues` events; `broker_unavailable` events while RabbitMQ is away.
 pub async fn queues(
-    State(state): State<AppState>,
+    State(streaming): State<Streaming>,
+    State(broker): State<Broker>,
     Extension(caller): Extension<Caller>,
 ) -> Result<EventStream> {
     admin(&caller)?;
-    let slot = state
+    let slot = streaming
         .streams
         .open(caller.key_id)
         .map_err(ApiError::TooManyStreams)?;
     let (sender, receiver) = mpsc::channel(4);
-    let stopped = state.feed.stopped();
+    let stopped = streaming.feed.stopped();
     tokio::spawn(async move {
         let _slot = slot;
         let mut every = tokio::time::interval(SAMPLE_EVERY);
         let (mut names, mut retry_queues) = (Vec::new(), Vec::new());
         let mut every_so_often = tokio::time::interval(RELIST_EVERY);
-        let lifetime = tokio::time::sleep(state.sse_max_lifetime);
+        let lifetime = tokio::time::sleep(streaming.max_lifetime);
         tokio::pin!(lifetime);
         loop {
             tokio::select! {
@@ -195,9 +203,9 @@ pub async fn queues(
                 _ = every.tick() => {}
             }
             if names.is_empty() || every_so_often.tick().now_or_never().is_some() {
-                names = shown_queues(&state.broker, &mut retry_queues).await;
+                names = shown_queues(&broker, &mut retry_queues).await;
             }
-            let event = match depths(&state.broker, &names).await {
+            let event = match depths(&broker, &names).await {
                 Ok(queues) => Event::default()
                     .event("queues")
                     .json_data(json!({"at": Utc::now(), "queues": queues})),
@@ -245,7 +253,7 @@ pub struct Standing {
 
 /// `GET /dashboard/orders?ids=…`: where each of these orders stands.
 pub async fn orders(
-    State(state): State<AppState>,
+    State(pool): State<PgPool>,
     Extension(caller): Extension<Caller>,
     Query(lookup): Query<Lookup>,
 ) -> Result<Json<Vec<Standing>>> {
@@ -275,7 +283,7 @@ pub async fn orders(
          FROM orders o WHERE o.id = ANY($1)",
     )
     .bind(&ids)
-    .fetch_all(&state.pool)
+    .fetch_all(&pool)
     .await?;
     Ok(Json(standings))
 }
@@ -310,14 +318,13 @@ fn broker_error(error: anyhow::Error) -> ApiError {
 
 /// `GET /dashboard/dead-letters`: what is in the dead-letter queue, and why.
 pub async fn dead_letters(
-    State(state): State<AppState>,
+    State(broker): State<Broker>,
+    State(DeadLetterLock(lock)): State<DeadLetterLock>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<DeadLetterView>>> {
     admin(&caller)?;
-    let _only_reader = state.dead_letters.lock().await;
-    let letters = dead_letters::list(&state.broker)
-        .await
-        .map_err(broker_error)?;
+    let _only_reader = lock.lock().await;
+    let letters = dead_letters::list(&broker).await.map_err(broker_error)?;
     Ok(Json(letters.into_iter().map(Into::into).collect()))
 }
 
@@ -332,12 +339,14 @@ pub struct Replay {
 /// queue (it keeps its message id, so the consumer's dedupe makes a replay
 /// of something already done harmless).
 pub async fn replay(
-    State(state): State<AppState>,
+    State(broker): State<Broker>,
+    State(pool): State<PgPool>,
+    State(DeadLetterLock(lock)): State<DeadLetterLock>,
     Extension(caller): Extension<Caller>,
-    body: std::result::Result<super::JsonBody<Replay>, ApiError>,
+    body: std::result::Result<JsonBody<Replay>, ApiError>,
 ) -> Result<Response> {
     admin(&caller)?;
-    let super::JsonBody(Replay { message_id }) = body?;
+    let JsonBody(Replay { message_id }) = body?;
     // "-" is how a letter without a message id is listed: it would pick
     // every such letter, not one.
     if message_id.is_empty() || message_id == "-" {
@@ -347,8 +356,8 @@ pub async fn replay(
         )]));
     }
     let selection = dead_letters::Selection::MessageId(message_id.clone());
-    let _only_reader = state.dead_letters.lock().await;
-    let replayed = dead_letters::replay(&state.broker, &state.pool, &selection)
+    let _only_reader = lock.lock().await;
+    let replayed = dead_letters::replay(&broker, &pool, &selection)
         .await
         .map_err(|error| match error.downcast::<sqlx::Error>() {
             Ok(database) => ApiError::from(database),
@@ -377,13 +386,14 @@ pub struct Burst {
 /// the caller's client, past its rate limit: this is the load the queue
 /// levels), as concurrent POSTs would; answers once all are stored.
 pub async fn burst(
-    State(state): State<AppState>,
+    State(intake): State<Intake>,
+    State(announcer): State<Announcer>,
     Extension(caller): Extension<Caller>,
     Extension(correlation): Extension<CorrelationId>,
-    body: std::result::Result<super::JsonBody<Burst>, ApiError>,
+    body: std::result::Result<JsonBody<Burst>, ApiError>,
 ) -> Result<Response> {
     admin(&caller)?;
-    let super::JsonBody(Burst { count, express }) = body?;
+    let JsonBody(Burst { count, express }) = body?;
     if !(1..=MAX_BURST).contains(&count) {
         return Err(ApiError::Validation(vec![FieldError::new(
             "count",
@@ -415,11 +425,11 @@ pub async fn burst(
     let mut outcomes = HashMap::<&'static str, u32>::new();
     let mut placed = stream::iter(placements)
         .map(|placement| {
-            let state = state.clone();
+            let (intake, announcer) = (intake.clone(), announcer.clone());
             async move {
-                match state.intake.place(placement).await {
-                    Ok(Placed::Accepted { view, message, .. }) => {
-                        announce(&state, &view, &message).await;
+                match intake.place(placement).await {
+                    Ok(Placed::Accepted { order, message, .. }) => {
+                        announcer.announce(&order, &message).await;
                         "accepted"
                     }
                     // Without a key there is nothing to replay.

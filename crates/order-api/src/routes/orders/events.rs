@@ -1,15 +1,15 @@
 //! `GET /orders/{id}/events` and `GET /events`: an order's (or every
 //! order's) status changes as Server-Sent Events.
 
-use std::{collections::HashSet, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc};
 
 use axum::{
     Extension,
     extract::{Path, Query, State},
-    response::sse::{Event, KeepAlive, Sse},
+    response::sse::Event,
 };
-use futures_util::Stream;
 use serde::Deserialize;
+use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc};
 use utoipa::IntoParams;
 use uuid::Uuid;
@@ -19,22 +19,8 @@ use crate::{
     auth::Caller,
     error::{ApiError, ErrorBody, Result},
     live::{LiveEvent, SseEvent},
-    startup::AppState,
+    routes::sse::{EventStream, Streaming, sse},
 };
-
-/// Comments sent on an idle stream so proxies don't close it.
-const HEARTBEAT: Duration = Duration::from_secs(15);
-
-type Events = std::pin::Pin<Box<dyn Stream<Item = std::result::Result<Event, Infallible>> + Send>>;
-pub(crate) type EventStream = Sse<axum::response::sse::KeepAliveStream<Events>>;
-
-pub(crate) fn sse(events: mpsc::Receiver<Event>) -> EventStream {
-    let stream = futures_util::stream::unfold(events, |mut events| async move {
-        events.recv().await.map(|event| (Ok(event), events))
-    });
-    Sse::new(Box::pin(stream) as Events)
-        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
-}
 
 /// What a client too slow to keep up gets before it is dropped.
 fn lagged() -> Event {
@@ -78,19 +64,20 @@ fn event(live: &LiveEvent) -> Event {
     )
 )]
 pub async fn order_events(
-    State(state): State<AppState>,
+    State(pool): State<PgPool>,
+    State(streaming): State<Streaming>,
     Extension(caller): Extension<Caller>,
     Path(raw_id): Path<String>,
 ) -> Result<EventStream> {
     let id = Uuid::parse_str(&raw_id).map_err(|_| ApiError::InvalidOrderId(raw_id.clone()))?;
-    let slot = state
+    let slot = streaming
         .streams
         .open(caller.key_id)
         .map_err(ApiError::TooManyStreams)?;
     // Subscribe before reading, so an event between the two is not lost;
     // one seen both ways is sent once.
-    let live = state.feed.subscribe().await;
-    let mut conn = state.pool.acquire().await?;
+    let live = streaming.feed.subscribe().await;
+    let mut conn = pool.acquire().await?;
     let order = load_order(&mut conn, id, caller.owner())
         .await?
         .ok_or(ApiError::OrderNotFound(id))?;
@@ -115,12 +102,12 @@ pub async fn order_events(
     let (sender, receiver) = mpsc::channel(16);
     let client = Client {
         sender,
-        stopped: state.feed.stopped(),
+        stopped: streaming.feed.stopped(),
     };
     tokio::spawn(async move {
         // Ends when the stream does: the stream's slot with it.
         let _slot = slot;
-        let _ = tokio::time::timeout(state.sse_max_lifetime, follow_order(id, past, live, client))
+        let _ = tokio::time::timeout(streaming.max_lifetime, follow_order(id, past, live, client))
             .await;
     });
     Ok(sse(receiver))
@@ -224,7 +211,7 @@ pub struct EventFilter {
     )
 )]
 pub async fn all_events(
-    State(state): State<AppState>,
+    State(streaming): State<Streaming>,
     Extension(caller): Extension<Caller>,
     Query(filter): Query<EventFilter>,
 ) -> Result<EventStream> {
@@ -233,15 +220,15 @@ pub async fn all_events(
             "every order's events are for admin keys; follow your own orders at /orders/{id}/events",
         ));
     }
-    let slot = state
+    let slot = streaming
         .streams
         .open(caller.key_id)
         .map_err(ApiError::TooManyStreams)?;
-    let mut live = state.feed.subscribe().await;
+    let mut live = streaming.feed.subscribe().await;
     let (sender, receiver) = mpsc::channel(16);
     let client = Client {
         sender,
-        stopped: state.feed.stopped(),
+        stopped: streaming.feed.stopped(),
     };
     tokio::spawn(async move {
         let _slot = slot;

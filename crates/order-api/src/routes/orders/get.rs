@@ -1,14 +1,16 @@
+//! `GET /orders/{id}`: one order and its history.
+
 use axum::{
     Extension, Json,
     extract::{Path, State},
 };
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{OrderView, load_order};
 use crate::{
     auth::Caller,
     error::{ApiError, ErrorBody, Result},
-    startup::AppState,
 };
 
 /// `GET /orders/{id}`: the order and its status history.
@@ -34,12 +36,12 @@ use crate::{
 )]
 #[tracing::instrument(name = "get_order", skip_all, fields(order_id = %raw_id))]
 pub async fn get_order(
-    State(state): State<AppState>,
+    State(pool): State<PgPool>,
     Extension(caller): Extension<Caller>,
     Path(raw_id): Path<String>,
 ) -> Result<Json<OrderView>> {
     let id = Uuid::parse_str(&raw_id).map_err(|_| ApiError::InvalidOrderId(raw_id.clone()))?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = pool.acquire().await?;
     load_order(&mut conn, id, caller.owner())
         .await?
         .map(Json)

@@ -1,4 +1,5 @@
-//! `POST /orders` and `GET /orders/{id}`, and the JSON view of an order.
+//! `POST /orders`, `GET /orders/{id}` and their events, and the JSON view
+//! of an order.
 
 pub(crate) mod events;
 pub(crate) mod get;
@@ -13,7 +14,10 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::domain::Shipping;
+use crate::{
+    domain::{PricedLine, Shipping},
+    intake::StoredOrder,
+};
 
 /// An order as the API shows it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -62,14 +66,6 @@ pub struct PaymentStep {
     pub at: DateTime<Utc>,
 }
 
-/// One line with the price it was accepted at.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
-pub struct PricedLine {
-    pub sku: String,
-    pub quantity: i32,
-    pub unit_price_cents: i64,
-}
-
 /// One step of the order's life.
 #[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct HistoryEntry {
@@ -78,6 +74,40 @@ pub struct HistoryEntry {
     pub detail: Option<String>,
     pub service: String,
     pub at: DateTime<Utc>,
+}
+
+impl OrderView {
+    /// An order just stored, as its answer shows it.
+    pub fn accepted(order: &StoredOrder) -> Self {
+        Self {
+            id: order.id,
+            status: StoredOrder::STATUS.into(),
+            reason: None,
+            customer_id: order.customer_id.clone(),
+            email: order.email.clone(),
+            items: order.items.clone(),
+            total_cents: order.total_cents,
+            currency: order.currency.clone(),
+            lane: order.lane.as_str().into(),
+            callback_url: order.callback_url.clone(),
+            shipping: order.shipping.clone(),
+            correlation_id: order.correlation_id.clone(),
+            created_at: order.created_at,
+            history: vec![HistoryEntry {
+                status: StoredOrder::STATUS.into(),
+                detail: Some(order.detail.clone()),
+                service: StoredOrder::SERVICE.into(),
+                at: order.created_at,
+            }],
+            payment: None,
+        }
+    }
+
+    /// The body of the answer to an order just stored (and of its replays):
+    /// the order as JSON.
+    pub fn accepted_body(order: &StoredOrder) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&Self::accepted(order))
+    }
 }
 
 #[derive(sqlx::FromRow)]

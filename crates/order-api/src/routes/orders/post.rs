@@ -1,4 +1,4 @@
-use std::time::Duration;
+//! `POST /orders`: place an order.
 
 use axum::{
     Extension,
@@ -7,23 +7,21 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use platform::outbox::Outboxed;
-
 use super::OrderView;
 use crate::{
+    announcer::Announcer,
     auth::Caller,
+    correlation::CorrelationId,
     domain::OrderRequest,
     error::{ApiError, ErrorBody, Result},
     idempotency::{self, IdempotencyKey, SavedResponse},
-    intake::{Placed, Placement},
-    live::LiveEvent,
-    routes::{CorrelationId, JsonBody},
-    startup::AppState,
+    intake::{Intake, Placed, Placement},
+    routes::JsonBody,
 };
 
-/// How long the request waits for the broker's confirm before answering
-/// anyway: the order is already durable in the outbox.
-const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+/// The largest quantity one line may ask for (`MAX_QUANTITY`).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxQuantity(pub i32);
 
 /// `POST /orders`: validate, store the order, its idempotency key and its
 /// outbox message in one transaction (shared with the orders of concurrent
@@ -69,7 +67,9 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
     fields(order_id = tracing::field::Empty)
 )]
 pub async fn create_order(
-    State(state): State<AppState>,
+    State(intake): State<Intake>,
+    State(announcer): State<Announcer>,
+    State(MaxQuantity(max_quantity)): State<MaxQuantity>,
     Extension(caller): Extension<Caller>,
     Extension(correlation): Extension<CorrelationId>,
     headers: HeaderMap,
@@ -79,7 +79,7 @@ pub async fn create_order(
     let JsonBody(request) = body?;
     let hash = idempotency::request_hash(&request);
     let order = request
-        .validate(state.max_quantity)
+        .validate(max_quantity)
         .map_err(ApiError::Validation)?;
 
     let placement = Placement {
@@ -88,7 +88,7 @@ pub async fn create_order(
         order,
         correlation_id: correlation.0.clone(),
     };
-    let (saved, view, placed) = match state.intake.place(placement).await? {
+    let (saved, order, placed) = match intake.place(placement).await? {
         Placed::Replayed(saved) => {
             tracing::Span::current().record("order_id", tracing::field::display(saved.order_id));
             metrics::counter!("idempotent_replays_total").increment(1);
@@ -97,41 +97,13 @@ pub async fn create_order(
         }
         Placed::Accepted {
             saved,
-            view,
+            order,
             message,
-        } => (saved, view, message),
+        } => (saved, order, message),
     };
-    tracing::Span::current().record("order_id", tracing::field::display(view.id));
-    announce(&state, &view, &placed).await;
+    tracing::Span::current().record("order_id", tracing::field::display(order.id));
+    announcer.announce(&order, &placed).await;
     Ok(respond(saved, false))
-}
-
-/// Tell the live feed and the log about an order just stored, and publish
-/// it (the outbox relay retries what this could not).
-pub(crate) async fn announce(state: &AppState, view: &OrderView, placed: &Outboxed) {
-    metrics::counter!("orders_accepted_total", "lane" => view.lane.clone()).increment(1);
-    state.feed.publish(LiveEvent {
-        order_id: view.id,
-        customer_id: view.customer_id.clone(),
-        status: view.status.clone(),
-        reason: None,
-        lane: view.lane.clone(),
-        processed_by: None,
-        at: view.created_at,
-    });
-    tracing::info!(
-        lane = %view.lane, total_cents = view.total_cents, currency = %view.currency,
-        items = view.items.len(), "order accepted"
-    );
-
-    match tokio::time::timeout(PUBLISH_WAIT, state.relay.publish_now(placed)).await {
-        Ok(Ok(())) => tracing::info!("order published to the work queue"),
-        Ok(Err(error)) => tracing::warn!(
-            error.message = %format!("{error:#}"),
-            "publish failed; the outbox relay will retry"
-        ),
-        Err(_) => tracing::warn!("publish not confirmed in time; the outbox relay will retry"),
-    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>> {

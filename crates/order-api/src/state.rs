@@ -1,0 +1,32 @@
+//! What the handlers can reach, and the part each one takes: every field
+//! is a sub-state a handler or layer extracts by its type (`State<PgPool>`,
+//! `State<AuthState>`, ...), so none of them names the app.
+
+use axum::extract::FromRef;
+use messaging::Broker;
+use sqlx::PgPool;
+
+use crate::{
+    announcer::Announcer,
+    auth::AuthState,
+    intake::Intake,
+    routes::{dashboard::DeadLetterLock, orders::post::MaxQuantity, sse::Streaming},
+};
+
+/// Everything a request handler can reach.
+#[derive(Clone, FromRef)]
+pub struct AppState {
+    pub pool: PgPool,
+    /// The key lookup and the rate limits, for the key check.
+    pub auth: AuthState,
+    /// Where POSTs hand their orders to be stored, in batches.
+    pub intake: Intake,
+    /// What tells the live feed, the log and the work queue of an order.
+    pub announcer: Announcer,
+    /// For the live page: queue depths, dead letters and their replay.
+    pub broker: Broker,
+    pub dead_letters: DeadLetterLock,
+    /// Live events for Server-Sent Events clients, and the caps on them.
+    pub streaming: Streaming,
+    pub max_quantity: MaxQuantity,
+}
