@@ -4,7 +4,7 @@ use logging_service::{configuration::Settings, startup::Application};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    messaging::telemetry::init("logging-service", settings.worker.log.log_format);
+    messaging::telemetry::init("logging-service", settings.worker.service.log.log_format);
     let shutdown = messaging::shutdown::token_on_signal();
     let application = Application::build(settings).await?;
     application.run_until_stopped(shutdown).await

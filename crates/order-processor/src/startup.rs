@@ -26,7 +26,7 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let topology = settings.worker.amqp.topology();
+        let topology = settings.worker.service.amqp.topology();
         let queues = vec![
             topology.work_queue(Lane::Express),
             topology.work_queue(Lane::Standard),

@@ -1,8 +1,7 @@
 //! order-stats' settings, from environment variables (or flags).
 
 use clap::{Parser, ValueEnum};
-use messaging::{AmqpSettings, telemetry::LogSettings};
-use platform::{db::DatabaseSettings, http::HttpLimits};
+use platform::settings::ServiceSettings;
 
 /// Where reading starts.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,16 +21,7 @@ pub enum StartFrom {
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub amqp: AmqpSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub log: LogSettings,
-    #[command(flatten)]
-    pub http: HttpLimits,
-    /// Address the HTTP API listens on.
-    #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
-    pub http_host: std::net::IpAddr,
+    pub service: ServiceSettings,
     /// Port of the HTTP API (/stats, /healthz, /readyz, /metrics); 0 picks
     /// a free one.
     #[arg(long, env = "HTTP_PORT", default_value_t = 8084)]

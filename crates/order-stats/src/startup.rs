@@ -37,8 +37,14 @@ impl Application {
     /// ready order-stats means a declared log.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = DatabaseSettings {
-            db_max_connections: Some(settings.database.db_max_connections.unwrap_or(POOL_SIZE)),
-            ..settings.database.clone()
+            db_max_connections: Some(
+                settings
+                    .service
+                    .database
+                    .db_max_connections
+                    .unwrap_or(POOL_SIZE),
+            ),
+            ..settings.service.database.clone()
         };
         let pool = database.connect_and_migrate().await?;
         if settings.from == StartFrom::First {
@@ -47,7 +53,7 @@ impl Application {
                 .context("emptying the read model")?;
             tracing::info!("read model emptied: rebuilding it from the beginning of the event log");
         }
-        let broker = settings.amqp.broker()?;
+        let broker = settings.service.amqp.broker()?;
         let retention = Retention {
             max_age: settings.event_log_max_age,
             max_bytes: settings.event_log_max_bytes,
@@ -59,14 +65,17 @@ impl Application {
         let channel = connection.create_channel().await?;
         log::declare(&channel, broker.topology(), &retention).await?;
         let _ = channel.close(200, "declared".into()).await;
-        let listener = TcpListener::bind(SocketAddr::new(settings.http_host, settings.http_port))
-            .await
-            .with_context(|| format!("binding the HTTP port {}", settings.http_port))?;
+        let listener = TcpListener::bind(SocketAddr::new(
+            settings.service.http_host,
+            settings.http_port,
+        ))
+        .await
+        .with_context(|| format!("binding the HTTP port {}", settings.http_port))?;
         Ok(Self {
             pool,
             broker,
             listener,
-            http: settings.http,
+            http: settings.service.http,
             retention,
             batch_size: settings.batch_size,
         })

@@ -1,5 +1,6 @@
 //! What every orderflow service stands on, beside the message contracts:
-//! the Postgres pool and migrations, the transactional outbox and its relay,
+//! the settings they share, the Postgres pool and migrations, the
+//! transactional outbox and its relay,
 //! consumer-side dedupe, the health endpoints, the start-up and consume
 //! loop of the three worker services, and the subscribers' check for events
 //! their queues lost.
@@ -11,4 +12,5 @@ pub mod metrics;
 pub mod outbox;
 pub mod periodic;
 pub mod resend;
+pub mod settings;
 pub mod worker;

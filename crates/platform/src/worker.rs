@@ -7,16 +7,15 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use anyhow::Context;
 use lapin::message::Delivery;
 use messaging::{
-    AmqpSettings, Broker, Publisher, Topology,
+    Broker, Publisher, Topology,
     consumer::{self, Batching, ConsumerSpec, Disposition, Handler, RetryPolicy},
     contracts::OrderEvent,
-    telemetry::LogSettings,
 };
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{db::DatabaseSettings, health, resend::Resender};
+use crate::{db::DatabaseSettings, health, resend::Resender, settings::ServiceSettings};
 
 /// How long in-flight messages may take to finish after a stop is asked
 /// for: under Docker's 10 s between SIGTERM and SIGKILL.
@@ -29,13 +28,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkerSettings {
     #[command(flatten)]
-    pub amqp: AmqpSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub log: LogSettings,
-    #[command(flatten)]
-    pub http: crate::http::HttpLimits,
+    pub service: ServiceSettings,
     /// Unacked messages per consumer: how many are in hand at once, in
     /// PREFETCH / BATCH_SIZE batches (rounded up; a batch is at most half
     /// the prefetch).
@@ -46,9 +39,6 @@ pub struct WorkerSettings {
     /// 1 handles each message on its own.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
-    /// Address the health endpoints listen on.
-    #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
-    pub http_host: std::net::IpAddr,
     /// Attempts in all before a failing message is dead-lettered.
     #[arg(long, env = "RETRY_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub retry_max_attempts: u32,
@@ -75,7 +65,8 @@ impl WorkerSettings {
     /// The topology a worker declares: the shared one, with the retry
     /// queues of its retry policy.
     pub fn topology(&self) -> Topology {
-        self.amqp
+        self.service
+            .amqp
             .topology()
             .with_retry_delays(self.retry_policy().delays())
     }
@@ -123,7 +114,7 @@ impl Concurrency {
         let needed = batches(prefetch)
             .saturating_mul(queues)
             .saturating_add(RESERVED_CONNECTIONS);
-        match settings.database.db_max_connections {
+        match settings.service.database.db_max_connections {
             None => Self {
                 prefetch,
                 pool: needed,
@@ -182,7 +173,7 @@ impl Worker {
         let concurrency = Concurrency::plan(settings, queues.len());
         let database = DatabaseSettings {
             db_max_connections: Some(concurrency.pool),
-            ..settings.database.clone()
+            ..settings.service.database.clone()
         };
         tracing::info!(
             pool = concurrency.pool,
@@ -191,9 +182,9 @@ impl Worker {
             "database pool sized for the messages handled at once"
         );
         let pool = database.connect_and_migrate().await?;
-        let broker = settings.amqp.broker_for(settings.topology())?;
+        let broker = settings.service.amqp.broker_for(settings.topology())?;
         broker.connect(&CancellationToken::new()).await;
-        let listener = TcpListener::bind(SocketAddr::new(settings.http_host, http_port))
+        let listener = TcpListener::bind(SocketAddr::new(settings.service.http_host, http_port))
             .await
             .with_context(|| format!("binding the health port {http_port}"))?;
         Ok(Self {
@@ -202,7 +193,7 @@ impl Worker {
             publisher: Publisher::new(broker.clone()),
             broker,
             listener,
-            http: settings.http,
+            http: settings.service.http,
             queues,
             prefetch: concurrency.prefetch,
             batch_size: settings.batch_size,
@@ -359,7 +350,7 @@ impl Worker {
 /// The queues a subscribing service consumes: its own on the order-events
 /// exchange.
 pub fn subscriber_queues(service: &str, settings: &WorkerSettings) -> Vec<String> {
-    vec![settings.amqp.topology().subscriber_queue(service)]
+    vec![settings.service.amqp.topology().subscriber_queue(service)]
 }
 
 /// An order event with the correlation id it came with.
@@ -493,7 +484,7 @@ mod tests {
         let mut settings = Cli::parse_from(["worker"]).worker;
         settings.prefetch = prefetch;
         settings.batch_size = batch_size;
-        settings.database.db_max_connections = pool;
+        settings.service.database.db_max_connections = pool;
         settings
     }
 

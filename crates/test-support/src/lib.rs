@@ -93,9 +93,9 @@ pub async fn empty_database() -> String {
     url
 }
 
-/// Point a worker's settings at the test servers: the given database, a
+/// Point a service's settings at the test servers: the given database, a
 /// unique topology prefix whose queues expire, a small pool.
-pub fn isolate(settings: &mut platform::worker::WorkerSettings, database_url: String) {
+pub fn isolate(settings: &mut platform::settings::ServiceSettings, database_url: String) {
     settings.database.database_url = database_url;
     settings.database.db_max_connections = Some(3);
     settings.amqp.amqp_url = amqp_url();

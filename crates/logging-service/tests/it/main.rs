@@ -72,7 +72,7 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_one_recorded() {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["logging-service"]);
-    test_support::isolate(&mut settings.worker, url);
+    test_support::isolate(&mut settings.worker.service, url);
     settings.http_port = 0;
     let topology = settings.worker.topology();
     let _topology = test_support::TopologyGuard(topology.clone());

@@ -16,7 +16,7 @@ async fn an_event_its_queue_lost_is_sent_again_and_notified_once() {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["notification-service"]);
-    test_support::isolate(&mut settings.worker, url);
+    test_support::isolate(&mut settings.worker.service, url);
     settings.http_port = 0;
     settings.worker.event_resend_after_secs = 1;
     let topology = settings.worker.topology();

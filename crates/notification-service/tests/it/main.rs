@@ -98,7 +98,7 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["notification-service"]);
-    test_support::isolate(&mut settings.worker, url);
+    test_support::isolate(&mut settings.worker.service, url);
     settings.http_port = 0;
     let topology = settings.worker.topology();
     let _topology = test_support::TopologyGuard(topology.clone());

@@ -39,7 +39,7 @@ async fn start_with(configure: impl FnOnce(&mut Settings)) -> Running {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["order-processor"]);
-    test_support::isolate(&mut settings.worker, url);
+    test_support::isolate(&mut settings.worker.service, url);
     settings.http_port = 0;
     // Demo customers (`flaky-2`, `doomed`) fail as they ask.
     settings.provider = crate::helpers::provider(1_000_000, true).await.settings();
@@ -238,7 +238,7 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
 #[tokio::test]
 async fn metrics_show_decisions_prefetch_and_handling_time() {
     // An unset DB_MAX_CONNECTIONS sizes the pool for the whole prefetch.
-    let running = start_with(|s| s.worker.database.db_max_connections = None).await;
+    let running = start_with(|s| s.worker.service.database.db_max_connections = None).await;
     let order = accepted_order(&running.pool, &[("WIDGET", 1)]).await;
     publish_order(&running, &order, "metrics").await;
     test_support::eventually(
@@ -273,7 +273,7 @@ async fn a_pool_too_small_for_the_prefetch_lowers_the_prefetch_to_what_it_can_se
     // message at a time on each of the two lanes instead of ten, each on
     // its own (no batching).
     let running = start_with(|s| {
-        s.worker.database.db_max_connections = Some(3);
+        s.worker.service.database.db_max_connections = Some(3);
         s.worker.prefetch = 10;
         s.worker.batch_size = 1;
     })
@@ -308,10 +308,10 @@ async fn the_final_outbox_flush_waits_for_a_delivery_still_committing() {
     test_support::init_tracing();
     let (url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["order-processor"]);
-    test_support::isolate(&mut settings.worker, url);
+    test_support::isolate(&mut settings.worker.service, url);
     settings.http_port = 0;
     settings.provider = crate::helpers::provider(1_000_000, false).await.settings();
-    let topology = settings.worker.amqp.topology();
+    let topology = settings.worker.service.amqp.topology();
     let _guard = test_support::TopologyGuard(topology.clone());
     let app = Application::build(settings).await.unwrap();
     let shutdown = CancellationToken::new();

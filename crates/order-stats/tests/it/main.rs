@@ -27,11 +27,11 @@ fn settings(database_url: &str, prefix: &str, extra: &[&str]) -> Settings {
     let mut args = vec!["order-stats", "--http-port", "0", "--batch-size", "10"];
     args.extend_from_slice(extra);
     let mut settings = Settings::parse_from(args);
-    settings.database.database_url = database_url.to_owned();
-    settings.amqp.amqp_url = test_support::amqp_url();
-    settings.amqp.rabbitmq_management_url = Some(test_support::management_url());
-    settings.amqp.topology_prefix = prefix.to_owned();
-    settings.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    settings.service.database.database_url = database_url.to_owned();
+    settings.service.amqp.amqp_url = test_support::amqp_url();
+    settings.service.amqp.rabbitmq_management_url = Some(test_support::management_url());
+    settings.service.amqp.topology_prefix = prefix.to_owned();
+    settings.service.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
     settings
 }
 

@@ -1,0 +1,27 @@
+//! The settings every orderflow service that talks to RabbitMQ and Postgres
+//! takes, from environment variables (or flags): flattened into each
+//! service's own settings, beside what only that service has (its HTTP
+//! port first of all, whose default differs per service).
+
+use std::net::IpAddr;
+
+use messaging::{AmqpSettings, telemetry::LogSettings};
+
+use crate::{db::DatabaseSettings, http::HttpLimits};
+
+/// RabbitMQ, Postgres, logging and the HTTP listener.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServiceSettings {
+    #[command(flatten)]
+    pub amqp: AmqpSettings,
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+    #[command(flatten)]
+    pub log: LogSettings,
+    #[command(flatten)]
+    pub http: HttpLimits,
+    /// Address the service's HTTP endpoints listen on (0.0.0.0 inside a
+    /// container).
+    #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
+    pub http_host: IpAddr,
+}
