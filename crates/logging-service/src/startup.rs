@@ -1,7 +1,7 @@
 //! Wires logging-service together: worker start-up and a consumer on
 //! its own durable queue on the order-events exchange.
 
-use platform::worker::{self, Worker};
+use platform::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 use crate::{configuration::Settings, handler};
@@ -14,14 +14,9 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let queues = worker::subscriber_queues(handler::CONSUMER, &settings.worker);
-        let worker = Worker::start(
-            handler::CONSUMER,
-            &settings.worker,
-            settings.http_port,
-            queues,
-        )
-        .await?;
+        let worker =
+            Worker::start_subscriber(handler::CONSUMER, &settings.worker, settings.http_port)
+                .await?;
         Ok(Self { worker })
     }
 

@@ -1,7 +1,7 @@
 //! Wires notification-service together: worker start-up and a consumer on
 //! its own durable queue on the order-events exchange.
 
-use platform::worker::{self, Worker};
+use platform::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -19,14 +19,9 @@ pub struct Application {
 impl Application {
     /// Connect, migrate, declare, and bind the health port.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let queues = worker::subscriber_queues(handler::CONSUMER, &settings.worker);
-        let worker = Worker::start(
-            handler::CONSUMER,
-            &settings.worker,
-            settings.http_port,
-            queues,
-        )
-        .await?;
+        let worker =
+            Worker::start_subscriber(handler::CONSUMER, &settings.worker, settings.http_port)
+                .await?;
         if settings.webhook_secret.0 == DEV_SECRET {
             tracing::warn!(
                 "WEBHOOK_SECRET is not set: webhooks are signed with the public demo secret"

@@ -202,6 +202,18 @@ impl Worker {
         })
     }
 
+    /// [`Worker::start`] for a service subscribing to order events: it
+    /// consumes one queue, its own on the order-events exchange, named after
+    /// `service`.
+    pub async fn start_subscriber(
+        service: &'static str,
+        settings: &WorkerSettings,
+        http_port: u16,
+    ) -> anyhow::Result<Self> {
+        let queue = settings.service.amqp.topology().subscriber_queue(service);
+        Self::start(service, settings, http_port, vec![queue]).await
+    }
+
     /// The health port actually bound.
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
@@ -345,12 +357,6 @@ impl Worker {
         let _ = resending.await;
         consumed
     }
-}
-
-/// The queues a subscribing service consumes: its own on the order-events
-/// exchange.
-pub fn subscriber_queues(service: &str, settings: &WorkerSettings) -> Vec<String> {
-    vec![settings.service.amqp.topology().subscriber_queue(service)]
 }
 
 /// An order event with the correlation id it came with.
