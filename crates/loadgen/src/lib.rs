@@ -478,10 +478,11 @@ pub struct Progress {
 }
 
 async fn count_finished(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<u64> {
-    let finished: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM orders WHERE id = ANY($1) AND status IN ('processed', 'rejected')",
+    let finished = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "finished!" FROM orders
+           WHERE id = ANY($1) AND status IN ('processed', 'rejected')"#,
+        ids
     )
-    .bind(ids)
     .fetch_one(pool)
     .await
     .context("counting final orders")?;
@@ -490,16 +491,18 @@ async fn count_finished(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<u64> {
 
 /// Count the orders among `ids` that are final, notified and audited.
 pub async fn progress(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<Progress> {
-    let (finished, notified, audited): (i64, i64, i64) = sqlx::query_as(
-        "SELECT
-            (SELECT count(*) FROM orders WHERE id = ANY($1) AND status IN ('processed', 'rejected')),
-            (SELECT count(*) FROM notifications WHERE order_id = ANY($1)),
-            (SELECT count(*) FROM audit_log WHERE order_id = ANY($1))",
+    let counted = sqlx::query!(
+        r#"SELECT
+            (SELECT count(*) FROM orders WHERE id = ANY($1) AND status IN ('processed', 'rejected'))
+                AS "finished!",
+            (SELECT count(*) FROM notifications WHERE order_id = ANY($1)) AS "notified!",
+            (SELECT count(*) FROM audit_log WHERE order_id = ANY($1)) AS "audited!""#,
+        ids
     )
-    .bind(ids)
     .fetch_one(pool)
     .await
     .context("counting finished orders")?;
+    let (finished, notified, audited) = (counted.finished, counted.notified, counted.audited);
     Ok(Progress {
         finished: finished.try_into().unwrap_or_default(),
         notified: notified.try_into().unwrap_or_default(),
@@ -562,7 +565,6 @@ pub async fn await_completion(
 
 /// One order's timings, in seconds after its acceptance (and of the
 /// acceptance itself since the epoch), by the database's clock.
-#[derive(sqlx::FromRow)]
 struct Timing {
     lane: String,
     status: String,
@@ -572,19 +574,20 @@ struct Timing {
 }
 
 async fn measure(pool: &PgPool, ids: &[Uuid], complete: bool) -> anyhow::Result<Completion> {
-    let rows: Vec<Timing> = sqlx::query_as(
-        "SELECT o.lane, o.status,
+    let rows = sqlx::query_as!(
+        Timing,
+        r#"SELECT o.lane, o.status,
                 extract(epoch FROM (h.at - o.created_at))::float8 AS final_s,
                 extract(epoch FROM (greatest(n.at, a.at) - o.created_at))::float8 AS done_s,
-                extract(epoch FROM o.created_at)::float8 AS created_s
+                extract(epoch FROM o.created_at)::float8 AS "created_s!"
          FROM orders o
          LEFT JOIN LATERAL (SELECT min(at) AS at FROM order_status_history
                             WHERE order_id = o.id AND status IN ('processed', 'rejected')) h ON true
          LEFT JOIN LATERAL (SELECT min(created_at) AS at FROM notifications WHERE order_id = o.id) n ON true
          LEFT JOIN LATERAL (SELECT min(recorded_at) AS at FROM audit_log WHERE order_id = o.id) a ON true
-         WHERE o.id = ANY($1)",
+         WHERE o.id = ANY($1)"#,
+        ids
     )
-    .bind(ids)
     .fetch_all(pool)
     .await
     .context("reading the orders' timings")?;
@@ -651,18 +654,24 @@ async fn measure(pool: &PgPool, ids: &[Uuid], complete: bool) -> anyhow::Result<
 }
 
 async fn exactly_once(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<ExactlyOnce> {
-    let (orders, finals, notifications, audits): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT
-            (SELECT count(*) FROM orders WHERE id = ANY($1)),
+    let counted = sqlx::query!(
+        r#"SELECT
+            (SELECT count(*) FROM orders WHERE id = ANY($1)) AS "orders!",
             (SELECT count(*) FROM order_status_history
-              WHERE order_id = ANY($1) AND status IN ('processed', 'rejected')),
-            (SELECT count(*) FROM notifications WHERE order_id = ANY($1)),
-            (SELECT count(*) FROM audit_log WHERE order_id = ANY($1))",
+              WHERE order_id = ANY($1) AND status IN ('processed', 'rejected')) AS "finals!",
+            (SELECT count(*) FROM notifications WHERE order_id = ANY($1)) AS "notifications!",
+            (SELECT count(*) FROM audit_log WHERE order_id = ANY($1)) AS "audits!""#,
+        ids
     )
-    .bind(ids)
     .fetch_one(pool)
     .await
     .context("counting each order's effects")?;
+    let (orders, finals, notifications, audits) = (
+        counted.orders,
+        counted.finals,
+        counted.notifications,
+        counted.audits,
+    );
     let accepted = ids.len() as u64;
     let [orders, final_statuses, notifications, audit_rows] =
         [orders, finals, notifications, audits].map(|n| u64::try_from(n).unwrap_or_default());
