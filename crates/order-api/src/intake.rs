@@ -28,8 +28,8 @@ use messaging::{
     amqp::Envelope,
     contracts::{Lane, OrderPlaced, SCHEMA_VERSION},
 };
-use platform::outbox::{self, Outboxed};
-use sqlx::{PgConnection, PgPool, postgres::PgRow};
+use platform::outbox::Outboxed;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
@@ -251,48 +251,24 @@ impl Store {
             }
         }
 
-        let messages = self.placed_messages(&stored, placements)?;
-        let outbox = outbox::Rows::new(
-            messages
-                .iter()
-                .map(|(lane, envelope, payload)| outbox::Message {
-                    exchange: &self.orders_exchange,
-                    routing_key: lane,
-                    envelope: envelope.clone(),
-                    payload,
-                })
-                .collect(),
-        )?;
-        let mut saved = Vec::with_capacity(stored.len());
-        for (order, _) in &stored {
-            saved.push(SavedResponse {
-                status: StatusCode::ACCEPTED.as_u16(),
-                body: (self.answer)(order).map_err(anyhow::Error::from)?,
-                order_id: order.id,
-            });
-        }
-        let saves: Vec<(Claim<'_>, &SavedResponse)> = stored
-            .iter()
-            .zip(&saved)
-            .filter_map(|((_, index), saved)| {
-                let placement = &placements[*index];
-                let (key, hash) = placement.key.as_ref()?;
-                let claim = Claim {
-                    client: &placement.client,
-                    key,
-                    request_hash: hash,
-                };
-                Some((claim, saved))
-            })
-            .collect();
-        let written = insert_all(&mut tx, &stored, placements, &saves, &outbox).await?;
+        let accepted = stored
+            .into_iter()
+            .map(|(order, index)| self.accept(index, &placements[index], order))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let outboxed = insert_all(&mut tx, &accepted, &self.orders_exchange).await?;
         tx.commit().await?;
 
-        let messages = outbox.written(&written);
-        for (((order, index), saved), message) in stored.into_iter().zip(saved).zip(messages) {
-            answers[index] = Some(Ok(Placed::Accepted {
-                saved,
-                order: Box::new(order),
+        for accepted in accepted {
+            let message = Outboxed::new(
+                outboxed[&accepted.order.id],
+                self.orders_exchange.clone(),
+                accepted.order.lane.as_str().into(),
+                accepted.body,
+                accepted.envelope,
+            );
+            answers[accepted.index] = Some(Ok(Placed::Accepted {
+                saved: accepted.saved,
+                order: Box::new(accepted.order),
                 message,
             }));
         }
@@ -302,39 +278,65 @@ impl Store {
             .collect())
     }
 
-    /// The orders' messages for the processors: their lane (the routing
-    /// key), envelope and body.
-    fn placed_messages(
+    /// A new order with what is stored beside it: its answer, and its
+    /// message for the processors.
+    fn accept<'a>(
         &self,
-        stored: &[(StoredOrder, usize)],
-        placements: &[Placement],
-    ) -> Result<Vec<(&'static str, Envelope, serde_json::Value)>, ApiError> {
-        let mut messages = Vec::with_capacity(stored.len());
-        for (stored, index) in stored {
-            let order = &placements[*index].order;
-            let envelope = Envelope {
-                message_id: Uuid::new_v4(),
-                correlation_id: stored.correlation_id.clone(),
-                order_id: stored.id,
-            };
-            let message = OrderPlaced {
-                schema_version: SCHEMA_VERSION,
-                message_id: envelope.message_id,
-                occurred_at: stored.created_at,
-                order_id: stored.id,
-                customer_id: order.customer_id.clone(),
-                email: order.email.clone(),
-                items: order.items.clone(),
-                total_cents: stored.total_cents,
-                currency: order.currency.clone(),
-                lane: order.lane,
-                callback_url: order.callback_url.clone(),
-            };
-            let payload = serde_json::to_value(&message).map_err(anyhow::Error::from)?;
-            messages.push((order.lane.as_str(), envelope, payload));
-        }
-        Ok(messages)
+        index: usize,
+        placement: &'a Placement,
+        order: StoredOrder,
+    ) -> Result<Accepted<'a>, ApiError> {
+        let saved = SavedResponse {
+            status: StatusCode::ACCEPTED.as_u16(),
+            body: (self.answer)(&order).map_err(anyhow::Error::from)?,
+            order_id: order.id,
+        };
+        let envelope = Envelope {
+            message_id: Uuid::new_v4(),
+            correlation_id: order.correlation_id.clone(),
+            order_id: order.id,
+        };
+        let valid = &placement.order;
+        let message = OrderPlaced {
+            schema_version: SCHEMA_VERSION,
+            message_id: envelope.message_id,
+            occurred_at: order.created_at,
+            order_id: order.id,
+            customer_id: valid.customer_id.clone(),
+            email: valid.email.clone(),
+            items: valid.items.clone(),
+            total_cents: order.total_cents,
+            currency: valid.currency.clone(),
+            lane: valid.lane,
+            callback_url: valid.callback_url.clone(),
+        };
+        // Through a `Value`, as the body has always been written: its keys
+        // sorted.
+        let body = serde_json::to_value(&message)
+            .and_then(|value| serde_json::to_string(&value))
+            .map_err(anyhow::Error::from)?;
+        Ok(Accepted {
+            index,
+            placement,
+            order,
+            saved,
+            envelope,
+            body,
+        })
     }
+}
+
+/// A new order of a batch with everything stored with it.
+struct Accepted<'a> {
+    /// Its placement's place in the batch.
+    index: usize,
+    placement: &'a Placement,
+    order: StoredOrder,
+    /// Its answer, saved with its idempotency key if it has one.
+    saved: SavedResponse,
+    envelope: Envelope,
+    /// Its message's body: an `OrderPlaced`.
+    body: String,
 }
 
 /// Every order's lines with their prices, and the transaction's time (the
@@ -351,13 +353,14 @@ async fn price<'a>(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let (at, found, prices): (DateTime<Utc>, Option<Vec<String>>, Option<Vec<i64>>) =
-        sqlx::query_as(
-            "SELECT now(), array_agg(sku), array_agg(price_cents) FROM inventory WHERE sku = ANY($1)",
-        )
-        .bind(&skus)
-        .fetch_one(&mut *conn)
-        .await?;
+    let row = sqlx::query!(
+        r#"SELECT now() AS "at!", array_agg(sku) AS found, array_agg(price_cents) AS prices
+           FROM inventory WHERE sku = ANY($1)"#,
+        &skus as &[&str],
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let (at, found, prices) = (row.at, row.found, row.prices);
     let prices: HashMap<String, i64> = found
         .unwrap_or_default()
         .into_iter()
@@ -413,23 +416,30 @@ fn accepted(placement: &Placement, items: Vec<PricedLine>, at: DateTime<Utc>) ->
     }
 }
 
-/// Write the orders with their first history lines, their keys' responses
-/// and their outbox messages in one statement; the outbox rows written.
+/// Write the orders with their first history lines, their keys' answers
+/// and their messages (to `exchange`, routed by lane) in one statement; each
+/// order's outbox row, by order id.
 async fn insert_all(
     conn: &mut PgConnection,
-    stored: &[(StoredOrder, usize)],
-    placements: &[Placement],
-    saves: &[(Claim<'_>, &SavedResponse)],
-    outbox: &outbox::Rows<'_>,
-) -> Result<Vec<PgRow>, ApiError> {
-    if stored.is_empty() {
-        return Ok(Vec::new());
+    accepted: &[Accepted<'_>],
+    exchange: &str,
+) -> Result<HashMap<Uuid, i64>, ApiError> {
+    if accepted.is_empty() {
+        return Ok(HashMap::new());
     }
-    let sql = format!(
-        "WITH input AS (
-             SELECT * FROM {}
-                 AS i(id, customer_id, email, items, total_cents, currency, lane, shipping,
-                      callback_url, correlation_id, client, detail, created_at)),
+    let orders: Vec<&StoredOrder> = accepted.iter().map(|a| &a.order).collect();
+    let keys: Vec<Option<&(IdempotencyKey, String)>> =
+        accepted.iter().map(|a| a.placement.key.as_ref()).collect();
+    let written = sqlx::query!(
+        r#"WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                  $11::text[], $12::text[], $13::timestamptz[], $14::uuid[],
+                                  $15::text[], $16::text[], $17::text[], $18::int2[], $19::bytea[])
+                 AS i(id, customer_id, email, items, total_cents,
+                      currency, lane, shipping, callback_url, correlation_id,
+                      client, detail, created_at, message_id,
+                      message, idempotency_key, request_hash, response_status, response_body)),
          placed AS (
              INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
                                  shipping, callback_url, status, correlation_id, client, created_at)
@@ -439,82 +449,79 @@ async fn insert_all(
          history AS (
              INSERT INTO order_status_history (order_id, status, detail, service, at)
              SELECT id, 'accepted', detail, 'order-api', created_at FROM input),
-         saved AS ({}),
-         outboxed AS ({})
-         SELECT id, message_id FROM outboxed",
-        platform::db::unnest(
-            1,
-            &[
-                "uuid",
-                "text",
-                "text",
-                "text",
-                "int8",
-                "text",
-                "text",
-                "text",
-                "text",
-                "text",
-                "text",
-                "text",
-                "timestamptz",
-            ],
-        ),
-        idempotency::save_insert(14),
-        outbox::Rows::insert(20),
-    );
-    let orders: Vec<&StoredOrder> = stored.iter().map(|(order, _)| order).collect();
-    let query = sqlx::query(&sql)
-        .bind(orders.iter().map(|o| o.id).collect::<Vec<_>>())
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.customer_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(orders.iter().map(|o| o.email.as_str()).collect::<Vec<_>>())
-        .bind(
-            orders
-                .iter()
-                .map(|o| json(&o.items))
-                .collect::<Result<Vec<_>, _>>()?,
-        )
-        .bind(orders.iter().map(|o| o.total_cents).collect::<Vec<_>>())
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.currency.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(orders.iter().map(|o| o.lane.as_str()).collect::<Vec<_>>())
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.shipping.as_ref().map(json).transpose())
-                .collect::<Result<Vec<_>, _>>()?,
-        )
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.callback_url.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            orders
-                .iter()
-                .map(|o| o.correlation_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            stored
-                .iter()
-                .map(|(_, index)| placements[*index].client.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(orders.iter().map(|o| o.detail.as_str()).collect::<Vec<_>>())
-        .bind(orders.iter().map(|o| o.created_at).collect::<Vec<_>>());
-    let query = outbox.bind(idempotency::bind_saves(query, saves));
-    Ok(query.fetch_all(&mut *conn).await?)
+         saved AS (
+             INSERT INTO idempotency_keys (client, idempotency_key, request_hash, response_status,
+                                           response_body, order_id)
+             SELECT client, idempotency_key, request_hash, response_status, response_body, id
+             FROM input WHERE idempotency_key IS NOT NULL)
+         INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
+         SELECT message_id, $20, lane, message::jsonb, correlation_id, id FROM input
+         RETURNING order_id, id"#,
+        &orders.iter().map(|o| o.id).collect::<Vec<_>>(),
+        &orders
+            .iter()
+            .map(|o| o.customer_id.as_str())
+            .collect::<Vec<_>>() as &[&str],
+        &orders.iter().map(|o| o.email.as_str()).collect::<Vec<_>>() as &[&str],
+        &orders
+            .iter()
+            .map(|o| json(&o.items))
+            .collect::<Result<Vec<_>, _>>()?,
+        &orders.iter().map(|o| o.total_cents).collect::<Vec<_>>(),
+        &orders
+            .iter()
+            .map(|o| o.currency.as_str())
+            .collect::<Vec<_>>() as &[&str],
+        &orders.iter().map(|o| o.lane.as_str()).collect::<Vec<_>>() as &[&str],
+        &orders
+            .iter()
+            .map(|o| o.shipping.as_ref().map(json).transpose())
+            .collect::<Result<Vec<_>, _>>()? as &[Option<String>],
+        &orders
+            .iter()
+            .map(|o| o.callback_url.as_deref())
+            .collect::<Vec<_>>() as &[Option<&str>],
+        &orders
+            .iter()
+            .map(|o| o.correlation_id.as_str())
+            .collect::<Vec<_>>() as &[&str],
+        &accepted
+            .iter()
+            .map(|a| a.placement.client.as_str())
+            .collect::<Vec<_>>() as &[&str],
+        &orders.iter().map(|o| o.detail.as_str()).collect::<Vec<_>>() as &[&str],
+        &orders.iter().map(|o| o.created_at).collect::<Vec<_>>(),
+        &accepted
+            .iter()
+            .map(|a| a.envelope.message_id)
+            .collect::<Vec<_>>(),
+        &accepted.iter().map(|a| a.body.as_str()).collect::<Vec<_>>() as &[&str],
+        &keys
+            .iter()
+            .map(|k| k.map(|(key, _)| key.as_ref()))
+            .collect::<Vec<_>>() as &[Option<&str>],
+        &keys
+            .iter()
+            .map(|k| k.map(|(_, hash)| hash.as_str()))
+            .collect::<Vec<_>>() as &[Option<&str>],
+        &accepted
+            .iter()
+            .map(|a| a.saved.status as i16)
+            .collect::<Vec<_>>(),
+        // Only a keyed order's answer is saved: the others' are not sent.
+        &accepted
+            .iter()
+            .zip(&keys)
+            .map(|(a, key)| key.map(|_| a.saved.body.as_slice()))
+            .collect::<Vec<_>>() as &[Option<&[u8]>],
+        exchange,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(written
+        .into_iter()
+        .map(|row| (row.order_id, row.id))
+        .collect())
 }
 
 /// A value as JSON text, for a `jsonb` column filled from a text array.

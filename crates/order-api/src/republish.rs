@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use messaging::{Broker, Publisher, amqp::Envelope, declaration::queue_counts};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -70,11 +70,13 @@ impl Republisher {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await.context("starting the check")?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut *tx)
-            .await
-            .context("taking the re-publish lock")?;
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock($1) AS "locked!""#,
+            LOCK_KEY
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .context("taking the re-publish lock")?;
         let sent = if locked {
             self.republish_missing(&mut tx).await
         } else {
@@ -103,12 +105,19 @@ impl Republisher {
         // missing from both counts, never counted waiting but not held.
         let held = self.held_by_broker().await?;
         let exchange = self.broker.topology().orders_exchange();
-        let waiting: i64 = sqlx::query_scalar(&format!("SELECT count(*) {WAITING}"))
-            .bind(&exchange)
-            .bind(self.after.as_secs_f64())
-            .fetch_one(&mut *tx)
-            .await
-            .context("counting orders waiting")?;
+        // Waiting: still accepted, their message (on the orders exchange)
+        // last published over `after` ago.
+        let waiting = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "waiting!"
+               FROM orders o JOIN outbox m ON m.order_id = o.id
+               WHERE o.status = 'accepted' AND m.exchange = $1
+                 AND m.published_at < now() - make_interval(secs => $2)"#,
+            exchange,
+            self.after.as_secs_f64(),
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .context("counting orders waiting")?;
         let missing = waiting - i64::try_from(held).unwrap_or(i64::MAX);
         if missing <= 0 {
             return Ok(0);
@@ -120,33 +129,35 @@ impl Republisher {
              holds only {held} order message(s): publishing up to {missing} again from Postgres",
             self.after
         );
-        let rows = sqlx::query(&format!(
-            "SELECT m.id, m.message_id, m.routing_key, m.payload, m.correlation_id, m.order_id,
-                    extract(epoch FROM now() - m.published_at)::float8 AS silent_secs
-             {WAITING} ORDER BY m.published_at LIMIT $3"
-        ))
-        .bind(&exchange)
-        .bind(self.after.as_secs_f64())
-        .bind(missing.min(BATCH))
+        // The oldest of those same orders.
+        let rows = sqlx::query!(
+            r#"SELECT m.id, m.message_id, m.routing_key, m.payload, m.correlation_id, m.order_id,
+                      extract(epoch FROM now() - m.published_at)::float8 AS "silent_secs!"
+               FROM orders o JOIN outbox m ON m.order_id = o.id
+               WHERE o.status = 'accepted' AND m.exchange = $1
+                 AND m.published_at < now() - make_interval(secs => $2)
+               ORDER BY m.published_at LIMIT $3"#,
+            exchange,
+            self.after.as_secs_f64(),
+            missing.min(BATCH),
+        )
         .fetch_all(&mut *tx)
         .await
         .context("reading the waiting orders")?;
 
         let mut sent: Vec<i64> = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             let envelope = Envelope {
-                message_id: row.get("message_id"),
-                correlation_id: row.get("correlation_id"),
-                order_id: row.get("order_id"),
+                message_id: row.message_id,
+                correlation_id: row.correlation_id,
+                order_id: row.order_id,
             };
-            let payload: serde_json::Value = row.get("payload");
-            let routing_key: String = row.get("routing_key");
             let published = self
                 .publisher
                 .publish(
                     &exchange,
-                    &routing_key,
-                    &serde_json::to_vec(&payload)?,
+                    &row.routing_key,
+                    &serde_json::to_vec(&row.payload)?,
                     envelope.properties(),
                 )
                 .await;
@@ -157,15 +168,16 @@ impl Republisher {
                 );
                 break;
             }
-            let silent_secs: f64 = row.get("silent_secs");
-            log_republished(envelope.order_id, envelope.message_id, silent_secs);
-            sent.push(row.get("id"));
+            log_republished(envelope.order_id, envelope.message_id, row.silent_secs);
+            sent.push(row.id);
         }
-        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await
-            .context("recording the re-publish")?;
+        sqlx::query!(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
+            &sent
+        )
+        .execute(&mut *tx)
+        .await
+        .context("recording the re-publish")?;
         Ok(sent.len())
     }
 
@@ -190,12 +202,6 @@ impl Republisher {
         Ok(held)
     }
 }
-
-/// Orders still accepted whose message (on the orders exchange, `$1`) was
-/// last published over `$2` seconds ago.
-const WAITING: &str = "FROM orders o JOIN outbox m ON m.order_id = o.id
-     WHERE o.status = 'accepted' AND m.exchange = $1
-       AND m.published_at < now() - make_interval(secs => $2)";
 
 fn log_republished(order_id: Uuid, message_id: Uuid, silent_secs: f64) {
     tracing::warn!(

@@ -174,26 +174,3 @@ pub fn no_connection(error: &anyhow::Error) -> bool {
         )
     })
 }
-
-/// `unnest($first::T1[], $first+1::T2[], …)` over one array parameter per
-/// type in `types`: the rows of a set-based statement, or of one CTE of a
-/// larger one whose other parameters come before `first`.
-pub fn unnest(first: usize, types: &[&str]) -> String {
-    let arrays: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(n, ty)| format!("${}::{ty}[]", first + n))
-        .collect();
-    format!("unnest({})", arrays.join(", "))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn unnest_numbers_its_arrays_from_first() {
-        assert_eq!(
-            super::unnest(14, &["text", "int2", "uuid"]),
-            "unnest($14::text[], $15::int2[], $16::uuid[])"
-        );
-    }
-}

@@ -24,11 +24,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use messaging::{Publisher, amqp::Envelope};
-use sqlx::{
-    PgPool, Postgres, Row,
-    postgres::{PgArguments, PgRow},
-    query::Query,
-};
+use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -71,99 +67,6 @@ impl Outboxed {
             body: body.into_bytes(),
             envelope,
         }
-    }
-}
-
-/// A message for the outbox: where it goes and what it says.
-pub struct Message<'a> {
-    pub exchange: &'a str,
-    pub routing_key: &'a str,
-    pub envelope: Envelope,
-    pub payload: &'a serde_json::Value,
-}
-
-/// Messages as outbox rows, for an INSERT that is part of the statement
-/// making the change they announce: one round trip, and one transaction.
-pub struct Rows<'a> {
-    messages: Vec<Message<'a>>,
-    bodies: Vec<String>,
-}
-
-impl<'a> Rows<'a> {
-    pub fn new(messages: Vec<Message<'a>>) -> sqlx::Result<Self> {
-        let bodies = messages
-            .iter()
-            .map(|message| serde_json::to_string(message.payload))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-        Ok(Self { messages, bodies })
-    }
-
-    /// The INSERT of the rows, taking its six arrays from the parameters
-    /// `$first` to `$first + 5` (bound by [`Rows::bind`]) and returning each
-    /// row's `id` and `message_id`: a statement of its own or a CTE.
-    pub fn insert(first: usize) -> String {
-        let rows = crate::db::unnest(first, &["uuid", "text", "text", "text", "text", "uuid"]);
-        format!(
-            "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
-             SELECT message_id, exchange, routing_key, payload::jsonb, correlation_id, order_id
-             FROM {rows} AS m(message_id, exchange, routing_key, payload, correlation_id, order_id)
-             RETURNING id, message_id"
-        )
-    }
-
-    /// Bind the six arrays [`Rows::insert`] reads, as the query's next
-    /// parameters.
-    pub fn bind<'q>(
-        &'q self,
-        query: Query<'q, Postgres, PgArguments>,
-    ) -> Query<'q, Postgres, PgArguments> {
-        let messages = &self.messages;
-        query
-            .bind(
-                messages
-                    .iter()
-                    .map(|m| m.envelope.message_id)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(messages.iter().map(|m| m.exchange).collect::<Vec<_>>())
-            .bind(messages.iter().map(|m| m.routing_key).collect::<Vec<_>>())
-            .bind(&self.bodies)
-            .bind(
-                messages
-                    .iter()
-                    .map(|m| m.envelope.correlation_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                messages
-                    .iter()
-                    .map(|m| m.envelope.order_id)
-                    .collect::<Vec<_>>(),
-            )
-    }
-
-    /// The messages, in their order, once written: `written` are the rows
-    /// the INSERT returned (`id`, `message_id`).
-    pub fn written(self, written: &[PgRow]) -> Vec<Outboxed> {
-        let ids: std::collections::HashMap<uuid::Uuid, i64> = written
-            .iter()
-            .map(|row| (row.get("message_id"), row.get("id")))
-            .collect();
-        self.messages
-            .into_iter()
-            .zip(self.bodies)
-            .map(|(message, body)| {
-                let id = ids[&message.envelope.message_id];
-                Outboxed::new(
-                    id,
-                    message.exchange.to_owned(),
-                    message.routing_key.to_owned(),
-                    body,
-                    message.envelope,
-                )
-            })
-            .collect()
     }
 }
 

@@ -17,7 +17,7 @@ pub struct NewKey {
 }
 
 /// A key as `api-keys list` shows it (never the key itself).
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct KeyInfo {
     pub id: Uuid,
     pub client: String,
@@ -85,16 +85,16 @@ pub async fn create_key(
         None => random_key(),
     };
     let id = Uuid::new_v4();
-    let inserted: Option<Uuid> = sqlx::query_scalar(
+    let inserted = sqlx::query_scalar!(
         "INSERT INTO api_keys (id, client, scope, key_hash, key_prefix) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (key_hash) DO NOTHING
          RETURNING id",
+        id,
+        client,
+        scope.as_str(),
+        hash(&key),
+        shown(&key),
     )
-    .bind(id)
-    .bind(client)
-    .bind(scope.as_str())
-    .bind(hash(&key))
-    .bind(shown(&key))
     .fetch_optional(pool)
     .await?;
     let made = match inserted {
@@ -120,12 +120,12 @@ pub async fn create_key(
 /// many were live.
 pub async fn revoke(pool: &PgPool, id_or_client: &str) -> sqlx::Result<u64> {
     let id = Uuid::parse_str(id_or_client).ok();
-    let revoked = sqlx::query(
+    let revoked = sqlx::query!(
         "UPDATE api_keys SET revoked_at = now()
          WHERE revoked_at IS NULL AND (id = $1 OR ($1 IS NULL AND client = $2))",
+        id,
+        id_or_client,
     )
-    .bind(id)
-    .bind(id_or_client)
     .execute(pool)
     .await?;
     Ok(revoked.rows_affected())
@@ -133,7 +133,8 @@ pub async fn revoke(pool: &PgPool, id_or_client: &str) -> sqlx::Result<u64> {
 
 /// Every key, newest first.
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<KeyInfo>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        KeyInfo,
         "SELECT id, client, scope, key_prefix, created_at, revoked_at
          FROM api_keys ORDER BY created_at DESC",
     )

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use super::Caller;
 use crate::{batch::Batcher, error::ApiError};
@@ -42,20 +41,22 @@ pub async fn caller_of(pool: &PgPool, key: &str) -> Result<Option<Caller>, ApiEr
 /// The live keys among `hashes`, by hash, in one statement (a function
 /// whose plan is kept: see its migration).
 async fn callers_of(pool: &PgPool, hashes: &[Vec<u8>]) -> sqlx::Result<HashMap<Vec<u8>, Caller>> {
-    let rows: Vec<(Vec<u8>, Uuid, String, String)> =
-        sqlx::query_as("SELECT * FROM api_callers($1)")
-            .bind(hashes)
-            .fetch_all(pool)
-            .await?;
+    let rows = sqlx::query!(
+        r#"SELECT key_hash AS "key_hash!", id AS "id!", client AS "client!", scope AS "scope!"
+           FROM api_callers($1)"#,
+        hashes,
+    )
+    .fetch_all(pool)
+    .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(hash, key_id, client, scope)| {
+        .filter_map(|row| {
             let caller = Caller {
-                key_id,
-                client,
-                scope: scope.parse().ok()?,
+                key_id: row.id,
+                client: row.client,
+                scope: row.scope.parse().ok()?,
             };
-            Some((hash, caller))
+            Some((row.key_hash, caller))
         })
         .collect())
 }

@@ -7,7 +7,4 @@ mod key;
 mod persistence;
 
 pub use key::IdempotencyKey;
-pub use persistence::{
-    Claim, NextAction, SavedResponse, bind_saves, claim_all, delete_expired, request_hash,
-    save_insert,
-};
+pub use persistence::{Claim, NextAction, SavedResponse, claim_all, delete_expired, request_hash};

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool, Postgres, postgres::PgArguments, query::Query};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::IdempotencyKey;
@@ -9,7 +9,8 @@ use crate::{domain::OrderRequest, error::ApiError};
 
 /// What the handler should do with a keyed request.
 pub enum NextAction {
-    /// First time: process, then [`save_insert`] in the same transaction.
+    /// First time: process, then save the response in the same transaction
+    /// (the intake does, with the order).
     StartProcessing,
     /// Seen before with the same body: answer this again.
     ReturnSavedResponse(SavedResponse),
@@ -54,12 +55,16 @@ pub async fn claim_all(
     let keys: Vec<&str> = claims.iter().map(|c| c.key.as_ref()).collect();
     // Locks, then the live keys (expired ones forgotten): one round trip,
     // see the migration that makes `claim_idempotency_keys`.
-    let rows: Vec<ClaimRow> = sqlx::query_as("SELECT * FROM claim_idempotency_keys($1, $2, $3)")
-        .bind(&clients)
-        .bind(&keys)
-        .bind(ttl.as_secs_f64())
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows = sqlx::query_as!(
+        ClaimRow,
+        r#"SELECT locked AS "locked!", request_hash, response_status, response_body, order_id
+           FROM claim_idempotency_keys($1, $2, $3)"#,
+        &clients as &[&str],
+        &keys as &[&str],
+        ttl.as_secs_f64(),
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     Ok(claims
         .iter()
         .zip(rows)
@@ -91,7 +96,6 @@ pub async fn claim_all(
 
 /// One claim as `claim_idempotency_keys` answers it: whether its lock was
 /// free, and the live response saved for its key, if any.
-#[derive(sqlx::FromRow)]
 struct ClaimRow {
     locked: bool,
     request_hash: Option<String>,
@@ -100,59 +104,12 @@ struct ClaimRow {
     order_id: Option<Uuid>,
 }
 
-/// The INSERT that stores the responses for claimed keys, reading its six
-/// arrays from the parameters `$first` to `$first + 5` (bound by
-/// [`bind_saves`]): a CTE of the statement that makes the orders, so each
-/// key commits with its order.
-pub fn save_insert(first: usize) -> String {
-    let rows = platform::db::unnest(first, &["text", "text", "text", "int2", "bytea", "uuid"]);
-    format!(
-        "INSERT INTO idempotency_keys (client, idempotency_key, request_hash, response_status, response_body, order_id)
-         SELECT * FROM {rows}"
-    )
-}
-
-/// Bind the six arrays [`save_insert`] reads, as the query's next
-/// parameters.
-pub fn bind_saves<'q>(
-    query: Query<'q, Postgres, PgArguments>,
-    saves: &[(Claim<'q>, &'q SavedResponse)],
-) -> Query<'q, Postgres, PgArguments> {
-    query
-        .bind(saves.iter().map(|(c, _)| c.client).collect::<Vec<_>>())
-        .bind(
-            saves
-                .iter()
-                .map(|(c, _)| c.key.as_ref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            saves
-                .iter()
-                .map(|(c, _)| c.request_hash)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            saves
-                .iter()
-                .map(|(_, r)| r.status as i16)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            saves
-                .iter()
-                .map(|(_, r)| r.body.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(saves.iter().map(|(_, r)| r.order_id).collect::<Vec<_>>())
-}
-
 /// Forget keys older than `ttl`; returns how many.
 pub async fn delete_expired(pool: &PgPool, ttl: Duration) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
+    let deleted = sqlx::query!(
         "DELETE FROM idempotency_keys WHERE created_at <= now() - make_interval(secs => $1)",
+        ttl.as_secs_f64(),
     )
-    .bind(ttl.as_secs_f64())
     .execute(pool)
     .await?;
     Ok(deleted.rows_affected())

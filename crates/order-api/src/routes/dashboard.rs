@@ -236,7 +236,7 @@ pub struct Lookup {
 }
 
 /// Where one order stands, as far as every service has taken it.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize)]
 pub struct Standing {
     id: Uuid,
     customer_id: String,
@@ -276,13 +276,14 @@ pub async fn orders(
             format!("at most {MAX_LOOKUP} order ids"),
         )]));
     }
-    let standings = sqlx::query_as::<_, Standing>(
-        "SELECT o.id, o.customer_id, o.lane, o.status, o.reason, o.processed_by, o.created_at,
-                EXISTS (SELECT 1 FROM notifications n WHERE n.order_id = o.id) AS notified,
-                EXISTS (SELECT 1 FROM audit_log a WHERE a.order_id = o.id) AS audited
-         FROM orders o WHERE o.id = ANY($1)",
+    let standings = sqlx::query_as!(
+        Standing,
+        r#"SELECT o.id, o.customer_id, o.lane, o.status, o.reason, o.processed_by, o.created_at,
+                  EXISTS (SELECT 1 FROM notifications n WHERE n.order_id = o.id) AS "notified!",
+                  EXISTS (SELECT 1 FROM audit_log a WHERE a.order_id = o.id) AS "audited!"
+           FROM orders o WHERE o.id = ANY($1)"#,
+        &ids,
     )
-    .bind(&ids)
     .fetch_all(&pool)
     .await?;
     Ok(Json(standings))

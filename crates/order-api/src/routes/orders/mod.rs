@@ -10,7 +10,7 @@ pub use post::create_order;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, types::Json};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -58,7 +58,7 @@ pub struct PaymentView {
 }
 
 /// One step of a payment.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PaymentStep {
     pub state: String,
     pub detail: String,
@@ -67,7 +67,7 @@ pub struct PaymentStep {
 }
 
 /// One step of the order's life.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HistoryEntry {
     /// `accepted`, `held`, `processed`, `rejected` or `notified`.
     pub status: String,
@@ -110,23 +110,6 @@ impl OrderView {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct OrderRow {
-    id: Uuid,
-    status: String,
-    reason: Option<String>,
-    customer_id: String,
-    email: String,
-    items: sqlx::types::Json<Vec<PricedLine>>,
-    total_cents: i64,
-    currency: String,
-    lane: String,
-    callback_url: Option<String>,
-    shipping: Option<sqlx::types::Json<Shipping>>,
-    correlation_id: String,
-    created_at: DateTime<Utc>,
-}
-
 /// Read an order and its history; `None` if there is no such order, or
 /// none of `owner`'s (`None`: anyone's).
 pub async fn load_order(
@@ -134,22 +117,24 @@ pub async fn load_order(
     id: Uuid,
     owner: Option<&str>,
 ) -> sqlx::Result<Option<OrderView>> {
-    let Some(row) = sqlx::query_as::<_, OrderRow>(
-        "SELECT id, status, reason, customer_id, email, items, total_cents, currency, lane,
-                callback_url, shipping, correlation_id, created_at
-         FROM orders WHERE id = $1 AND ($2::text IS NULL OR client = $2)",
+    let Some(row) = sqlx::query!(
+        r#"SELECT id, status, reason, customer_id, email, items AS "items: Json<Vec<PricedLine>>",
+                  total_cents, currency, lane, callback_url, shipping AS "shipping: Json<Shipping>",
+                  correlation_id, created_at
+           FROM orders WHERE id = $1 AND ($2::text IS NULL OR client = $2)"#,
+        id,
+        owner,
     )
-    .bind(id)
-    .bind(owner)
     .fetch_optional(&mut *conn)
     .await?
     else {
         return Ok(None);
     };
-    let history = sqlx::query_as::<_, HistoryEntry>(
+    let history = sqlx::query_as!(
+        HistoryEntry,
         "SELECT status, detail, service, at FROM order_status_history WHERE order_id = $1 ORDER BY id",
+        id,
     )
-    .bind(id)
     .fetch_all(&mut *conn)
     .await?;
     let payment = load_payment(conn, id).await?;
@@ -173,25 +158,26 @@ pub async fn load_order(
 }
 
 async fn load_payment(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<PaymentView>> {
-    let Some((state, amount_cents, currency)) = sqlx::query_as::<_, (String, i64, String)>(
+    let Some(payment) = sqlx::query!(
         "SELECT state, amount_cents, currency FROM payments WHERE order_id = $1",
+        id,
     )
-    .bind(id)
     .fetch_optional(&mut *conn)
     .await?
     else {
         return Ok(None);
     };
-    let history = sqlx::query_as::<_, PaymentStep>(
+    let history = sqlx::query_as!(
+        PaymentStep,
         "SELECT state, detail, service, at FROM payment_history WHERE order_id = $1 ORDER BY id",
+        id,
     )
-    .bind(id)
     .fetch_all(&mut *conn)
     .await?;
     Ok(Some(PaymentView {
-        state,
-        amount_cents,
-        currency,
+        state: payment.state,
+        amount_cents: payment.amount_cents,
+        currency: payment.currency,
         history,
     }))
 }
