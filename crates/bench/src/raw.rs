@@ -2,6 +2,10 @@
 //! with no service logic in between. The benchmark reports the services
 //! against these numbers, so a regression in our code is not mistaken for a
 //! slow machine.
+//!
+//! Its statements are not compile-checked: they work on databases and
+//! tables it creates as it runs (names made per run), which no migration
+//! describes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,6 +5,9 @@
 //! ack. No idempotency, no outbox, no validation, no retries: what the
 //! broker and the database cost for these hops on this machine. Every run
 //! states orderflow's end-to-end rate as a ratio to this one.
+//!
+//! Its statements are not compile-checked: their tables are its own,
+//! created as it starts, not orderflow's migrations.
 
 use std::sync::{
     Arc,

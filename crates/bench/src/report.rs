@@ -108,10 +108,12 @@ impl Machine {
             .and_then(|value| value.trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0.0);
         let postgres = match environment.admin_pool().await {
-            Ok(pool) => sqlx::query_scalar::<_, String>("SHOW server_version")
-                .fetch_one(&pool)
-                .await
-                .unwrap_or_else(|error| format!("unknown ({error})")),
+            Ok(pool) => {
+                sqlx::query_scalar!(r#"SELECT current_setting('server_version') AS "version!""#)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or_else(|error| format!("unknown ({error})"))
+            }
             Err(error) => format!("unknown ({error})"),
         };
         Self {

@@ -338,10 +338,11 @@ impl System {
     pub async fn wait_published(&self, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            let unpublished: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                    .fetch_one(&self.pool)
-                    .await?;
+            let unpublished = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "unpublished!" FROM outbox WHERE published_at IS NULL"#
+            )
+            .fetch_one(&self.pool)
+            .await?;
             if unpublished == 0 {
                 return Ok(());
             }
@@ -360,10 +361,11 @@ impl System {
     pub async fn wait_final(&self, orders: u64, limit: Duration) -> anyhow::Result<bool> {
         let deadline = Instant::now() + limit;
         loop {
-            let waiting: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'accepted'")
-                    .fetch_one(&self.pool)
-                    .await?;
+            let waiting = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "waiting!" FROM orders WHERE status = 'accepted'"#
+            )
+            .fetch_one(&self.pool)
+            .await?;
             if waiting == 0 {
                 break;
             }
@@ -372,8 +374,8 @@ impl System {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let finals: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM orders WHERE status IN ('processed', 'rejected')",
+        let finals = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "finals!" FROM orders WHERE status IN ('processed', 'rejected')"#
         )
         .fetch_one(&self.pool)
         .await?;
@@ -383,32 +385,38 @@ impl System {
     /// Whether each of `orders` orders got one final status and its message
     /// was handled once.
     pub async fn finals_once(&self, orders: u64) -> anyhow::Result<bool> {
-        let (finals, handled): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM order_status_history WHERE status IN ('processed', 'rejected')),
-                    (SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor')",
+        let counted = sqlx::query!(
+            r#"SELECT (SELECT count(*) FROM order_status_history
+                       WHERE status IN ('processed', 'rejected')) AS "finals!",
+                      (SELECT count(*) FROM processed_messages
+                       WHERE consumer = 'order-processor') AS "handled!""#
         )
         .fetch_one(&self.pool)
         .await?;
         let orders = i64::try_from(orders).unwrap_or(i64::MAX);
-        Ok(finals == orders && handled == orders)
+        Ok(counted.finals == orders && counted.handled == orders)
     }
 
     /// The database's clock, in seconds.
     pub async fn clock(&self) -> anyhow::Result<f64> {
         Ok(
-            sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
-                .fetch_one(&self.pool)
-                .await?,
+            sqlx::query_scalar!(
+                r#"SELECT extract(epoch FROM clock_timestamp())::float8 AS "now!""#
+            )
+            .fetch_one(&self.pool)
+            .await?,
         )
     }
 
     /// Seconds from `start` (the database's [`System::clock`]) to the last
     /// change of an order.
     pub async fn seconds_since(&self, start: f64) -> anyhow::Result<f64> {
-        let last: f64 =
-            sqlx::query_scalar("SELECT extract(epoch FROM max(updated_at))::float8 FROM orders")
-                .fetch_one(&self.pool)
-                .await?;
+        let last = sqlx::query_scalar!(
+            "SELECT extract(epoch FROM max(updated_at))::float8 AS last FROM orders"
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .context("no order has changed")?;
         Ok(last - start)
     }
 
@@ -442,11 +450,14 @@ impl System {
 
     /// Orders in the database, and how many of them are final.
     pub async fn order_counts(&self) -> anyhow::Result<(i64, i64)> {
-        Ok(sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE status IN ('processed', 'rejected')) FROM orders",
+        let counted = sqlx::query!(
+            r#"SELECT count(*) AS "orders!",
+                      count(*) FILTER (WHERE status IN ('processed', 'rejected')) AS "finals!"
+               FROM orders"#
         )
         .fetch_one(&self.pool)
-        .await?)
+        .await?;
+        Ok((counted.orders, counted.finals))
     }
 
     /// Stop every service with SIGTERM, delete the topology and drop the
@@ -490,6 +501,7 @@ impl ScratchDatabase {
             &Uuid::new_v4().simple().to_string()[..8]
         );
         let admin = environment.admin_pool().await?;
+        // Built at run time: a database's name cannot be a bound parameter.
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&admin)
             .await
@@ -553,14 +565,18 @@ pub struct Activity {
 
 impl Activity {
     async fn of(pool: &PgPool, database: &str) -> anyhow::Result<Activity> {
-        let (commits, rows_written): (i64, i64) = sqlx::query_as(
-            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted
-             FROM pg_stat_database WHERE datname = $1",
+        let written = sqlx::query!(
+            r#"SELECT xact_commit AS "commits!",
+                      tup_inserted + tup_updated + tup_deleted AS "rows_written!"
+               FROM pg_stat_database WHERE datname = $1"#,
+            database
         )
-        .bind(database)
         .fetch_one(pool)
         .await?;
-        // Without the library loaded the view exists but cannot be read.
+        let (commits, rows_written) = (written.commits, written.rows_written);
+        // Without the library loaded the view exists but cannot be read;
+        // not compile-checked, since the extension may be missing from the
+        // database the statements are checked against.
         let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             .execute(pool)
             .await;
