@@ -3,6 +3,7 @@
 mod browser;
 mod chaos;
 mod compose;
+mod docs;
 mod flow;
 mod privacy;
 mod processes;
