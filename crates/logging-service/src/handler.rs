@@ -46,9 +46,10 @@ fn event_type(event: &OrderEvent) -> &'static str {
     }
 }
 
-/// Record every event not recorded before, in one statement: the events'
-/// ids go into `processed_messages` and only those inserted now get an
-/// audit record. Returns, per event, whether it was recorded now (of one
+/// Record every event not recorded before, in one statement:
+/// `first_handled` (the consumer-side dedupe, a function in the migrations)
+/// records the events' ids, and only those it had not recorded before get
+/// an audit record. Returns, per event, whether it was recorded now (of one
 /// event sent twice in the batch, the first).
 pub async fn record_all(pool: &PgPool, events: &[Received]) -> anyhow::Result<Vec<bool>> {
     let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -67,10 +68,7 @@ pub async fn record_all(pool: &PgPool, events: &[Received]) -> anyhow::Result<Ve
         "WITH batch AS (
              SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[])
                  AS b(event_id, order_id, event_type, correlation_id, payload)),
-         first AS (
-             INSERT INTO processed_messages (consumer, message_id)
-             SELECT DISTINCT $1, event_id FROM batch
-             ON CONFLICT DO NOTHING RETURNING message_id)
+         first AS (SELECT message_id FROM first_handled($1, ARRAY(SELECT event_id FROM batch)))
          INSERT INTO audit_log (event_id, order_id, event_type, correlation_id, payload)
          SELECT DISTINCT ON (b.event_id) b.event_id, b.order_id, b.event_type, b.correlation_id, b.payload
          FROM batch b JOIN first f ON f.message_id = b.event_id

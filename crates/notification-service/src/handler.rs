@@ -83,8 +83,9 @@ fn sent_log(event: &OrderEvent) {
 }
 
 /// Send the notification of every event not handled before, in one
-/// statement: the events' ids go into `processed_messages`, and only those
-/// inserted now get their email, webhook and line of history. Returns, per
+/// statement: `first_handled` (the consumer-side dedupe, a function in the
+/// migrations) records the events' ids, and only those it had not recorded
+/// before get their email, webhook and line of history. Returns, per
 /// event, whether it was sent now (of one event sent twice in the batch,
 /// the first).
 async fn notify_all(pool: &PgPool, events: &[&OrderEvent]) -> anyhow::Result<Vec<bool>> {
@@ -108,10 +109,7 @@ async fn notify_all(pool: &PgPool, events: &[&OrderEvent]) -> anyhow::Result<Vec
              SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                                   $7::text[], $8::text[], $9::bytea[])
                  AS b(event_id, order_id, recipient, subject, body, detail, url, hook)),
-         first AS (
-             INSERT INTO processed_messages (consumer, message_id)
-             SELECT DISTINCT $1, event_id FROM batch
-             ON CONFLICT DO NOTHING RETURNING message_id),
+         first AS (SELECT message_id FROM first_handled($1, ARRAY(SELECT event_id FROM batch))),
          fresh AS (
              SELECT DISTINCT ON (b.event_id) b.* FROM batch b JOIN first f ON f.message_id = b.event_id),
          sent AS (

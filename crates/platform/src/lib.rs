@@ -1,9 +1,9 @@
 //! What every orderflow service stands on, beside the message contracts:
 //! the settings they share, the Postgres pool and migrations, the
-//! transactional outbox and its relay,
-//! consumer-side dedupe, the health endpoints, the start-up and consume
-//! loop of the three worker services, and the subscribers' check for events
-//! their queues lost.
+//! transactional outbox and its relay, consumer-side dedupe (`first_handled`,
+//! a function its migrations define), the health endpoints, the start-up
+//! and consume loop of the three worker services, and the subscribers' check
+//! for events their queues lost.
 
 pub mod db;
 pub mod health;
