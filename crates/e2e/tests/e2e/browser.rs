@@ -60,7 +60,7 @@ async fn an_order_placed_from_the_page_is_seen_reaching_notified() {
 #[tokio::test]
 async fn a_burst_from_the_page_rises_on_the_depth_chart_and_drains_to_zero() {
     // ORDERFLOW_SCREENSHOT=docs/live.png keeps a picture of the page under
-    // the burst (the README's).
+    // the burst (the one docs/live-page-and-tour.md shows).
     let shot = std::env::var_os("ORDERFLOW_SCREENSHOT").map(std::path::PathBuf::from);
     drive("burst", shot.as_deref()).await;
 }
