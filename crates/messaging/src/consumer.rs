@@ -3,29 +3,34 @@
 //! bounded concurrency, ack only after the handler has committed its work,
 //! retries after a growing delay, dead letters with the reason, and a drain
 //! on shutdown. What to do with one message is the handler's business; what
-//! to do with its outcome is decided here, once.
+//! to do with its outcome is decided here, once: [`settle`] settles each
+//! delivery by its disposition, through the [`ack_window`]; [`policy`] says
+//! how failures are retried and deliveries batched; [`stalled`] notices a
+//! subscription the broker no longer serves.
 
 use std::{future::Future, time::Duration};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use lapin::{
-    Acker, BasicProperties, Channel,
+    Channel,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, BasicRejectOptions,
-    },
-    types::{AMQPValue, FieldTable, LongString},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
 };
 use tokio_util::sync::CancellationToken;
 
+mod ack_window;
+mod policy;
+mod settle;
 mod stalled;
 
-use crate::{
-    Publisher, Topology,
-    topology::{RETRY_DELAY_HEADER, WATCH_DEAD_LETTERED, WATCH_RETRYING},
-};
+use ack_window::AckWindow;
+pub use policy::{Batching, RetryPolicy, previous_attempts};
+pub use settle::MAX_REQUEUES;
+use settle::{RequeueTally, Settler};
+
+use crate::{Publisher, Topology};
 
 /// Header counting the failed attempts a message has had so far.
 pub const ATTEMPTS_HEADER: &str = "x-orderflow-attempts";
@@ -66,39 +71,6 @@ pub enum Disposition {
     },
 }
 
-/// How failed messages are retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included, before a message is dead-lettered.
-    pub max_attempts: u32,
-    /// Delay before the first retry; doubled for each further one.
-    pub initial_delay: Duration,
-    /// The longest delay.
-    pub max_delay: Duration,
-    /// How long one delivery may keep answering [`Disposition::Wait`] before
-    /// that counts as a failed attempt: it bounds how long a message waits,
-    /// and stays well under the broker's consumer timeout (30 min by
-    /// default), past which it would close the channel.
-    pub max_wait: Duration,
-}
-
-impl RetryPolicy {
-    /// The delay before retry number `retry` (1 for the first retry).
-    pub fn delay(&self, retry: u32) -> Duration {
-        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
-        self.initial_delay
-            .saturating_mul(factor)
-            .min(self.max_delay)
-    }
-
-    /// Every delay a retry can wait, each once: the retry queues to declare.
-    pub fn delays(&self) -> Vec<Duration> {
-        let mut delays: Vec<Duration> = (1..self.max_attempts).map(|r| self.delay(r)).collect();
-        delays.dedup();
-        delays
-    }
-}
-
 /// One consumer on one queue.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
@@ -117,45 +89,6 @@ pub struct ConsumerSpec {
     pub batch_size: u16,
     /// How failures are retried.
     pub retry: RetryPolicy,
-}
-
-/// How a consumer splits the deliveries it has in hand into batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Batching {
-    /// Most deliveries in one batch: `batch_size`, but at most half the
-    /// prefetch, so one batch can fill while another runs.
-    pub batch_size: u16,
-    /// Batches handled at once: as many as the prefetch fills. While they
-    /// run, the deliveries that arrive wait and become the next batch, so
-    /// batches grow with the load instead of splitting it into many small
-    /// ones.
-    pub batches: u16,
-}
-
-impl Batching {
-    pub fn of(prefetch: u16, batch_size: u16) -> Self {
-        let prefetch = prefetch.max(1);
-        let batch_size = batch_size.clamp(1, (prefetch / 2).max(1));
-        Self {
-            batch_size,
-            batches: prefetch.div_ceil(batch_size),
-        }
-    }
-}
-
-/// The failed attempts a delivery has had before this one.
-pub fn previous_attempts(properties: &BasicProperties) -> u32 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(ATTEMPTS_HEADER).cloned());
-    match value {
-        Some(AMQPValue::LongUInt(n)) => n,
-        Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),
-        Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(0),
-        Some(AMQPValue::ShortUInt(n)) => u32::from(n),
-        _ => 0,
-    }
 }
 
 /// What a consumer does with its deliveries.
@@ -358,9 +291,6 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-/// The longest [`Handler::dead_lettering`] may hold up the dead letter.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How long batches in flight may still run after their channel is lost.
 pub const LOST_CHANNEL_GRACE: Duration = Duration::from_secs(10);
 
@@ -493,397 +423,5 @@ fn copy(delivery: &Delivery) -> Delivery {
         properties: delivery.properties.clone(),
         data: delivery.data.clone(),
         acker: delivery.acker.clone(),
-    }
-}
-
-struct Settler<'a, H> {
-    handler: &'a H,
-    topology: &'a Topology,
-    publisher: &'a Publisher,
-    spec: &'a ConsumerSpec,
-    requeues: RequeueTally,
-    window: AckWindow,
-}
-
-impl<H: Handler> Settler<'_, H> {
-    /// Settle a batch: the deliveries to ack wait in the window for one
-    /// `multiple` ack; the others are settled one by one.
-    async fn settle_all(&self, deliveries: Vec<Delivery>, dispositions: Vec<Disposition>) {
-        for (delivery, disposition) in deliveries.into_iter().zip(dispositions) {
-            self.settle(delivery, disposition).await;
-        }
-        self.window.flush().await;
-    }
-
-    async fn settle(&self, delivery: Delivery, disposition: Disposition) {
-        let Delivery {
-            delivery_tag,
-            acker,
-            properties,
-            data,
-            ..
-        } = delivery;
-        let settled = match disposition {
-            Disposition::Ack => {
-                self.requeues.forget(&message_key(&properties));
-                self.window.ready(delivery_tag, acker);
-                return;
-            }
-            Disposition::Retry { reason } => {
-                let attempts = previous_attempts(&properties) + 1;
-                if attempts >= self.spec.retry.max_attempts {
-                    let reason = format!("gave up after {attempts} attempts: {reason}");
-                    self.dead_letter(&acker, properties, &data, attempts, &reason)
-                        .await
-                } else {
-                    self.retry_later(&acker, properties, &data, attempts, &reason)
-                        .await
-                }
-            }
-            Disposition::DeadLetter { reason } => {
-                let attempts = previous_attempts(&properties) + 1;
-                self.dead_letter(&acker, properties, &data, attempts, &reason)
-                    .await
-            }
-            Disposition::Wait { reason } => {
-                tracing::info!(
-                    reason = %reason,
-                    "stopping while the message waits: handing it back to the queue, no attempt counted"
-                );
-                acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await
-            }
-        };
-        report(settled);
-        self.window.settled(delivery_tag);
-    }
-
-    /// Park the message in the retry queue of its delay; the broker moves
-    /// it back to the work queue when the delay is up.
-    async fn retry_later(
-        &self,
-        acker: &Acker,
-        properties: BasicProperties,
-        data: &[u8],
-        attempts: u32,
-        reason: &str,
-    ) -> lapin::Result<bool> {
-        let key = message_key(&properties);
-        let delay = self.spec.retry.delay(attempts);
-        let properties = with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
-        let properties = with_header(
-            properties,
-            RETRY_DELAY_HEADER,
-            AMQPValue::LongString(LongString::from(delay.as_millis().to_string())),
-        );
-        match self
-            .publisher
-            .publish(
-                &self.topology.retry_exchange(),
-                &self.spec.queue,
-                data,
-                properties.clone(),
-            )
-            .await
-        {
-            Ok(()) => {
-                metrics::counter!("messages_retried_total", "queue" => self.spec.queue.clone())
-                    .increment(1);
-                tracing::warn!(
-                    attempt = attempts, reason = %reason,
-                    "processing failed; retrying in {delay:?}"
-                );
-                self.tell_watchers(WATCH_RETRYING, data, properties).await;
-                self.requeues.forget(&key);
-                acker.ack(BasicAckOptions::default()).await
-            }
-            Err(error) => {
-                tracing::error!(error = %format!("{error:#}"), "could not schedule the retry");
-                self.requeue_or_give_up(acker, &key).await
-            }
-        }
-    }
-
-    /// Publish the message to the dead-letter exchange with why, how many
-    /// attempts, which service and which queue; then ack it.
-    async fn dead_letter(
-        &self,
-        acker: &Acker,
-        properties: BasicProperties,
-        data: &[u8],
-        attempts: u32,
-        reason: &str,
-    ) -> lapin::Result<bool> {
-        self.requeues.forget(&message_key(&properties));
-        let held = tokio::time::timeout(HOOK_TIMEOUT, self.handler.dead_lettering(data, reason))
-            .await
-            .unwrap_or_else(|_| {
-                tracing::warn!(
-                    "recording the dead letter took over {HOOK_TIMEOUT:?}; dead-lettering anyway"
-                );
-                false
-            });
-        let mut properties =
-            with_header(properties, ATTEMPTS_HEADER, AMQPValue::LongUInt(attempts));
-        // Always set: a replayed message must not carry an earlier answer.
-        properties = with_header(properties, HELD_HEADER, AMQPValue::Boolean(held));
-        for (header, value) in [
-            (REASON_HEADER, reason),
-            (SERVICE_HEADER, self.spec.service.as_str()),
-            (QUEUE_HEADER, self.spec.queue.as_str()),
-        ] {
-            properties = with_header(
-                properties,
-                header,
-                AMQPValue::LongString(LongString::from(value)),
-            );
-        }
-        match self
-            .publisher
-            .publish(&self.topology.dead_letters(), "", data, properties.clone())
-            .await
-        {
-            Ok(()) => {
-                metrics::counter!("messages_dead_lettered_total", "queue" => self.spec.queue.clone())
-                    .increment(1);
-                tracing::error!(reason = %reason, attempts, "message dead-lettered");
-                self.tell_watchers(WATCH_DEAD_LETTERED, data, properties)
-                    .await;
-                acker.ack(BasicAckOptions::default()).await
-            }
-            Err(error) => {
-                // The queue's own dead-letter exchange still keeps it (with
-                // x-death, without our headers).
-                tracing::error!(error = %format!("{error:#}"), reason = %reason, "could not publish the dead letter; rejecting");
-                acker.reject(BasicRejectOptions { requeue: false }).await
-            }
-        }
-    }
-}
-
-impl<H: Handler> Settler<'_, H> {
-    /// A copy of a confirmed retry or dead letter, with its queue, for
-    /// whoever watches (see [`Topology::watch_exchange`]); the message is
-    /// safe already, so a copy that cannot be sent is only logged.
-    async fn tell_watchers(&self, what: &str, data: &[u8], properties: BasicProperties) {
-        let properties = with_header(
-            properties,
-            QUEUE_HEADER,
-            AMQPValue::LongString(LongString::from(self.spec.queue.as_str())),
-        );
-        if let Err(error) = self
-            .publisher
-            .publish_optional(&self.topology.watch_exchange(), what, data, properties)
-            .await
-        {
-            tracing::debug!(error = %format!("{error:#}"), "could not copy the message for watchers");
-        }
-    }
-
-    /// Requeue a message whose retry could not be scheduled (the broker
-    /// refused the publish), after a pause so a failing broker is not
-    /// hammered. Counted by our own tally, not the broker's delivery count:
-    /// from RabbitMQ 4.3 a requeueing `basic.nack` no longer counts towards
-    /// the delivery limit. After [`MAX_REQUEUES`] the message is rejected
-    /// to the queue's dead-letter target, where it can be replayed.
-    async fn requeue_or_give_up(&self, acker: &Acker, key: &str) -> lapin::Result<bool> {
-        let requeues = self.requeues.record(key);
-        if requeues > MAX_REQUEUES {
-            self.requeues.forget(key);
-            tracing::error!(
-                requeues = MAX_REQUEUES,
-                "giving up requeueing: rejecting to the dead-letter queue"
-            );
-            return acker.reject(BasicRejectOptions { requeue: false }).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200) * requeues).await;
-        tracing::warn!(requeue = requeues, "requeueing");
-        acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-    }
-}
-
-/// Log a settlement that did not reach the broker.
-fn report(settled: lapin::Result<bool>) {
-    match settled {
-        Ok(true) => {}
-        // The channel went away since the delivery: the broker requeues
-        // it, and the idempotent handler skips the redelivery.
-        Ok(false) => tracing::warn!("delivery not settled: it will be redelivered"),
-        Err(error) => {
-            tracing::warn!(error = %error, "settling the delivery failed: it will be redelivered")
-        }
-    }
-}
-
-/// The deliveries of one channel not yet settled, by delivery tag: `None`
-/// while being handled, the acker once ready to be acked. A `multiple` ack
-/// covers every earlier unsettled delivery of the channel, so it is sent
-/// for the last of the ready deliveries that no unsettled one precedes; and
-/// never for a tag settled before (which would close the channel).
-#[derive(Default)]
-struct AckWindow {
-    unsettled: std::sync::Mutex<std::collections::BTreeMap<u64, Option<Acker>>>,
-    /// Held while acking, so acks leave in the order of their tags.
-    acking: tokio::sync::Mutex<()>,
-}
-
-impl AckWindow {
-    fn slots(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Option<Acker>>> {
-        self.unsettled
-            .lock()
-            .expect("the ack window is never poisoned")
-    }
-
-    fn received(&self, tag: u64) {
-        self.slots().insert(tag, None);
-    }
-
-    fn ready(&self, tag: u64, acker: Acker) {
-        self.slots().insert(tag, Some(acker));
-    }
-
-    /// Whether no delivery is in hand: none being handled, none waiting
-    /// for its ack.
-    fn holds_nothing(&self) -> bool {
-        self.slots().is_empty()
-    }
-
-    /// Settled on its own (retried, dead-lettered, handed back).
-    fn settled(&self, tag: u64) {
-        self.slots().remove(&tag);
-    }
-
-    /// Ack every ready delivery: those that no unsettled one precedes in
-    /// one `multiple` ack, the others (behind a delivery still being
-    /// handled, which may take long) one by one, so none waits for it.
-    async fn flush(&self) {
-        let _acking = self.acking.lock().await;
-        let (last, behind) = {
-            let mut slots = self.slots();
-            let mut last = None;
-            while let Some(slot) = slots.first_entry() {
-                if slot.get().is_none() {
-                    break;
-                }
-                last = slot.remove();
-            }
-            let behind: Vec<u64> = slots
-                .iter()
-                .filter_map(|(tag, slot)| slot.as_ref().map(|_| *tag))
-                .collect();
-            let behind: Vec<Acker> = behind
-                .into_iter()
-                .filter_map(|tag| slots.remove(&tag).flatten())
-                .collect();
-            (last, behind)
-        };
-        if let Some(acker) = last {
-            report(acker.ack(BasicAckOptions { multiple: true }).await);
-        }
-        for acker in behind {
-            report(acker.ack(BasicAckOptions::default()).await);
-        }
-    }
-}
-
-/// What the requeue tally knows a message by.
-fn message_key(properties: &BasicProperties) -> String {
-    properties
-        .message_id()
-        .as_ref()
-        .map_or_else(String::new, |id| id.to_string())
-}
-
-/// Times one message may be requeued by one consumer before it is rejected.
-pub const MAX_REQUEUES: u32 = 5;
-
-/// How often this consumer has requeued each message (by message id).
-#[derive(Default)]
-struct RequeueTally(std::sync::Mutex<std::collections::HashMap<String, u32>>);
-
-impl RequeueTally {
-    /// Count one more requeue of `key`; returns the count.
-    fn record(&self, key: &str) -> u32 {
-        let mut tally = self.0.lock().expect("the requeue tally is never poisoned");
-        // Bounded memory: a tally this large means the broker has failed us
-        // for a long time; starting the counts over only delays giving up.
-        if tally.len() > 10_000 {
-            tally.clear();
-        }
-        let count = tally.entry(key.to_owned()).or_default();
-        *count += 1;
-        *count
-    }
-
-    fn forget(&self, key: &str) {
-        self.0
-            .lock()
-            .expect("the requeue tally is never poisoned")
-            .remove(key);
-    }
-}
-
-fn with_header(properties: BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(name.into(), value);
-    properties.with_headers(headers)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delays_double_up_to_the_cap() {
-        let policy = RetryPolicy {
-            max_attempts: 6,
-            initial_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(3),
-            max_wait: Duration::from_secs(60),
-        };
-        let delays: Vec<u128> = (1..=5).map(|r| policy.delay(r).as_millis()).collect();
-        assert_eq!(delays, [500, 1000, 2000, 3000, 3000]);
-    }
-
-    #[test]
-    fn each_retry_delay_is_listed_once() {
-        let policy = RetryPolicy {
-            max_attempts: 8,
-            initial_delay: Duration::from_secs(1),
-            max_delay: Duration::from_secs(30),
-            max_wait: Duration::from_secs(600),
-        };
-        let delays: Vec<u64> = policy.delays().iter().map(Duration::as_secs).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 30]);
-    }
-
-    #[test]
-    fn a_message_is_requeued_a_bounded_number_of_times() {
-        let tally = RequeueTally::default();
-        let counts: Vec<u32> = (0..3).map(|_| tally.record("m1")).collect();
-        assert_eq!(counts, [1, 2, 3]);
-        assert_eq!(tally.record("m2"), 1);
-        tally.forget("m1");
-        assert_eq!(tally.record("m1"), 1);
-    }
-
-    #[test]
-    fn the_attempt_count_is_read_from_the_header() {
-        assert_eq!(previous_attempts(&BasicProperties::default()), 0);
-        let props = with_header(
-            BasicProperties::default(),
-            ATTEMPTS_HEADER,
-            AMQPValue::LongUInt(3),
-        );
-        assert_eq!(previous_attempts(&props), 3);
     }
 }
