@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use utoipa::{
     Modify, OpenApi,
     openapi::{
-        RefOr,
+        RefOr, Schema,
         header::Header,
         response::Response,
         security::{Http, HttpAuthScheme, SecurityScheme},
@@ -13,7 +13,9 @@ use utoipa::{
 };
 
 use crate::{
-    domain::{ItemRequest, OrderRequest, PricedLine, Shipping},
+    domain::{
+        ItemRequest, OrderRequest, PricedLine, Shipping, VISIBLE_TEXT_FIELDS, VISIBLE_TEXT_PATTERN,
+    },
     error::{ErrorBody, ErrorDetail, FieldError},
     live::{LiveEvent, SseEvent},
     routes::orders::{self, HistoryEntry, OrderView, PaymentStep, PaymentView},
@@ -29,7 +31,7 @@ use crate::{
                        sees all. Every error is `{\"error\": {\"code\", \"message\", \"details\"}}`; \
                        `code` is stable."
     ),
-    modifiers(&BearerKeys, &KeyedAnswers),
+    modifiers(&BearerKeys, &KeyedAnswers, &VisibleText),
     paths(
         orders::post::create_order,
         orders::get::get_order,
@@ -43,6 +45,29 @@ use crate::{
     tags((name = "orders", description = "Placing and reading orders"))
 )]
 pub struct ApiDoc;
+
+/// The pattern of visible text on each field that holds it (see
+/// [`VISIBLE_TEXT_PATTERN`]).
+struct VisibleText;
+
+impl Modify for VisibleText {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let schemas = &mut openapi
+            .components
+            .as_mut()
+            .expect("the document has components")
+            .schemas;
+        for (schema, field) in VISIBLE_TEXT_FIELDS {
+            let Some(RefOr::T(Schema::Object(object))) = schemas.get_mut(schema) else {
+                panic!("{schema} is not an object schema of the document");
+            };
+            let Some(RefOr::T(Schema::Object(property))) = object.properties.get_mut(field) else {
+                panic!("{schema} has no text field {field}");
+            };
+            property.pattern = Some(VISIBLE_TEXT_PATTERN.to_owned());
+        }
+    }
+}
 
 /// The `api_key` security scheme the paths name.
 struct BearerKeys;

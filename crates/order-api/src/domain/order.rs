@@ -12,6 +12,22 @@ pub const CURRENCIES: [&str; 3] = ["EUR", "USD", "GBP"];
 /// Most lines one order may have.
 pub const MAX_LINES: usize = 100;
 
+/// The pattern of a text someone typed: at least one visible character,
+/// no control characters. The OpenAPI document gives it to each field in
+/// [`VISIBLE_TEXT_FIELDS`] (`crate::openapi`): the schema attributes take
+/// only a literal, so it is written once here rather than on each field.
+pub const VISIBLE_TEXT_PATTERN: &str = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$";
+
+/// The fields, by schema, whose text must be visible.
+pub const VISIBLE_TEXT_FIELDS: [(&str, &str); 6] = [
+    ("OrderRequest", "customer_id"),
+    ("ItemRequest", "sku"),
+    ("Shipping", "name"),
+    ("Shipping", "address"),
+    ("Shipping", "city"),
+    ("Shipping", "postal_code"),
+];
+
 /// The body of `POST /orders`. Unknown fields are refused: a typo in an
 /// optional field must not be silently ignored.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -25,11 +41,7 @@ pub const MAX_LINES: usize = 100;
 pub struct OrderRequest {
     /// The customer's own id: 1–64 characters, not only whitespace, no
     /// control characters. Surrounding whitespace is trimmed.
-    #[schema(
-        min_length = 1,
-        max_length = 64,
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
-    )]
+    #[schema(min_length = 1, max_length = 64)]
     pub customer_id: String,
     /// Where the confirmation goes: `local@domain`, the domain with a dot
     /// inside it, no whitespace or control characters, at most 254
@@ -74,12 +86,7 @@ pub struct OrderRequest {
 pub struct ItemRequest {
     /// 1–64 characters, not only whitespace, no control characters;
     /// trimmed and upper-cased before it is looked up.
-    #[schema(
-        min_length = 1,
-        max_length = 64,
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$",
-        example = "WIDGET"
-    )]
+    #[schema(min_length = 1, max_length = 64, example = "WIDGET")]
     pub sku: String,
     /// 1 to MAX_QUANTITY (1000 by default; `/openapi.json` states the
     /// server's own).
@@ -93,32 +100,16 @@ pub struct ItemRequest {
 #[serde(deny_unknown_fields)]
 pub struct Shipping {
     /// 1–200 characters, not only whitespace, no control characters.
-    #[schema(
-        min_length = 1,
-        max_length = 200,
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
-    )]
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     /// 1–500 characters, not only whitespace, no control characters.
-    #[schema(
-        min_length = 1,
-        max_length = 500,
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
-    )]
+    #[schema(min_length = 1, max_length = 500)]
     pub address: String,
     /// 1–200 characters, not only whitespace, no control characters.
-    #[schema(
-        min_length = 1,
-        max_length = 200,
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
-    )]
+    #[schema(min_length = 1, max_length = 200)]
     pub city: String,
     /// 1–20 characters, not only whitespace, no control characters.
-    #[schema(
-        min_length = 1,
-        max_length = 20,
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
-    )]
+    #[schema(min_length = 1, max_length = 20)]
     pub postal_code: String,
     /// ISO 3166-1 alpha-2 in upper case, e.g. `DE` (the form is checked,
     /// not the list).
