@@ -1,11 +1,10 @@
 //! order-api's settings, from environment variables (or flags), parsed once
 //! at start. A bad value stops the service with a message naming it.
 
-use std::{net::IpAddr, num::NonZeroU32, time::Duration};
+use std::{num::NonZeroU32, time::Duration};
 
 use clap::Parser;
-use messaging::{AmqpSettings, telemetry::LogSettings};
-use platform::{db::DatabaseSettings, http::HttpLimits};
+use platform::settings::ServiceSettings;
 
 /// MAX_QUANTITY unless set.
 pub const DEFAULT_MAX_QUANTITY: i32 = 1000;
@@ -18,16 +17,7 @@ pub const DEFAULT_MAX_QUANTITY: i32 = 1000;
 )]
 pub struct Settings {
     #[command(flatten)]
-    pub amqp: AmqpSettings,
-    #[command(flatten)]
-    pub database: DatabaseSettings,
-    #[command(flatten)]
-    pub log: LogSettings,
-    #[command(flatten)]
-    pub http: HttpLimits,
-    /// Address to listen on (0.0.0.0 inside a container).
-    #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
-    pub http_host: IpAddr,
+    pub service: ServiceSettings,
     /// Port to listen on; 0 picks a free one.
     #[arg(long, env = "HTTP_PORT", default_value_t = 8080)]
     pub http_port: u16,

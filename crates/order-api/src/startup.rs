@@ -38,8 +38,8 @@ impl Application {
     /// Connect to Postgres and RabbitMQ (waiting for both), migrate, declare
     /// the topology and bind the listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = settings.database.connect_and_migrate().await?;
-        let broker = settings.amqp.broker()?;
+        let pool = settings.service.database.connect_and_migrate().await?;
+        let broker = settings.service.amqp.broker()?;
         broker.connect(&CancellationToken::new()).await;
         let publisher = Publisher::new(broker.clone());
         let republisher = Republisher::new(
@@ -79,7 +79,7 @@ impl Application {
         };
         let health = health::router(health::Readiness::new(pool, broker.clone()));
         let router = router(state.clone(), health, settings.max_body_bytes);
-        let address = SocketAddr::new(settings.http_host, settings.http_port);
+        let address = SocketAddr::new(settings.service.http_host, settings.http_port);
         let listener = TcpListener::bind(address)
             .await
             .with_context(|| format!("binding {address}"))?;
@@ -133,7 +133,7 @@ impl Application {
         let served = platform::http::serve(
             self.listener,
             self.router,
-            self.settings.http,
+            self.settings.service.http,
             shutdown.clone(),
         )
         .await

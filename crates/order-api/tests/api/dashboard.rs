@@ -304,7 +304,7 @@ async fn queue_depths_go_on_when_the_management_api_goes_away() {
     let (mut settings, pool) = test_settings().await;
     let mut through = management.clone();
     through.set_port(Some(cuttable.port)).unwrap();
-    settings.amqp.rabbitmq_management_url = Some(through.to_string());
+    settings.service.amqp.rabbitmq_management_url = Some(through.to_string());
     let app = spawn_with(settings, pool).await;
     let mut samples = Samples::open(&app).await;
     let express = app.topology.work_queue(messaging::contracts::Lane::Express);

@@ -34,11 +34,11 @@ pub async fn test_settings() -> (Settings, PgPool) {
     let (database_url, pool) = test_support::fresh_database().await;
     let mut settings = Settings::parse_from(["order-api"]);
     settings.http_port = 0;
-    settings.database.database_url = database_url;
-    settings.database.db_max_connections = Some(5);
-    settings.amqp.amqp_url = test_support::amqp_url();
-    settings.amqp.topology_prefix = test_support::unique_prefix();
-    settings.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
+    settings.service.database.database_url = database_url;
+    settings.service.database.db_max_connections = Some(5);
+    settings.service.amqp.amqp_url = test_support::amqp_url();
+    settings.service.amqp.topology_prefix = test_support::unique_prefix();
+    settings.service.amqp.topology_queue_expires_ms = Some(test_support::QUEUE_EXPIRES_MS);
     (settings, pool)
 }
 
@@ -48,7 +48,7 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_with(settings: Settings, pool: PgPool) -> TestApp {
-    let topology = settings.amqp.topology();
+    let topology = settings.service.amqp.topology();
     let topology_for_guard = topology.clone();
     let application = Application::build(settings)
         .await

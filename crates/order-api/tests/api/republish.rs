@@ -18,8 +18,8 @@ use crate::helpers::{client_with, new_key, order_body, test_settings};
 /// (its own checks must not hold the lock while the test runs them).
 async fn one_order_published() -> (PgPool, Broker, TopologyGuard) {
     let (settings, pool) = test_settings().await;
-    let guard = TopologyGuard(settings.amqp.topology());
-    let broker = settings.amqp.broker().unwrap();
+    let guard = TopologyGuard(settings.service.amqp.topology());
+    let broker = settings.service.amqp.broker().unwrap();
     // order-api accepts and publishes one order, then stops: its own checks
     // must not hold the lock while the test runs them.
     let application = Application::build(settings).await.unwrap();

@@ -211,7 +211,7 @@ async fn a_flood_over_the_rate_limit_gets_429_with_retry_after_and_stores_only_w
 #[tokio::test]
 async fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
     let (mut settings, pool) = test_settings().await;
-    settings.http.http_header_timeout_ms = 1000;
+    settings.service.http.http_header_timeout_ms = 1000;
     let app = spawn_with(settings, pool).await;
     let address = app.address.trim_start_matches("http://").to_owned();
     let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();

@@ -10,7 +10,7 @@ use crate::helpers::{client_with, new_key, order_body, test_settings};
 #[tokio::test]
 async fn the_final_outbox_flush_waits_for_a_request_still_committing() {
     let (settings, pool) = test_settings().await;
-    let _topology = test_support::TopologyGuard(settings.amqp.topology());
+    let _topology = test_support::TopologyGuard(settings.service.amqp.topology());
     let application = Application::build(settings).await.unwrap();
     let url = format!("http://127.0.0.1:{}/orders", application.port());
     let shutdown = CancellationToken::new();
