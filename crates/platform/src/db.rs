@@ -174,3 +174,16 @@ pub fn no_connection(error: &anyhow::Error) -> bool {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_timeout_is_waiting_for_the_database_and_other_errors_are_not() {
+        let timed_out = anyhow::Error::from(sqlx::Error::PoolTimedOut).context("recording");
+        assert!(no_connection(&timed_out));
+        let failed = anyhow::Error::from(sqlx::Error::RowNotFound);
+        assert!(!no_connection(&failed));
+    }
+}

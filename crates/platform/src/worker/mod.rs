@@ -1,0 +1,249 @@
+//! Start-up and run loop of the three consuming services: wait for and
+//! connect Postgres and RabbitMQ, declare the topology, serve health, then
+//! consume until asked to stop. What a worker is told is in [`settings`],
+//! how many messages it keeps in hand and the pool that serves them in
+//! [`concurrency`], and how the subscribers' order events reach their
+//! handlers in [`events`].
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use messaging::{
+    Broker, Publisher, Topology,
+    consumer::{self, ConsumerSpec, Handler, RetryPolicy},
+};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{db::DatabaseSettings, health, resend::Resender};
+
+mod concurrency;
+mod events;
+mod settings;
+
+pub use concurrency::Concurrency;
+use events::Events;
+pub use events::{EventHandler, Received};
+pub use settings::WorkerSettings;
+
+/// How long in-flight messages may take to finish after a stop is asked
+/// for: under Docker's 10 s between SIGTERM and SIGKILL.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// The longest a consumer's channel may take to close after its round.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected, declared, listening service, ready to consume.
+pub struct Worker {
+    service: &'static str,
+    pool: PgPool,
+    broker: Broker,
+    publisher: Publisher,
+    listener: TcpListener,
+    http: crate::http::HttpLimits,
+    queues: Vec<String>,
+    prefetch: u16,
+    batch_size: u16,
+    retry: RetryPolicy,
+    resend_after: Duration,
+}
+
+impl Worker {
+    /// Connect (waiting for both servers) with a pool sized for consuming
+    /// `queues` (see [`Concurrency::plan`]), migrate, declare the topology
+    /// and bind the health listener on `http_port` (0 picks a free one).
+    pub async fn start(
+        service: &'static str,
+        settings: &WorkerSettings,
+        http_port: u16,
+        queues: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let concurrency = Concurrency::plan(settings, queues.len());
+        let database = DatabaseSettings {
+            db_max_connections: Some(concurrency.pool),
+            ..settings.service.database.clone()
+        };
+        tracing::info!(
+            pool = concurrency.pool,
+            prefetch = concurrency.prefetch,
+            queues = queues.len(),
+            "database pool sized for the messages handled at once"
+        );
+        let pool = database.connect_and_migrate().await?;
+        let broker = settings.service.amqp.broker_for(settings.topology())?;
+        broker.connect(&CancellationToken::new()).await;
+        let listener = TcpListener::bind(SocketAddr::new(settings.service.http_host, http_port))
+            .await
+            .with_context(|| format!("binding the health port {http_port}"))?;
+        Ok(Self {
+            service,
+            pool,
+            publisher: Publisher::new(broker.clone()),
+            broker,
+            listener,
+            http: settings.service.http,
+            queues,
+            prefetch: concurrency.prefetch,
+            batch_size: settings.batch_size,
+            retry: settings.retry_policy(),
+            resend_after: Duration::from_secs(settings.event_resend_after_secs),
+        })
+    }
+
+    /// [`Worker::start`] for a service subscribing to order events: it
+    /// consumes one queue, its own on the order-events exchange, named after
+    /// `service`.
+    pub async fn start_subscriber(
+        service: &'static str,
+        settings: &WorkerSettings,
+        http_port: u16,
+    ) -> anyhow::Result<Self> {
+        let queue = settings.service.amqp.topology().subscriber_queue(service);
+        Self::start(service, settings, http_port, vec![queue]).await
+    }
+
+    /// The health port actually bound.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The pool, for building the handler.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The confirmed publisher (retries, dead letters, and the service's own
+    /// messages).
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// The topology names.
+    pub fn topology(&self) -> &Topology {
+        self.broker.topology()
+    }
+
+    /// Serve health and consume the queues given at start with `handler`
+    /// until `shutdown`.
+    /// A lost connection or channel is re-established and the consumers
+    /// re-subscribed; in-flight messages finish and are settled before this
+    /// returns.
+    pub async fn run<H>(self, shutdown: CancellationToken, handler: H) -> anyhow::Result<()>
+    where
+        H: Handler + Clone,
+    {
+        let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
+        // The health port is not published: its metrics need no key.
+        let app = health::router(readiness).merge(crate::metrics::router());
+        let server_shutdown = shutdown.clone();
+        let server = tokio::spawn(async move {
+            crate::http::serve(self.listener, app, self.http, server_shutdown).await
+        });
+
+        let instance = std::process::id();
+        'connections: while let Some(connection) = self.broker.connect(&shutdown).await {
+            // A channel per consumer: a `multiple` ack covers every earlier
+            // delivery of its channel, so consumers must not share one.
+            let mut channels = Vec::with_capacity(self.queues.len());
+            for _ in &self.queues {
+                match connection.create_channel().await {
+                    Ok(channel) => channels.push(channel),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "could not open a channel; reconnecting");
+                        for channel in &channels {
+                            let _ = channel.close(200, "reconnecting".into()).await;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue 'connections;
+                    }
+                }
+            }
+            // One round of consuming: ends on shutdown, or when any consumer
+            // fails, to reconnect and resubscribe.
+            let round = shutdown.child_token();
+            let consumers = self.queues.iter().zip(&channels).map(|(queue, channel)| {
+                let spec = ConsumerSpec {
+                    tag: format!("{}-{instance}-{queue}", self.service),
+                    queue: queue.clone(),
+                    service: self.service.to_owned(),
+                    prefetch: self.prefetch,
+                    batch_size: self.batch_size,
+                    retry: self.retry,
+                };
+                let (round, handler) = (round.clone(), handler.clone());
+                let (topology, publisher) = (self.broker.topology(), &self.publisher);
+                async move {
+                    let result =
+                        consumer::run(channel, topology, publisher, spec, round.clone(), handler)
+                            .await;
+                    round.cancel();
+                    result
+                }
+            });
+            tracing::info!(service = self.service, "ready: consuming");
+            let all = futures_util::future::join_all(consumers);
+            let grace = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            };
+            let results = tokio::select! {
+                results = all => results,
+                () = grace => {
+                    tracing::warn!(
+                        "in-flight messages did not finish within {SHUTDOWN_GRACE:?}; \
+                         stopping anyway: the broker redelivers what was not acked"
+                    );
+                    Vec::new()
+                }
+            };
+            for channel in &channels {
+                // Bounded: a channel whose connection died unnoticed would
+                // never answer, and the reconnect must not wait on it.
+                if tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "round over".into()))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("a channel did not close within {CLOSE_TIMEOUT:?}; leaving it");
+                }
+            }
+            if shutdown.is_cancelled() {
+                results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+                break;
+            }
+            tracing::warn!(
+                service = self.service,
+                "not ready: lost the RabbitMQ channel; reconnecting"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        server.abort();
+        self.broker.close().await;
+        Ok(())
+    }
+}
+
+impl Worker {
+    /// Consume the service's queue on the order-events exchange (given at
+    /// start, see [`Worker::start_subscriber`]) until `shutdown`, handing the
+    /// decoded events to `handler`, and send the queue again the events it
+    /// lost (see [`crate::resend`]).
+    pub async fn run_events<E>(self, shutdown: CancellationToken, handler: E) -> anyhow::Result<()>
+    where
+        E: EventHandler + Clone,
+    {
+        let resender = Resender::new(
+            self.pool.clone(),
+            self.broker.clone(),
+            self.publisher.clone(),
+            self.service,
+            self.resend_after,
+        );
+        let stop_resending = shutdown.child_token();
+        let resending = tokio::spawn(resender.run(stop_resending.clone()));
+        let consumed = self.run(shutdown, Events(handler)).await;
+        stop_resending.cancel();
+        let _ = resending.await;
+        consumed
+    }
+}
