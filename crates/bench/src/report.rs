@@ -481,7 +481,7 @@ impl Results {
             ),
             (
                 crate::DEFAULT_PREFETCH,
-                "4 processors vs 1, 20 ms payment I/O, the defaults (40 in hand, in batches of 20)",
+                "4 processors vs 1, 20 ms payment I/O, PREFETCH 40 (in batches of 10)",
             ),
         ] {
             if let (Some(one), Some(four)) = (
