@@ -688,7 +688,7 @@ impl Helper {
         database: &ScratchDatabase,
         environment: &Environment,
     ) -> anyhow::Result<Self> {
-        let port = system::free_port()?;
+        let port = test_support::process::free_port();
         let child = tokio::process::Command::new(std::env::current_exe()?)
             .args([subcommand, "--port"])
             .arg(port.to_string())

@@ -3,7 +3,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -12,7 +11,7 @@ use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions};
 use loadgen::LoadOptions;
 use messaging::{contracts::Lane, topology::Topology};
 use sqlx::{PgPool, postgres::PgPoolOptions};
-use tokio::process::{Child, Command};
+use test_support::process::{Service, free_port};
 use uuid::Uuid;
 
 /// Where the services find their broker and database, and their binaries.
@@ -63,45 +62,15 @@ pub struct Shape {
     pub subscribers: bool,
 }
 
-/// One service process.
-pub struct Service {
-    pub name: String,
-    pub port: u16,
-    child: Child,
-}
-
-impl Service {
-    /// The process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+/// Stop `service` with SIGTERM (it drains and flushes its outbox) and check
+/// it exits cleanly within 15 s.
+async fn stop(service: Service) -> anyhow::Result<()> {
+    let name = service.name.clone();
+    let status = service.stop(Duration::from_secs(15)).await?;
+    if !status.success() {
+        bail!("{name} exited with {status}");
     }
-
-    /// Resident set size in bytes, from /proc.
-    pub fn rss_bytes(&self) -> Option<u64> {
-        rss_bytes(self.pid()?)
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(pid) = self.child.id() {
-            // SIGTERM lets the service drain and flush its outbox.
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
-            Ok(status) => {
-                let status = status?;
-                if !status.success() {
-                    bail!("{} exited with {status}", self.name);
-                }
-                Ok(())
-            }
-            Err(_) => {
-                self.child.kill().await?;
-                bail!("{} did not stop within 15 s of SIGTERM", self.name)
-            }
-        }
-    }
+    Ok(())
 }
 
 /// Resident set size of process `pid` in bytes.
@@ -261,7 +230,7 @@ impl System {
     /// Start `binary` with `extra` settings over the system's, wait until it
     /// is ready; the port it listens on.
     async fn spawn(&mut self, binary: &str, extra: &[(&str, &str)]) -> anyhow::Result<u16> {
-        let port = free_port()?;
+        let port = free_port();
         let label = extra
             .iter()
             .find(|(key, _)| *key == "INSTANCE_ID")
@@ -270,48 +239,36 @@ impl System {
             .environment
             .log_dir
             .join(format!("{}-{label}.log", self.name));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
         let path = self.environment.bin_dir.join(binary);
-        let mut command = Command::new(&path);
-        command
-            .env("AMQP_URL", &self.environment.amqp_url)
-            .envs(
-                self.environment
-                    .management_url
-                    .iter()
-                    .map(|url| ("RABBITMQ_MANAGEMENT_URL", url)),
-            )
-            .env("TOPOLOGY_PREFIX", &self.prefix)
+        let mut env: Vec<(&str, String)> = vec![
+            ("AMQP_URL", self.environment.amqp_url.clone()),
+            ("TOPOLOGY_PREFIX", self.prefix.clone()),
             // A safety net: if the benchmark dies, its queues go away anyway.
-            .env("TOPOLOGY_QUEUE_EXPIRES_MS", "600000")
-            .env("DATABASE_URL", &self.database.url)
-            .env("HTTP_PORT", port.to_string())
-            .env(
+            ("TOPOLOGY_QUEUE_EXPIRES_MS", "600000".into()),
+            ("DATABASE_URL", self.database.url.clone()),
+            (
                 "PAYMENT_LATENCY_MS",
                 self.shape.payment_latency_ms.to_string(),
-            )
-            .env("PREFETCH", self.shape.prefetch.to_string())
-            .env("DEMO_FAILURES", "false")
+            ),
+            ("PREFETCH", self.shape.prefetch.to_string()),
+            ("DEMO_FAILURES", "false".into()),
             // The benchmark measures throughput, not the per-key limit.
-            .env("RATE_LIMIT_PER_SECOND", "1000000")
-            .env("RATE_LIMIT_BURST", "1000000")
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        let child = command.spawn().with_context(|| {
+            ("RATE_LIMIT_PER_SECOND", "1000000".into()),
+            ("RATE_LIMIT_BURST", "1000000".into()),
+        ];
+        env.extend(
+            self.environment
+                .management_url
+                .iter()
+                .map(|url| ("RABBITMQ_MANAGEMENT_URL", url.clone())),
+        );
+        env.extend(extra.iter().map(|(key, value)| (*key, (*value).to_owned())));
+        let service = Service::start(&path, &label, port, env, &log_path).with_context(|| {
             format!(
                 "starting {} (build it with cargo build --release --bins)",
                 path.display()
             )
         })?;
-        let service = Service {
-            name: label,
-            port,
-            child,
-        };
         wait_ready(&service, &log_path).await?;
         self.services.push(service);
         Ok(port)
@@ -321,7 +278,7 @@ impl System {
     pub fn rss(&self) -> Vec<(String, Option<u64>)> {
         self.services
             .iter()
-            .map(|service| (service.name.clone(), service.rss_bytes()))
+            .map(|service| (service.name.clone(), rss_bytes(service.pid())))
             .collect()
     }
 
@@ -329,7 +286,7 @@ impl System {
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.services
             .iter()
-            .filter_map(|service| Some((service.name.clone(), service.pid()?)))
+            .map(|service| (service.name.clone(), service.pid()))
             .collect()
     }
 
@@ -466,7 +423,7 @@ impl System {
         let mut outcome = Ok(());
         // Processors before order-api, as in a rolling shutdown.
         for service in self.services.into_iter().rev() {
-            if let Err(error) = service.stop().await {
+            if let Err(error) = stop(service).await {
                 outcome = outcome.and(Err(error));
             }
         }
@@ -527,12 +484,6 @@ impl ScratchDatabase {
 }
 
 /// A port free right now on 127.0.0.1.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 async fn wait_ready(service: &Service, log: &Path) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{}/readyz", service.port);

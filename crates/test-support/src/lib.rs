@@ -1,7 +1,9 @@
 //! What every integration test needs to run against the real servers in
 //! parallel without seeing another test's data: a fresh, migrated database,
 //! a uniquely prefixed topology that the broker deletes when idle, and
-//! polling with a deadline instead of sleeps.
+//! polling with a deadline instead of sleeps; and the one way the
+//! end-to-end tests and the benchmark run the service binaries
+//! ([`process`]).
 
 use std::{
     future::Future,
@@ -18,6 +20,7 @@ use sqlx::{PgPool, Postgres, migrate::MigrateDatabase};
 use uuid::Uuid;
 
 pub mod events;
+pub mod process;
 
 /// Postgres server the tests create their databases on.
 pub fn postgres_base_url() -> String {

@@ -349,20 +349,19 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     let mut env = env.clone();
     env.retain(|(k, _)| *k != "DATABASE_URL");
     env.push(("DATABASE_URL", rebuild_url));
-    let rebuild =
-        crate::processes::Service::start("order-stats", "order-stats-rebuild", &env, &log_dir);
+    let rebuild = crate::processes::start("order-stats", "order-stats-rebuild", &env, &log_dir);
     all_counted(&rebuild_pool, finished, "the rebuild").await;
     assert_eq!(
         sales(&rebuild_pool, READ_MODEL).await,
         from_orders,
         "rebuilt from the log"
     );
-    assert!(rebuild.stop().await.success());
+    assert!(crate::processes::stop(rebuild).await.success());
 
     // Every service stops cleanly on SIGTERM.
     for service in workers.into_iter().chain([api]) {
         let name = service.name.clone();
-        let status = service.stop().await;
+        let status = crate::processes::stop(service).await;
         assert!(status.success(), "{name} exited with {status}");
     }
     let _ = std::fs::remove_dir_all(&log_dir);

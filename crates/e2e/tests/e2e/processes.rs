@@ -1,12 +1,10 @@
-//! Running the real service binaries as child processes.
+//! Running the real service binaries as child processes, as
+//! [`test_support::process`] runs them: where the test build put them, what
+//! the tests tell them, and the whole stack at once.
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU16, Ordering},
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
+
+pub use test_support::process::{Service, free_port};
 
 /// Where cargo put the binaries: next to the `deps/` folder this test runs from.
 pub fn binary(name: &str) -> PathBuf {
@@ -24,104 +22,41 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A port that is free now and that no other call in this process got:
-/// taken from below the kernel's ephemeral range (32768 and up), so an
-/// outgoing connection can't grab it between this check and the service's
-/// bind, from a window that depends on the process id, so parallel test
-/// processes don't pick the same ones.
-pub fn free_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 24;
-    let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        assert!(port < 32_768, "ran out of test ports");
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+/// How long a service may take to stop after SIGTERM.
+pub const STOP_WITHIN: Duration = Duration::from_secs(10);
+
+/// Start the binary `binary_name` as `name` with `env` on a free
+/// `HTTP_PORT`, logging to `log_dir`.
+pub fn start(
+    binary_name: &str,
+    name: &str,
+    env: &[(&str, String)],
+    log_dir: &std::path::Path,
+) -> Service {
+    start_on(free_port(), binary_name, name, env, log_dir)
 }
 
-/// A running service; killed if the test ends without stopping it.
-pub struct Service {
-    pub name: String,
-    pub port: u16,
-    child: Child,
+/// [`start`] on `port` (a service others were told the port of, started
+/// again); its log is appended to.
+pub fn start_on(
+    port: u16,
+    binary_name: &str,
+    name: &str,
+    env: &[(&str, String)],
+    log_dir: &std::path::Path,
+) -> Service {
+    let env = env.iter().map(|(key, value)| (*key, value.as_str()));
+    let log = log_dir.join(format!("{name}.log"));
+    Service::start(&binary(binary_name), name, port, env, &log)
+        .unwrap_or_else(|e| panic!("starting {binary_name}: {e}"))
 }
 
-impl Service {
-    /// Start `binary` with `env` on a free `HTTP_PORT`, logging to `log_dir`.
-    pub fn start(
-        binary_name: &str,
-        name: &str,
-        env: &[(&str, String)],
-        log_dir: &std::path::Path,
-    ) -> Self {
-        Self::start_on(free_port(), binary_name, name, env, log_dir)
-    }
-
-    /// [`Self::start`] on `port` (a service others were told the port of,
-    /// started again); its log is appended to.
-    pub fn start_on(
-        port: u16,
-        binary_name: &str,
-        name: &str,
-        env: &[(&str, String)],
-        log_dir: &std::path::Path,
-    ) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_dir.join(format!("{name}.log")))
-            .expect("a log file");
-        let child = Command::new(binary(binary_name))
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("HTTP_PORT", port.to_string())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary_name}: {e}"));
-        Self {
-            name: name.to_owned(),
-            port,
-            child,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// Ask the service to stop (SIGTERM) and wait; its exit status.
-    pub async fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().expect("waiting") {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("{} did not stop within 10s of SIGTERM", self.name);
-    }
-}
-
-impl Service {
-    /// Kill the process outright (SIGKILL): a crash.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Ask `service` to stop (SIGTERM) and wait; its exit status.
+pub async fn stop(service: Service) -> std::process::ExitStatus {
+    service
+        .stop(STOP_WITHIN)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Wait until something accepts TCP connections on `port`.
@@ -202,7 +137,7 @@ pub fn start_provider(
 ) -> Service {
     let mut env = env.to_vec();
     env.push(("DATABASE_URL", database_url.to_owned()));
-    Service::start_on(port, "payment-provider", "payment-provider", &env, log_dir)
+    start_on(port, "payment-provider", "payment-provider", &env, log_dir)
 }
 
 /// The five services (three order-processors) and the stand-in payment
@@ -266,26 +201,21 @@ impl Stack {
             env.push(("INSTANCE_ID", id.to_owned()));
             env
         };
-        let api = Service::start("order-api", "order-api", &env, &log_dir);
+        let api = start("order-api", "order-api", &env, &log_dir);
         let mut workers: Vec<Service> = (1..=3)
             .map(|i| {
                 let id = format!("processor-{i}");
-                Service::start("order-processor", &id, &with_instance(&id), &log_dir)
+                start("order-processor", &id, &with_instance(&id), &log_dir)
             })
             .collect();
-        workers.push(Service::start(
+        workers.push(start(
             "notification-service",
             "notification-service",
             &env,
             &log_dir,
         ));
-        workers.push(Service::start(
-            "logging-service",
-            "logging-service",
-            &env,
-            &log_dir,
-        ));
-        workers.push(Service::start("order-stats", "order-stats", &env, &log_dir));
+        workers.push(start("logging-service", "logging-service", &env, &log_dir));
+        workers.push(start("order-stats", "order-stats", &env, &log_dir));
         wait_ready(std::iter::once(&api).chain([&provider]).chain(&workers)).await;
         println!("services ready; logs in {}", log_dir.display());
         Self {

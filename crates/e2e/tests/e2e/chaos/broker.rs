@@ -172,7 +172,7 @@ async fn a_broker_restarted_without_its_data_loses_no_order() {
     let mut system = System::start(&[REPUBLISH_AFTER]).await;
     println!("processors stopped; orders accepted meanwhile wait in the work queues");
     for processor in system.processors.drain(..) {
-        assert!(processor.stop().await.success());
+        assert!(crate::processes::stop(processor).await.success());
     }
     let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -352,7 +352,7 @@ async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
     ])
     .await;
     for processor in system.processors.drain(..) {
-        assert!(processor.stop().await.success());
+        assert!(crate::processes::stop(processor).await.success());
     }
     println!(
         "processors stopped; queueing 30 orders, one flaky, and a poison message between them"

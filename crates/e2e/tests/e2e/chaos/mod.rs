@@ -162,7 +162,7 @@ impl System {
     pub fn service(&self, binary: &str, name: &str) -> Service {
         let mut env = self.env.clone();
         env.push(("INSTANCE_ID", name.to_owned()));
-        Service::start(binary, name, &env, &self.log_dir)
+        crate::processes::start(binary, name, &env, &self.log_dir)
     }
 
     /// Start the payment provider on the port the processors were given,
@@ -181,7 +181,7 @@ impl System {
     pub async fn restart_provider(&mut self) {
         if let Some(provider) = self.provider.take() {
             assert!(
-                provider.stop().await.success(),
+                crate::processes::stop(provider).await.success(),
                 "the provider stops cleanly"
             );
         }
@@ -251,7 +251,7 @@ impl System {
             .collect();
         for service in services {
             let name = service.name.clone();
-            let status = service.stop().await;
+            let status = crate::processes::stop(service).await;
             assert!(status.success(), "{name} exited with {status} on SIGTERM");
         }
     }
