@@ -104,7 +104,7 @@ const ROWS: &[Row] = &[
         read: Read::With(|r| ms(&r["http"][2]["latency"]["p99_ms"])),
     },
     Row {
-        what: "4 processors vs 1, 20 ms payment I/O, default prefetch",
+        what: "4 processors vs 1, 20 ms payment I/O, PREFETCH 40",
         read: Read::With(|r| {
             let rows = r["scaling"].as_array()?;
             let rate = |processors: u64| {
