@@ -182,7 +182,7 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
     } = Setup::new().await;
     let work = topology.work_queue(Lane::Standard);
     let order_id = uuid::Uuid::new_v4();
-    sqlx::query(
+    sqlx::query!(
         "WITH o AS (
              INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane,
                                  status, reason, correlation_id)
@@ -191,10 +191,10 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
          INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id,
                              published_at)
          SELECT $2, $3, 'standard', '{}', 'corr-1', id, now() - interval '1 hour' FROM o",
+        order_id,
+        uuid::Uuid::new_v4(),
+        topology.orders_exchange(),
     )
-    .bind(order_id)
-    .bind(uuid::Uuid::new_v4())
-    .bind(topology.orders_exchange())
     .execute(&pool)
     .await
     .unwrap();
@@ -225,25 +225,28 @@ async fn replaying_an_orders_message_accepts_its_held_order_again() {
             .is_none_or(|h| !h.inner().contains_key(messaging::consumer::HELD_HEADER)),
         "a replay carries no earlier answer to whether its order is held"
     );
-    let (status, reason, silent): (String, Option<String>, bool) = sqlx::query_as(
-        "SELECT o.status, o.reason, m.published_at < now() - interval '1 minute'
-         FROM orders o JOIN outbox m ON m.order_id = o.id WHERE o.id = $1",
+    let row = sqlx::query!(
+        r#"SELECT o.status, o.reason, m.published_at < now() - interval '1 minute' AS "silent!"
+         FROM orders o JOIN outbox m ON m.order_id = o.id WHERE o.id = $1"#,
+        order_id,
     )
-    .bind(order_id)
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((status.as_str(), reason), ("accepted", None));
+    assert_eq!((row.status.as_str(), row.reason), ("accepted", None));
     assert!(
-        !silent,
+        !row.silent,
         "its message counts as published now: the republisher watches it again"
     );
-    let last: (String, String) = sqlx::query_as(
+    let last = sqlx::query!(
         "SELECT status, service FROM order_status_history WHERE order_id = $1 ORDER BY id DESC LIMIT 1",
+        order_id,
     )
-    .bind(order_id)
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(last, ("accepted".to_owned(), "dead-letters".to_owned()));
+    assert_eq!(
+        (last.status, last.service),
+        ("accepted".to_owned(), "dead-letters".to_owned())
+    );
 }

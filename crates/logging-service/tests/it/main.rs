@@ -10,8 +10,12 @@ use platform::worker::EventHandler;
 use test_support::events::{event_for_stored_order, received};
 use tokio_util::sync::CancellationToken;
 
-async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+/// `count!(pool, r#"SELECT count(*) AS "n!" FROM ..."#)`: the one number a
+/// fixed statement counts, checked by the compiler like any other.
+macro_rules! count {
+    ($pool:expr, $sql:literal $(,)?) => {
+        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
+    };
 }
 
 #[tokio::test]
@@ -28,15 +32,19 @@ async fn one_audit_record_per_event_however_often_it_is_delivered() {
     assert!(handler::record(&pool, &event, "corr-l").await.unwrap());
     assert!(!handler::record(&pool, &event, "corr-l").await.unwrap());
 
-    let (kind, correlation, reason): (String, String, String) =
-        sqlx::query_as("SELECT event_type, correlation_id, payload->>'reason' FROM audit_log")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(kind, "order.rejected");
-    assert_eq!(correlation, "corr-l");
-    assert_eq!(reason, "payment_declined");
-    assert_eq!(count(&pool, "SELECT count(*) FROM audit_log").await, 1);
+    let row = sqlx::query!(
+        r#"SELECT event_type, correlation_id, payload->>'reason' AS "reason!" FROM audit_log"#
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row.event_type, "order.rejected");
+    assert_eq!(row.correlation_id, "corr-l");
+    assert_eq!(row.reason, "payment_declined");
+    assert_eq!(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM audit_log"#),
+        1
+    );
 }
 
 #[tokio::test]
@@ -56,13 +64,15 @@ async fn a_batch_records_each_new_event_once_in_one_statement() {
     let recorded = trail.handle_batch(&batch).await.unwrap();
 
     assert_eq!(recorded, [false, true, false]);
-    assert_eq!(count(&pool, "SELECT count(*) FROM audit_log").await, 2);
     assert_eq!(
-        count(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM audit_log"#),
+        2
+    );
+    assert_eq!(
+        count!(
             &pool,
-            "SELECT count(*) FROM processed_messages WHERE consumer = 'logging-service'"
-        )
-        .await,
+            r#"SELECT count(*) AS "n!" FROM processed_messages WHERE consumer = 'logging-service'"#
+        ),
         2
     );
 }
@@ -106,7 +116,7 @@ async fn a_malformed_event_is_dead_lettered_and_the_next_one_recorded() {
         test_support::next_message(&amqp, &topology.dead_letters(), Duration::from_secs(10)).await;
     assert_eq!(dead.data, b"[]");
     test_support::eventually(Duration::from_secs(10), "the audit record", || async {
-        (count(&pool, "SELECT count(*) FROM audit_log").await == 1).then_some(())
+        (count!(&pool, r#"SELECT count(*) AS "n!" FROM audit_log"#) == 1).then_some(())
     })
     .await;
     shutdown.cancel();

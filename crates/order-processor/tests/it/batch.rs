@@ -25,7 +25,7 @@ fn outcome(handled: &Result<Handled, HandleError>) -> String {
 #[tokio::test]
 async fn a_batch_reserves_stock_order_by_order_and_sets_apart_only_the_orders_at_fault() {
     let (_, pool) = test_support::fresh_database().await;
-    sqlx::query("UPDATE inventory SET stock = 5 WHERE sku = 'WIDGET'")
+    sqlx::query!("UPDATE inventory SET stock = 5 WHERE sku = 'WIDGET'")
         .execute(&pool)
         .await
         .unwrap();
@@ -77,17 +77,19 @@ async fn a_batch_reserves_stock_order_by_order_and_sets_apart_only_the_orders_at
     assert_eq!(stock(&pool, "GADGET").await, gadgets - 2);
     assert_eq!(status(&pool, flaky.order_id).await.0, "accepted");
     // One event, one decision line and one record per decided order.
-    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1 + 4);
     assert_eq!(
-        count(
-            &pool,
-            "SELECT count(*) FROM order_status_history WHERE service = 'order-processor'"
-        )
-        .await,
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM outbox"#),
         1 + 4
     );
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM processed_messages").await,
+        count!(
+            &pool,
+            r#"SELECT count(*) AS "n!" FROM order_status_history WHERE service = 'order-processor'"#
+        ),
+        1 + 4
+    );
+    assert_eq!(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM processed_messages"#),
         1 + 4
     );
 
@@ -110,13 +112,16 @@ async fn a_batch_reserves_stock_order_by_order_and_sets_apart_only_the_orders_at
         ]
     );
     assert_eq!(stock(&pool, "WIDGET").await, 0);
-    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1 + 5);
+    assert_eq!(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM outbox"#),
+        1 + 5
+    );
 }
 
 #[tokio::test]
 async fn concurrent_batches_over_the_same_stock_neither_deadlock_nor_oversell() {
     let (_, pool) = test_support::fresh_database().await;
-    sqlx::query("UPDATE inventory SET stock = 30 WHERE sku IN ('WIDGET', 'GADGET')")
+    sqlx::query!("UPDATE inventory SET stock = 30 WHERE sku IN ('WIDGET', 'GADGET')")
         .execute(&pool)
         .await
         .unwrap();

@@ -217,13 +217,16 @@ async fn a_message_failing_every_attempt_is_dead_lettered_with_why_and_how_often
         "the dead letter says its order is held"
     );
     assert_eq!(why.as_deref(), Some(reason.as_str()));
-    let history: Vec<(String, Option<String>)> = sqlx::query_as(
+    let history: Vec<(String, Option<String>)> = sqlx::query!(
         "SELECT status, detail FROM order_status_history WHERE order_id = $1 ORDER BY id",
+        order.order_id,
     )
-    .bind(order.order_id)
     .fetch_all(&running.pool)
     .await
-    .unwrap();
+    .unwrap()
+    .into_iter()
+    .map(|row| (row.status, row.detail))
+    .collect();
     assert_eq!(
         history.last(),
         Some(&("held".to_owned(), Some(reason.clone())))
@@ -320,7 +323,7 @@ async fn the_final_outbox_flush_waits_for_a_delivery_still_committing() {
 
     // Hold the orders table, so the delivery waits inside its transaction.
     let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN EXCLUSIVE MODE")
+    sqlx::query!("LOCK TABLE orders IN EXCLUSIVE MODE")
         .execute(&mut *lock)
         .await
         .unwrap();
@@ -342,9 +345,9 @@ async fn the_final_outbox_flush_waits_for_a_delivery_still_committing() {
         Duration::from_secs(30),
         "the delivery waiting for the lock",
         || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            let waiting: i64 = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'"#,
             )
             .fetch_one(&pool)
             .await
@@ -360,7 +363,7 @@ async fn the_final_outbox_flush_waits_for_a_delivery_still_committing() {
 
     assert_eq!(status(&pool, order.order_id).await.0, "processed");
     let unpublished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NULL"#)
             .fetch_one(&pool)
             .await
             .unwrap();

@@ -22,19 +22,17 @@ async fn an_order_is_processed_stock_reserved_and_its_event_queued() {
     ));
     assert_eq!(stock(&pool, "WIDGET").await, before - 3);
     assert_eq!(status(&pool, order.order_id).await.0, "processed");
-    let (kind, correlation): (String, String) =
-        sqlx::query_as("SELECT payload->>'type', correlation_id FROM outbox")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(kind, "order.processed");
-    assert_eq!(correlation, "corr-1");
+    let row = sqlx::query!(r#"SELECT payload->>'type' AS "kind!", correlation_id FROM outbox"#)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row.kind, "order.processed");
+    assert_eq!(row.correlation_id, "corr-1");
     assert_eq!(
-        count(
+        count!(
             &pool,
-            "SELECT count(*) FROM order_status_history WHERE status = 'processed'"
-        )
-        .await,
+            r#"SELECT count(*) AS "n!" FROM order_status_history WHERE status = 'processed'"#
+        ),
         1
     );
 }
@@ -51,7 +49,7 @@ async fn a_redelivered_message_has_its_effect_once() {
 
     assert_eq!(again, Handled::Duplicate);
     assert_eq!(stock(&pool, "WIDGET").await, before - 2);
-    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1);
+    assert_eq!(count!(&pool, r#"SELECT count(*) AS "n!" FROM outbox"#), 1);
 }
 
 #[tokio::test]
@@ -129,11 +127,10 @@ async fn racing_processors_never_oversell() {
     assert_eq!(processed, 5, "exactly the stock was sold");
     assert_eq!(stock(&pool, "LIMITED-EDITION").await, 0);
     assert_eq!(
-        count(
+        count!(
             &pool,
-            "SELECT count(*) FROM orders WHERE status = 'rejected'"
-        )
-        .await,
+            r#"SELECT count(*) AS "n!" FROM orders WHERE status = 'rejected'"#
+        ),
         15
     );
 }
@@ -178,7 +175,7 @@ async fn messages_that_can_never_succeed_are_poison() {
         "{unknown:?}"
     );
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM processed_messages").await,
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM processed_messages"#),
         0
     );
 }

@@ -128,16 +128,16 @@ pub async fn accepted_order_of(
         callback_url: None,
         items,
     };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane, status, correlation_id)
          VALUES ($1, $2, $3, $4, $5, $6, 'standard', 'accepted', 'corr-1')",
+        order.order_id,
+        order.customer_id,
+        order.email,
+        serde_json::to_value(&order.items).unwrap(),
+        order.total_cents,
+        order.currency,
     )
-    .bind(order.order_id)
-    .bind(&order.customer_id)
-    .bind(&order.email)
-    .bind(serde_json::to_value(&order.items).unwrap())
-    .bind(order.total_cents)
-    .bind(&order.currency)
     .execute(pool)
     .await
     .unwrap();
@@ -145,21 +145,25 @@ pub async fn accepted_order_of(
 }
 
 pub async fn stock(pool: &PgPool, sku: &str) -> i32 {
-    sqlx::query_scalar("SELECT stock FROM inventory WHERE sku = $1")
-        .bind(sku)
+    sqlx::query_scalar!("SELECT stock FROM inventory WHERE sku = $1", sku)
         .fetch_one(pool)
         .await
         .unwrap()
 }
 
 pub async fn status(pool: &PgPool, order_id: Uuid) -> (String, Option<String>) {
-    sqlx::query_as("SELECT status, reason FROM orders WHERE id = $1")
-        .bind(order_id)
+    let row = sqlx::query!("SELECT status, reason FROM orders WHERE id = $1", order_id)
         .fetch_one(pool)
         .await
-        .unwrap()
+        .unwrap();
+    (row.status, row.reason)
 }
 
-pub async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+/// `count!(pool, r#"SELECT count(*) AS "n!" FROM ..."#)`: the one number a
+/// fixed statement counts, checked by the compiler like any other.
+macro_rules! count {
+    ($pool:expr, $sql:literal $(,)?) => {
+        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
+    };
 }
+pub(crate) use count;

@@ -31,18 +31,20 @@ struct Money {
 
 /// orderflow's books (`pool`) and the provider's (`books`) on `order`.
 async fn money(pool: &PgPool, books: &PgPool, order: &OrderPlaced) -> Money {
-    let (status, payment, final_statuses, events): (String, String, i64, i64) = sqlx::query_as(
-        "SELECT o.status, p.state,
+    let ours = sqlx::query!(
+        r#"SELECT o.status, p.state AS payment,
             (SELECT count(*) FROM order_status_history
-             WHERE order_id = o.id AND status IN ('processed', 'rejected')),
-            (SELECT count(*) FROM outbox WHERE order_id = o.id)
+             WHERE order_id = o.id AND status IN ('processed', 'rejected')) AS "final_statuses!",
+            (SELECT count(*) FROM outbox WHERE order_id = o.id) AS "events!"
          FROM orders o JOIN payments p ON p.order_id = o.id
-         WHERE o.id = $1",
+         WHERE o.id = $1"#,
+        order.order_id,
     )
-    .bind(order.order_id)
     .fetch_one(pool)
     .await
     .unwrap();
+    // The provider's database: a crate's statements are checked against one
+    // database, orderflow's here.
     let (provider, authorisations, captured_cents, voids) = sqlx::query_as(
         "SELECT (SELECT state FROM provider_authorisations WHERE reference = $1),
             (SELECT count(*) FROM provider_ledger
@@ -57,24 +59,26 @@ async fn money(pool: &PgPool, books: &PgPool, order: &OrderPlaced) -> Money {
     .await
     .unwrap();
     Money {
-        status,
-        payment,
+        status: ours.status,
+        payment: ours.payment,
         provider,
         authorisations,
         captured_cents,
         voids,
-        final_statuses,
-        events,
+        final_statuses: ours.final_statuses,
+        events: ours.events,
     }
 }
 
 /// The states `order`'s payment was recorded in, in order.
 async fn history(pool: &PgPool, order: &OrderPlaced) -> Vec<String> {
-    sqlx::query_scalar("SELECT state FROM payment_history WHERE order_id = $1 ORDER BY id")
-        .bind(order.order_id)
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar!(
+        "SELECT state FROM payment_history WHERE order_id = $1 ORDER BY id",
+        order.order_id,
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 /// Captured once, for the order's total; nothing voided.
@@ -188,11 +192,13 @@ async fn a_payment_an_earlier_release_left_authorised_is_decided_then_captured()
     );
     // Releases before this one recorded `authorised` on its own, and one
     // stopped there.
-    sqlx::query("UPDATE payments SET state = 'authorised' WHERE order_id = $1")
-        .bind(order.order_id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query!(
+        "UPDATE payments SET state = 'authorised' WHERE order_id = $1",
+        order.order_id,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let widgets = stock(&pool, "WIDGET").await;
     let handled = processor.handle(&order).await.unwrap();
     assert!(matches!(handled, Handled::Decided { .. }), "{handled:?}");
@@ -226,6 +232,8 @@ async fn a_provider_failing_or_timing_out_after_the_work_moves_the_money_once() 
         let order = accepted_order_of(&pool, customer, items).await;
         let first = processor.handle(&order).await;
         assert!(first.is_err(), "{customer}: the first try fails: {first:?}");
+        // The provider's database: a crate's statements are checked against
+        // one database, orderflow's here.
         let at_provider: Option<String> =
             sqlx::query_scalar("SELECT state FROM provider_authorisations WHERE reference = $1")
                 .bind(order.order_id)
@@ -233,11 +241,11 @@ async fn a_provider_failing_or_timing_out_after_the_work_moves_the_money_once() 
                 .await
                 .unwrap();
         assert_eq!(at_provider.as_deref(), after_first, "{customer}");
-        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-            .bind(order.order_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let status: String =
+            sqlx::query_scalar!("SELECT status FROM orders WHERE id = $1", order.order_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert_eq!(
             status, "accepted",
             "{customer}: not final before the money is"
@@ -354,11 +362,14 @@ async fn the_sweeper_voids_an_authorisation_never_decided_and_a_late_one_is_refu
         ("rejected", "voided", Some("voided"))
     );
     assert_eq!((never.authorisations, never.captured_cents), (0, 0));
-    let reason: String = sqlx::query_scalar("SELECT reason FROM orders WHERE id = $1")
-        .bind(authorised.order_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let reason: String = sqlx::query_scalar!(
+        "SELECT reason FROM orders WHERE id = $1",
+        authorised.order_id
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    .expect("a rejected order has a reason");
     assert_eq!(reason, "payment_abandoned");
     assert_eq!(stock(&pool, "WIDGET").await, widgets, "nothing reserved");
 
@@ -448,6 +459,8 @@ async fn the_provider_does_each_request_once_and_refuses_a_second_capture() {
         matches!(call(Operation::Void, "a").await.unwrap(), Answer::Refused(why) if why.contains("another request")),
         "a key names one request"
     );
+    // The provider's database: a crate's statements are checked against one
+    // database, orderflow's here.
     let (captures, captured): (i64, i64) = sqlx::query_as(
         "SELECT count(*), coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
          WHERE reference = $1 AND outcome = 'captured'",

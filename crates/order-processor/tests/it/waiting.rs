@@ -191,11 +191,10 @@ async fn orders_waiting_for_the_only_connection_are_processed_once_it_is_free_wi
         6,
         "stock reserved once per order"
     );
-    let decided = count(
+    let decided = count!(
         &starved.pool,
-        "SELECT count(*) FROM order_status_history WHERE status = 'processed'",
-    )
-    .await;
+        r#"SELECT count(*) AS "n!" FROM order_status_history WHERE status = 'processed'"#
+    );
     assert_eq!(decided, 6, "each order decided once");
     let mut queues = vec![
         (starved.topology.dead_letters(), "dead letters"),

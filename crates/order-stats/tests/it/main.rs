@@ -152,18 +152,32 @@ type Model = (
 );
 
 async fn model(pool: &PgPool) -> Model {
-    let skus = sqlx::query_as(
+    let skus = sqlx::query!(
         "SELECT minute, sku, orders, units, rejected FROM sales_per_minute ORDER BY minute, sku",
     )
     .fetch_all(pool)
     .await
-    .unwrap();
-    let revenue = sqlx::query_as(
+    .unwrap()
+    .into_iter()
+    .map(|row| (row.minute, row.sku, row.orders, row.units, row.rejected))
+    .collect();
+    let revenue = sqlx::query!(
         "SELECT minute, currency, orders, rejected, revenue_cents FROM revenue_per_minute ORDER BY minute, currency",
     )
     .fetch_all(pool)
     .await
-    .unwrap();
+    .unwrap()
+    .into_iter()
+    .map(|row| {
+        (
+            row.minute,
+            row.currency,
+            row.orders,
+            row.rejected,
+            row.revenue_cents,
+        )
+    })
+    .collect();
     (skus, revenue)
 }
 
@@ -212,10 +226,11 @@ async fn counted(pool: &PgPool, events: usize) {
     let wanted = (i64::try_from(events).unwrap(), 1);
     test_support::eventually(Duration::from_secs(120), "every event counted", || async {
         let got: Option<(i64, i64)> =
-            sqlx::query_as("SELECT events, skipped FROM event_log_positions")
+            sqlx::query!("SELECT events, skipped FROM event_log_positions")
                 .fetch_optional(pool)
                 .await
-                .unwrap();
+                .unwrap()
+                .map(|row| (row.events, row.skipped));
         (got == Some(wanted)).then_some(())
     })
     .await;
@@ -236,13 +251,12 @@ async fn a_rebuild_from_the_beginning_of_the_log_matches_the_model_built_live() 
         expected(&events),
         "the live model counts each event once"
     );
-    let skipped: (i64, String) =
-        sqlx::query_as("SELECT stream_offset, reason FROM event_log_skipped")
-            .fetch_one(&live_pool)
-            .await
-            .unwrap();
+    let skipped = sqlx::query!("SELECT stream_offset, reason FROM event_log_skipped")
+        .fetch_one(&live_pool)
+        .await
+        .unwrap();
     assert_eq!(
-        skipped.1, "not an order event: Syntax error at line 1 column 14",
+        skipped.reason, "not an order event: Syntax error at line 1 column 14",
         "why, without quoting the entry"
     );
 
@@ -296,7 +310,7 @@ async fn a_rebuild_from_the_beginning_of_the_log_matches_the_model_built_live() 
     fresh.stop().await;
 
     // --from first empties the model in place and rebuilds it.
-    sqlx::query("UPDATE sales_per_minute SET units = units + 1000")
+    sqlx::query!("UPDATE sales_per_minute SET units = units + 1000")
         .execute(&live_pool)
         .await
         .unwrap();
@@ -348,18 +362,18 @@ async fn a_reader_killed_in_the_middle_of_a_rebuild_counts_every_event_once_afte
     // with the earlier batches committed.
     let middle = &events[events.len() / 2];
     let mut blocker = pool.begin().await.unwrap();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO revenue_per_minute (minute, currency) VALUES (date_trunc('minute', $1::timestamptz, 'UTC'), $2)",
+        middle.occurred_at,
+        middle.currency,
     )
-    .bind(middle.occurred_at)
-    .bind(&middle.currency)
     .execute(&mut *blocker)
     .await
     .unwrap();
     let mut reader = spawn(&url, &prefix);
     test_support::eventually(Duration::from_secs(120), "the reader to wait on the held row", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        let waiting: i64 = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"#,
         )
         .fetch_one(&pool)
         .await
@@ -367,7 +381,7 @@ async fn a_reader_killed_in_the_middle_of_a_rebuild_counts_every_event_once_afte
         (waiting > 0).then_some(())
     })
     .await;
-    let before: i64 = sqlx::query_scalar("SELECT events FROM event_log_positions")
+    let before: i64 = sqlx::query_scalar!("SELECT events FROM event_log_positions")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -387,7 +401,7 @@ async fn a_reader_killed_in_the_middle_of_a_rebuild_counts_every_event_once_afte
         expected(&events),
         "every event counted once"
     );
-    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM event_log_seen")
+    let seen: i64 = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM event_log_seen"#)
         .fetch_one(&pool)
         .await
         .unwrap();
