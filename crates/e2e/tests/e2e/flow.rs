@@ -50,13 +50,20 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value, key: &str) -> P
     }
 }
 
-/// Per SKU: processed orders, units, rejected orders, over all minutes.
-const READ_MODEL: &str =
-    "SELECT sku, sum(orders)::bigint, sum(units)::bigint, sum(rejected)::bigint
-                          FROM sales_per_minute GROUP BY sku ORDER BY sku";
-
-async fn sales(pool: &PgPool, sql: &str) -> Vec<(String, i64, i64, i64)> {
-    sqlx::query_as(sql).fetch_all(pool).await.unwrap()
+/// Per SKU: processed orders, units, rejected orders, over all minutes, as
+/// order-stats' read model holds them.
+async fn read_model(pool: &PgPool) -> Vec<(String, i64, i64, i64)> {
+    sqlx::query!(
+        r#"SELECT sku, sum(orders)::bigint AS "orders!", sum(units)::bigint AS "units!",
+                  sum(rejected)::bigint AS "rejected!"
+           FROM sales_per_minute GROUP BY sku ORDER BY sku"#
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.sku, r.orders, r.units, r.rejected))
+    .collect()
 }
 
 /// Wait until the order-stats reading into `pool` has counted `events`.
@@ -65,16 +72,18 @@ async fn all_counted(pool: &PgPool, events: i64, who: &str) {
         Duration::from_secs(60),
         &format!("{who} to count every event"),
         || async {
-            let counted: Option<i64> = sqlx::query_scalar("SELECT events FROM event_log_positions")
-                .fetch_optional(pool)
-                .await
-                .unwrap();
+            let counted: Option<i64> =
+                sqlx::query_scalar!("SELECT events FROM event_log_positions")
+                    .fetch_optional(pool)
+                    .await
+                    .unwrap();
             (counted == Some(events)).then_some(())
         },
     )
     .await;
 }
 
+/// A count whose statement is built at run time.
 async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -99,14 +108,13 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     ])
     .await;
 
-    let stock_before: HashMap<String, i64> =
-        sqlx::query_as::<_, (String, i32)>("SELECT sku, stock FROM inventory")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(sku, stock)| (sku, i64::from(stock)))
-            .collect();
+    let stock_before: HashMap<String, i64> = sqlx::query!("SELECT sku, stock FROM inventory")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.sku, i64::from(r.stock)))
+        .collect();
 
     let client = crate::processes::keyed_client(
         &crate::processes::api_key(&database_url, "e2e-shop", "client"),
@@ -150,13 +158,20 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         Duration::from_secs(90),
         "every order final, notified and audited",
         || async {
-            let final_orders = scalar(
-                &pool,
-                "SELECT count(*) FROM orders WHERE status IN ('processed', 'rejected')",
+            let final_orders = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM orders WHERE status IN ('processed', 'rejected')"#
             )
-            .await;
-            let notified = scalar(&pool, "SELECT count(*) FROM notifications").await;
-            let audited = scalar(&pool, "SELECT count(*) FROM audit_log").await;
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let notified = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM notifications"#)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            let audited = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM audit_log"#)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
             (final_orders == DISTINCT as i64
                 && notified == DISTINCT as i64
                 && audited == DISTINCT as i64)
@@ -168,44 +183,53 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM orders").await,
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM orders"#)
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
         DISTINCT as i64,
         "exactly 270 orders"
     );
     assert_eq!(
-        scalar(
-            &pool,
-            "SELECT count(*) FROM (SELECT order_id FROM order_status_history
-             WHERE status IN ('processed', 'rejected') GROUP BY order_id HAVING count(*) = 1) once"
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM (SELECT order_id FROM order_status_history
+             WHERE status IN ('processed', 'rejected') GROUP BY order_id HAVING count(*) = 1) once"#
         )
-        .await,
+        .fetch_one(&pool)
+        .await
+        .unwrap(),
         DISTINCT as i64,
         "each order reached exactly one final status"
     );
     assert_eq!(
-        scalar(
-            &pool,
-            "SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor'"
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM processed_messages WHERE consumer = 'order-processor'"#
         )
-        .await,
+        .fetch_one(&pool)
+        .await
+        .unwrap(),
         DISTINCT as i64,
         "each order message processed once"
     );
     // Stock reserved exactly once per processed order, and never negative.
-    let reserved: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT line->>'sku', sum((line->>'quantity')::bigint)::bigint
+    let reserved: HashMap<String, i64> = sqlx::query!(
+        r#"SELECT line->>'sku' AS "sku!", sum((line->>'quantity')::bigint)::bigint AS "units!"
          FROM orders, jsonb_array_elements(items) AS line
-         WHERE status = 'processed' GROUP BY 1",
+         WHERE status = 'processed' GROUP BY 1"#,
     )
     .fetch_all(&pool)
     .await
     .unwrap()
     .into_iter()
+    .map(|r| (r.sku, r.units))
     .collect();
-    let stock_after: Vec<(String, i32)> = sqlx::query_as("SELECT sku, stock FROM inventory")
+    let stock_after: Vec<(String, i32)> = sqlx::query!("SELECT sku, stock FROM inventory")
         .fetch_all(&pool)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.sku, r.stock))
+        .collect();
     for (sku, after) in stock_after {
         assert!(after >= 0, "{sku} went negative");
         let taken = stock_before[&sku] - i64::from(after);
@@ -216,16 +240,23 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         );
     }
     assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM orders WHERE status = 'processed' AND items @> '[{\"sku\": \"LIMITED-EDITION\"}]'").await,
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM orders
+             WHERE status = 'processed' AND items @> '[{"sku": "LIMITED-EDITION"}]'"#
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap(),
         5,
         "the scarce item sold out exactly"
     );
     assert_eq!(
-        scalar(
-            &pool,
-            "SELECT count(*) FROM orders WHERE reason = 'payment_declined'"
+        sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM orders WHERE reason = 'payment_declined'"#
         )
-        .await,
+        .fetch_one(&pool)
+        .await
+        .unwrap(),
         (0..DISTINCT).filter(|i| i % 27 == 1).count() as i64,
         "the deterministic decline rule held"
     );
@@ -251,6 +282,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
             "was declined",
         ),
     ] {
+        // Built at run time: the condition is part of the statement's text.
         let id: uuid::Uuid =
             sqlx::query_scalar(&format!("SELECT id FROM orders WHERE {condition} LIMIT 1"))
                 .fetch_one(&pool)
@@ -272,19 +304,24 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
             .collect();
         assert_eq!(history, steps, "{condition}: {view}");
         assert_eq!(view["payment"]["state"], *steps.last().unwrap());
-        let body: String = sqlx::query_scalar("SELECT body FROM notifications WHERE order_id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let body: String =
+            sqlx::query_scalar!("SELECT body FROM notifications WHERE order_id = $1", id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
         assert!(body.contains(email), "{condition}: {body}");
     }
 
-    let per_processor: Vec<(String, i64)> =
-        sqlx::query_as("SELECT processed_by, count(*) FROM orders GROUP BY 1 ORDER BY 1")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let per_processor: Vec<(String, i64)> = sqlx::query!(
+        r#"SELECT processed_by AS "processed_by!", count(*) AS "orders!"
+             FROM orders GROUP BY 1 ORDER BY 1"#
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.processed_by, r.orders))
+    .collect();
     println!("orders per processor: {per_processor:?}");
     assert_eq!(
         per_processor.len(),
@@ -296,6 +333,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         ("notifications", "notification"),
         ("audit_log", "audit record"),
     ] {
+        // Built at run time: the table name cannot be a bound parameter.
         assert_eq!(
             scalar(
                 &pool,
@@ -316,29 +354,33 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         );
     }
     assert_eq!(
-        scalar(
-            &pool,
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
-        )
-        .await,
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NULL"#)
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
         0
     );
 
     // order-stats read every event from the log once: its read model holds
     // what the orders table says.
-    let from_orders = sales(
-        &pool,
-        "SELECT l->>'sku',
-                count(*) FILTER (WHERE o.status = 'processed'),
-                coalesce(sum((l->>'quantity')::bigint) FILTER (WHERE o.status = 'processed'), 0)::bigint,
-                count(*) FILTER (WHERE o.status = 'rejected')
-         FROM orders o, jsonb_array_elements(o.items) l GROUP BY 1 ORDER BY 1",
+    let from_orders: Vec<(String, i64, i64, i64)> = sqlx::query!(
+        r#"SELECT l->>'sku' AS "sku!",
+                count(*) FILTER (WHERE o.status = 'processed') AS "orders!",
+                coalesce(sum((l->>'quantity')::bigint) FILTER (WHERE o.status = 'processed'), 0)::bigint
+                    AS "units!",
+                count(*) FILTER (WHERE o.status = 'rejected') AS "rejected!"
+         FROM orders o, jsonb_array_elements(o.items) l GROUP BY 1 ORDER BY 1"#,
     )
-    .await;
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.sku, r.orders, r.units, r.rejected))
+    .collect();
     let finished = i64::try_from(DISTINCT).unwrap();
     all_counted(&pool, finished, "order-stats").await;
     assert_eq!(
-        sales(&pool, READ_MODEL).await,
+        read_model(&pool).await,
         from_orders,
         "order-stats' read model"
     );
@@ -352,7 +394,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
     let rebuild = crate::processes::start("order-stats", "order-stats-rebuild", &env, &log_dir);
     all_counted(&rebuild_pool, finished, "the rebuild").await;
     assert_eq!(
-        sales(&rebuild_pool, READ_MODEL).await,
+        read_model(&rebuild_pool).await,
         from_orders,
         "rebuilt from the log"
     );

@@ -85,7 +85,7 @@ async fn no_service_logs_personal_data_or_secrets_through_a_whole_order() {
     })
     .await;
     test_support::eventually(Duration::from_secs(60), "the audit record", || async {
-        let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        let audited: i64 = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM audit_log"#)
             .fetch_one(&stack.pool)
             .await
             .unwrap();

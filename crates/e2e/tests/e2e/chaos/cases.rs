@@ -149,12 +149,13 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     );
     system.env.retain(|(k, _)| *k != "DEMO_FAILURES");
     system.restart_provider().await;
-    let message_id =
-        sqlx::query_scalar::<_, Uuid>("SELECT message_id FROM outbox WHERE order_id = $1")
-            .bind(doomed_id)
-            .fetch_one(&system.pool)
-            .await
-            .unwrap();
+    let message_id = sqlx::query_scalar!(
+        "SELECT message_id FROM outbox WHERE order_id = $1",
+        doomed_id
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
     let replayed = dead_letters::replay(
         &broker,
         &system.pool,
@@ -164,11 +165,11 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     .unwrap();
     assert_eq!(replayed.len(), 1);
     check_invariants(&system, "poison messages", &report.accepted, 1).await;
-    let doomed_status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-        .bind(doomed_id)
-        .fetch_one(&system.pool)
-        .await
-        .unwrap();
+    let doomed_status: String =
+        sqlx::query_scalar!("SELECT status FROM orders WHERE id = $1", doomed_id)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
     assert_eq!(
         doomed_status, "processed",
         "the replayed order was processed"
@@ -234,13 +235,16 @@ async fn the_same_message_delivered_twice_is_processed_once() {
     let report = load.finish().await;
     let topology = Topology::new("");
     let publisher = messaging::Publisher::new(system.broker());
-    let sent: Vec<(Uuid, Uuid, serde_json::Value, String)> = sqlx::query_as(
+    let sent: Vec<(Uuid, Uuid, serde_json::Value, String)> = sqlx::query!(
         "SELECT message_id, order_id, payload, routing_key FROM outbox WHERE exchange = $1 LIMIT 20",
+        topology.orders_exchange(),
     )
-    .bind(topology.orders_exchange())
     .fetch_all(&system.pool)
     .await
-    .unwrap();
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.message_id, r.order_id, r.payload, r.routing_key))
+    .collect();
     println!(
         "re-publishing {} already-published orders (a publisher retry after a lost confirm)",
         sent.len()
@@ -326,8 +330,7 @@ async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
     // three, and the sweeper captures it.
     check_invariants(&system, "payment provider faults", &report.accepted, 1).await;
     for (id, (customer, _, _, expected)) in ids.iter().zip(troubled) {
-        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-            .bind(id)
+        let status: String = sqlx::query_scalar!("SELECT status FROM orders WHERE id = $1", id)
             .fetch_one(&system.pool)
             .await
             .unwrap();
@@ -465,15 +468,16 @@ async fn fifty_concurrent_posts_with_one_key() {
         201,
         "200 orders without a key and one with it"
     );
-    let published: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE exchange = 'orders' AND payload->>'customer_id' = 'c-key'",
+    let published: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM outbox
+         WHERE exchange = 'orders' AND payload->>'customer_id' = 'c-key'"#,
     )
     .fetch_one(&system.pool)
     .await
     .unwrap();
     assert_eq!(published, 1, "one publish for the key");
-    let largest: i64 = sqlx::query_scalar(
-        "SELECT max(n) FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b",
+    let largest: i64 = sqlx::query_scalar!(
+        r#"SELECT max(n) AS "n!" FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b"#,
     )
     .fetch_one(&system.pool)
     .await

@@ -79,7 +79,7 @@ struct Fault {
 
 impl Fault {
     async fn now(system: &System) -> Self {
-        let db_at = sqlx::query_scalar("SELECT now()")
+        let db_at = sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
             .fetch_one(&system.pool)
             .await
             .unwrap();
@@ -109,15 +109,15 @@ impl Fault {
 
     /// The longest time after the fault with no order finished.
     async fn processing_paused(&self, system: &System) -> Duration {
-        let seconds: f64 = sqlx::query_scalar(
-            "SELECT coalesce(extract(epoch FROM max(gap)), 0)::float8 FROM (
+        let seconds: f64 = sqlx::query_scalar!(
+            r#"SELECT coalesce(extract(epoch FROM max(gap)), 0)::float8 AS "seconds!" FROM (
                  SELECT at - lag(at) OVER (ORDER BY at) AS gap FROM (
                      SELECT $1::timestamptz AS at
                      UNION ALL
                      SELECT at FROM order_status_history
-                     WHERE status IN ('processed', 'rejected') AND at >= $1) finished) gaps",
+                     WHERE status IN ('processed', 'rejected') AND at >= $1) finished) gaps"#,
+            self.db_at,
         )
-        .bind(self.db_at)
         .fetch_one(&system.pool)
         .await
         .unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::{System, scalar};
+use super::System;
 
 /// The counts the settle loop compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,19 +40,30 @@ impl Counts {
             }
         }
         Self {
-            orders: scalar(pool, "SELECT count(*) FROM orders").await,
-            not_final: scalar(
-                pool,
-                "SELECT count(*) FROM orders WHERE status IN ('accepted', 'held')",
+            orders: sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM orders"#)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            not_final: sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM orders WHERE status IN ('accepted', 'held')"#
             )
-            .await,
-            notified: scalar(pool, "SELECT count(*) FROM notifications").await,
-            audited: scalar(pool, "SELECT count(*) FROM audit_log").await,
-            unpublished: scalar(
-                pool,
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+            notified: sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM notifications"#)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            audited: sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM audit_log"#)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            unpublished: sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NULL"#
             )
-            .await,
+            .fetch_one(pool)
+            .await
+            .unwrap(),
             queued,
             unreadable,
         }
@@ -131,9 +142,9 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
     for order in orders {
         out += &format!("  {order}\n");
     }
-    let unpublished: Vec<String> = sqlx::query_scalar(
-        "SELECT row_to_json(m)::text FROM (SELECT id, message_id, exchange, routing_key, order_id,
-                created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 20) m",
+    let unpublished: Vec<String> = sqlx::query_scalar!(
+        r#"SELECT row_to_json(m)::text AS "row!" FROM (SELECT id, message_id, exchange, routing_key,
+                order_id, created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 20) m"#,
     )
     .fetch_all(&system.pool)
     .await
@@ -147,8 +158,8 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
 
 /// Up to 20 orders that keep the system from settling, each with its rows.
 async fn concerned_orders(pool: &PgPool) -> Vec<String> {
-    sqlx::query_scalar(
-        "WITH concerned AS (
+    sqlx::query_scalar!(
+        r#"WITH concerned AS (
              SELECT o.* FROM orders o
              WHERE o.status IN ('accepted', 'held')
                 OR (SELECT count(*) FROM notifications n WHERE n.order_id = o.id) <> 1
@@ -172,8 +183,8 @@ async fn concerned_orders(pool: &PgPool) -> Vec<String> {
                          FROM payments p WHERE p.order_id = o.id),
              'notifications', (SELECT count(*) FROM notifications n WHERE n.order_id = o.id),
              'audit_records', (SELECT count(*) FROM audit_log a WHERE a.order_id = o.id)
-         )::text
-         FROM concerned o ORDER BY o.created_at",
+         )::text AS "order!"
+         FROM concerned o ORDER BY o.created_at"#,
     )
     .fetch_all(pool)
     .await

@@ -148,14 +148,13 @@ impl System {
             .unwrap();
         system.start_workers();
         system.wait_ready().await;
-        system.stock_before =
-            sqlx::query_as::<_, (String, i32)>("SELECT sku, stock FROM inventory")
-                .fetch_all(&system.pool)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(sku, stock)| (sku, i64::from(stock)))
-                .collect();
+        system.stock_before = sqlx::query!("SELECT sku, stock FROM inventory")
+            .fetch_all(&system.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.sku, i64::from(r.stock)))
+            .collect();
         system
     }
 
@@ -436,6 +435,8 @@ impl Load {
     }
 }
 
+/// A count on the provider's books, whose statements the macros cannot check
+/// here (see `check_money`).
 async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -451,46 +452,55 @@ pub async fn check_invariants(
     leftovers::settle(system, case, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let orders = scalar(pool, "SELECT count(*) FROM orders").await;
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM orders")
+    let orders = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM orders"#)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = sqlx::query_scalar!("SELECT id FROM orders")
         .fetch_all(pool)
         .await
         .unwrap();
     let ids: HashSet<Uuid> = ids.into_iter().collect();
     let lost: Vec<&Uuid> = accepted.iter().filter(|id| !ids.contains(id)).collect();
     assert!(lost.is_empty(), "{case}: accepted orders lost: {lost:?}");
-    let finals = scalar(
-        pool,
-        "SELECT count(*) FROM (SELECT order_id FROM order_status_history
-         WHERE status IN ('processed', 'rejected') GROUP BY order_id HAVING count(*) = 1) once",
+    let finals = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM (SELECT order_id FROM order_status_history
+         WHERE status IN ('processed', 'rejected') GROUP BY order_id HAVING count(*) = 1) once"#,
     )
-    .await;
+    .fetch_one(pool)
+    .await
+    .unwrap();
     assert_eq!(
         finals, orders,
         "{case}: every order has exactly one final status"
     );
-    let processed_messages = scalar(
-        pool,
-        "SELECT count(*) FROM processed_messages WHERE consumer = 'order-processor'",
+    let processed_messages = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM processed_messages WHERE consumer = 'order-processor'"#,
     )
-    .await;
+    .fetch_one(pool)
+    .await
+    .unwrap();
     assert_eq!(
         processed_messages, orders,
         "{case}: each order message processed once"
     );
-    let reserved: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT line->>'sku', sum((line->>'quantity')::bigint)::bigint
-         FROM orders, jsonb_array_elements(items) AS line WHERE status = 'processed' GROUP BY 1",
+    let reserved: HashMap<String, i64> = sqlx::query!(
+        r#"SELECT line->>'sku' AS "sku!", sum((line->>'quantity')::bigint)::bigint AS "units!"
+         FROM orders, jsonb_array_elements(items) AS line WHERE status = 'processed' GROUP BY 1"#,
     )
     .fetch_all(pool)
     .await
     .unwrap()
     .into_iter()
+    .map(|r| (r.sku, r.units))
     .collect();
-    let stock: Vec<(String, i32)> = sqlx::query_as("SELECT sku, stock FROM inventory")
+    let stock: Vec<(String, i32)> = sqlx::query!("SELECT sku, stock FROM inventory")
         .fetch_all(pool)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.sku, r.stock))
+        .collect();
     for (sku, now) in &stock {
         assert!(*now >= 0, "{case}: {sku} went negative");
         let taken = system.stock_before[sku] - i64::from(*now);
@@ -500,10 +510,23 @@ pub async fn check_invariants(
             "{case}: {sku} reserved once per processed order"
         );
     }
-    let notifications = scalar(pool, "SELECT count(DISTINCT order_id) FROM notifications").await;
-    let notification_rows = scalar(pool, "SELECT count(*) FROM notifications").await;
-    let audit = scalar(pool, "SELECT count(DISTINCT order_id) FROM audit_log").await;
-    let audit_rows = scalar(pool, "SELECT count(*) FROM audit_log").await;
+    let notifications =
+        sqlx::query_scalar!(r#"SELECT count(DISTINCT order_id) AS "n!" FROM notifications"#)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let notification_rows = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM notifications"#)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let audit = sqlx::query_scalar!(r#"SELECT count(DISTINCT order_id) AS "n!" FROM audit_log"#)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let audit_rows = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM audit_log"#)
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(
         (notifications, notification_rows),
         (orders, orders),
@@ -528,11 +551,11 @@ pub async fn check_invariants(
     } else {
         format!("{} ({} copies)", dead.len(), letters.len())
     };
-    let processed = scalar(
-        pool,
-        "SELECT count(*) FROM orders WHERE status = 'processed'",
-    )
-    .await;
+    let processed =
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM orders WHERE status = 'processed'"#)
+            .fetch_one(pool)
+            .await
+            .unwrap();
     println!(
         "{case} on RabbitMQ {}: accepted={} orders={orders} final={finals} processed={processed} rejected={} \
          processed_messages={processed_messages} notifications={notification_rows} audit={audit_rows} \
@@ -549,21 +572,25 @@ pub async fn check_invariants(
 /// neither captured nor voided, and each order's payment ended as its
 /// status says. Returns the counts.
 pub(crate) async fn check_money(pool: &PgPool, books: &PgPool, case: &str) -> String {
+    // The provider's database: a crate's statements are checked against one database, orderflow's here.
     let captured_cents = scalar(
         books,
         "SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger
          WHERE operation = 'capture' AND outcome = 'captured'",
     )
     .await;
-    let processed_cents = scalar(
-        pool,
-        "SELECT coalesce(sum(total_cents), 0)::bigint FROM orders WHERE status = 'processed'",
+    let processed_cents = sqlx::query_scalar!(
+        r#"SELECT coalesce(sum(total_cents), 0)::bigint AS "cents!"
+         FROM orders WHERE status = 'processed'"#,
     )
-    .await;
+    .fetch_one(pool)
+    .await
+    .unwrap();
     assert_eq!(
         captured_cents, processed_cents,
         "{case}: captured total = processed orders' total"
     );
+    // The provider's database: a crate's statements are checked against one database, orderflow's here.
     let captured_twice = scalar(
         books,
         "SELECT count(*) FROM (SELECT reference FROM provider_ledger
@@ -571,12 +598,14 @@ pub(crate) async fn check_money(pool: &PgPool, books: &PgPool, case: &str) -> St
     )
     .await;
     assert_eq!(captured_twice, 0, "{case}: nothing captured twice");
+    // The provider's database: a crate's statements are checked against one database, orderflow's here.
     let open = scalar(
         books,
         "SELECT count(*) FROM provider_authorisations WHERE state = 'authorised'",
     )
     .await;
     assert_eq!(open, 0, "{case}: no authorisation left open");
+    // The provider's database: a crate's statements are checked against one database, orderflow's here.
     let at_provider: HashMap<Uuid, String> =
         sqlx::query_as("SELECT reference, state FROM provider_authorisations")
             .fetch_all(books)
@@ -584,12 +613,16 @@ pub(crate) async fn check_money(pool: &PgPool, books: &PgPool, case: &str) -> St
             .unwrap()
             .into_iter()
             .collect();
-    let ours: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
-        "SELECT o.id, o.status, p.state FROM orders o LEFT JOIN payments p ON p.order_id = o.id",
+    let ours: Vec<(Uuid, String, Option<String>)> = sqlx::query!(
+        r#"SELECT o.id AS "id!", o.status AS "status!", p.state AS "state?"
+         FROM orders o LEFT JOIN payments p ON p.order_id = o.id"#,
     )
     .fetch_all(pool)
     .await
-    .unwrap();
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.id, r.status, r.state))
+    .collect();
     let mismatched: Vec<_> = ours
         .iter()
         .filter(|(id, status, payment)| {
@@ -609,6 +642,7 @@ pub(crate) async fn check_money(pool: &PgPool, books: &PgPool, case: &str) -> St
         "{case}: every order's payment ended as its status says; these did not \
          (order, status, payment, provider): {mismatched:?}"
     );
+    // The provider's database: a crate's statements are checked against one database, orderflow's here.
     let count = |operation: &'static str, outcome: &'static str| {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM provider_ledger WHERE operation = $1 AND outcome = $2",
@@ -621,6 +655,7 @@ pub(crate) async fn check_money(pool: &PgPool, books: &PgPool, case: &str) -> St
     let captures = count("capture", "captured").await.unwrap();
     let voids = count("void", "voided").await.unwrap();
     let declined = count("authorise", "declined").await.unwrap();
+    // The provider's database: a crate's statements are checked against one database, orderflow's here.
     let unsettled = scalar(
         books,
         "SELECT count(*) FROM provider_ledger a WHERE operation = 'authorise' AND outcome = 'authorised'
