@@ -122,8 +122,9 @@ async fn an_authorisation_is_captured_once_and_a_retry_gets_the_first_answer() {
         provider.post(&void, "v-1", json!({})).await.0,
         StatusCode::BAD_REQUEST
     );
-    let captured: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(amount_cents), 0)::bigint FROM provider_ledger WHERE outcome = 'captured'",
+    let captured: i64 = sqlx::query_scalar!(
+        r#"SELECT coalesce(sum(amount_cents), 0)::bigint AS "captured!"
+           FROM provider_ledger WHERE outcome = 'captured'"#,
     )
     .fetch_one(&provider.pool)
     .await
@@ -313,7 +314,7 @@ async fn a_key_at_work_is_told_so_and_the_same_key_later_gets_the_answer() {
     let reference = Uuid::new_v4();
     // Another request holding the key: its lock, as the provider takes it.
     let mut other = provider.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended('busy', 0))")
+    sqlx::query!("SELECT pg_advisory_lock(hashtextextended('busy', 0))")
         .execute(&mut *other)
         .await
         .unwrap();
@@ -321,8 +322,8 @@ async fn a_key_at_work_is_told_so_and_the_same_key_later_gets_the_answer() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "idempotency_key_in_use");
     assert_eq!(provider.state(reference).await, "", "nothing done");
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended('busy', 0))")
-        .execute(&mut *other)
+    sqlx::query_scalar!("SELECT pg_advisory_unlock(hashtextextended('busy', 0))")
+        .fetch_one(&mut *other)
         .await
         .unwrap();
     let (status, replayed, body) = provider.authorise("busy", reference, 100, "c").await;

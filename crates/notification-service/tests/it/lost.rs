@@ -9,8 +9,6 @@ use notification_service::{configuration::Settings, handler, startup::Applicatio
 use test_support::events::event_for_stored_order;
 use tokio_util::sync::CancellationToken;
 
-use super::count;
-
 #[tokio::test]
 async fn an_event_its_queue_lost_is_sent_again_and_notified_once() {
     test_support::init_tracing();
@@ -25,16 +23,16 @@ async fn an_event_its_queue_lost_is_sent_again_and_notified_once() {
     // Decided, written to the outbox and confirmed by the exchange a minute
     // ago; the queue's copy is gone (nothing here ever publishes it).
     let event = event_for_stored_order(&pool, Outcome::Processed).await;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id,
                              created_at, published_at)
          VALUES ($1, $2, '', $3, 'corr-lost', $4, now() - interval '1 minute',
                  now() - interval '1 minute')",
+        event.message_id,
+        topology.events_exchange(),
+        serde_json::to_value(&event).unwrap(),
+        event.order_id
     )
-    .bind(event.message_id)
-    .bind(topology.events_exchange())
-    .bind(serde_json::to_value(&event).unwrap())
-    .bind(event.order_id)
     .execute(&pool)
     .await
     .unwrap();
@@ -48,7 +46,7 @@ async fn an_event_its_queue_lost_is_sent_again_and_notified_once() {
         Duration::from_secs(60),
         "the lost event's notification",
         || async {
-            (count(&pool, "SELECT count(*) FROM notifications").await == 1
+            (count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#) == 1
                 && test_support::queue_depth(&amqp, &topology.subscriber_queue(handler::CONSUMER))
                     .await
                     == 0)
@@ -59,7 +57,10 @@ async fn an_event_its_queue_lost_is_sent_again_and_notified_once() {
     // Later checks find it handled; had the lost copy turned up after all,
     // it would be skipped as a duplicate.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM notifications").await, 1);
+    assert_eq!(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#),
+        1
+    );
 
     shutdown.cancel();
     running.await.unwrap().expect("a clean shutdown");

@@ -9,8 +9,12 @@ use platform::worker::EventHandler;
 use test_support::events::{event_for_stored_order, received};
 use tokio_util::sync::CancellationToken;
 
-async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+/// One number read from the database, by a statement checked at build time:
+/// `count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#)`.
+macro_rules! count {
+    ($pool:expr, $sql:literal) => {
+        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
+    };
 }
 
 #[tokio::test]
@@ -31,17 +35,19 @@ async fn a_batch_sends_each_new_events_email_and_webhook_once() {
     let sent = notifier.handle_batch(&batch).await.unwrap();
 
     assert_eq!(sent, [false, true, false]);
-    assert_eq!(count(&pool, "SELECT count(*) FROM notifications").await, 2);
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM webhook_deliveries").await,
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#),
+        2
+    );
+    assert_eq!(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM webhook_deliveries"#),
         1
     );
     assert_eq!(
-        count(
+        count!(
             &pool,
-            "SELECT count(*) FROM order_status_history WHERE status = 'notified'"
-        )
-        .await,
+            r#"SELECT count(*) AS "n!" FROM order_status_history WHERE status = 'notified'"#
+        ),
         2
     );
 }
@@ -57,20 +63,21 @@ async fn one_email_per_event_however_often_it_is_delivered() {
         "a redelivery is skipped"
     );
 
-    assert_eq!(count(&pool, "SELECT count(*) FROM notifications").await, 1);
-    let (recipient, subject): (String, String) =
-        sqlx::query_as("SELECT recipient, subject FROM notifications")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(recipient, "grace@example.com");
-    assert!(subject.contains("is confirmed"), "{subject}");
     assert_eq!(
-        count(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#),
+        1
+    );
+    let sent = sqlx::query!("SELECT recipient, subject FROM notifications")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sent.recipient, "grace@example.com");
+    assert!(sent.subject.contains("is confirmed"), "{}", sent.subject);
+    assert_eq!(
+        count!(
             &pool,
-            "SELECT count(*) FROM order_status_history WHERE status = 'notified'"
-        )
-        .await,
+            r#"SELECT count(*) AS "n!" FROM order_status_history WHERE status = 'notified'"#
+        ),
         1
     );
 }
@@ -129,7 +136,7 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     }
 
     test_support::eventually(Duration::from_secs(10), "the notification", || async {
-        (count(&pool, "SELECT count(*) FROM processed_messages").await == 1
+        (count!(&pool, r#"SELECT count(*) AS "n!" FROM processed_messages"#) == 1
             && test_support::queue_depth(&amqp, &topology.subscriber_queue(handler::CONSUMER))
                 .await
                 == 0)
@@ -137,7 +144,10 @@ async fn an_event_on_the_fanout_exchange_is_notified_once() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM notifications").await, 1);
+    assert_eq!(
+        count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#),
+        1
+    );
 
     shutdown.cancel();
     running.await.unwrap().expect("a clean shutdown");

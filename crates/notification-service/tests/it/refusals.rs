@@ -70,22 +70,27 @@ async fn finished(pool: &PgPool, event_id: Uuid, state: &str) {
 
 /// State, attempts, last_error and the attempt rows' errors.
 async fn record(pool: &PgPool, event_id: Uuid) -> (String, i32, Option<String>, Vec<String>) {
-    let (state, attempts, last_error): (String, i32, Option<String>) = sqlx::query_as(
+    let delivery = sqlx::query!(
         "SELECT state, attempts, last_error FROM webhook_deliveries WHERE event_id = $1",
+        event_id
     )
-    .bind(event_id)
     .fetch_one(pool)
     .await
     .unwrap();
-    let errors = sqlx::query_scalar(
-        "SELECT coalesce(a.error, '') FROM webhook_attempts a
-         JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.event_id = $1",
+    let errors = sqlx::query_scalar!(
+        r#"SELECT coalesce(a.error, '') AS "error!" FROM webhook_attempts a
+           JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.event_id = $1"#,
+        event_id
     )
-    .bind(event_id)
     .fetch_all(pool)
     .await
     .unwrap();
-    (state, attempts, last_error, errors)
+    (
+        delivery.state,
+        delivery.attempts,
+        delivery.last_error,
+        errors,
+    )
 }
 
 /// Refused once with `reason`, and (after the backoff a retry would have

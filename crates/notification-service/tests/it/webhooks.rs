@@ -90,11 +90,14 @@ pub(crate) async fn notified_with_callback(pool: &PgPool, url: &str) -> uuid::Uu
 }
 
 pub(crate) async fn delivery(pool: &PgPool, event_id: uuid::Uuid) -> (String, i32) {
-    sqlx::query_as("SELECT state, attempts FROM webhook_deliveries WHERE event_id = $1")
-        .bind(event_id)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    let row = sqlx::query!(
+        "SELECT state, attempts FROM webhook_deliveries WHERE event_id = $1",
+        event_id
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (row.state, row.attempts)
 }
 
 pub(crate) fn run(pool: &PgPool, policy: WebhookPolicy) -> CancellationToken {
@@ -147,11 +150,11 @@ async fn a_receiver_that_fails_twice_gets_exactly_one_successful_delivery() {
         3,
         "no call after the success"
     );
-    let codes: Vec<Option<i32>> = sqlx::query_scalar(
+    let codes: Vec<Option<i32>> = sqlx::query_scalar!(
         "SELECT a.status_code FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
          WHERE d.event_id = $1 ORDER BY a.attempt",
+        event_id
     )
-    .bind(event_id)
     .fetch_all(&pool)
     .await
     .unwrap();
@@ -204,12 +207,13 @@ async fn a_receiver_that_always_fails_ends_dead_and_holds_up_no_one() {
         Duration::from_secs(5),
         "the slow receiver's timeout",
         || async {
-            let error: Option<String> =
-                sqlx::query_scalar("SELECT last_error FROM webhook_deliveries WHERE event_id = $1")
-                    .bind(slow)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+            let error: Option<String> = sqlx::query_scalar!(
+                "SELECT last_error FROM webhook_deliveries WHERE event_id = $1",
+                slow
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
             error.filter(|e| e.contains("no answer")).map(|_| ())
         },
     )

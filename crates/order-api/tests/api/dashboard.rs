@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{EventReader, TestApp, assert_error, spawn_app, spawn_with, test_settings};
+use crate::helpers::{
+    EventReader, TestApp, assert_error, count, spawn_app, spawn_with, test_settings,
+};
 
 async fn post_as(
     app: &TestApp,
@@ -110,7 +112,7 @@ async fn the_pages_data_is_for_admin_keys_only() {
         .await;
     }
     assert_eq!(
-        app.count("SELECT count(*) FROM orders").await,
+        count!(app, r#"SELECT count(*) AS "n!" FROM orders"#),
         0,
         "a refused burst placed nothing"
     );
@@ -199,7 +201,7 @@ async fn bad_input_to_the_pages_endpoints_gets_a_clear_error() {
     )
     .await;
     assert_error(unknown, 404, "dead_letter_not_found").await;
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 0);
 }
 
 #[tokio::test]
@@ -210,8 +212,10 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer, json!({"accepted": 25, "failed": 0}));
     assert_eq!(
-        app.count("SELECT count(*) FROM orders WHERE lane = 'standard'")
-            .await,
+        count!(
+            app,
+            r#"SELECT count(*) AS "n!" FROM orders WHERE lane = 'standard'"#
+        ),
         25
     );
 
@@ -242,10 +246,11 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
         "the event log (a stream) has no backlog to show"
     );
 
-    let ids: Vec<String> = sqlx::query_scalar("SELECT id::text FROM orders ORDER BY id LIMIT 3")
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
+    let ids: Vec<String> =
+        sqlx::query_scalar!(r#"SELECT id::text AS "id!" FROM orders ORDER BY id LIMIT 3"#)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
     let response = app
         .get_as(
             &app.admin,

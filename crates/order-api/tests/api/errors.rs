@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_error, order_body, spawn_app};
+use crate::helpers::{TestApp, assert_error, count, order_body, spawn_app};
 
 fn with(mutate: impl FnOnce(&mut Value)) -> Value {
     let mut body = order_body();
@@ -12,9 +12,12 @@ fn with(mutate: impl FnOnce(&mut Value)) -> Value {
 }
 
 async fn assert_nothing_stored(app: &TestApp) {
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM idempotency_keys").await, 0);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 0);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#), 0);
+    assert_eq!(
+        count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#),
+        0
+    );
 }
 
 #[tokio::test]

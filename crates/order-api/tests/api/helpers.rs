@@ -156,10 +156,6 @@ impl TestApp {
             .and_then(|v| v.parse().ok())
     }
 
-    pub async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
-    }
-
     /// The next order published on `queue`.
     pub async fn next_placed(&self, queue: &str) -> (OrderPlaced, lapin::BasicProperties) {
         let delivery = test_support::next_message(&self.amqp, queue, Duration::from_secs(10)).await;
@@ -169,6 +165,18 @@ impl TestApp {
         )
     }
 }
+
+/// One number read from a test app's database, by a statement checked at
+/// build time: `count!(app, r#"SELECT count(*) AS "n!" FROM orders"#)`.
+macro_rules! count {
+    ($app:expr, $sql:literal) => {
+        sqlx::query_scalar!($sql)
+            .fetch_one(&$app.pool)
+            .await
+            .unwrap()
+    };
+}
+pub(crate) use count;
 
 /// Assert the JSON error shape and code; return the body.
 pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {

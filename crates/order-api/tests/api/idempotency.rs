@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_error, order_body, spawn_app, spawn_with, test_settings};
+use crate::helpers::{assert_error, count, order_body, spawn_app, spawn_with, test_settings};
 
 #[tokio::test]
 async fn the_same_key_and_body_replays_the_first_response() {
@@ -31,9 +31,9 @@ async fn the_same_key_and_body_replays_the_first_response() {
         first_body,
         "byte-for-byte the same"
     );
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
     assert_eq!(
-        app.count("SELECT count(*) FROM outbox").await,
+        count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#),
         1,
         "published once"
     );
@@ -63,7 +63,7 @@ async fn the_same_key_with_a_different_body_is_a_422() {
         "idempotency_key_reused",
     )
     .await;
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
 }
 
 #[tokio::test]
@@ -71,12 +71,14 @@ async fn a_key_whose_first_request_is_in_flight_is_a_409() {
     let app = spawn_app().await;
     // Play the first request: hold the key's lock in an open transaction.
     let mut first = app.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || E'\\n' || $2, 0))")
-        .bind("test-client")
-        .bind("key-3")
-        .execute(&mut *first)
-        .await
-        .unwrap();
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || E'\\n' || $2, 0))",
+        "test-client",
+        "key-3"
+    )
+    .execute(&mut *first)
+    .await
+    .unwrap();
 
     assert_error(
         app.post_order(&order_body(), Some("key-3")).await,
@@ -114,8 +116,8 @@ async fn concurrent_requests_with_one_key_make_one_order() {
         }
     }
     assert_eq!(created, 1);
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
-    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#), 1);
 }
 
 #[tokio::test]
@@ -151,7 +153,9 @@ async fn keys_expire_and_are_cleaned_up() {
     test_support::eventually(
         Duration::from_secs(10),
         "the key to be cleaned up",
-        || async { (app.count("SELECT count(*) FROM idempotency_keys").await == 0).then_some(()) },
+        || async {
+            (count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#) == 0).then_some(())
+        },
     )
     .await;
 
@@ -172,7 +176,7 @@ async fn orders_posted_together_share_a_transaction_and_keep_their_own_answers()
     let app = spawn_with(settings, pool).await;
     // Hold every writer at the price lookup, so the requests pile up.
     let mut gate = app.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
+    sqlx::query!("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *gate)
         .await
         .unwrap();
@@ -235,16 +239,23 @@ async fn orders_posted_together_share_a_transaction_and_keep_their_own_answers()
     }
     assert!(of("no key").all(|a| a.1 == 202));
     assert!(of("unknown sku").all(|a| a.1 == 422 || a.1 == 409));
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1 + 20);
-    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 1 + 20);
     assert_eq!(
-        app.count("SELECT count(*) FROM idempotency_keys").await,
+        count!(app, r#"SELECT count(*) AS "n!" FROM orders"#),
+        1 + 20
+    );
+    assert_eq!(
+        count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#),
+        1 + 20
+    );
+    assert_eq!(
+        count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#),
         1,
         "no key stored for the refused request"
     );
     // Orders of one transaction share its start time.
-    let largest_batch = app
-        .count("SELECT max(n) FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b")
-        .await;
+    let largest_batch = count!(
+        app,
+        r#"SELECT max(n) AS "n!" FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b"#
+    );
     assert!(largest_batch > 1, "the writers batched nothing");
 }

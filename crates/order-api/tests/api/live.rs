@@ -24,17 +24,19 @@ async fn place(app: &TestApp, body: &Value) -> Uuid {
 
 /// What order-processor would do: decide, and announce it on the fanout.
 async fn decide(app: &TestApp, order_id: Uuid, outcome: Outcome) {
-    sqlx::query("UPDATE orders SET status = $2 WHERE id = $1")
-        .bind(order_id)
-        .bind(outcome.status())
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO order_status_history (order_id, status, service) VALUES ($1, $2, 'test')",
+    sqlx::query!(
+        "UPDATE orders SET status = $2 WHERE id = $1",
+        order_id,
+        outcome.status()
     )
-    .bind(order_id)
-    .bind(outcome.status())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query!(
+        "INSERT INTO order_status_history (order_id, status, service) VALUES ($1, $2, 'test')",
+        order_id,
+        outcome.status()
+    )
     .execute(&app.pool)
     .await
     .unwrap();
@@ -69,11 +71,11 @@ async fn decide(app: &TestApp, order_id: Uuid, outcome: Outcome) {
 
 /// What notification-service would do.
 async fn notify(app: &TestApp, order_id: Uuid) {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO order_status_history (order_id, status, service)
          VALUES ($1, 'notified', 'notification-service')",
+        order_id
     )
-    .bind(order_id)
     .execute(&app.pool)
     .await
     .unwrap();

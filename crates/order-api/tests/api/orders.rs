@@ -3,7 +3,7 @@ use std::time::Duration;
 use messaging::contracts::{Lane, SCHEMA_VERSION};
 use serde_json::{Value, json};
 
-use crate::helpers::{order_body, spawn_app};
+use crate::helpers::{count, order_body, spawn_app};
 
 #[tokio::test]
 async fn a_valid_order_is_stored_published_and_answered_with_202() {
@@ -25,15 +25,16 @@ async fn a_valid_order_is_stored_published_and_answered_with_202() {
     assert_eq!(body["status"], "accepted");
     assert_eq!(body["total_cents"], 2 * 1999 + 4950);
     assert_eq!(body["lane"], "standard");
-    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
     // Marked by the relay within a few milliseconds of the confirm.
     test_support::eventually(
         Duration::from_secs(5),
         "the outbox row marked published",
         || async {
-            (app.count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
-                .await
-                == 1)
+            (count!(
+                app,
+                r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NOT NULL"#
+            ) == 1)
                 .then_some(())
         },
     )
@@ -169,9 +170,10 @@ async fn an_order_whose_queue_was_deleted_is_published_once_the_topology_is_back
         std::time::Duration::from_secs(10),
         "the relay to publish it",
         || async {
-            (app.count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .await
-                == 0)
+            (count!(
+                app,
+                r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NULL"#
+            ) == 0)
                 .then_some(())
         },
     )

@@ -78,7 +78,7 @@ async fn an_accepted_order_the_broker_no_longer_has_is_published_again_once() {
     );
 
     let delivery = test_support::next_message(&amqp, &queue, Duration::from_secs(10)).await;
-    let message_id: Uuid = sqlx::query_scalar("SELECT message_id FROM outbox")
+    let message_id: Uuid = sqlx::query_scalar!("SELECT message_id FROM outbox")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -116,7 +116,7 @@ async fn a_dead_letter_hides_no_forgotten_order_and_a_held_order_is_not_sent() {
 
     // Once held, the order's message is in the dead letters: left alone.
     purge(&amqp, &topology.work_queue(Lane::Standard)).await;
-    sqlx::query("UPDATE orders SET status = 'held', reason = 'gave up'")
+    sqlx::query!("UPDATE orders SET status = 'held', reason = 'gave up'")
         .execute(&pool)
         .await
         .unwrap();

@@ -9,11 +9,12 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    TestApp, assert_error, client_with, new_key, order_body, spawn_app, spawn_with, test_settings,
+    TestApp, assert_error, client_with, count, new_key, order_body, spawn_app, spawn_with,
+    test_settings,
 };
 
 async fn orders_stored(app: &TestApp) -> i64 {
-    app.count("SELECT count(*) FROM orders").await
+    count!(app, r#"SELECT count(*) AS "n!" FROM orders"#)
 }
 
 async fn place(app: &TestApp, client: &reqwest::Client, key: Option<&str>) -> reqwest::Response {
@@ -61,7 +62,10 @@ async fn no_key_is_401_with_a_challenge_and_stores_nothing() {
         .unwrap();
     assert_error(basic, 401, "unauthenticated").await;
     assert_eq!(orders_stored(&app).await, 0);
-    assert_eq!(app.count("SELECT count(*) FROM idempotency_keys").await, 0);
+    assert_eq!(
+        count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#),
+        0
+    );
     // The public routes stay public.
     for path in ["/healthz", "/readyz", "/openapi.json"] {
         let response = app.get_as(&anonymous, path).await;
@@ -326,12 +330,16 @@ async fn an_unknown_client_or_scope_is_refused_when_making_a_key() {
         .unwrap();
     assert_eq!(first.id, again.id);
     // Only the hash is stored, and a quarter of the key in clear at most.
-    let (hash, prefix): (Vec<u8>, String) =
-        sqlx::query_as("SELECT key_hash, key_prefix FROM api_keys WHERE id = $1")
-            .bind(first.id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(hash, Sha256::digest(b"orderflow-demo-key").to_vec());
-    assert_eq!(prefix, "orde");
+    let stored = sqlx::query!(
+        "SELECT key_hash, key_prefix FROM api_keys WHERE id = $1",
+        first.id
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored.key_hash,
+        Sha256::digest(b"orderflow-demo-key").to_vec()
+    );
+    assert_eq!(stored.key_prefix, "orde");
 }

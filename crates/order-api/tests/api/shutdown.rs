@@ -18,7 +18,7 @@ async fn the_final_outbox_flush_waits_for_a_request_still_committing() {
 
     // Hold the orders table, so the POST waits inside its transaction.
     let mut lock = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN EXCLUSIVE MODE")
+    sqlx::query!("LOCK TABLE orders IN EXCLUSIVE MODE")
         .execute(&mut *lock)
         .await
         .unwrap();
@@ -28,9 +28,9 @@ async fn the_final_outbox_flush_waits_for_a_request_still_committing() {
         Duration::from_secs(30),
         "the POST waiting for the lock",
         || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            let waiting: i64 = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'"#,
             )
             .fetch_one(&pool)
             .await
@@ -47,7 +47,7 @@ async fn the_final_outbox_flush_waits_for_a_request_still_committing() {
     running.await.unwrap().unwrap();
 
     let unpublished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NULL"#)
             .fetch_one(&pool)
             .await
             .unwrap();
