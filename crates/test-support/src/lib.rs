@@ -22,6 +22,17 @@ use uuid::Uuid;
 pub mod events;
 pub mod process;
 
+/// `count!(pool, r#"SELECT count(*) AS "n!" FROM orders"#)`: the one number
+/// a fixed statement returns, read with `pool`; a database error fails the
+/// test. A macro, so that the statement is compile-checked in the crate that
+/// writes it, like any other.
+#[macro_export]
+macro_rules! count {
+    ($pool:expr, $sql:literal $(,)?) => {
+        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
+    };
+}
+
 /// Postgres server the tests create their databases on.
 pub fn postgres_base_url() -> String {
     std::env::var("TEST_DATABASE_URL")

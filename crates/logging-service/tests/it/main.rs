@@ -7,16 +7,11 @@ use lapin::BasicProperties;
 use logging_service::{configuration::Settings, handler, startup::Application};
 use messaging::contracts::Outcome;
 use platform::worker::EventHandler;
-use test_support::events::{event_for_stored_order, received};
+use test_support::{
+    count,
+    events::{event_for_stored_order, received},
+};
 use tokio_util::sync::CancellationToken;
-
-/// `count!(pool, r#"SELECT count(*) AS "n!" FROM ..."#)`: the one number a
-/// fixed statement counts, checked by the compiler like any other.
-macro_rules! count {
-    ($pool:expr, $sql:literal $(,)?) => {
-        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
-    };
-}
 
 #[tokio::test]
 async fn one_audit_record_per_event_however_often_it_is_delivered() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use messaging::contracts::Outcome;
 use notification_service::{configuration::Settings, handler, startup::Application};
-use test_support::events::event_for_stored_order;
+use test_support::{count, events::event_for_stored_order};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]

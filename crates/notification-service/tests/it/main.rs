@@ -6,16 +6,11 @@ use clap::Parser;
 use messaging::{amqp::Envelope, contracts::Outcome};
 use notification_service::{configuration::Settings, handler, startup::Application};
 use platform::worker::EventHandler;
-use test_support::events::{event_for_stored_order, received};
+use test_support::{
+    count,
+    events::{event_for_stored_order, received},
+};
 use tokio_util::sync::CancellationToken;
-
-/// One number read from the database, by a statement checked at build time:
-/// `count!(&pool, r#"SELECT count(*) AS "n!" FROM notifications"#)`.
-macro_rules! count {
-    ($pool:expr, $sql:literal) => {
-        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
-    };
-}
 
 #[tokio::test]
 async fn a_batch_sends_each_new_events_email_and_webhook_once() {

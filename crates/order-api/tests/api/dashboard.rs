@@ -112,7 +112,7 @@ async fn the_pages_data_is_for_admin_keys_only() {
         .await;
     }
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM orders"#),
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
         0,
         "a refused burst placed nothing"
     );
@@ -201,7 +201,10 @@ async fn bad_input_to_the_pages_endpoints_gets_a_clear_error() {
     )
     .await;
     assert_error(unknown, 404, "dead_letter_not_found").await;
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 0);
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
+        0
+    );
 }
 
 #[tokio::test]
@@ -213,7 +216,7 @@ async fn a_burst_is_stored_and_queued_and_its_depth_and_standing_are_shown() {
     assert_eq!(answer, json!({"accepted": 25, "failed": 0}));
     assert_eq!(
         count!(
-            app,
+            &app.pool,
             r#"SELECT count(*) AS "n!" FROM orders WHERE lane = 'standard'"#
         ),
         25

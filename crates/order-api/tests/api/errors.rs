@@ -12,10 +12,19 @@ fn with(mutate: impl FnOnce(&mut Value)) -> Value {
 }
 
 async fn assert_nothing_stored(app: &TestApp) {
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 0);
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#), 0);
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#),
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
+        0
+    );
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM outbox"#),
+        0
+    );
+    assert_eq!(
+        count!(
+            &app.pool,
+            r#"SELECT count(*) AS "n!" FROM idempotency_keys"#
+        ),
         0
     );
 }

@@ -166,17 +166,7 @@ impl TestApp {
     }
 }
 
-/// One number read from a test app's database, by a statement checked at
-/// build time: `count!(app, r#"SELECT count(*) AS "n!" FROM orders"#)`.
-macro_rules! count {
-    ($app:expr, $sql:literal) => {
-        sqlx::query_scalar!($sql)
-            .fetch_one(&$app.pool)
-            .await
-            .unwrap()
-    };
-}
-pub(crate) use count;
+pub(crate) use test_support::count;
 
 /// Assert the JSON error shape and code; return the body.
 pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {

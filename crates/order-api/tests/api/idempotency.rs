@@ -31,9 +31,12 @@ async fn the_same_key_and_body_replays_the_first_response() {
         first_body,
         "byte-for-byte the same"
     );
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#),
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
+        1
+    );
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM outbox"#),
         1,
         "published once"
     );
@@ -63,7 +66,10 @@ async fn the_same_key_with_a_different_body_is_a_422() {
         "idempotency_key_reused",
     )
     .await;
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
+        1
+    );
 }
 
 #[tokio::test]
@@ -116,8 +122,14 @@ async fn concurrent_requests_with_one_key_make_one_order() {
         }
     }
     assert_eq!(created, 1);
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#), 1);
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
+        1
+    );
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM outbox"#),
+        1
+    );
 }
 
 #[tokio::test]
@@ -154,7 +166,11 @@ async fn keys_expire_and_are_cleaned_up() {
         Duration::from_secs(10),
         "the key to be cleaned up",
         || async {
-            (count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#) == 0).then_some(())
+            (count!(
+                &app.pool,
+                r#"SELECT count(*) AS "n!" FROM idempotency_keys"#
+            ) == 0)
+                .then_some(())
         },
     )
     .await;
@@ -240,21 +256,24 @@ async fn orders_posted_together_share_a_transaction_and_keep_their_own_answers()
     assert!(of("no key").all(|a| a.1 == 202));
     assert!(of("unknown sku").all(|a| a.1 == 422 || a.1 == 409));
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM orders"#),
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
         1 + 20
     );
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM outbox"#),
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM outbox"#),
         1 + 20
     );
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#),
+        count!(
+            &app.pool,
+            r#"SELECT count(*) AS "n!" FROM idempotency_keys"#
+        ),
         1,
         "no key stored for the refused request"
     );
     // Orders of one transaction share its start time.
     let largest_batch = count!(
-        app,
+        &app.pool,
         r#"SELECT max(n) AS "n!" FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b"#
     );
     assert!(largest_batch > 1, "the writers batched nothing");

@@ -25,14 +25,17 @@ async fn a_valid_order_is_stored_published_and_answered_with_202() {
     assert_eq!(body["status"], "accepted");
     assert_eq!(body["total_cents"], 2 * 1999 + 4950);
     assert_eq!(body["lane"], "standard");
-    assert_eq!(count!(app, r#"SELECT count(*) AS "n!" FROM orders"#), 1);
+    assert_eq!(
+        count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#),
+        1
+    );
     // Marked by the relay within a few milliseconds of the confirm.
     test_support::eventually(
         Duration::from_secs(5),
         "the outbox row marked published",
         || async {
             (count!(
-                app,
+                &app.pool,
                 r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NOT NULL"#
             ) == 1)
                 .then_some(())
@@ -171,7 +174,7 @@ async fn an_order_whose_queue_was_deleted_is_published_once_the_topology_is_back
         "the relay to publish it",
         || async {
             (count!(
-                app,
+                &app.pool,
                 r#"SELECT count(*) AS "n!" FROM outbox WHERE published_at IS NULL"#
             ) == 0)
                 .then_some(())

@@ -14,7 +14,7 @@ use crate::helpers::{
 };
 
 async fn orders_stored(app: &TestApp) -> i64 {
-    count!(app, r#"SELECT count(*) AS "n!" FROM orders"#)
+    count!(&app.pool, r#"SELECT count(*) AS "n!" FROM orders"#)
 }
 
 async fn place(app: &TestApp, client: &reqwest::Client, key: Option<&str>) -> reqwest::Response {
@@ -63,7 +63,10 @@ async fn no_key_is_401_with_a_challenge_and_stores_nothing() {
     assert_error(basic, 401, "unauthenticated").await;
     assert_eq!(orders_stored(&app).await, 0);
     assert_eq!(
-        count!(app, r#"SELECT count(*) AS "n!" FROM idempotency_keys"#),
+        count!(
+            &app.pool,
+            r#"SELECT count(*) AS "n!" FROM idempotency_keys"#
+        ),
         0
     );
     // The public routes stay public.

@@ -159,11 +159,4 @@ pub async fn status(pool: &PgPool, order_id: Uuid) -> (String, Option<String>) {
     (row.status, row.reason)
 }
 
-/// `count!(pool, r#"SELECT count(*) AS "n!" FROM ..."#)`: the one number a
-/// fixed statement counts, checked by the compiler like any other.
-macro_rules! count {
-    ($pool:expr, $sql:literal $(,)?) => {
-        sqlx::query_scalar!($sql).fetch_one($pool).await.unwrap()
-    };
-}
-pub(crate) use count;
+pub(crate) use test_support::count;
