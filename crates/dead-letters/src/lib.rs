@@ -1,5 +1,8 @@
-//! The dead-letter queue, for people: list what is in it and why, and replay
-//! messages (one or all) onto the queue they came from. A replayed message
+//! The dead letters, for people: list them and why, and replay them (one
+//! or all). They are kept in two places: RabbitMQ's dead-letter queue, and,
+//! for orders worked from Postgres (`WORK_QUEUE=postgres`), the `jobs`
+//! table's dead rows; both are listed and replayed together. A message is
+//! replayed onto the queue it came from, a job made due again. A replayed message
 //! keeps its message id, so if it had in fact been processed the consumer's
 //! dedupe skips it: replaying is always safe. Replaying an order's message
 //! moves its held order on: it is accepted again, so that order-api's
@@ -14,6 +17,7 @@ use lapin::{
     options::{BasicAckOptions, BasicGetOptions},
     types::{AMQPValue, FieldTable},
 };
+use platform::jobs::{self, DeadJob};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -123,8 +127,56 @@ async fn give_back(
     }
 }
 
-/// Every dead letter, oldest first; the queue is left as it was.
-pub async fn list(broker: &Broker) -> anyhow::Result<Vec<DeadLetter>> {
+/// Where a dead job is listed as being from.
+pub const JOBS: &str = "jobs";
+
+impl From<DeadJob> for DeadLetter {
+    fn from(job: DeadJob) -> Self {
+        Self {
+            message_id: job.message_id.to_string(),
+            order_id: job.order_id.to_string(),
+            reason: job.reason,
+            attempts: u32::try_from(job.attempts).unwrap_or(0),
+            service: "order-processor".to_owned(),
+            queue: Some(JOBS.to_owned()),
+        }
+    }
+}
+
+/// Every dead letter: the dead-letter queue's, oldest first (the queue is
+/// left as it was), then the dead jobs, oldest first.
+pub async fn list(broker: &Broker, pool: &PgPool) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut letters = list_queue(broker).await?;
+    let jobs = jobs::dead(pool).await.context("reading the dead jobs")?;
+    letters.extend(jobs.into_iter().map(DeadLetter::from));
+    Ok(letters)
+}
+
+/// Replay the selected dead letters: from the queue (see [`replay_queue`])
+/// and from the `jobs` table (see `platform::jobs::replay`); what was
+/// replayed.
+pub async fn replay(
+    broker: &Broker,
+    pool: &PgPool,
+    selection: &Selection,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let message_id = match selection {
+        Selection::All => Some(None),
+        Selection::MessageId(id) => id.parse::<Uuid>().ok().map(Some),
+    };
+    let mut replayed = Vec::new();
+    if let Some(message_id) = message_id {
+        let jobs = jobs::replay(pool, message_id).await?;
+        replayed.extend(jobs.into_iter().map(DeadLetter::from));
+    }
+    if matches!(selection, Selection::All) || replayed.is_empty() {
+        replayed.extend(replay_queue(broker, pool, selection).await?);
+    }
+    Ok(replayed)
+}
+
+/// Every dead letter in the queue, oldest first; the queue is left as it was.
+pub async fn list_queue(broker: &Broker) -> anyhow::Result<Vec<DeadLetter>> {
     let connection = broker.connect_once().await?;
     let channel = connection.create_channel().await?;
     let queue = broker.topology().dead_letters();
@@ -144,7 +196,7 @@ pub enum Selection {
 /// attempts reset), then remove them from the dead-letter queue; returns
 /// what was replayed. Messages whose queue is unknown stay. The held order
 /// of each is accepted again first (see [`release`]).
-pub async fn replay(
+async fn replay_queue(
     broker: &Broker,
     pool: &PgPool,
     selection: &Selection,

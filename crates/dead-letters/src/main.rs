@@ -10,12 +10,13 @@ use platform::db::DatabaseSettings;
 #[derive(Parser)]
 #[command(
     name = "dead-letters",
-    about = "Inspect and replay the orderflow dead-letter queue"
+    about = "Inspect and replay orderflow's dead letters (the dead-letter queue and the dead jobs)"
 )]
 struct Cli {
     #[command(flatten)]
     amqp: AmqpSettings,
-    /// Where the orders are: a replay accepts a held order again.
+    /// Where the orders and the jobs are: a replay accepts a held order
+    /// again.
     #[command(flatten)]
     database: DatabaseSettings,
     #[command(subcommand)]
@@ -45,11 +46,12 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let broker = cli.amqp.broker()?;
+    let pool = cli.database.connect_and_migrate().await?;
     match cli.command {
         Command::List => {
-            let letters = list(&broker).await?;
+            let letters = list(&broker, &pool).await?;
             println!(
-                "{} dead letter(s) in {}",
+                "{} dead letter(s) in {} and the dead jobs",
                 letters.len(),
                 broker.topology().dead_letters()
             );
@@ -77,7 +79,6 @@ async fn main() -> anyhow::Result<()> {
                 (_, Some(id)) => Selection::MessageId(id),
                 _ => Selection::All,
             };
-            let pool = cli.database.connect_and_migrate().await?;
             let replayed = replay(&broker, &pool, &selection).await?;
             for letter in &replayed {
                 println!(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use dead_letters::{Selection, list, replay};
+use dead_letters::{Selection, list_queue as list, replay};
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, LongString},

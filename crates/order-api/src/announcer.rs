@@ -1,6 +1,7 @@
 //! What follows an order just stored: the live feed and the log hear of it,
-//! and it is published to the work queue (the outbox relay retries what
-//! this could not).
+//! and it is published to the RabbitMQ work queue (the outbox relay retries
+//! what this could not); with `WORK_QUEUE=postgres` its job row was written
+//! with it, and there is nothing to publish.
 
 use std::time::Duration;
 
@@ -21,8 +22,9 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Announce `order`, stored with its outbox message `placed`.
-    pub async fn announce(&self, order: &StoredOrder, placed: &Outboxed) {
+    /// Announce `order`, stored with its outbox message `placed` (none when
+    /// its job was written instead).
+    pub async fn announce(&self, order: &StoredOrder, placed: Option<&Outboxed>) {
         let lane = order.lane.as_str();
         metrics::counter!("orders_accepted_total", "lane" => lane).increment(1);
         self.feed.publish(LiveEvent {
@@ -39,6 +41,10 @@ impl Announcer {
             items = order.items.len(), "order accepted"
         );
 
+        let Some(placed) = placed else {
+            tracing::info!("order queued as a job in Postgres");
+            return;
+        };
         match tokio::time::timeout(PUBLISH_WAIT, self.relay.publish_now(placed)).await {
             Ok(Ok(())) => tracing::info!("order published to the work queue"),
             Ok(Err(error)) => tracing::warn!(

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use messaging::{Broker, Publisher};
-use platform::{health, outbox::Relay};
+use platform::{health, jobs::WorkQueue, outbox::Relay};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ pub struct Application {
     router: Router,
     state: AppState,
     broker: Broker,
-    republisher: Republisher,
+    republisher: Option<Republisher>,
     settings: Settings,
 }
 
@@ -42,12 +42,15 @@ impl Application {
         let broker = settings.service.amqp.broker()?;
         broker.connect(&CancellationToken::new()).await;
         let publisher = Publisher::new(broker.clone());
-        let republisher = Republisher::new(
-            pool.clone(),
-            broker.clone(),
-            publisher.clone(),
-            settings.order_republish_after(),
-        );
+        // A job is written with its order, and cannot be lost apart from it.
+        let republisher = (settings.service.work_queue == WorkQueue::Rabbitmq).then(|| {
+            Republisher::new(
+                pool.clone(),
+                broker.clone(),
+                publisher.clone(),
+                settings.order_republish_after(),
+            )
+        });
         let feed = Feed::default();
         let state = AppState {
             pool: pool.clone(),
@@ -61,6 +64,7 @@ impl Application {
             intake: Intake::start(
                 pool.clone(),
                 broker.topology().orders_exchange(),
+                settings.service.work_queue,
                 settings.idempotency_ttl(),
                 OrderView::accepted_body,
             ),
@@ -115,7 +119,10 @@ impl Application {
             Duration::from_secs(self.settings.idempotency_cleanup_interval_secs.max(1)),
             shutdown.clone(),
         ));
-        let republisher = tokio::spawn(self.republisher.clone().run(shutdown.clone()));
+        let republisher = self
+            .republisher
+            .clone()
+            .map(|republisher| tokio::spawn(republisher.run(shutdown.clone())));
         // order-api publishes only when orders come: without this, a lost
         // node would be left only when the next order or sweep needs one.
         let keeper = {
@@ -144,7 +151,9 @@ impl Application {
         relay_stop.cancel();
         let _ = relay.await;
         let _ = feed.await;
-        let _ = republisher.await;
+        if let Some(republisher) = republisher {
+            let _ = republisher.await;
+        }
         let _ = keeper.await;
         cleanup.abort();
         self.broker.close().await;

@@ -1,7 +1,7 @@
 //! order-processor's settings, from environment variables (or flags).
 
 use clap::Parser;
-use platform::worker::WorkerSettings;
+use platform::{jobs::JobSettings, worker::WorkerSettings};
 
 use crate::payment::http::ProviderSettings as HttpProviderSettings;
 
@@ -14,6 +14,9 @@ use crate::payment::http::ProviderSettings as HttpProviderSettings;
 pub struct Settings {
     #[command(flatten)]
     pub worker: WorkerSettings,
+    /// How the `jobs` table is worked (WORK_QUEUE=postgres).
+    #[command(flatten)]
+    pub jobs: JobSettings,
     /// Port of /healthz and /readyz; 0 picks a free one.
     #[arg(long, env = "HTTP_PORT", default_value_t = 8081)]
     pub http_port: u16,

@@ -1,11 +1,16 @@
 //! Wires order-processor together: worker start-up, the event publisher and
-//! its outbox relay, the payment sweeper, and consumers on both lanes' work
-//! queues.
+//! its outbox relay, the payment sweeper, and the orders' work: consumers on
+//! both lanes' RabbitMQ work queues, or claims from Postgres's `jobs` table
+//! (`WORK_QUEUE=postgres`).
 
 use std::{sync::Arc, time::Duration};
 
 use messaging::contracts::Lane;
-use platform::{outbox::Relay, worker::Worker};
+use platform::{
+    jobs::{JobQueue, WorkQueue},
+    outbox::Relay,
+    worker::Worker,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -21,6 +26,8 @@ pub struct Application {
     relay_interval: Duration,
     sweeper: Sweeper,
     sweep_interval: Duration,
+    /// Set when the orders' work comes from Postgres.
+    jobs: Option<(JobQueue, Duration)>,
 }
 
 impl Application {
@@ -47,6 +54,15 @@ impl Application {
             payments: Arc::new(HttpProvider::new(&settings.provider)?),
             instance_id,
         };
+        let jobs = (settings.worker.service.work_queue == WorkQueue::Postgres).then(|| {
+            let queue = JobQueue::new(
+                worker.pool().clone(),
+                processor.instance_id.clone(),
+                Duration::from_millis(settings.jobs.job_lease_ms),
+                settings.worker.retry_policy(),
+            );
+            (queue, Duration::from_millis(settings.jobs.job_poll_ms))
+        });
         let sweeper = Sweeper::new(
             processor.clone(),
             Duration::from_secs(settings.payment_settle_after_secs),
@@ -59,6 +75,7 @@ impl Application {
             sweep_interval: Duration::from_millis(settings.payment_sweep_interval_ms),
             relay,
             relay_interval: Duration::from_millis(settings.outbox_relay_interval_ms),
+            jobs,
         })
     }
 
@@ -67,7 +84,7 @@ impl Application {
         self.worker.port()
     }
 
-    /// Consume both lanes until `shutdown`, then flush the outbox.
+    /// Work the orders until `shutdown`, then flush the outbox.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         // Not a child of `shutdown`: the relay's final flush must wait for the
         // deliveries still committing events when shutdown is asked for.
@@ -86,7 +103,14 @@ impl Application {
             processor: &self.processor,
             relay: &self.relay,
         };
-        let consumed = self.worker.run(shutdown.clone(), orders).await;
+        let consumed = match self.jobs {
+            Some((queue, poll)) => {
+                self.worker
+                    .run_jobs(shutdown.clone(), queue, poll, orders)
+                    .await
+            }
+            None => self.worker.run(shutdown.clone(), orders).await,
+        };
         shutdown.cancel();
         let _ = sweeper_task.await;
         // The consumers have drained: what they committed is flushed now.

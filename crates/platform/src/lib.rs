@@ -8,6 +8,7 @@
 pub mod db;
 pub mod health;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod outbox;
 pub mod periodic;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use messaging::{AmqpSettings, telemetry::LogSettings};
 
-use crate::{db::DatabaseSettings, http::HttpLimits};
+use crate::{db::DatabaseSettings, http::HttpLimits, jobs::WorkQueue};
 
 /// RabbitMQ, Postgres, logging and the HTTP listener.
 #[derive(clap::Args, Clone, Debug)]
@@ -24,4 +24,8 @@ pub struct ServiceSettings {
     /// container).
     #[arg(long, env = "HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: IpAddr,
+    /// Where accepted orders wait for the processors: RabbitMQ's work
+    /// queues, or Postgres's `jobs` table (see `platform::jobs`).
+    #[arg(long, env = "WORK_QUEUE", value_enum, default_value_t)]
+    pub work_queue: WorkQueue,
 }

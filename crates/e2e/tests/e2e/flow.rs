@@ -90,6 +90,19 @@ async fn scalar(pool: &PgPool, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn three_hundred_orders_flow_through_every_service_exactly_once() {
+    flow("rabbitmq").await;
+}
+
+#[tokio::test]
+async fn three_hundred_orders_flow_exactly_once_with_the_work_queue_on_postgres() {
+    flow("postgres").await;
+}
+
+/// 300 orders (30 of them repeated with their idempotency keys) through
+/// three processors fed by the `work_queue` given (`WORK_QUEUE`), both
+/// subscribers and order-stats; on RabbitMQ, order-stats is also rebuilt
+/// from the event log.
+async fn flow(work_queue: &str) {
     let Stack {
         api,
         provider: _provider,
@@ -105,6 +118,7 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         // The flow posts as fast as it can; the limit has its own tests.
         ("RATE_LIMIT_PER_SECOND", "100000".into()),
         ("RATE_LIMIT_BURST", "100000".into()),
+        ("WORK_QUEUE", work_queue.into()),
     ])
     .await;
 
@@ -385,20 +399,20 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         "order-stats' read model"
     );
 
-    // A second order-stats on an empty database rebuilds the same numbers
-    // from the beginning of the log.
-    let (rebuild_url, rebuild_pool) = test_support::fresh_database().await;
-    let mut env = env.clone();
-    env.retain(|(k, _)| *k != "DATABASE_URL");
-    env.push(("DATABASE_URL", rebuild_url));
-    let rebuild = crate::processes::start("order-stats", "order-stats-rebuild", &env, &log_dir);
-    all_counted(&rebuild_pool, finished, "the rebuild").await;
     assert_eq!(
-        read_model(&rebuild_pool).await,
-        from_orders,
-        "rebuilt from the log"
+        sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM jobs"#)
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        0,
+        "every job handled and deleted"
     );
-    assert!(crate::processes::stop(rebuild).await.success());
+
+    // A second order-stats on an empty database rebuilds the same numbers
+    // from the beginning of the log (which the work queue has no part in).
+    if work_queue == "rabbitmq" {
+        rebuild_stats(&env, &log_dir, &from_orders).await;
+    }
 
     // Every service stops cleanly on SIGTERM.
     for service in workers.into_iter().chain([api]) {
@@ -407,4 +421,26 @@ async fn three_hundred_orders_flow_through_every_service_exactly_once() {
         assert!(status.success(), "{name} exited with {status}");
     }
     let _ = std::fs::remove_dir_all(&log_dir);
+}
+
+/// A second order-stats, on an empty database, counts what `from_orders`
+/// says from the beginning of the event log.
+async fn rebuild_stats(
+    env: &[(&'static str, String)],
+    log_dir: &std::path::Path,
+    from_orders: &[(String, i64, i64, i64)],
+) {
+    let finished = i64::try_from(DISTINCT).unwrap();
+    let (rebuild_url, rebuild_pool) = test_support::fresh_database().await;
+    let mut env = env.to_vec();
+    env.retain(|(k, _)| *k != "DATABASE_URL");
+    env.push(("DATABASE_URL", rebuild_url));
+    let rebuild = crate::processes::start("order-stats", "order-stats-rebuild", &env, log_dir);
+    all_counted(&rebuild_pool, finished, "the rebuild").await;
+    assert_eq!(
+        read_model(&rebuild_pool).await,
+        from_orders,
+        "rebuilt from the log"
+    );
+    assert!(crate::processes::stop(rebuild).await.success());
 }

@@ -5,7 +5,8 @@
 //! waiting to fill a batch: at low load a batch is one order) and stores
 //! them all in one transaction with set-based statements: their idempotency
 //! keys claimed, their prices read, the orders with their first history
-//! lines, their outbox messages and their keys' responses inserted. Each
+//! lines, their outbox messages (or, with `WORK_QUEUE=postgres`, their jobs,
+//! with one `NOTIFY`) and their keys' responses inserted. Each
 //! request hears its answer only after that commit. [`WRITERS`] batches may
 //! be committing at once; batches grow while they all are.
 //!
@@ -25,6 +26,7 @@ mod store;
 
 use std::{sync::Arc, time::Duration};
 
+use platform::jobs::WorkQueue;
 use sqlx::PgPool;
 
 pub use placement::{Answer, Placed, Placement, StoredOrder};
@@ -54,12 +56,14 @@ impl Intake {
     pub fn start(
         pool: PgPool,
         orders_exchange: String,
+        work_queue: WorkQueue,
         idempotency_ttl: Duration,
         answer: Answer,
     ) -> Self {
         let store = Arc::new(Store {
             pool,
             orders_exchange,
+            work_queue,
             idempotency_ttl,
             answer,
         });

@@ -51,11 +51,12 @@ pub type Answer = fn(&StoredOrder) -> serde_json::Result<Vec<u8>>;
 /// What storing a placement did.
 pub enum Placed {
     /// Stored now: the answer (saved with the key, if any), the order and
-    /// its outbox message, to publish.
+    /// its outbox message, to publish (none when its job was written in
+    /// Postgres instead).
     Accepted {
         saved: SavedResponse,
         order: Box<StoredOrder>,
-        message: Outboxed,
+        message: Option<Outboxed>,
     },
     /// The key was used before with this body: its first answer.
     Replayed(SavedResponse),

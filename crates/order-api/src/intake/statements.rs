@@ -82,12 +82,14 @@ pub(super) async fn price<'a>(
 }
 
 /// Write the orders with their first history lines, their keys' answers
-/// and their messages (to `exchange`, routed by lane) in one statement; each
-/// order's outbox row, by order id.
+/// and their messages in one statement: each message to the outbox (for
+/// `exchange`, routed by lane), or as a job when `as_jobs`; each order's
+/// outbox or job row, by order id.
 pub(super) async fn insert_all(
     conn: &mut PgConnection,
     accepted: &[Accepted<'_>],
     exchange: &str,
+    as_jobs: bool,
 ) -> Result<HashMap<Uuid, i64>, ApiError> {
     if accepted.is_empty() {
         return Ok(HashMap::new());
@@ -118,10 +120,19 @@ pub(super) async fn insert_all(
              INSERT INTO idempotency_keys (client, idempotency_key, request_hash, response_status,
                                            response_body, order_id)
              SELECT client, idempotency_key, request_hash, response_status, response_body, id
-             FROM input WHERE idempotency_key IS NOT NULL)
-         INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
-         SELECT message_id, $20, lane, message::jsonb, correlation_id, id FROM input
-         RETURNING order_id, id"#,
+             FROM input WHERE idempotency_key IS NOT NULL),
+         outboxed AS (
+             INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
+             SELECT message_id, $20, lane, message::jsonb, correlation_id, id FROM input
+             WHERE NOT $21
+             RETURNING order_id, id),
+         queued AS (
+             INSERT INTO jobs (order_id, message_id, lane, body, correlation_id)
+             SELECT id, message_id, lane, message::jsonb, correlation_id FROM input
+             WHERE $21
+             RETURNING order_id, id)
+         SELECT order_id AS "order_id!", id AS "id!" FROM outboxed
+         UNION ALL SELECT order_id, id FROM queued"#,
         &orders.iter().map(|o| o.id).collect::<Vec<_>>(),
         &orders
             .iter()
@@ -180,6 +191,7 @@ pub(super) async fn insert_all(
             .map(|(a, key)| key.map(|_| a.saved.body.as_slice()))
             .collect::<Vec<_>>() as &[Option<&[u8]>],
         exchange,
+        as_jobs,
     )
     .fetch_all(&mut *conn)
     .await?;

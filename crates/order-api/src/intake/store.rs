@@ -10,7 +10,10 @@ use messaging::{
     amqp::Envelope,
     contracts::{OrderPlaced, SCHEMA_VERSION},
 };
-use platform::outbox::Outboxed;
+use platform::{
+    jobs::{self, WorkQueue},
+    outbox::Outboxed,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -28,6 +31,8 @@ use crate::{
 pub(super) struct Store {
     pub(super) pool: PgPool,
     pub(super) orders_exchange: String,
+    /// Where the orders' messages go: the outbox, or the `jobs` table.
+    pub(super) work_queue: WorkQueue,
     pub(super) idempotency_ttl: Duration,
     pub(super) answer: Answer,
 }
@@ -123,17 +128,23 @@ impl Store {
             .into_iter()
             .map(|(order, index)| self.accept(index, &placements[index], order))
             .collect::<Result<Vec<_>, ApiError>>()?;
-        let outboxed = insert_all(&mut tx, &accepted, &self.orders_exchange).await?;
+        let as_jobs = self.work_queue == WorkQueue::Postgres;
+        let outboxed = insert_all(&mut tx, &accepted, &self.orders_exchange, as_jobs).await?;
+        if as_jobs && !accepted.is_empty() {
+            jobs::notify(&mut tx).await?;
+        }
         tx.commit().await?;
 
         for accepted in accepted {
-            let message = Outboxed::new(
-                outboxed[&accepted.order.id],
-                self.orders_exchange.clone(),
-                accepted.order.lane.as_str().into(),
-                accepted.body,
-                accepted.envelope,
-            );
+            let message = (!as_jobs).then(|| {
+                Outboxed::new(
+                    outboxed[&accepted.order.id],
+                    self.orders_exchange.clone(),
+                    accepted.order.lane.as_str().into(),
+                    accepted.body,
+                    accepted.envelope,
+                )
+            });
             answers[accepted.index] = Some(Ok(Placed::Accepted {
                 saved: accepted.saved,
                 order: Box::new(accepted.order),

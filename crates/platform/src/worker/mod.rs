@@ -10,13 +10,18 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context;
 use messaging::{
     Broker, Publisher, Topology,
-    consumer::{self, ConsumerSpec, Handler, RetryPolicy},
+    consumer::{self, Batching, ConsumerSpec, Handler, RetryPolicy},
 };
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{db::DatabaseSettings, health, resend::Resender};
+use crate::{
+    db::DatabaseSettings,
+    health,
+    jobs::{self, JobHandler, JobQueue},
+    resend::Resender,
+};
 
 mod concurrency;
 mod events;
@@ -40,7 +45,8 @@ pub struct Worker {
     pool: PgPool,
     broker: Broker,
     publisher: Publisher,
-    listener: TcpListener,
+    /// Taken when the health port is served.
+    listener: Option<TcpListener>,
     http: crate::http::HttpLimits,
     queues: Vec<String>,
     prefetch: u16,
@@ -81,7 +87,7 @@ impl Worker {
             pool,
             publisher: Publisher::new(broker.clone()),
             broker,
-            listener,
+            listener: Some(listener),
             http: settings.service.http,
             queues,
             prefetch: concurrency.prefetch,
@@ -105,7 +111,10 @@ impl Worker {
 
     /// The health port actually bound.
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port())
     }
 
     /// The pool, for building the handler.
@@ -129,18 +138,11 @@ impl Worker {
     /// A lost connection or channel is re-established and the consumers
     /// re-subscribed; in-flight messages finish and are settled before this
     /// returns.
-    pub async fn run<H>(self, shutdown: CancellationToken, handler: H) -> anyhow::Result<()>
+    pub async fn run<H>(mut self, shutdown: CancellationToken, handler: H) -> anyhow::Result<()>
     where
         H: Handler + Clone,
     {
-        let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
-        // The health port is not published: its metrics need no key.
-        let app = health::router(readiness).merge(crate::metrics::router());
-        let server_shutdown = shutdown.clone();
-        let server = tokio::spawn(async move {
-            crate::http::serve(self.listener, app, self.http, server_shutdown).await
-        });
-
+        let server = self.serve_health(&shutdown);
         let instance = std::process::id();
         'connections: while let Some(connection) = self.broker.connect(&shutdown).await {
             // A channel per consumer: a `multiple` ack covers every earlier
@@ -220,6 +222,61 @@ impl Worker {
         server.abort();
         self.broker.close().await;
         Ok(())
+    }
+
+    /// Serve health and work the `jobs` table with `handler` until
+    /// `shutdown` (`WORK_QUEUE=postgres`): as many jobs in hand at once as
+    /// messages on RabbitMQ, in batches of the same size; what is in hand
+    /// when a stop is asked for is finished and settled, within the grace
+    /// period (past it, the leases run out and other processors take it).
+    pub async fn run_jobs<H: JobHandler>(
+        mut self,
+        shutdown: CancellationToken,
+        queue: JobQueue,
+        poll: Duration,
+        handler: H,
+    ) -> anyhow::Result<()> {
+        let server = self.serve_health(&shutdown);
+        let batching = Batching::of(self.prefetch, self.batch_size);
+        let consuming = jobs::consume(
+            queue,
+            self.pool.clone(),
+            batching,
+            poll,
+            shutdown.clone(),
+            handler,
+        );
+        let grace = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            () = consuming => {}
+            () = grace => tracing::warn!(
+                "the jobs in hand did not finish within {SHUTDOWN_GRACE:?}; stopping anyway: \
+                 other processors take them once their lease runs out"
+            ),
+        }
+        server.abort();
+        self.broker.close().await;
+        Ok(())
+    }
+
+    /// Serve `/healthz`, `/readyz` and `/metrics` on the health port until
+    /// `shutdown`.
+    fn serve_health(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
+        // The health port is not published: its metrics need no key.
+        let app = health::router(readiness).merge(crate::metrics::router());
+        let listener = self
+            .listener
+            .take()
+            .expect("the health port is served once");
+        let (http, shutdown) = (self.http, shutdown.clone());
+        tokio::spawn(async move { crate::http::serve(listener, app, http, shutdown).await })
     }
 }
 

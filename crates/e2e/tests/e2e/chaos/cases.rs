@@ -216,7 +216,7 @@ async fn publish_poison(channel: &lapin::Channel, topology: &Topology, message_i
 
 async fn test_support_dead_letters(broker: &messaging::Broker) -> Vec<(String, u32)> {
     test_support::eventually(Duration::from_secs(30), "two dead letters", || async {
-        let letters = dead_letters::list(broker).await.ok()?;
+        let letters = dead_letters::list_queue(broker).await.ok()?;
         (letters.len() >= 2).then(|| {
             letters
                 .into_iter()
@@ -380,7 +380,7 @@ async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
     system.wait_ready().await;
     check_invariants(&system, "poison and flaky in a batch", &accepted, 1).await;
     let letters = test_support::eventually(Duration::from_secs(30), "the dead letter", || async {
-        dead_letters::list(&system.broker())
+        dead_letters::list_queue(&system.broker())
             .await
             .ok()
             .filter(|l| !l.is_empty())

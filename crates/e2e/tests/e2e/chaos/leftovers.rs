@@ -123,7 +123,7 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
         }
         _ => out += "  no node's management API answered\n",
     }
-    match dead_letters::list(&system.broker()).await {
+    match dead_letters::list_queue(&system.broker()).await {
         Ok(letters) if letters.is_empty() => out += "dead letters: none\n",
         Ok(letters) => {
             out += &format!("dead letters ({}):\n", letters.len());

@@ -543,7 +543,7 @@ pub async fn check_invariants(
     // queue may hold two copies of one message, which replay once between
     // them (the consumer dedupes by message id). What must hold is which
     // messages are there.
-    let letters = dead_letters::list(&system.broker()).await.unwrap();
+    let letters = dead_letters::list_queue(&system.broker()).await.unwrap();
     let dead: HashSet<&str> = letters.iter().map(|l| l.message_id.as_str()).collect();
     assert_eq!(dead.len(), expected_dead, "{case}: dead-lettered messages");
     let dead = if letters.len() == dead.len() {

@@ -87,7 +87,7 @@ pub async fn burst(
             async move {
                 match intake.place(placement).await {
                     Ok(Placed::Accepted { order, message, .. }) => {
-                        announcer.announce(&order, &message).await;
+                        announcer.announce(&order, message.as_ref()).await;
                         "accepted"
                     }
                     // Without a key there is nothing to replay.

@@ -54,15 +54,19 @@ fn broker_error(error: anyhow::Error) -> ApiError {
     ApiError::BrokerUnavailable(error)
 }
 
-/// `GET /dashboard/dead-letters`: what is in the dead-letter queue, and why.
+/// `GET /dashboard/dead-letters`: what is in the dead-letter queue and
+/// which jobs are dead, and why.
 pub async fn dead_letters(
     State(broker): State<Broker>,
+    State(pool): State<PgPool>,
     State(DeadLetterLock(lock)): State<DeadLetterLock>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<DeadLetterView>>> {
     admin(&caller)?;
     let _only_reader = lock.lock().await;
-    let letters = dead_letters::list(&broker).await.map_err(broker_error)?;
+    let letters = dead_letters::list(&broker, &pool)
+        .await
+        .map_err(broker_error)?;
     Ok(Json(letters.into_iter().map(Into::into).collect()))
 }
 

@@ -102,7 +102,7 @@ pub async fn create_order(
         } => (saved, order, message),
     };
     tracing::Span::current().record("order_id", tracing::field::display(order.id));
-    announcer.announce(&order, &placed).await;
+    announcer.announce(&order, placed.as_ref()).await;
     Ok(respond(saved, false))
 }
 
