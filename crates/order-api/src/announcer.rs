@@ -35,6 +35,7 @@ impl Announcer {
             lane: lane.into(),
             processed_by: None,
             at: order.created_at,
+            client: Some(order.client.as_str().into()),
         });
         tracing::info!(
             lane = %lane, total_cents = order.total_cents, currency = %order.currency,

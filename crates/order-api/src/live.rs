@@ -6,8 +6,19 @@
 //! broadcast channel; it adds the acceptances it makes itself. While no one
 //! watches, the queue is gone and no order costs it anything. A client that
 //! falls too far behind is dropped rather than slowing the others down.
+//!
+//! Each event carries whose order it is about (see [`owners`]), so that a
+//! client key is sent its own orders' events only.
 
-use std::{sync::Arc, time::Duration};
+mod owners;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -24,10 +35,13 @@ use messaging::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
+
+use owners::Owners;
 
 /// Events buffered per client before it counts as too slow and is dropped.
 const BUFFER: usize = 1024;
@@ -56,6 +70,10 @@ pub struct LiveEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processed_by: Option<String>,
     pub at: DateTime<Utc>,
+    /// Whose order it is: the client of the key that placed it; `None` when
+    /// that is not known, and then only admin keys are sent the event.
+    #[serde(skip)]
+    pub client: Option<Arc<str>>,
 }
 
 impl LiveEvent {
@@ -69,6 +87,13 @@ impl LiveEvent {
         matches!(self.status.as_str(), "processed" | "rejected")
     }
 
+    /// Whether a caller who may see `owner`'s orders (`None`: everyone's,
+    /// an admin) is sent this event.
+    pub fn is_for(&self, owner: Option<&str>) -> bool {
+        owner.is_none_or(|owner| self.client.as_deref() == Some(owner))
+    }
+
+    /// The event of an order's outcome; whose order it is, the feed learns.
     fn of_event(event: &OrderEvent) -> Self {
         let (status, reason) = match &event.outcome {
             Outcome::Processed => ("processed", None),
@@ -82,6 +107,7 @@ impl LiveEvent {
             lane: event.lane.as_str().into(),
             processed_by: Some(event.processed_by.clone()),
             at: event.occurred_at,
+            client: None,
         }
     }
 
@@ -90,7 +116,7 @@ impl LiveEvent {
     /// subscriber): which it is, from the routing key; which order it is
     /// about, from its body; and from its headers what went wrong, and
     /// whether the consumer held the order (then it is `held`, not
-    /// `dead_lettered`).
+    /// `dead_lettered`). Whose order it is, the feed learns.
     fn of_failure(delivery: &Delivery) -> Option<Self> {
         let status = match delivery.routing_key.as_str() {
             WATCH_RETRYING => WATCH_RETRYING,
@@ -141,6 +167,7 @@ impl LiveEvent {
             lane: String::new(),
             processed_by: None,
             at: Utc::now(),
+            client: None,
         })
     }
 }
@@ -190,20 +217,37 @@ pub struct Feed {
     live: Arc<watch::Sender<bool>>,
     /// Wakes the feed when a client arrives.
     arrived: Arc<Notify>,
+    /// Whose each order is, learned only while a client key watches.
+    owners: Arc<Owners>,
+    /// Streams open for client keys (not admin keys).
+    client_watchers: Arc<AtomicUsize>,
 }
 
-impl Default for Feed {
-    fn default() -> Self {
+/// A stream open for a client key, counted until dropped: while there is
+/// one, the feed learns whose each event's order is.
+pub struct ClientWatch {
+    watchers: Arc<AtomicUsize>,
+}
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        self.watchers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Feed {
+    /// A feed that learns whose orders are from `pool`.
+    pub fn new(pool: PgPool) -> Self {
         Self {
             sender: broadcast::channel(BUFFER).0,
             stopped: CancellationToken::new(),
             live: Arc::new(watch::channel(false).0),
             arrived: Arc::default(),
+            owners: Arc::new(Owners::new(pool)),
+            client_watchers: Arc::default(),
         }
     }
-}
 
-impl Feed {
     /// Cancelled once order-api is stopping.
     pub fn stopped(&self) -> CancellationToken {
         self.stopped.clone()
@@ -230,8 +274,37 @@ impl Feed {
         unwatched
     }
 
-    /// Hand `event` to every connected client (none may be listening).
+    /// Count a client key's stream until the answer is dropped; take it
+    /// before [`Feed::subscribe`], so the events it is sent say whose they
+    /// are.
+    pub fn client_watching(&self) -> ClientWatch {
+        self.client_watchers.fetch_add(1, Ordering::SeqCst);
+        ClientWatch {
+            watchers: self.client_watchers.clone(),
+        }
+    }
+
+    fn clients_watch(&self) -> bool {
+        self.client_watchers.load(Ordering::SeqCst) > 0
+    }
+
+    /// Hand `event`, about an order of the client it names, to every
+    /// connected client (none may be listening).
     pub fn publish(&self, event: LiveEvent) {
+        if let Some(client) = &event.client
+            && self.clients_watch()
+        {
+            self.owners.remember(event.order_id, client.clone());
+        }
+        let _ = self.sender.send(Arc::new(event));
+    }
+
+    /// Hand `event`, heard from the broker, to every connected client, with
+    /// whose order it is about when a client key watches.
+    async fn publish_heard(&self, mut event: LiveEvent) {
+        if self.clients_watch() {
+            event.client = self.owners.of(event.order_id).await;
+        }
         let _ = self.sender.send(Arc::new(event));
     }
 
@@ -321,13 +394,13 @@ impl Feed {
                 delivery = deliveries.next() => match delivery {
                     Some(Ok(delivery)) if delivery.exchange.as_str() == events => {
                         match serde_json::from_slice::<OrderEvent>(&delivery.data) {
-                            Ok(event) => self.publish(LiveEvent::of_event(&event)),
+                            Ok(event) => self.publish_heard(LiveEvent::of_event(&event)).await,
                             Err(error) => tracing::warn!(error = %error, "ignoring an undecodable order event"),
                         }
                     }
                     Some(Ok(delivery)) => {
                         if let Some(event) = LiveEvent::of_failure(&delivery) {
-                            self.publish(event);
+                            self.publish_heard(event).await;
                         }
                     }
                     Some(Err(error)) => return Err(error.into()),

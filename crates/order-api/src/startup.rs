@@ -51,7 +51,7 @@ impl Application {
                 settings.order_republish_after(),
             )
         });
-        let feed = Feed::default();
+        let feed = Feed::new(pool.clone());
         let state = AppState {
             pool: pool.clone(),
             auth: AuthState {

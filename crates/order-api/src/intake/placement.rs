@@ -23,6 +23,8 @@ pub struct Placement {
 /// with its first line of history.
 pub struct StoredOrder {
     pub id: Uuid,
+    /// The client of the key that placed it.
+    pub client: String,
     pub customer_id: String,
     pub email: String,
     pub items: Vec<PricedLine>,

@@ -215,6 +215,7 @@ fn accepted(placement: &Placement, items: Vec<PricedLine>, at: DateTime<Utc>) ->
         .sum();
     StoredOrder {
         id: Uuid::new_v4(),
+        client: placement.client.clone(),
         customer_id: order.customer_id.clone(),
         email: order.email.clone(),
         total_cents,

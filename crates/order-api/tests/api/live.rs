@@ -1,8 +1,9 @@
 //! Server-Sent Events: an order's stream shows it move and ends at its final
-//! status, a late subscriber still sees the whole story, and the all-orders
-//! stream (for admins) filters by customer.
+//! status, a late subscriber still sees the whole story, the all-orders
+//! stream filters by customer, and a client key's all-orders stream holds
+//! its own orders only.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use chrono::Utc;
 use lapin::{BasicProperties, options::BasicPublishOptions};
@@ -13,10 +14,25 @@ use messaging::{
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{EventReader, TestApp, order_body, spawn_app};
+use order_api::auth::Scope;
+
+use crate::helpers::{EventReader, TestApp, client_with, new_key, order_body, spawn_app};
 
 async fn place(app: &TestApp, body: &Value) -> Uuid {
     let response = app.post_order(body, None).await;
+    assert_eq!(response.status().as_u16(), 202);
+    let order: Value = response.json().await.unwrap();
+    order["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// An order placed with `client`'s key.
+async fn place_as(app: &TestApp, client: &reqwest::Client) -> Uuid {
+    let response = client
+        .post(format!("{}/orders", app.address))
+        .json(&order_body())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 202);
     let order: Value = response.json().await.unwrap();
     order["id"].as_str().unwrap().parse().unwrap()
@@ -346,4 +362,99 @@ async fn a_watcher_does_not_take_a_retry_that_no_retry_queue_takes() {
         refused.is_err(),
         "a retry no delay queue takes is still returned as unroutable while someone watches"
     );
+}
+
+/// Read `events` until each of `expected` (an event name and its order) has
+/// come; what came, in order.
+async fn read_until_all(
+    events: &mut EventReader,
+    expected: &[(&str, Uuid)],
+) -> Vec<(String, Uuid)> {
+    let mut seen = Vec::new();
+    while !expected
+        .iter()
+        .all(|(name, id)| seen.iter().any(|(n, i)| n == name && i == id))
+    {
+        let (name, data) = events.next().await.expect("the stream goes on");
+        let id = data["order_id"].as_str().unwrap().parse().unwrap();
+        seen.push((name, id));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_client_key_streams_its_own_orders_events_and_never_another_clients() {
+    let app = spawn_app().await;
+    let shop = client_with(&new_key(&app.pool, "other-shop", Scope::Client).await);
+    // Placed while no one watches: whose they are is read from Postgres
+    // when their outcomes come from the broker.
+    let mine_before = place(&app, &order_body()).await;
+    let theirs_before = place_as(&app, &shop).await;
+
+    let mut mine = EventReader::open(&app, "/events").await;
+    let mut theirs = EventReader::open_with(&app, &shop, "/events").await;
+    let mut admin = EventReader::open_with(&app, &app.admin, "/events").await;
+
+    // Accepted by order-api itself, retried (the wire tap) and decided (the
+    // fanout, whose events do not say whose order it is): each client's
+    // interleaved with the other's.
+    let theirs_now = place_as(&app, &shop).await;
+    let mine_now = place(&app, &order_body()).await;
+    fail(&app, WATCH_RETRYING, theirs_now, &[]).await;
+    fail(&app, WATCH_RETRYING, mine_now, &[]).await;
+    // A dead letter of no order in the database is no client's.
+    let nobodys = Uuid::new_v4();
+    fail(&app, WATCH_DEAD_LETTERED, nobodys, &[]).await;
+    for id in [theirs_before, mine_before, theirs_now, mine_now] {
+        decide(&app, id, Outcome::Processed).await;
+    }
+
+    // The firehose still has everything.
+    read_until_all(
+        &mut admin,
+        &[
+            ("accepted", theirs_now),
+            ("accepted", mine_now),
+            ("retrying", theirs_now),
+            ("retrying", mine_now),
+            ("dead_lettered", nobodys),
+            ("processed", theirs_before),
+            ("processed", mine_before),
+            ("processed", theirs_now),
+            ("processed", mine_now),
+        ],
+    )
+    .await;
+    // Everything above is in the feed now: an order accepted after it
+    // comes after it on every stream, so a stream read up to its own last
+    // order has been sent all it will ever be of the above.
+    let mine_last = place(&app, &order_body()).await;
+    let theirs_last = place_as(&app, &shop).await;
+
+    let cases = [
+        (&mut mine, [mine_before, mine_now, mine_last], "test-client"),
+        (
+            &mut theirs,
+            [theirs_before, theirs_now, theirs_last],
+            "other-shop",
+        ),
+    ];
+    for (events, [before, now, last], client) in cases {
+        let seen = read_until_all(
+            events,
+            &[
+                ("accepted", now),
+                ("retrying", now),
+                ("processed", before),
+                ("processed", now),
+                ("accepted", last),
+            ],
+        )
+        .await;
+        let own = HashSet::from([before, now, last]);
+        assert!(
+            seen.iter().all(|(_, id)| own.contains(id)),
+            "{client} was sent an event of an order not its own: {seen:?}"
+        );
+    }
 }

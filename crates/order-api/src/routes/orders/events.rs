@@ -1,5 +1,6 @@
 //! `GET /orders/{id}/events` and `GET /events`: an order's (or every
-//! order's) status changes as Server-Sent Events.
+//! order's, or for a client key its own orders') status changes as
+//! Server-Sent Events.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -97,6 +98,8 @@ pub async fn order_events(
             lane: order.lane.clone(),
             processed_by: None,
             at: entry.at,
+            // Sent to this caller only, whose order it was loaded as.
+            client: None,
         })
         .collect();
     let (sender, receiver) = mpsc::channel(16);
@@ -187,25 +190,29 @@ pub struct EventFilter {
     pub customer_id: Option<String>,
 }
 
-/// `GET /events`: every order's status changes from now on, optionally one
+/// `GET /events`: the status changes from now on of every order (an admin
+/// key) or of the caller's own orders (a client key), optionally one
 /// customer's only.
 #[utoipa::path(
     get,
     path = "/events",
     tag = "orders",
-    summary = "Follow every order live (Server-Sent Events)",
-    description = "Admin keys only. A `text/event-stream` of `accepted`, `held`, `processed` \
+    summary = "Follow orders live (Server-Sent Events)",
+    description = "A `text/event-stream` of `accepted`, `held`, `processed` \
                    and `rejected` events from now on, with each `retrying` and \
-                   `dead_lettered` (a dead letter that held no order), each a LiveEvent; with \
-                   `customer_id`, only that customer's. Idle \
+                   `dead_lettered` (a dead letter that held no order), each a LiveEvent. \
+                   An admin key is sent every order's events; a client key only those of \
+                   the orders its client placed (with any of its keys), never another \
+                   client's. With `customer_id`, only that customer's. Idle \
                    streams get a heartbeat comment every 15 s; a client that falls too far \
-                   behind gets a `lagged` event and is disconnected.",
+                   behind gets a `lagged` event and is disconnected. Each API key may hold \
+                   SSE_MAX_STREAMS_PER_KEY streams open at once; a stream ends after \
+                   SSE_MAX_LIFETIME_SECS.",
     params(EventFilter),
     security(("api_key" = [])),
     responses(
         (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseEvent),
         (status = 401, description = "No API key, or not a live one (`unauthenticated`, `invalid_api_key`)", body = ErrorBody),
-        (status = 403, description = "A client key: the firehose is for admin keys (`forbidden`)", body = ErrorBody),
         (status = 429, description = "Over the request rate or the open-stream cap (`rate_limited`, `too_many_streams`)", body = ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
@@ -215,44 +222,60 @@ pub async fn all_events(
     Extension(caller): Extension<Caller>,
     Query(filter): Query<EventFilter>,
 ) -> Result<EventStream> {
-    if !caller.is_admin() {
-        return Err(ApiError::Forbidden(
-            "every order's events are for admin keys; follow your own orders at /orders/{id}/events",
-        ));
-    }
     let slot = streaming
         .streams
         .open(caller.key_id)
         .map_err(ApiError::TooManyStreams)?;
-    let mut live = streaming.feed.subscribe().await;
+    // A client key is sent its own orders' events only: the feed learns
+    // whose each order is while such a stream is open.
+    let owner = caller.owner().map(str::to_owned);
+    let watch = owner.is_some().then(|| streaming.feed.client_watching());
+    let live = streaming.feed.subscribe().await;
     let (sender, receiver) = mpsc::channel(16);
     let client = Client {
         sender,
         stopped: streaming.feed.stopped(),
     };
     tokio::spawn(async move {
-        let _slot = slot;
-        loop {
-            tokio::select! {
-                () = client.gone() => return,
-                received = live.recv() => match received {
-                    Ok(entry) => {
-                        let wanted = filter
+        // Both end when the stream does.
+        let (_slot, _watch) = (slot, watch);
+        let _ = tokio::time::timeout(
+            streaming.max_lifetime,
+            follow_all(owner, filter, live, client),
+        )
+        .await;
+    });
+    Ok(sse(receiver))
+}
+
+/// Send each event `owner` may see (`None`: an admin, every event) that
+/// `filter` wants, until the client hangs up or falls behind.
+async fn follow_all(
+    owner: Option<String>,
+    filter: EventFilter,
+    mut live: broadcast::Receiver<Arc<LiveEvent>>,
+    client: Client,
+) {
+    loop {
+        tokio::select! {
+            () = client.gone() => return,
+            received = live.recv() => match received {
+                Ok(entry) => {
+                    let wanted = entry.is_for(owner.as_deref())
+                        && filter
                             .customer_id
                             .as_ref()
                             .is_none_or(|customer| *customer == entry.customer_id);
-                        if wanted && !client.send(event(&entry)).await {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = client.send(lagged()).await;
+                    if wanted && !client.send(event(&entry)).await {
                         return;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-            }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = client.send(lagged()).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
         }
-    });
-    Ok(sse(receiver))
+    }
 }
