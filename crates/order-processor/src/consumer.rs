@@ -200,7 +200,10 @@ impl Orders<'_> {
                 tracing::info!("already handled; skipping the duplicate delivery");
                 Disposition::Ack
             }
-            Ok(Handled::Decided { event, .. }) => {
+            Ok(Handled::Decided { event: None, .. }) => Disposition::Ack,
+            Ok(Handled::Decided {
+                event: Some(event), ..
+            }) => {
                 if let Err(error) = self.relay.publish_now(&event).await {
                     tracing::warn!(error.message = %format!("{error:#}"), "event not published yet; the outbox relay will retry");
                 }

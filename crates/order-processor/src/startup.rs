@@ -51,6 +51,7 @@ impl Application {
         let processor = Processor {
             pool: worker.pool().clone(),
             topology: worker.topology().clone(),
+            event_bus: settings.worker.service.event_bus,
             payments: Arc::new(HttpProvider::new(&settings.provider)?),
             instance_id,
         };

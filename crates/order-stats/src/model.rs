@@ -115,7 +115,7 @@ pub async fn apply(pool: &PgPool, stream: &str, entries: &[Entry]) -> sqlx::Resu
         return Ok(applied);
     }
     if !events.is_empty() {
-        let counted = count(&mut tx, &events).await?;
+        let counted = count(&mut tx, &events).await?.len() as u64;
         applied.counted = counted;
         applied.duplicates = events.len() as u64 - counted;
     }
@@ -147,9 +147,26 @@ pub async fn apply(pool: &PgPool, stream: &str, entries: &[Entry]) -> sqlx::Resu
     Ok(applied)
 }
 
-/// Count the events not counted before, in one statement; returns how many
-/// were counted now.
-async fn count(tx: &mut sqlx::PgConnection, events: &[&OrderEvent]) -> sqlx::Result<u64> {
+/// Count `events` from the event log in Postgres (`EVENT_BUS=postgres`),
+/// where the reader's position is stored apart (`platform::event_log`) and
+/// the events seen before are what keeps a batch read again from being
+/// counted twice: whether each was counted now.
+pub async fn count_events(pool: &PgPool, events: &[&OrderEvent]) -> sqlx::Result<Vec<bool>> {
+    let mut tx = pool.begin().await?;
+    let counted = count(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(events
+        .iter()
+        .map(|event| counted.contains(&event.message_id))
+        .collect())
+}
+
+/// Count the events not counted before, in one statement; returns the ids
+/// of those counted now.
+async fn count(
+    tx: &mut sqlx::PgConnection,
+    events: &[&OrderEvent],
+) -> sqlx::Result<Vec<uuid::Uuid>> {
     let mut columns = (
         Vec::new(),
         Vec::new(),
@@ -200,7 +217,7 @@ async fn count(tx: &mut sqlx::PgConnection, events: &[&OrderEvent]) -> sqlx::Res
              ON CONFLICT (minute, currency) DO UPDATE SET orders = r.orders + EXCLUDED.orders,
                  rejected = r.rejected + EXCLUDED.rejected,
                  revenue_cents = r.revenue_cents + EXCLUDED.revenue_cents)
-         SELECT count(*) AS "counted!" FROM counted"#,
+         SELECT message_id AS "message_id!" FROM counted"#,
         &columns.0,
         &columns.1,
         &columns.2 as &[&str],
@@ -208,9 +225,9 @@ async fn count(tx: &mut sqlx::PgConnection, events: &[&OrderEvent]) -> sqlx::Res
         &columns.4,
         &columns.5,
     )
-    .fetch_one(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(u64::try_from(counted).unwrap_or(0))
+    Ok(counted)
 }
 
 /// One SKU in one minute.

@@ -5,7 +5,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
 use messaging::Broker;
-use platform::{db::DatabaseSettings, health, http::HttpLimits};
+use platform::{
+    db::DatabaseSettings,
+    event_log::{self, EventBus},
+    health,
+    http::HttpLimits,
+    worker::{EventHandler, Received},
+};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +26,9 @@ use crate::{
 /// Connections: one for the reader, the rest for HTTP.
 const POOL_SIZE: u32 = 4;
 
+/// The name order-stats reads the event log in Postgres under.
+const READER: &str = "order-stats";
+
 /// A started order-stats.
 pub struct Application {
     pool: PgPool,
@@ -28,6 +37,7 @@ pub struct Application {
     http: HttpLimits,
     retention: Retention,
     batch_size: u16,
+    event_bus: EventBus,
 }
 
 impl Application {
@@ -51,6 +61,9 @@ impl Application {
             model::reset(&pool)
                 .await
                 .context("emptying the read model")?;
+            event_log::rewind(&pool, READER)
+                .await
+                .context("rewinding the event log")?;
             tracing::info!("read model emptied: rebuilding it from the beginning of the event log");
         }
         let broker = settings.service.amqp.broker()?;
@@ -78,6 +91,7 @@ impl Application {
             http: settings.service.http,
             retention,
             batch_size: settings.batch_size,
+            event_bus: settings.service.event_bus,
         })
     }
 
@@ -103,6 +117,14 @@ impl Application {
             self.http,
             shutdown.clone(),
         ));
+        if self.event_bus == EventBus::Postgres {
+            let counting = Counting(self.pool.clone());
+            let followed =
+                event_log::follow(self.pool, READER, self.batch_size, shutdown, counting).await;
+            self.broker.close().await;
+            server.await.context("the HTTP server task")??;
+            return followed;
+        }
         let reader = Reader {
             pool: &self.pool,
             topology: &topology,
@@ -132,5 +154,21 @@ impl Application {
         self.broker.close().await;
         server.await.context("the HTTP server task")??;
         Ok(())
+    }
+}
+
+/// The read model, counting events from the event log in Postgres.
+#[derive(Clone)]
+struct Counting(PgPool);
+
+impl EventHandler for Counting {
+    async fn handle(&self, event: &Received) -> anyhow::Result<bool> {
+        let mut counted = self.handle_batch(std::slice::from_ref(event)).await?;
+        Ok(counted.pop().unwrap_or(false))
+    }
+
+    async fn handle_batch(&self, events: &[Received]) -> anyhow::Result<Vec<bool>> {
+        let events: Vec<_> = events.iter().map(|received| &received.event).collect();
+        Ok(model::count_events(&self.0, &events).await?)
     }
 }

@@ -6,6 +6,7 @@
 //! for events their queues lost.
 
 pub mod db;
+pub mod event_log;
 pub mod health;
 pub mod http;
 pub mod jobs;
@@ -14,4 +15,5 @@ pub mod outbox;
 pub mod periodic;
 pub mod resend;
 pub mod settings;
+pub mod wakeup;
 pub mod worker;

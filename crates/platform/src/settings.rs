@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use messaging::{AmqpSettings, telemetry::LogSettings};
 
-use crate::{db::DatabaseSettings, http::HttpLimits, jobs::WorkQueue};
+use crate::{db::DatabaseSettings, event_log::EventBus, http::HttpLimits, jobs::WorkQueue};
 
 /// RabbitMQ, Postgres, logging and the HTTP listener.
 #[derive(clap::Args, Clone, Debug)]
@@ -28,4 +28,8 @@ pub struct ServiceSettings {
     /// queues, or Postgres's `jobs` table (see `platform::jobs`).
     #[arg(long, env = "WORK_QUEUE", value_enum, default_value_t)]
     pub work_queue: WorkQueue,
+    /// How the order events travel: RabbitMQ's fanout exchange, or
+    /// Postgres's `events` table (see `platform::event_log`).
+    #[arg(long, env = "EVENT_BUS", value_enum, default_value_t)]
+    pub event_bus: EventBus,
 }

@@ -36,7 +36,7 @@ use messaging::{
     contracts::{OrderLine, OrderPlaced, Outcome, PaymentOutcome, SCHEMA_VERSION},
 };
 use pending::Pending;
-use platform::outbox::Outboxed;
+use platform::{event_log::EventBus, outbox::Outboxed};
 use sqlx::{PgPool, types::Json};
 use uuid::Uuid;
 
@@ -53,14 +53,19 @@ pub const CONSUMER: &str = "order-processor";
 /// Steps one order can take at most; more means the states went round.
 const MAX_STEPS: usize = 8;
 
+/// A decided order's event: in the outbox, to publish, or `None` when it
+/// was appended to the event log in Postgres (`EVENT_BUS=postgres`), where
+/// its readers find it.
+pub type Event = Option<Outboxed>;
+
 /// What handling one message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    /// The order reached a final status; the event id is in the outbox.
+    /// The order reached a final status, with its event.
     Decided {
         outcome: Outcome,
         payment: PaymentOutcome,
-        event: Outboxed,
+        event: Event,
     },
     /// This message (or this order) was handled before; nothing changed.
     Duplicate,
@@ -94,6 +99,8 @@ impl From<ProviderError> for HandleError {
 pub struct Processor {
     pub pool: PgPool,
     pub topology: Topology,
+    /// Where the orders' events go: the outbox, or the event log.
+    pub event_bus: EventBus,
     pub payments: Arc<dyn PaymentProvider>,
     pub instance_id: String,
 }

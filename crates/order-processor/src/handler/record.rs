@@ -11,11 +11,11 @@ use messaging::{
     amqp::Envelope,
     contracts::{Lane, OrderEvent, Outcome, PaymentOutcome, SCHEMA_VERSION},
 };
-use platform::outbox::Outboxed;
+use platform::{event_log::EventBus, outbox::Outboxed};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{CONSUMER, HandleError, Processor, pending::Pending};
+use super::{CONSUMER, Event, HandleError, Processor, pending::Pending};
 use crate::state::{self, PaymentState};
 
 /// A payment moving from `from` on to `to`, with its line of history (and,
@@ -42,12 +42,13 @@ impl Processor {
     /// The money has moved as the provider confirmed: for each payment still
     /// where the provider found it, its final state, the order's final
     /// status, both histories, the message's record as handled and the
-    /// order's event, in one statement (and so one transaction). The event
-    /// of each finish, or `None` where someone else finished it.
+    /// order's event (in the outbox, or appended to the event log with
+    /// `EVENT_BUS=postgres`), in one statement (and so one transaction).
+    /// Each finish's event, or `None` where someone else finished it.
     pub(super) async fn finish_all(
         &self,
         finishes: &[&Finish<'_>],
-    ) -> Result<Vec<Option<Outboxed>>, HandleError> {
+    ) -> Result<Vec<Option<Event>>, HandleError> {
         if finishes.is_empty() {
             return Ok(Vec::new());
         }
@@ -57,6 +58,7 @@ impl Processor {
             .map(|f| self.event(f))
             .collect::<Result<_, _>>()?;
         let exchange = self.topology.events_exchange();
+        let logged = self.event_bus == EventBus::Postgres;
         // `moved` lets through only the payments still where the provider
         // found it, of orders still open; everything else follows it.
         let written = sqlx::query!(
@@ -86,11 +88,19 @@ impl Processor {
              handled AS (
                  INSERT INTO processed_messages (consumer, message_id)
                  SELECT $13, i.message_id FROM input i JOIN moved USING (order_id)
-                 ON CONFLICT DO NOTHING)
-             INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
-             SELECT i.event_id, $14, '', i.event::jsonb, i.correlation_id, order_id
-             FROM input i JOIN moved USING (order_id)
-             RETURNING order_id, id"#,
+                 ON CONFLICT DO NOTHING),
+             outboxed AS (
+                 INSERT INTO outbox (message_id, exchange, routing_key, payload, correlation_id, order_id)
+                 SELECT i.event_id, $14, '', i.event::jsonb, i.correlation_id, order_id
+                 FROM input i JOIN moved USING (order_id) WHERE NOT $15
+                 RETURNING order_id, id),
+             logged AS (
+                 INSERT INTO events (message_id, order_id, correlation_id, body)
+                 SELECT i.event_id, order_id, i.correlation_id, i.event::jsonb
+                 FROM input i JOIN moved USING (order_id) WHERE $15
+                 RETURNING order_id, id)
+             SELECT order_id AS "order_id!", id AS "id!" FROM outboxed
+             UNION ALL SELECT order_id, id FROM logged"#,
             &finishes.iter().map(|f| f.order_id).collect::<Vec<_>>(),
             &finishes.iter().map(|f| f.from.as_str()).collect::<Vec<_>>() as &[&str],
             &finishes.iter().map(|f| f.payment.as_str()).collect::<Vec<_>>() as &[&str],
@@ -105,6 +115,7 @@ impl Processor {
             &self.instance_id,
             CONSUMER,
             &exchange,
+            logged,
         )
         .fetch_all(&self.pool)
         .await?;
@@ -117,13 +128,11 @@ impl Processor {
             .zip(events)
             .map(|(finish, (envelope, body))| {
                 let id = *ids.get(&finish.order_id)?;
-                Some(Outboxed::new(
-                    id,
-                    exchange.clone(),
-                    String::new(),
-                    body,
-                    envelope,
-                ))
+                Some(
+                    (!logged).then(|| {
+                        Outboxed::new(id, exchange.clone(), String::new(), body, envelope)
+                    }),
+                )
             })
             .collect())
     }

@@ -5,12 +5,11 @@
 use std::collections::HashMap;
 
 use messaging::contracts::{OrderLine, Outcome, PaymentOutcome};
-use platform::outbox::Outboxed;
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    HandleError, Handled, Processor, Stepped,
+    Event, HandleError, Handled, Processor, Stepped,
     pending::Pending,
     record::{Finish, Move, decide_all},
 };
@@ -81,7 +80,7 @@ impl Processor {
                 _ => None,
             })
             .collect();
-        let mut events: HashMap<Uuid, Outboxed> = finishes
+        let mut events: HashMap<Uuid, Event> = finishes
             .iter()
             .map(|finish| finish.order_id)
             .zip(self.finish_all(&finishes).await?)

@@ -90,6 +90,7 @@ pub async fn processor_with(
     let processor = Processor {
         pool: pool.clone(),
         topology: Topology::new("unused"),
+        event_bus: Default::default(),
         payments: provider.client(),
         instance_id: "test-processor".into(),
     };

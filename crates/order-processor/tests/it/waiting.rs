@@ -67,6 +67,7 @@ async fn starved_consumer(retry: RetryPolicy) -> Starved {
     let processor = Processor {
         pool: starved.clone(),
         topology: topology.clone(),
+        event_bus: Default::default(),
         payments: crate::helpers::provider(1_000_000, false).await.client(),
         instance_id: "starved-processor".into(),
     };

@@ -20,7 +20,7 @@
 //! without counting an attempt.
 //!
 //! How the processors learn of new rows, without polling busily, is in
-//! [`wakeup`]; the loop that claims, handles and settles is in [`run`].
+//! [`crate::wakeup`]; the loop that claims, handles and settles is in [`run`].
 
 use std::time::Duration;
 
@@ -30,7 +30,6 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 mod run;
-pub mod wakeup;
 
 pub use run::{JobHandler, consume};
 
@@ -81,7 +80,8 @@ pub struct Job {
     pub correlation_id: String,
     /// Failed attempts before this claim.
     pub attempts: i32,
-    /// Claims so far, this one included.
+    /// Claims so far, this one included; a claim put back without an
+    /// attempt is not counted.
     pub claims: i32,
     /// The lease this claim holds it under.
     pub lease: Uuid,
@@ -205,10 +205,16 @@ impl JobQueue {
 
     /// Put a job back without counting an attempt (it waited for a
     /// connection), due again after `pause`; `false` if its lease was lost.
+    /// Its claim is given back too: it ended settled, so it must not count
+    /// towards [`MAX_LOST_LEASES`].
     pub async fn put_back(&self, job: &Job, pause: Duration, reason: &str) -> sqlx::Result<bool> {
         self.release(job, pause, 0, reason).await
     }
 
+    /// Make a claimed job available again after `after`, counting
+    /// `attempts` (1 or 0) failed attempts; a claim that counts none is
+    /// given back, so that [`Job::lost_leases`] counts only the claims whose
+    /// processor was gone.
     async fn release(
         &self,
         job: &Job,
@@ -219,7 +225,7 @@ impl JobQueue {
         let released = sqlx::query!(
             r#"UPDATE jobs
                SET state = 'available', run_at = now() + make_interval(secs => $3),
-                   attempts = attempts + $4, reason = $5, lease = NULL
+                   attempts = attempts + $4, claims = claims - 1 + $4, reason = $5, lease = NULL
                WHERE id = $1 AND lease = $2"#,
             job.id,
             job.lease,

@@ -9,7 +9,8 @@ use messaging::consumer::{Batching, Disposition};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Job, JobQueue, MAX_LOST_LEASES, wakeup};
+use super::{CHANNEL, Job, JobQueue, MAX_LOST_LEASES};
+use crate::wakeup;
 
 /// How long a job that waited for a database connection stays put before
 /// it is due again.
@@ -42,7 +43,12 @@ pub async fn consume<H: JobHandler>(
     handler: H,
 ) {
     let wake = Arc::new(Notify::new());
-    let listening = tokio::spawn(wakeup::listen(pool, wake.clone(), shutdown.child_token()));
+    let listening = tokio::spawn(wakeup::listen(
+        pool,
+        CHANNEL,
+        wake.clone(),
+        shutdown.child_token(),
+    ));
     tracing::info!(
         batches = batching.batches,
         batch_size = batching.batch_size,

@@ -116,11 +116,16 @@ fn decode(delivery: &Delivery) -> Result<Received, Disposition> {
 
 /// Count an event handled now, or one handled before.
 fn handled(now: bool) -> Disposition {
+    count_handled(now);
+    Disposition::Ack
+}
+
+/// Count an event handled now, or say it was handled before.
+pub(crate) fn count_handled(now: bool) {
     if now {
         metrics::counter!("events_handled_total").increment(1);
     } else {
         metrics::counter!("duplicates_skipped_total").increment(1);
-        tracing::info!("event already handled; skipping the duplicate delivery");
+        tracing::info!("event already handled; skipping the duplicate");
     }
-    Disposition::Ack
 }

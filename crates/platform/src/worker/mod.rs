@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     db::DatabaseSettings,
+    event_log::{self, EventBus},
     health,
     jobs::{self, JobHandler, JobQueue},
     resend::Resender,
@@ -29,6 +30,7 @@ mod settings;
 
 pub use concurrency::Concurrency;
 use events::Events;
+pub(crate) use events::count_handled;
 pub use events::{EventHandler, Received};
 pub use settings::WorkerSettings;
 
@@ -53,6 +55,7 @@ pub struct Worker {
     batch_size: u16,
     retry: RetryPolicy,
     resend_after: Duration,
+    event_bus: EventBus,
 }
 
 impl Worker {
@@ -94,6 +97,7 @@ impl Worker {
             batch_size: settings.batch_size,
             retry: settings.retry_policy(),
             resend_after: Duration::from_secs(settings.event_resend_after_secs),
+            event_bus: settings.service.event_bus,
         })
     }
 
@@ -284,11 +288,25 @@ impl Worker {
     /// Consume the service's queue on the order-events exchange (given at
     /// start, see [`Worker::start_subscriber`]) until `shutdown`, handing the
     /// decoded events to `handler`, and send the queue again the events it
-    /// lost (see [`crate::resend`]).
-    pub async fn run_events<E>(self, shutdown: CancellationToken, handler: E) -> anyhow::Result<()>
+    /// lost (see [`crate::resend`]); or, with `EVENT_BUS=postgres`, read the
+    /// event log as the service (see [`crate::event_log`]).
+    pub async fn run_events<E>(
+        mut self,
+        shutdown: CancellationToken,
+        handler: E,
+    ) -> anyhow::Result<()>
     where
         E: EventHandler + Clone,
     {
+        if self.event_bus == EventBus::Postgres {
+            let server = self.serve_health(&shutdown);
+            let batch = self.batch_size;
+            let followed =
+                event_log::follow(self.pool.clone(), self.service, batch, shutdown, handler).await;
+            server.abort();
+            self.broker.close().await;
+            return followed;
+        }
         let resender = Resender::new(
             self.pool.clone(),
             self.broker.clone(),

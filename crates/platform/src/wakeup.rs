@@ -1,5 +1,7 @@
-//! How a processor learns that jobs were written: one connection per
-//! process `LISTEN`s on [`super::CHANNEL`] and wakes the claiming tasks.
+//! How a process learns that rows it waits for were written (jobs for a
+//! processor, events for a reader of the event log): one connection per
+//! process `LISTEN`s on the channel their writers notify, and wakes the
+//! waiting tasks.
 //!
 //! Notifications are lost while that connection is down, so three things
 //! stand behind them:
@@ -7,16 +9,14 @@
 //!   says the connection was lost), the tasks are woken to catch up;
 //! - a keep-alive query every [`KEEPALIVE`] finds a connection that died
 //!   without a word (a dropped network path), and a new one is made;
-//! - the claiming tasks never sleep longer than `JOB_POLL_MS` (the safety
-//!   poll) nor past the moment the next job falls due.
+//! - the waiting tasks never sleep longer than a safety poll (`JOB_POLL_MS`
+//!   for jobs), nor, for jobs, past the moment the next one falls due.
 
 use std::{sync::Arc, time::Duration};
 
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-use super::CHANNEL;
 
 /// How often the listening connection is checked.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -25,14 +25,19 @@ pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// dead.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Listen until `shutdown`, waking every task waiting on `wake` on each
-/// notification and after each reconnection.
-pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// Listen on `channel` until `shutdown`, waking every task waiting on
+/// `wake` on each notification and after each reconnection.
+pub async fn listen(
+    pool: PgPool,
+    channel: &'static str,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     while !shutdown.is_cancelled() {
-        let mut listener = match connect(&pool).await {
+        let mut listener = match connect(&pool, channel).await {
             Ok(listener) => listener,
             Err(error) => {
-                tracing::warn!(error.message = %error, "could not listen for new jobs; trying again");
+                tracing::warn!(error.message = %error, channel, "could not listen; trying again");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -49,11 +54,11 @@ pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken
                 received = listener.try_recv() => match received {
                     Ok(Some(_)) => wake.notify_waiters(),
                     Ok(None) => {
-                        tracing::warn!("the connection listening for new jobs was lost; listening again");
+                        tracing::warn!(channel, "the listening connection was lost; listening again");
                         wake.notify_waiters();
                     }
                     Err(error) => {
-                        tracing::warn!(error.message = %error, "listening for new jobs failed; reconnecting");
+                        tracing::warn!(error.message = %error, channel, "listening failed; reconnecting");
                         break;
                     }
                 },
@@ -64,7 +69,7 @@ pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken
                     )
                     .await;
                     if !matches!(alive, Ok(Ok(_))) {
-                        tracing::warn!("the connection listening for new jobs did not answer; reconnecting");
+                        tracing::warn!(channel, "the listening connection did not answer; reconnecting");
                         break;
                     }
                 }
@@ -73,8 +78,8 @@ pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: CancellationToken
     }
 }
 
-async fn connect(pool: &PgPool) -> sqlx::Result<PgListener> {
+async fn connect(pool: &PgPool, channel: &str) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen(channel).await?;
     Ok(listener)
 }
