@@ -7,9 +7,13 @@
 //! watches, the queue is gone and no order costs it anything. A client that
 //! falls too far behind is dropped rather than slowing the others down.
 //!
+//! With `EVENT_BUS=postgres` the order events are read from the event log
+//! in Postgres instead, from its end, while anyone watches (see [`log`]).
+//!
 //! Each event carries whose order it is about (see [`owners`]), so that a
 //! client key is sent its own orders' events only.
 
+mod log;
 mod owners;
 
 use std::{
@@ -235,6 +239,14 @@ impl Drop for ClientWatch {
     }
 }
 
+/// Where the live feed hears of order events (`EVENT_BUS`).
+pub enum EventSource {
+    /// RabbitMQ's order-events exchange (and the consumers' wire tap).
+    Broker(Broker),
+    /// The event log in Postgres.
+    Log(PgPool),
+}
+
 impl Feed {
     /// A feed that learns whose orders are from `pool`.
     pub fn new(pool: PgPool) -> Self {
@@ -308,10 +320,10 @@ impl Feed {
         let _ = self.sender.send(Arc::new(event));
     }
 
-    /// Follow the order-events exchange through a queue of this process's
-    /// own while anyone watches, until `shutdown`, reconnecting when the
-    /// broker goes away.
-    pub async fn run(self, broker: Broker, shutdown: CancellationToken) {
+    /// Follow the order events from `source` while anyone watches, until
+    /// `shutdown`: on RabbitMQ, the order-events exchange through a queue
+    /// of this process's own, reconnecting when the broker goes away.
+    pub async fn run(self, source: EventSource, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             if self.sender.receiver_count() == 0 {
                 tokio::select! {
@@ -319,7 +331,10 @@ impl Feed {
                     () = self.arrived.notified() => continue,
                 }
             }
-            let followed = self.follow(&broker, &shutdown).await;
+            let followed = match &source {
+                EventSource::Broker(broker) => self.follow(broker, &shutdown).await,
+                EventSource::Log(pool) => self.follow_log(pool, &shutdown).await,
+            };
             self.live.send_replace(false);
             if let Err(error) = followed {
                 tracing::warn!(error.message = %format!("{error:#}"), "live event feed interrupted; reconnecting");

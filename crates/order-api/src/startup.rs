@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use messaging::{Broker, Publisher};
-use platform::{health, jobs::WorkQueue, outbox::Relay};
+use platform::{event_log::EventBus, health, jobs::WorkQueue, outbox::Relay};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,11 +17,11 @@ use crate::{
     configuration::Settings,
     idempotency,
     intake::Intake,
-    live::{Feed, Streams},
+    live::{EventSource, Feed, Streams},
     republish::Republisher,
     router::router,
     routes::{orders::OrderView, orders::post::MaxQuantity, sse::Streaming},
-    state::AppState,
+    state::{AppState, Transports},
 };
 
 /// A built, listening order-api.
@@ -80,6 +80,10 @@ impl Application {
                 max_lifetime: Duration::from_secs(settings.sse_max_lifetime_secs),
             },
             max_quantity: MaxQuantity(settings.max_quantity),
+            transports: Transports {
+                work_queue: settings.service.work_queue,
+                event_bus: settings.service.event_bus,
+            },
         };
         let health = health::router(health::Readiness::new(pool, broker.clone()));
         let router = router(state.clone(), health, settings.max_body_bytes);
@@ -129,12 +133,16 @@ impl Application {
             let (broker, shutdown) = (self.broker.clone(), shutdown.clone());
             tokio::spawn(async move { broker.keep_connected(&shutdown).await })
         };
+        let events = match self.settings.service.event_bus {
+            EventBus::Rabbitmq => EventSource::Broker(self.broker.clone()),
+            EventBus::Postgres => EventSource::Log(self.state.pool.clone()),
+        };
         let feed = tokio::spawn(
             self.state
                 .streaming
                 .feed
                 .clone()
-                .run(self.broker.clone(), shutdown.clone()),
+                .run(events, shutdown.clone()),
         );
         tracing::info!(port = self.port(), "order-api listening");
         let served = platform::http::serve(

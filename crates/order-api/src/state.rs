@@ -4,6 +4,7 @@
 
 use axum::extract::FromRef;
 use messaging::Broker;
+use platform::{event_log::EventBus, jobs::WorkQueue};
 use sqlx::PgPool;
 
 use crate::{
@@ -29,4 +30,22 @@ pub struct AppState {
     /// Live events for Server-Sent Events clients, and the caps on them.
     pub streaming: Streaming,
     pub max_quantity: MaxQuantity,
+    /// Which way the orders and their events travel, for the live page.
+    pub transports: Transports,
+}
+
+/// Which way the orders and their events travel (`WORK_QUEUE`,
+/// `EVENT_BUS`).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Transports {
+    #[serde(serialize_with = "name_of")]
+    pub work_queue: WorkQueue,
+    #[serde(serialize_with = "name_of")]
+    pub event_bus: EventBus,
+}
+
+/// A transport by its name, as the variables spell it.
+fn name_of<T: clap::ValueEnum, S: serde::Serializer>(value: &T, to: S) -> Result<S::Ok, S::Error> {
+    let name = value.to_possible_value().map(|v| v.get_name().to_owned());
+    to.serialize_str(name.as_deref().unwrap_or("unknown"))
 }

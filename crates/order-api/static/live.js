@@ -240,20 +240,30 @@ function colourOf(queue) {
   return state.colours.get(queue);
 }
 
+// Which way orders and events travel (WORK_QUEUE, EVENT_BUS).
+function showTransports(transports) {
+  if (!transports) return;
+  const via = (t) => (t === "postgres" ? "Postgres" : "RabbitMQ");
+  $("#transports").textContent =
+    `watching: orders via ${via(transports.work_queue)}, events via ${via(transports.event_bus)}`;
+}
+
 function onQueues(name, data) {
-  if (name === "broker_unavailable") {
-    $("#broker-state").textContent = "· RabbitMQ unreachable: depths paused";
-    return;
-  }
-  if (name !== "queues") return;
-  $("#broker-state").textContent = "";
+  if (name !== "queues" && name !== "broker_unavailable") return;
   const sample = JSON.parse(data);
+  showTransports(sample.transports);
+  if (name === "broker_unavailable") {
+    $("#broker-state").textContent = "· RabbitMQ unreachable: its depths paused";
+    if (!sample.queues.length) return;
+  } else {
+    $("#broker-state").textContent = "";
+  }
   const depths = new Map(sample.queues.map((q) => [q.name, q.messages]));
   const at = Date.now();
   state.samples.push({ at, depths });
   while (state.samples.length && state.samples[0].at < at - WINDOW_MS) state.samples.shift();
   // Dead letters wait for a person, not a consumer: not part of the backlog.
-  const total = sample.queues.filter((q) => !q.name.endsWith("orders.dead")).reduce((n, q) => n + q.messages, 0);
+  const total = sample.queues.filter((q) => !q.name.endsWith(".dead")).reduce((n, q) => n + q.messages, 0);
   state.peak = Math.max(state.peak, total);
   $("#depth-total").textContent = String(total);
   $("#depth-peak").textContent = String(state.peak);

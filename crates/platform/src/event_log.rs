@@ -7,8 +7,9 @@
 //! transaction precedes every transaction still running (see the
 //! migration `events.sql`): an id is taken at INSERT and seen at COMMIT, so
 //! a reader following ids alone would pass an event still committing and
-//! never read it. The cost: one long transaction anywhere in the database
-//! holds every reader back until it ends.
+//! never read it. The cost: one long transaction anywhere on the Postgres
+//! server (snapshots span its databases) holds every reader back until it
+//! ends.
 //!
 //! Handling is at least once (the position is stored after the handler has
 //! committed) and the effects exactly once: the subscribers' handlers
@@ -153,9 +154,9 @@ pub async fn advance(pool: &PgPool, reader: &str, to: Position, events: i64) -> 
 }
 
 /// Read the log as `reader` from its stored position until `shutdown`,
-/// `batch` events at a time, handing them to `handler` together; an event
-/// that is not an `OrderEvent` is skipped with a warning (a log has no dead
-/// letters: it is the record).
+/// `batch` events at a time, handing them to `handler` together and storing
+/// the position after each page; an event that is not an `OrderEvent` is
+/// skipped with a warning (a log has no dead letters: it is the record).
 pub async fn follow<E: EventHandler>(
     pool: PgPool,
     reader: &'static str,
@@ -163,6 +164,69 @@ pub async fn follow<E: EventHandler>(
     shutdown: CancellationToken,
     handler: E,
 ) -> anyhow::Result<()> {
+    let from = position(&pool, reader)
+        .await
+        .context("reading the event log position")?;
+    tracing::info!(reader, position = ?from, "ready: reading the event log in Postgres");
+    let store = pool.clone();
+    pages(pool, from, batch, shutdown, |entries| {
+        let (handler, store) = (&handler, &store);
+        async move {
+            if let Err(error) = handle(handler, &entries).await {
+                tracing::warn!(error.message = %format!("{error:#}"), "handling events from the log failed; trying again");
+                return false;
+            }
+            let last = entries.last().expect("a page").position;
+            let count = i64::try_from(entries.len()).unwrap_or(i64::MAX);
+            if let Err(error) = advance(store, reader, last, count).await {
+                // Handled and recorded: read again after a restart, they are
+                // skipped as duplicates.
+                tracing::warn!(error.message = %error, "could not store the event log position");
+            }
+            true
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// The position after the last event that can be read now: where a reader
+/// that wants only what comes next starts.
+pub async fn end(pool: &PgPool) -> sqlx::Result<Position> {
+    let last = sqlx::query!(
+        r#"SELECT transaction_id::text::int8 AS "transaction_id!", id FROM events
+           WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+           ORDER BY transaction_id DESC, id DESC LIMIT 1"#,
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(last.map_or(
+        Position {
+            transaction_id: 0,
+            id: 0,
+        },
+        |row| Position {
+            transaction_id: row.transaction_id,
+            id: row.id,
+        },
+    ))
+}
+
+/// Read the log after `from` until `shutdown`, `batch` events at a time,
+/// handing each page to `page`, which answers whether it is done with it
+/// (if not, the page is read again after a pause). Between pages it waits
+/// for the `NOTIFY` of an append, or a short pause when appended events are
+/// not readable yet, or the safety poll.
+pub async fn pages<F, Fut>(
+    pool: PgPool,
+    from: Position,
+    batch: u16,
+    shutdown: CancellationToken,
+    mut page: F,
+) where
+    F: FnMut(Vec<Entry>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let wake = Arc::new(Notify::new());
     let listening = tokio::spawn(wakeup::listen(
         pool.clone(),
@@ -170,32 +234,18 @@ pub async fn follow<E: EventHandler>(
         wake.clone(),
         shutdown.child_token(),
     ));
-    let mut at = position(&pool, reader)
-        .await
-        .context("reading the event log position")?;
-    tracing::info!(reader, position = ?at, "ready: reading the event log in Postgres");
+    let mut at = from;
     while !shutdown.is_cancelled() {
         let mut woken = pin!(wake.notified());
         woken.as_mut().enable();
         let pause = match read(&pool, at, batch).await {
             Ok((entries, _)) if !entries.is_empty() => {
-                match handle(&handler, &entries).await {
-                    Ok(()) => {
-                        let last = entries.last().expect("a batch").position;
-                        let count = i64::try_from(entries.len()).unwrap_or(i64::MAX);
-                        if let Err(error) = advance(&pool, reader, last, count).await {
-                            // Handled and recorded: read again after a
-                            // restart, they are skipped as duplicates.
-                            tracing::warn!(error.message = %error, "could not store the event log position");
-                        }
-                        at = last;
-                        continue;
-                    }
-                    Err(error) => {
-                        tracing::warn!(error.message = %format!("{error:#}"), "handling events from the log failed; trying again");
-                        RETRY_PAUSE
-                    }
+                let last = entries.last().expect("a page").position;
+                if page(entries).await {
+                    at = last;
+                    continue;
                 }
+                RETRY_PAUSE
             }
             Ok((_, true)) => HORIZON_PAUSE,
             Ok((_, false)) => POLL,
@@ -211,7 +261,6 @@ pub async fn follow<E: EventHandler>(
         }
     }
     let _ = listening.await;
-    Ok(())
 }
 
 /// Hand a page of the log to `handler`, together.

@@ -2,7 +2,11 @@
 //! order-processors, notification-service and logging-service, on a private
 //! database and topology, with 300 POSTs of which 30 reuse an earlier key.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
@@ -84,6 +88,74 @@ async fn all_counted(pool: &PgPool, events: i64, who: &str) {
     .await;
 }
 
+/// Server-sent events read from `response`, each as its name and its data,
+/// until the stream ends.
+async fn server_events(mut response: reqwest::Response, mut each: impl FnMut(&str, Value)) {
+    let mut buffer = String::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let message: String = buffer.drain(..end + 2).collect();
+            let name = message
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or("message");
+            let data: String = message
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if let Ok(data) = serde_json::from_str(&data) {
+                each(name, data);
+            }
+        }
+    }
+}
+
+/// What a live page watching has been sent so far: the ids of the orders
+/// whose final status `GET /events` sent, and the transports the first
+/// queue-depth sample named.
+#[derive(Default)]
+struct LivePage {
+    decided: Mutex<HashSet<String>>,
+    transports: Mutex<Option<Value>>,
+}
+
+/// Open the live page's two streams with `client` (an admin's).
+fn watch_live_page(
+    client: &reqwest::Client,
+    api: &test_support::process::Service,
+) -> Arc<LivePage> {
+    let page = Arc::new(LivePage::default());
+    let events = client.get(api.url("/events")).send();
+    let queues = client.get(api.url("/dashboard/queues")).send();
+    let (seen, named) = (page.clone(), page.clone());
+    tokio::spawn(async move {
+        let response = events.await.expect("GET /events");
+        assert_eq!(response.status(), 200);
+        server_events(response, |_, event| {
+            if matches!(event["status"].as_str(), Some("processed" | "rejected")) {
+                let id = event["order_id"].as_str().unwrap_or_default().to_owned();
+                seen.decided.lock().unwrap().insert(id);
+            }
+        })
+        .await;
+    });
+    tokio::spawn(async move {
+        let response = queues.await.expect("GET /dashboard/queues");
+        server_events(response, |name, sample| {
+            if name == "queues" {
+                named
+                    .transports
+                    .lock()
+                    .unwrap()
+                    .get_or_insert(sample["transports"].clone());
+            }
+        })
+        .await;
+    });
+    page
+}
+
 /// A count whose statement is built at run time.
 async fn scalar(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
@@ -135,6 +207,22 @@ async fn flow(transport: &str) {
     let client = crate::processes::keyed_client(
         &crate::processes::api_key(&database_url, "e2e-shop", "client"),
         Duration::from_secs(60),
+    );
+    let admin = crate::processes::keyed_client(
+        &crate::processes::api_key(&database_url, "e2e-operator", "admin"),
+        Duration::from_secs(600),
+    );
+    let live = watch_live_page(&admin, &api);
+    test_support::eventually(
+        Duration::from_secs(30),
+        "the live page to be sent its first queue depths",
+        || async { live.transports.lock().unwrap().is_some().then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        live.transports.lock().unwrap().clone(),
+        Some(json!({"work_queue": transport, "event_bus": transport})),
+        "the live page says which way orders and events travel"
     );
     let url = api.url("/orders");
     let originals: Vec<Posted> = stream::iter(0..DISTINCT)
@@ -193,6 +281,12 @@ async fn flow(transport: &str) {
                 && audited == DISTINCT as i64)
                 .then_some(())
         },
+    )
+    .await;
+    test_support::eventually(
+        Duration::from_secs(30),
+        "the live page to hear of every order's final status",
+        || async { (live.decided.lock().unwrap().len() == DISTINCT).then_some(()) },
     )
     .await;
     // Let anything that would be a duplicate arrive before counting.

@@ -271,6 +271,28 @@ pub async fn notify(conn: &mut PgConnection) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// How many jobs are in each lane and state, and how many processors hold
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Depth {
+    pub lane: String,
+    pub state: String,
+    pub jobs: i64,
+    pub claimants: i64,
+}
+
+/// The jobs table's depths, by lane and state.
+pub async fn depths(pool: &PgPool) -> sqlx::Result<Vec<Depth>> {
+    sqlx::query_as!(
+        Depth,
+        r#"SELECT lane AS "lane!", state AS "state!", count(*) AS "jobs!",
+                  count(DISTINCT leased_by) FILTER (WHERE state = 'running') AS "claimants!"
+           FROM jobs GROUP BY lane, state ORDER BY lane, state"#,
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// The dead jobs, oldest first.
 pub async fn dead(pool: &PgPool) -> sqlx::Result<Vec<DeadJob>> {
     sqlx::query_as!(

@@ -1,4 +1,6 @@
-//! `GET /dashboard/queues`: every queue's depth, once a second.
+//! `GET /dashboard/queues`: every queue's depth, once a second: RabbitMQ's
+//! queues, and with `WORK_QUEUE=postgres` the jobs table's, by lane and
+//! state; each sample says which way orders and events travel.
 
 use std::time::Duration;
 
@@ -6,8 +8,10 @@ use axum::{Extension, extract::State, response::sse::Event};
 use chrono::Utc;
 use futures_util::FutureExt;
 use messaging::{Broker, declaration::queue_counts};
+use platform::jobs::{self, WorkQueue};
 use serde::Serialize;
 use serde_json::json;
+use sqlx::PgPool;
 use tokio::sync::mpsc;
 
 use super::admin;
@@ -15,6 +19,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, Result},
     routes::sse::{EventStream, Streaming, sse},
+    state::Transports,
 };
 
 /// How often the page is sent the queue depths.
@@ -49,6 +54,35 @@ async fn depths(broker: &Broker, names: &[String]) -> anyhow::Result<Vec<Depth>>
     Ok(depths)
 }
 
+/// The jobs table's depths, as queues named `jobs.<lane>` (waiting),
+/// `jobs.running` and `jobs.dead`; consumers are the processors holding
+/// running jobs.
+async fn job_depths(pool: &PgPool) -> sqlx::Result<Vec<Depth>> {
+    let mut shown: Vec<Depth> = Vec::new();
+    for depth in jobs::depths(pool).await? {
+        let name = match depth.state.as_str() {
+            "available" => format!("jobs.{}", depth.lane),
+            state => format!("jobs.{state}"),
+        };
+        let (jobs, claimants) = (
+            u32::try_from(depth.jobs).unwrap_or(u32::MAX),
+            u32::try_from(depth.claimants).unwrap_or(u32::MAX),
+        );
+        match shown.iter_mut().find(|d| d.name == name) {
+            Some(row) => {
+                row.messages = row.messages.saturating_add(jobs);
+                row.consumers = row.consumers.saturating_add(claimants);
+            }
+            None => shown.push(Depth {
+                name,
+                messages: jobs,
+                consumers: claimants,
+            }),
+        }
+    }
+    Ok(shown)
+}
+
 /// The queues to show: the topology's, but the event log (a stream keeps
 /// what is read, so its depth says nothing of a backlog), and the retry
 /// queues, one per delay of the consumers' retry policies, which only the
@@ -80,10 +114,13 @@ async fn shown_queues(broker: &Broker, retry_queues: &mut Vec<String>) -> Vec<St
 }
 
 /// `GET /dashboard/queues`: every queue's depth, once a second, as
-/// `queues` events; `broker_unavailable` events while RabbitMQ is away.
+/// `queues` events; `broker_unavailable` events while RabbitMQ is away
+/// (with the jobs' depths, when the work queue is in Postgres).
 pub async fn queues(
     State(streaming): State<Streaming>,
     State(broker): State<Broker>,
+    State(pool): State<PgPool>,
+    State(transports): State<Transports>,
     Extension(caller): Extension<Caller>,
 ) -> Result<EventStream> {
     admin(&caller)?;
@@ -110,17 +147,22 @@ pub async fn queues(
             if names.is_empty() || every_so_often.tick().now_or_never().is_some() {
                 names = shown_queues(&broker, &mut retry_queues).await;
             }
-            let event = match depths(&broker, &names).await {
-                Ok(queues) => Event::default()
-                    .event("queues")
-                    .json_data(json!({"at": Utc::now(), "queues": queues})),
+            let (mut queues, name) = match depths(&broker, &names).await {
+                Ok(queues) => (queues, "queues"),
                 Err(error) => {
                     tracing::debug!(error = %format!("{error:#}"), "queue depths unavailable");
-                    Event::default()
-                        .event("broker_unavailable")
-                        .json_data(json!({"at": Utc::now()}))
+                    (Vec::new(), "broker_unavailable")
                 }
             };
+            if transports.work_queue == WorkQueue::Postgres {
+                match job_depths(&pool).await {
+                    Ok(jobs) => queues.extend(jobs),
+                    Err(error) => tracing::debug!(error = %error, "job depths unavailable"),
+                }
+            }
+            let event = Event::default()
+                .event(name)
+                .json_data(json!({"at": Utc::now(), "queues": queues, "transports": transports}));
             let Ok(event) = event else { return };
             // A client that has not read the last samples misses this one
             // (the next is a second away); waiting on it would hold this
