@@ -119,8 +119,17 @@ impl Application {
         ));
         if self.event_bus == EventBus::Postgres {
             let counting = Counting(self.pool.clone());
-            let followed =
-                event_log::follow(self.pool, READER, self.batch_size, shutdown, counting).await;
+            let followed = event_log::follow(
+                self.pool,
+                READER,
+                self.batch_size,
+                shutdown.clone(),
+                counting,
+            )
+            .await;
+            // Reading stopped for good (or could not start): so does the
+            // service, rather than serving health while counting nothing.
+            shutdown.cancel();
             self.broker.close().await;
             server.await.context("the HTTP server task")??;
             return followed;
