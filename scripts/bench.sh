@@ -2,10 +2,14 @@
 # Measure orderflow on this machine, beside the raw bounds of its broker and
 # database, in one run:
 #
-#   scripts/bench.sh           # the full run (~10 minutes): writes bench/RESULTS.md,
+#   scripts/bench.sh           # the full run (~25 minutes): writes bench/RESULTS.md,
 #                              # bench/results.json, bench/burst.csv and bench/burst.png
-#   scripts/bench.sh --quick   # every part briefly (under 2 minutes), into
+#   scripts/bench.sh --quick   # every part briefly (about 3 minutes), into
 #                              # target/bench-quick/: proves the tool works
+#
+# The end-to-end, processor-count, low-load and burst stages run on both
+# transports (WORK_QUEUE and EVENT_BUS both rabbitmq, then both postgres),
+# set side by side in RESULTS.md.
 #
 # A full run sets the run it replaces (bench/results.json) beside itself in
 # RESULTS.md's before/after table; more with --before LABEL=PATH (an earlier
@@ -62,5 +66,5 @@ if [ -z "$quick" ] && [ -f "$out/results.json" ]; then
 fi
 args+=("${before[@]}")
 "$target_dir/orderflow-bench" "${args[@]}"
-"$tools/bin/python" scripts/plot_burst.py "$out/burst.csv" "$out/burst.png"
+"$tools/bin/python" crates/bench/plot_burst.py "$out/burst.csv" "$out/burst.png"
 echo "results: $out/RESULTS.md"

@@ -33,114 +33,207 @@ impl Earlier {
     }
 }
 
-/// One row of the table: what it measures and how to read it from a run.
+/// One row of the table: what it measures, on which transport, and how to
+/// read it from a run.
 struct Row {
     what: &'static str,
+    /// `rabbitmq` or `postgres`: the runs of the stages run on both are
+    /// told apart by it (an older run's, which lack it, were `rabbitmq`).
+    transport: &'static str,
     read: Read,
 }
 
 enum Read {
-    With(fn(&Value) -> Option<String>),
+    With(fn(&Value, &str) -> Option<String>),
     /// CPU-ms per order of the best no-I/O run, summed over these process
     /// groups (`total` for all of it).
     Cpu(&'static [&'static str]),
 }
 
+const RABBITMQ: &str = "rabbitmq";
+const POSTGRES: &str = "postgres";
+
 impl Row {
-    const fn cpu(what: &'static str, groups: &'static [&'static str]) -> Self {
+    const fn with(
+        what: &'static str,
+        transport: &'static str,
+        read: fn(&Value, &str) -> Option<String>,
+    ) -> Self {
         Self {
             what,
+            transport,
+            read: Read::With(read),
+        }
+    }
+
+    const fn cpu(
+        what: &'static str,
+        transport: &'static str,
+        groups: &'static [&'static str],
+    ) -> Self {
+        Self {
+            what,
+            transport,
             read: Read::Cpu(groups),
         }
     }
 
     fn read(&self, results: &Value) -> Option<String> {
         match self.read {
-            Read::With(read) => read(results),
-            Read::Cpu(groups) => cpu(results, groups),
+            Read::With(read) => read(results, self.transport),
+            Read::Cpu(groups) => cpu(results, self.transport, groups),
         }
     }
 }
 
 const ROWS: &[Row] = &[
-    Row {
-        what: "end to end, no payment I/O, best processor count",
-        read: Read::With(|r| {
-            best_no_io(r)
-                .map(|(rate, row)| format!("{rate:.0}/s ({} processors)", row["processors"]))
-        }),
-    },
-    Row {
-        what: "end to end vs the reference pipeline",
-        read: Read::With(|r| {
-            let (rate, _) = best_no_io(r)?;
-            Some(format!(
-                "{:.2}×",
-                rate / r["reference"]["completed_per_s"].as_f64()?
-            ))
-        }),
-    },
-    Row::cpu("CPU-ms per order end to end (best no-I/O run)", &["total"]),
-    Row::cpu("… order-api", &["order-api"]),
-    Row::cpu("… order-processors", &["order-processors"]),
+    Row::with(
+        "end to end, no payment I/O, best processor count",
+        RABBITMQ,
+        best_rate,
+    ),
+    Row::with(
+        "end to end vs the reference pipeline",
+        RABBITMQ,
+        against_reference,
+    ),
+    Row::cpu(
+        "CPU-ms per order end to end (best no-I/O run)",
+        RABBITMQ,
+        &["total"],
+    ),
+    Row::cpu("… order-api", RABBITMQ, &["order-api"]),
+    Row::cpu("… order-processors", RABBITMQ, &["order-processors"]),
     Row::cpu(
         "… notification-service + logging-service",
+        RABBITMQ,
         &["notification-service", "logging-service"],
     ),
-    Row::cpu("… postgres", &["postgres"]),
-    Row::cpu("… rabbitmq", &["rabbitmq"]),
-    Row {
-        what: "order-api accept rate vs bare axum + one INSERT",
-        read: Read::With(|r| {
+    Row::cpu("… postgres", RABBITMQ, &["postgres"]),
+    Row::cpu("… rabbitmq", RABBITMQ, &["rabbitmq"]),
+    Row::with(
+        "order-api accept rate vs bare axum + one INSERT",
+        RABBITMQ,
+        |r, _| {
             let (bare, api) = (
                 r["http"][0]["per_s"].as_f64()?,
                 r["http"][1]["per_s"].as_f64()?,
             );
             Some(format!("{:.0}% ({api:.0}/s)", 100.0 * api / bare))
-        }),
-    },
-    Row {
-        what: "p99 POST at half that rate",
-        read: Read::With(|r| ms(&r["http"][2]["latency"]["p99_ms"])),
-    },
-    Row {
-        what: "4 processors vs 1, 20 ms payment I/O, PREFETCH 40",
-        read: Read::With(|r| {
-            let rows = r["scaling"].as_array()?;
-            let rate = |processors: u64| {
-                rows.iter().find(|row| {
-                    row["payment_latency_ms"] == 20
-                        && row["prefetch"].as_u64() > Some(1)
-                        && row["processors"] == processors
-                })?["completed_per_s"]
-                    .as_f64()
-            };
-            Some(format!("{:.2}×", rate(4)? / rate(1)?))
-        }),
-    },
-    Row {
-        what: "20 orders/s: p99 POST",
-        read: Read::With(|r| ms(&r["low_load"]["post"]["p99_ms"])),
-    },
-    Row {
-        what: "20 orders/s: accept→final p50",
-        read: Read::With(|r| ms(&r["low_load"]["accept_to_final"]["p50_ms"])),
-    },
+        },
+    ),
+    Row::with("p99 POST at half that rate", RABBITMQ, |r, _| {
+        ms(&r["http"][2]["latency"]["p99_ms"])
+    }),
+    Row::with(
+        "4 processors vs 1, 20 ms payment I/O, PREFETCH 40",
+        RABBITMQ,
+        four_against_one,
+    ),
+    Row::with("20 orders/s: p99 POST", RABBITMQ, |r, transport| {
+        ms(&low_load(r, transport)?["post"]["p99_ms"])
+    }),
+    Row::with(
+        "20 orders/s: accept→final p50",
+        RABBITMQ,
+        |r, transport| ms(&low_load(r, transport)?["accept_to_final"]["p50_ms"]),
+    ),
+    Row::with(
+        "WORK_QUEUE and EVENT_BUS postgres: end to end, no payment I/O, best processor count",
+        POSTGRES,
+        best_rate,
+    ),
+    Row::with(
+        "… postgres: end to end vs the reference pipeline",
+        POSTGRES,
+        against_reference,
+    ),
+    Row::cpu(
+        "… postgres: CPU-ms per order end to end (best no-I/O run)",
+        POSTGRES,
+        &["total"],
+    ),
+    Row::cpu("… postgres: … of it postgres", POSTGRES, &["postgres"]),
+    Row::cpu("… postgres: … of it rabbitmq", POSTGRES, &["rabbitmq"]),
+    Row::with(
+        "… postgres: 4 processors vs 1, 20 ms payment I/O, PREFETCH 40",
+        POSTGRES,
+        four_against_one,
+    ),
+    Row::with(
+        "… postgres: 20 orders/s: p99 POST",
+        POSTGRES,
+        |r, transport| ms(&low_load(r, transport)?["post"]["p99_ms"]),
+    ),
+    Row::with(
+        "… postgres: 20 orders/s: accept→final p50",
+        POSTGRES,
+        |r, transport| ms(&low_load(r, transport)?["accept_to_final"]["p50_ms"]),
+    ),
 ];
 
-/// The no-I/O end-to-end run that completed the most orders per second.
-fn best_no_io(results: &Value) -> Option<(f64, &Value)> {
+/// The transport a row of a run ran on.
+fn transport_of(row: &Value) -> &str {
+    row["transport"].as_str().unwrap_or(RABBITMQ)
+}
+
+/// The end-to-end rows of `transport`.
+fn scaling<'a>(results: &'a Value, transport: &'a str) -> impl Iterator<Item = &'a Value> {
     results["scaling"]
-        .as_array()?
-        .iter()
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(move |row| transport_of(row) == transport)
+}
+
+/// The low-load row of `transport`: one of a list, or, in an older run,
+/// the one object (on RabbitMQ).
+fn low_load<'a>(results: &'a Value, transport: &str) -> Option<&'a Value> {
+    match &results["low_load"] {
+        Value::Array(rows) => rows.iter().find(|row| transport_of(row) == transport),
+        row @ Value::Object(_) if transport == RABBITMQ => Some(row),
+        _ => None,
+    }
+}
+
+/// The no-I/O end-to-end run on `transport` that completed the most orders
+/// per second.
+fn best_no_io<'a>(results: &'a Value, transport: &'a str) -> Option<(f64, &'a Value)> {
+    scaling(results, transport)
         .filter(|row| row["payment_latency_ms"] == 0)
         .filter_map(|row| Some((row["completed_per_s"].as_f64()?, row)))
         .max_by(|a, b| a.0.total_cmp(&b.0))
 }
 
-/// CPU-ms per order of the best no-I/O run, summed over `groups`.
-fn cpu(results: &Value, groups: &[&str]) -> Option<String> {
-    let (_, row) = best_no_io(results)?;
+fn best_rate(results: &Value, transport: &str) -> Option<String> {
+    best_no_io(results, transport)
+        .map(|(rate, row)| format!("{rate:.0}/s ({} processors)", row["processors"]))
+}
+
+fn against_reference(results: &Value, transport: &str) -> Option<String> {
+    let (rate, _) = best_no_io(results, transport)?;
+    Some(format!(
+        "{:.2}×",
+        rate / results["reference"]["completed_per_s"].as_f64()?
+    ))
+}
+
+fn four_against_one(results: &Value, transport: &str) -> Option<String> {
+    let rate = |processors: u64| {
+        scaling(results, transport).find(|row| {
+            row["payment_latency_ms"] == 20
+                && row["prefetch"].as_u64() > Some(1)
+                && row["processors"] == processors
+        })?["completed_per_s"]
+            .as_f64()
+    };
+    Some(format!("{:.2}×", rate(4)? / rate(1)?))
+}
+
+/// CPU-ms per order of the best no-I/O run on `transport`, summed over
+/// `groups`.
+fn cpu(results: &Value, transport: &str, groups: &[&str]) -> Option<String> {
+    let (_, row) = best_no_io(results, transport)?;
     let cpu = &row["cpu"];
     let sum = groups
         .iter()
@@ -212,6 +305,52 @@ mod tests {
         assert!(table.contains("| 25% (1000/s) | – |"), "{table}");
         assert!(
             table.contains("| 20 orders/s: p99 POST | – | 7.5 ms |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_transports_are_read_apart() {
+        let now = serde_json::json!({
+            "reference": {"completed_per_s": 1000.0},
+            "scaling": [
+                {"transport": "rabbitmq", "processors": 2, "payment_latency_ms": 0,
+                 "completed_per_s": 400.0, "cpu": {"total_ms_per_op": 5.0, "ms_per_op": {}}},
+                {"transport": "postgres", "processors": 1, "payment_latency_ms": 0,
+                 "completed_per_s": 500.0, "cpu": {"total_ms_per_op": 4.0, "ms_per_op": {}}}
+            ],
+            "low_load": [
+                {"transport": "rabbitmq", "post": {"p99_ms": 7.0}},
+                {"transport": "postgres", "post": {"p99_ms": 9.0}}
+            ]
+        });
+        let earlier = [Earlier {
+            label: "before".into(),
+            results: serde_json::json!({}),
+        }];
+        let table = table(&now, &earlier);
+        assert!(
+            table.contains(
+                "| end to end, no payment I/O, best processor count | – | 400/s (2 processors) |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("best processor count | – | 500/s (1 processors) |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 20 orders/s: p99 POST | – | 7.0 ms |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| … postgres: 20 orders/s: p99 POST | – | 9.0 ms |"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| … postgres: CPU-ms per order end to end (best no-I/O run) | – | 4.00 |"
+            ),
             "{table}"
         );
     }

@@ -1,11 +1,15 @@
 //! `orderflow-bench`: measures orderflow against the raw limits of its
 //! broker and database on the same machine, in one run, and writes
 //! `RESULTS.md`, `results.json` and `burst.csv` (which
-//! `scripts/plot_burst.py` draws into `burst.png`). Run it through
-//! `scripts/bench.sh`, which builds the release binaries first.
+//! `crates/bench/plot_burst.py` draws into `burst.png`). The end-to-end,
+//! processor-count, low-load and burst stages run once per transport
+//! (`WORK_QUEUE` and `EVENT_BUS` both `rabbitmq`, then both `postgres`),
+//! side by side. Run it through `scripts/bench.sh`, which builds the
+//! release binaries first.
 
 mod before;
 mod cpu;
+mod jobs_table;
 mod raw;
 mod reference;
 mod report;
@@ -28,7 +32,7 @@ use report::{
     Burst, Express, HttpRun, LowLoad, Machine, Memory, PerOrder, ProcessorStage, Rate, Raw,
     Reference, Results, Sample, ScalingRun,
 };
-use system::{Activity, Environment, ScratchDatabase, Shape, System};
+use system::{Activity, Environment, ScratchDatabase, Shape, System, Transport};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -67,6 +71,11 @@ struct Cli {
         default_value = "postgres://postgres@127.0.0.1:5432"
     )]
     postgres_url: String,
+    /// Postgres for the jobs-table stage, without a database name (default:
+    /// --postgres-url). The stage shows what autovacuum keeps the jobs
+    /// table's size to, so it wants a server with autovacuum on.
+    #[arg(long, env = "BENCH_JOBS_POSTGRES_URL")]
+    jobs_postgres_url: Option<String>,
     /// The command line to print in RESULTS.md.
     #[arg(long, default_value = "scripts/bench.sh")]
     command_line: String,
@@ -99,6 +108,8 @@ enum Command {
     /// order by process group: for profiling one change without the full
     /// run (writes nothing).
     EndToEnd {
+        #[arg(long, value_enum, default_value_t = Transport::Rabbitmq)]
+        transport: Transport,
         #[arg(long, default_value_t = 2)]
         processors: usize,
         #[arg(long, default_value_t = 0)]
@@ -111,7 +122,15 @@ enum Command {
     /// The full run's low-load row alone (20 orders/s to one processor),
     /// printed: for setting the services of another build (--bin-dir)
     /// beside this one's on the same machine (writes nothing).
-    LowLoad,
+    LowLoad {
+        #[arg(long, value_enum, default_value_t = Transport::Rabbitmq)]
+        transport: Transport,
+    },
+    /// The full run's jobs-table stage alone: a million jobs (with --quick,
+    /// 20,000) written, claimed and deleted through a private `jobs` table,
+    /// its size read every tenth; then one-job commits with and without the
+    /// jobs' NOTIFY, printed (writes nothing).
+    JobsTable,
     /// The full run's processor-stage row alone (a backlog drained by two
     /// processors), printed (writes nothing).
     ProcessorStage,
@@ -135,6 +154,10 @@ struct Sizes {
     express_orders: u64,
     low_load_orders: u64,
     stage_orders: u64,
+    /// Jobs through the jobs-table stage, its size read every tenth.
+    jobs: u64,
+    /// How long one-job commits run with the NOTIFY, and how long without.
+    notify: Duration,
 }
 
 impl Sizes {
@@ -153,6 +176,8 @@ impl Sizes {
                 express_orders: 20,
                 low_load_orders: 60,
                 stage_orders: 300,
+                jobs: 20_000,
+                notify: Duration::from_secs(2),
             }
         } else {
             Self {
@@ -168,6 +193,8 @@ impl Sizes {
                 express_orders: 100,
                 low_load_orders: 600,
                 stage_orders: 20_000,
+                jobs: 1_000_000,
+                notify: Duration::from_secs(10),
             }
         }
     }
@@ -234,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
         postgres_url: cli.postgres_url.clone(),
     };
     if let Some(Command::EndToEnd {
+        transport,
         processors,
         payment_latency_ms,
         prefetch,
@@ -241,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
     }) = cli.command
     {
         let shape = Shape {
+            transport,
             processors,
             payment_latency_ms,
             prefetch,
@@ -251,9 +280,14 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let sizes = Sizes::new(cli.quick);
-    if let Some(Command::LowLoad) = cli.command {
-        let row = low_load(&environment, &sizes).await?;
+    if let Some(Command::LowLoad { transport }) = cli.command {
+        let row = low_load(&environment, &sizes, transport).await?;
         println!("{}", serde_json::to_string_pretty(&row)?);
+        return Ok(());
+    }
+    if let Some(Command::JobsTable) = cli.command {
+        let run = jobs_table(&cli, &environment, &sizes).await?;
+        println!("{}", serde_json::to_string_pretty(&run)?);
         return Ok(());
     }
     if let Some(Command::ProcessorStage) = cli.command {
@@ -275,7 +309,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(cli.out.join("results.json"), json)?;
-    std::fs::write(cli.out.join("burst.csv"), report::burst_csv(&results.burst))?;
+    std::fs::write(
+        cli.out.join("burst.csv"),
+        report::burst_csv(&results.bursts),
+    )?;
     let markdown = report::markdown(&results, &cli.before)?;
     std::fs::write(cli.out.join("RESULTS.md"), &markdown)?;
     println!("{}", report::summary_table(&results));
@@ -296,7 +333,7 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
     let http = http_runs(environment, sizes).await?;
     step("the reference pipeline: the same hops, no guarantees beyond confirms and acks");
     let reference = reference_run(environment, sizes).await?;
-    step("end to end with 1, 2 and 4 processors");
+    step("end to end with 1, 2 and 4 processors, on each transport");
     let mut scaling = Vec::new();
     for (payment_latency_ms, prefetch, orders) in [
         (PAYMENT_IO_MS, 1, sizes.scaling_serial_orders),
@@ -304,20 +341,29 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         (0, DEFAULT_PREFETCH, sizes.scaling_cpu_orders),
     ] {
         for processors in [1, 2, 4] {
-            let shape = Shape {
-                processors,
-                payment_latency_ms,
-                prefetch,
-                subscribers: true,
-            };
-            scaling.push(scaling_run(environment, shape, orders).await?);
+            // The transports take turns, so both see the machine about as busy.
+            for transport in Transport::ALL {
+                let shape = Shape {
+                    transport,
+                    processors,
+                    payment_latency_ms,
+                    prefetch,
+                    subscribers: true,
+                };
+                scaling.push(scaling_run(environment, shape, orders).await?);
+            }
         }
     }
-    step(&format!(
-        "load levelling: a burst of {} orders",
-        sizes.burst_orders
-    ));
-    let (burst, memory) = burst(environment, sizes).await?;
+    let (mut bursts, mut memory) = (Vec::new(), Vec::new());
+    for transport in Transport::ALL {
+        step(&format!(
+            "load levelling: a burst of {} orders, {transport}",
+            sizes.burst_orders
+        ));
+        let (burst, used) = burst(environment, sizes, transport).await?;
+        bursts.push(burst);
+        memory.extend(used);
+    }
     step(&format!(
         "express lane: {} express orders behind {} standard ones",
         sizes.express_orders, sizes.express_backlog
@@ -327,12 +373,20 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         "low load: {} orders at {LOW_LOAD_RATE:.0}/s, where there is nothing to batch",
         sizes.low_load_orders
     ));
-    let low_load = low_load(environment, sizes).await?;
+    let mut low_loads = Vec::new();
+    for transport in Transport::ALL {
+        low_loads.push(low_load(environment, sizes, transport).await?);
+    }
     step(&format!(
         "the processor stage: a backlog of {} orders drained by two processors",
         sizes.stage_orders
     ));
     let processor_stage = processor_stage(environment, sizes).await?;
+    step(&format!(
+        "the jobs table: {} jobs written, claimed and deleted; NOTIFY's cost to a commit",
+        sizes.jobs
+    ));
+    let jobs_table = jobs_table(cli, environment, sizes).await?;
     Ok(Results {
         quick: cli.quick,
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -343,10 +397,11 @@ async fn run(cli: &Cli, environment: &Environment, sizes: &Sizes) -> anyhow::Res
         http,
         reference,
         scaling,
-        burst,
+        bursts,
         express,
-        low_load,
+        low_load: low_loads,
         processor_stage,
+        jobs_table,
         memory,
     })
 }
@@ -365,6 +420,7 @@ async fn processor_stage(
     sizes: &Sizes,
 ) -> anyhow::Result<ProcessorStage> {
     let shape = Shape {
+        transport: Transport::Rabbitmq,
         processors: 0,
         payment_latency_ms: 0,
         prefetch: DEFAULT_PREFETCH,
@@ -423,6 +479,31 @@ async fn processor_stage(
         stage.provider_database
     );
     Ok(stage)
+}
+
+/// The jobs table's stage: [`jobs_table::run`] at this run's size, on
+/// `--jobs-postgres-url`, with the services' pool size of clients for the
+/// NOTIFY's cost.
+async fn jobs_table(
+    cli: &Cli,
+    environment: &Environment,
+    sizes: &Sizes,
+) -> anyhow::Result<jobs_table::JobsTableRun> {
+    let environment = Environment {
+        postgres_url: cli
+            .jobs_postgres_url
+            .clone()
+            .unwrap_or_else(|| environment.postgres_url.clone()),
+        ..environment.clone()
+    };
+    jobs_table::run(
+        &environment,
+        sizes.jobs,
+        sizes.jobs / 10,
+        sizes.notify,
+        SERVICE_POOL,
+    )
+    .await
 }
 
 fn step(what: &str) {
@@ -601,6 +682,7 @@ async fn order_api_alone(
     rate: Option<f64>,
 ) -> anyhow::Result<(Posted, cpu::Usage)> {
     let shape = Shape {
+        transport: Transport::Rabbitmq,
         processors: 0,
         payment_latency_ms: 0,
         prefetch: DEFAULT_PREFETCH,
@@ -740,19 +822,20 @@ async fn scaling_run(
     orders: u64,
 ) -> anyhow::Result<ScalingRun> {
     eprintln!(
-        "{} processor(s), prefetch {}, {} ms payment I/O, {orders} orders",
-        shape.processors, shape.prefetch, shape.payment_latency_ms
+        "{}: {} processor(s), prefetch {}, {} ms payment I/O, {orders} orders",
+        shape.transport, shape.processors, shape.prefetch, shape.payment_latency_ms
     );
     let system = System::start(
         environment,
         &format!(
-            "scaling-{}ms-prefetch{}-{}p",
-            shape.payment_latency_ms, shape.prefetch, shape.processors
+            "scaling-{}-{}ms-prefetch{}-{}p",
+            shape.transport, shape.payment_latency_ms, shape.prefetch, shape.processors
         ),
         shape,
     )
     .await?;
     let watched = system.pids();
+    let notified_before = system.notifications();
     let before = cpu::snapshot(&watched);
     let posted = loadgen::post_orders(LoadOptions {
         progress: true,
@@ -761,24 +844,32 @@ async fn scaling_run(
     .await?;
     let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
     let usage = before.usage_since(&cpu::snapshot(&watched), posted.accepted.len() as u64);
+    let notifications = notified_before
+        .zip(system.notifications())
+        .map(|(before, after)| after.since(before));
     eprintln!(
         "  end to end {:.0}/s, exactly once: {}",
         completion.completed_per_s, completion.exactly_once.ok
     );
     system.stop().await?;
-    Ok(ScalingRun::of(shape, &posted, completion, usage))
+    Ok(ScalingRun::of(shape, &posted, completion, usage).with(notifications))
 }
 
 /// Orders at a steady [`LOW_LOAD_RATE`] to one processor with no payment
 /// I/O: what batching must not cost when every batch is one order.
-async fn low_load(environment: &Environment, sizes: &Sizes) -> anyhow::Result<LowLoad> {
+async fn low_load(
+    environment: &Environment,
+    sizes: &Sizes,
+    transport: Transport,
+) -> anyhow::Result<LowLoad> {
     let shape = Shape {
+        transport,
         processors: 1,
         payment_latency_ms: 0,
         prefetch: DEFAULT_PREFETCH,
         subscribers: true,
     };
-    let system = System::start(environment, "low-load", shape).await?;
+    let system = System::start(environment, &format!("low-load-{transport}"), shape).await?;
     let posted = loadgen::post_orders(LoadOptions {
         rate: Some(LOW_LOAD_RATE),
         progress: true,
@@ -787,24 +878,30 @@ async fn low_load(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Lo
     .await?;
     let completion = loadgen::await_completion(&system.pool, &posted.accepted, WAIT, true).await?;
     system.stop().await?;
-    let low_load = LowLoad::of(LOW_LOAD_RATE, &posted, &completion);
+    let low_load = LowLoad::of(transport, LOW_LOAD_RATE, &posted, &completion);
     eprintln!(
-        "  POST p99 {:.1} ms, accept→final p50 {:.1} ms",
+        "  {transport}: POST p99 {:.1} ms, accept→final p50 {:.1} ms",
         low_load.post.p99_ms, low_load.accept_to_final.p50_ms
     );
     Ok(low_load)
 }
 
 /// 20,000 orders as fast as they can be posted at two processors with
-/// payment I/O, sampling queue depth, progress and memory as they drain.
-async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burst, Vec<Memory>)> {
+/// payment I/O, sampling the backlog, progress and memory as they drain.
+/// With the Postgres transport the jobs table's size is read at the end.
+async fn burst(
+    environment: &Environment,
+    sizes: &Sizes,
+    transport: Transport,
+) -> anyhow::Result<(Burst, Vec<Memory>)> {
     let shape = Shape {
+        transport,
         processors: 2,
         payment_latency_ms: PAYMENT_IO_MS,
         prefetch: DEFAULT_PREFETCH,
         subscribers: true,
     };
-    let system = Arc::new(System::start(environment, "burst", shape).await?);
+    let system = Arc::new(System::start(environment, &format!("burst-{transport}"), shape).await?);
     // Let start-up allocations settle before reading the idle size.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = system.rss();
@@ -818,12 +915,12 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
             let mut samples = Vec::new();
             while !done.load(Ordering::Relaxed) {
                 let (accepted, finished) = system.order_counts().await?;
-                let depth = system.queue_depth(Lane::Standard).await?;
+                let backlog = system.backlog().await?;
                 samples.push(Sample {
                     t_s: started.elapsed().as_secs_f64(),
                     accepted,
                     finished,
-                    queue_depth: depth,
+                    backlog,
                     rss_bytes: system
                         .rss()
                         .into_iter()
@@ -848,6 +945,10 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
     tokio::time::sleep(Duration::from_secs(1)).await;
     done.store(true, Ordering::Relaxed);
     let samples = sampler.await.context("the sampler panicked")??;
+    let jobs_table = match transport {
+        Transport::Postgres => Some(jobs_table::TableSize::of_jobs(&system.pool).await?),
+        Transport::Rabbitmq => None,
+    };
     let system = Arc::into_inner(system).context("the sampler still holds the system")?;
     let names: Vec<String> = system
         .services
@@ -858,6 +959,7 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
         .iter()
         .enumerate()
         .map(|(i, name)| Memory {
+            transport,
             service: name.clone(),
             idle_bytes: idle.get(i).and_then(|(_, rss)| *rss).unwrap_or(0),
             peak_bytes: samples
@@ -868,23 +970,25 @@ async fn burst(environment: &Environment, sizes: &Sizes) -> anyhow::Result<(Burs
         })
         .collect();
     eprintln!(
-        "  accepted {:.0}/s, completed {:.0}/s, deepest queue {}",
+        "  accepted {:.0}/s, completed {:.0}/s, deepest backlog {}",
         posted.accepted_per_second(),
         completion.completed_per_s,
         samples
             .iter()
-            .map(|sample| sample.queue_depth)
+            .map(|sample| sample.backlog)
             .max()
             .unwrap_or(0)
     );
     system.stop().await?;
     Ok((
         Burst {
+            transport,
             processors: shape.processors,
             payment_latency_ms: shape.payment_latency_ms,
             services: names,
             run: ScalingRun::of(shape, &posted, completion, usage),
             samples,
+            jobs_table,
         },
         memory,
     ))
@@ -898,6 +1002,7 @@ async fn express(environment: &Environment, sizes: &Sizes) -> anyhow::Result<Exp
         environment,
         "express",
         Shape {
+            transport: Transport::Rabbitmq,
             processors: 0,
             payment_latency_ms: PAYMENT_IO_MS,
             prefetch: DEFAULT_PREFETCH,

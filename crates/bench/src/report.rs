@@ -1,5 +1,7 @@
 //! What a benchmark run measured, and how it is written down: RESULTS.md,
-//! results.json, burst.csv and the summary table printed at the end.
+//! results.json, burst.csv and the summary table printed at the end. The
+//! stages run on both transports carry theirs in each row, and RESULTS.md
+//! sets the two side by side.
 
 use std::fmt::Write;
 
@@ -9,8 +11,9 @@ use serde::Serialize;
 use crate::{
     before,
     cpu::Usage,
+    jobs_table::{JobsTableRun, TableSize},
     raw::Throughput,
-    system::{Environment, Shape},
+    system::{Environment, Notifications, Shape, Transport},
 };
 
 #[derive(Debug, Serialize)]
@@ -23,11 +26,16 @@ pub struct Results {
     pub raw: Raw,
     pub http: Vec<HttpRun>,
     pub reference: Reference,
+    /// Both transports, taking turns.
     pub scaling: Vec<ScalingRun>,
-    pub burst: Burst,
+    /// One per transport.
+    pub bursts: Vec<Burst>,
     pub express: Express,
-    pub low_load: LowLoad,
+    /// One per transport.
+    pub low_load: Vec<LowLoad>,
     pub processor_stage: ProcessorStage,
+    pub jobs_table: JobsTableRun,
+    /// Of both bursts' services.
     pub memory: Vec<Memory>,
 }
 
@@ -91,6 +99,8 @@ pub struct Machine {
     pub kernel: String,
     pub rabbitmq: String,
     pub postgres: String,
+    /// Whether the server runs autovacuum (`on` or `off`).
+    pub postgres_autovacuum: String,
 }
 
 impl Machine {
@@ -107,14 +117,18 @@ impl Machine {
         let memory_kib: f64 = field(&meminfo, "MemTotal")
             .and_then(|value| value.trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0.0);
-        let postgres = match environment.admin_pool().await {
-            Ok(pool) => {
-                sqlx::query_scalar!(r#"SELECT current_setting('server_version') AS "version!""#)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap_or_else(|error| format!("unknown ({error})"))
-            }
-            Err(error) => format!("unknown ({error})"),
+        let (postgres, postgres_autovacuum) = match environment.admin_pool().await {
+            Ok(pool) => sqlx::query!(
+                r#"SELECT current_setting('server_version') AS "version!",
+                          current_setting('autovacuum') AS "autovacuum!""#
+            )
+            .fetch_one(&pool)
+            .await
+            .map_or_else(
+                |error| (format!("unknown ({error})"), "unknown".into()),
+                |server| (server.version, server.autovacuum),
+            ),
+            Err(error) => (format!("unknown ({error})"), "unknown".into()),
         };
         Self {
             cpu: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".into()),
@@ -124,6 +138,7 @@ impl Machine {
                 .map_or_else(|_| "unknown".into(), |kernel| kernel.trim().to_string()),
             rabbitmq: rabbitmq_version(),
             postgres,
+            postgres_autovacuum,
         }
     }
 }
@@ -217,6 +232,7 @@ pub struct Reference {
 
 #[derive(Debug, Serialize)]
 pub struct ScalingRun {
+    pub transport: Transport,
     pub processors: usize,
     pub payment_latency_ms: u64,
     pub prefetch: u16,
@@ -230,11 +246,15 @@ pub struct ScalingRun {
     pub exactly_once: bool,
     /// CPU per order, from the first POST to the last order audited.
     pub cpu: Usage,
+    /// With the Postgres transport, the notifications sent over the same
+    /// time.
+    pub notifications: Option<Notifications>,
 }
 
 impl ScalingRun {
     pub fn of(shape: Shape, posted: &Posted, completion: Completion, cpu: Usage) -> Self {
         Self {
+            transport: shape.transport,
             processors: shape.processors,
             payment_latency_ms: shape.payment_latency_ms,
             prefetch: shape.prefetch,
@@ -251,7 +271,23 @@ impl ScalingRun {
             complete: completion.complete,
             exactly_once: completion.exactly_once.ok,
             cpu,
+            notifications: None,
         }
+    }
+
+    /// The run with the notifications counted over it.
+    pub fn with(self, notifications: Option<Notifications>) -> Self {
+        Self {
+            notifications,
+            ..self
+        }
+    }
+
+    /// Notifications per order on the jobs' and the events' channels.
+    pub fn notifications_per_order(&self) -> Option<(f64, f64)> {
+        let sent = self.notifications?;
+        let orders = self.orders.max(1) as f64;
+        Some((sent.jobs as f64 / orders, sent.events as f64 / orders))
     }
 }
 
@@ -261,18 +297,33 @@ pub struct Sample {
     pub t_s: f64,
     pub accepted: i64,
     pub finished: i64,
-    pub queue_depth: u32,
+    /// Orders waiting for a processor: ready on the work queues, or jobs
+    /// rows not dead.
+    pub backlog: u64,
     /// In the order of [`Burst::services`].
     pub rss_bytes: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Burst {
+    pub transport: Transport,
     pub processors: usize,
     pub payment_latency_ms: u64,
     pub services: Vec<String>,
     pub run: ScalingRun,
     pub samples: Vec<Sample>,
+    /// With the Postgres transport, the jobs table once the burst is done.
+    pub jobs_table: Option<TableSize>,
+}
+
+impl Burst {
+    fn deepest(&self) -> u64 {
+        self.samples
+            .iter()
+            .map(|sample| sample.backlog)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -291,6 +342,7 @@ pub struct Express {
 /// Orders at a steady low rate, where every batch is one order.
 #[derive(Debug, Serialize)]
 pub struct LowLoad {
+    pub transport: Transport,
     pub rate: f64,
     pub orders: u64,
     pub post: Percentiles,
@@ -303,11 +355,12 @@ pub struct LowLoad {
 }
 
 impl LowLoad {
-    pub fn of(rate: f64, posted: &Posted, completion: &Completion) -> Self {
+    pub fn of(transport: Transport, rate: f64, posted: &Posted, completion: &Completion) -> Self {
         let lane = |by_lane: &std::collections::BTreeMap<String, Percentiles>| {
             by_lane.get("standard").cloned().unwrap_or_default()
         };
         Self {
+            transport,
             rate,
             orders: posted.accepted.len() as u64,
             post: Percentiles::of_micros(&posted.latency),
@@ -322,6 +375,7 @@ impl LowLoad {
 
 #[derive(Debug, Serialize)]
 pub struct Memory {
+    pub transport: Transport,
     pub service: String,
     pub idle_bytes: u64,
     pub peak_bytes: u64,
@@ -331,13 +385,23 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1024.0 / 1024.0
 }
 
+/// A size as people read it: KiB below a MiB, else MiB.
+pub fn human_bytes(bytes: i64) -> String {
+    let bytes = bytes.max(0) as u64;
+    if bytes < 1024 * 1024 {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", mib(bytes))
+    }
+}
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }
 
 /// One row of the targets table.
 struct Target {
-    name: &'static str,
+    name: String,
     goal: String,
     measured: String,
     met: bool,
@@ -350,25 +414,48 @@ impl Results {
 
     fn scaling(
         &self,
+        transport: Transport,
         processors: usize,
         payment_latency_ms: u64,
         prefetch: u16,
     ) -> Option<&ScalingRun> {
         self.scaling.iter().find(|run| {
-            run.processors == processors
+            run.transport == transport
+                && run.processors == processors
                 && run.payment_latency_ms == payment_latency_ms
                 && run.prefetch == prefetch
         })
+    }
+
+    /// The no-I/O end-to-end run on `transport` that completed the most
+    /// orders per second.
+    fn best_no_io(&self, transport: Transport) -> Option<&ScalingRun> {
+        self.scaling
+            .iter()
+            .filter(|run| run.transport == transport && run.payment_latency_ms == 0)
+            .max_by(|a, b| a.completed_per_s.total_cmp(&b.completed_per_s))
+    }
+
+    fn low_load(&self, transport: Transport) -> Option<&LowLoad> {
+        self.low_load.iter().find(|low| low.transport == transport)
+    }
+
+    fn burst(&self, transport: Transport) -> Option<&Burst> {
+        self.bursts
+            .iter()
+            .find(|burst| burst.transport == transport)
     }
 
     /// Guarantees the run broke (not performance targets): errors, lost or
     /// doubled effects.
     pub fn failures(&self) -> Vec<String> {
         let mut failures = Vec::new();
-        for run in self.scaling.iter().chain([&self.burst.run]) {
+        let bursts = self.bursts.iter().map(|burst| &burst.run);
+        for run in self.scaling.iter().chain(bursts) {
             if !run.complete || !run.exactly_once || run.errors > 0 {
                 failures.push(format!(
-                    "{} processor(s), {} ms: complete {}, exactly once {}, errors {}",
+                    "{}: {} processor(s), {} ms: complete {}, exactly once {}, errors {}",
+                    run.transport,
                     run.processors,
                     run.payment_latency_ms,
                     run.complete,
@@ -384,12 +471,13 @@ impl Results {
                 stage.finished, stage.exactly_once
             ));
         }
-        let low = &self.low_load;
-        if !low.complete || !low.exactly_once || low.errors > 0 {
-            failures.push(format!(
-                "low load: complete {}, exactly once {}, errors {}",
-                low.complete, low.exactly_once, low.errors
-            ));
+        for low in &self.low_load {
+            if !low.complete || !low.exactly_once || low.errors > 0 {
+                failures.push(format!(
+                    "{}: low load: complete {}, exactly once {}, errors {}",
+                    low.transport, low.complete, low.exactly_once, low.errors
+                ));
+            }
         }
         if !self.express.exactly_once || self.express.errors > 0 {
             failures.push(format!(
@@ -420,7 +508,7 @@ impl Results {
         ) {
             let share = ratio(api.per_s, bare.per_s);
             targets.push(Target {
-                name: "order-api accept rate vs bare axum + one INSERT",
+                name: "order-api accept rate vs bare axum + one INSERT".into(),
                 goal: "≥ 40%".into(),
                 measured: format!(
                     "{:.0}% ({:.0}/s vs {:.0}/s)",
@@ -431,20 +519,80 @@ impl Results {
                 met: share >= 0.40,
             });
             targets.push(Target {
-                name: "p99 POST latency at half that rate",
+                name: "p99 POST latency at half that rate".into(),
                 goal: "≤ 25 ms".into(),
                 measured: format!("{:.1} ms at {:.0}/s", half.latency.p99_ms, half.per_s),
                 met: half.latency.p99_ms <= 25.0,
             });
         }
-        let best_cpu = self
-            .scaling
-            .iter()
-            .filter(|run| run.payment_latency_ms == 0)
-            .max_by(|a, b| a.completed_per_s.total_cmp(&b.completed_per_s));
-        if let Some(best) = best_cpu {
+        for transport in Transport::ALL {
+            self.transport_targets(transport, &mut targets);
+        }
+        let stage = &self.processor_stage;
+        targets.push(Target {
+            name: "orderflow's Postgres CPU per order, the processor stage (a backlog, two processors, no payment latency)".into(),
+            goal: "≤ 0.9 ms".into(),
+            measured: format!(
+                "{:.2} ms; {} (the provider's database {:.2} ms; {:.0} orders/s)",
+                stage.postgres_ms_per_order(),
+                stage.orderflow_database,
+                stage
+                    .cpu
+                    .ms_per_op
+                    .get(crate::cpu::PROVIDER_POSTGRES)
+                    .copied()
+                    .unwrap_or(0.0),
+                stage.drained_per_s
+            ),
+            met: stage.postgres_ms_per_order() <= 0.9,
+        });
+        targets.push(Target {
+            name: "express accept→final p99 behind the backlog".into(),
+            goal: "< 1 s".into(),
+            measured: format!(
+                "{:.0} ms behind {} standard orders",
+                self.express.express.p99_ms, self.express.backlog
+            ),
+            met: self.express.express.p99_ms < 1000.0,
+        });
+        let fattest = self.memory.iter().max_by_key(|memory| memory.idle_bytes);
+        if let Some(fattest) = fattest {
             targets.push(Target {
-                name: "end to end, no simulated I/O (best processor count)",
+                name: "idle RSS per service".into(),
+                goal: "≤ 30 MB".into(),
+                measured: format!(
+                    "largest {:.1} MiB ({}, {})",
+                    mib(fattest.idle_bytes),
+                    fattest.service,
+                    fattest.transport
+                ),
+                met: self
+                    .memory
+                    .iter()
+                    .all(|memory| memory.idle_bytes <= 30 * 1_000_000),
+            });
+        }
+        let processor_growth = self
+            .memory
+            .iter()
+            .filter(|memory| memory.service.starts_with("order-processor"))
+            .map(|memory| ratio(memory.peak_bytes as f64, memory.idle_bytes as f64))
+            .fold(0.0, f64::max);
+        targets.push(Target {
+            name: "processor peak RSS during the bursts vs idle".into(),
+            goal: "≤ 2×".into(),
+            measured: format!("{processor_growth:.2}×"),
+            met: processor_growth > 0.0 && processor_growth <= 2.0,
+        });
+        targets
+    }
+
+    /// The targets of the stages run on each transport, named with it.
+    fn transport_targets(&self, transport: Transport, targets: &mut Vec<Target>) {
+        let named = |name: &str| format!("{name} — {transport}");
+        if let Some(best) = self.best_no_io(transport) {
+            targets.push(Target {
+                name: named("end to end, no simulated I/O (best processor count)"),
                 goal: "≥ 1,000 orders/s".into(),
                 measured: format!(
                     "{:.0}/s with {} processor(s)",
@@ -454,7 +602,9 @@ impl Results {
             });
             let share = ratio(best.completed_per_s, self.reference.completed_per_s);
             targets.push(Target {
-                name: "end to end vs the reference pipeline (same hops, confirms and acks only)",
+                name: named(
+                    "end to end vs the reference pipeline (same hops, confirms and acks only)",
+                ),
                 goal: "≥ 0.7×".into(),
                 measured: format!(
                     "{share:.2}× ({:.0}/s vs {:.0}/s)",
@@ -463,7 +613,9 @@ impl Results {
                 met: share >= 0.7,
             });
             targets.push(Target {
-                name: "CPU per order end to end (best no-I/O run), the stand-in provider's share apart",
+                name: named(
+                    "CPU per order end to end (best no-I/O run), the stand-in provider's share apart",
+                ),
                 goal: "≤ 2.0 ms".into(),
                 measured: format!(
                     "{:.1} ms, and {:.1} ms the provider's (reference pipeline {:.1} ms)",
@@ -485,12 +637,12 @@ impl Results {
             ),
         ] {
             if let (Some(one), Some(four)) = (
-                self.scaling(1, crate::PAYMENT_IO_MS, prefetch),
-                self.scaling(4, crate::PAYMENT_IO_MS, prefetch),
+                self.scaling(transport, 1, crate::PAYMENT_IO_MS, prefetch),
+                self.scaling(transport, 4, crate::PAYMENT_IO_MS, prefetch),
             ) {
                 let scale = ratio(four.completed_per_s, one.completed_per_s);
                 targets.push(Target {
-                    name,
+                    name: named(name),
                     goal: "≥ 3.5×".into(),
                     measured: format!(
                         "{scale:.2}× ({:.0}/s vs {:.0}/s)",
@@ -500,78 +652,23 @@ impl Results {
                 });
             }
         }
-        let low = &self.low_load;
-        targets.push(Target {
-            name: "p99 POST latency at 20 orders/s (nothing to batch)",
-            goal: "≤ 10 ms".into(),
-            measured: format!("{:.1} ms (p50 {:.1} ms)", low.post.p99_ms, low.post.p50_ms),
-            met: low.post.p99_ms <= 10.0,
-        });
-        targets.push(Target {
-            name: "accept→final p50 at 20 orders/s",
-            goal: "≤ 6 ms".into(),
-            measured: format!(
-                "{:.1} ms (accept→notified and audited p50 {:.1} ms)",
-                low.accept_to_final.p50_ms, low.accept_to_done.p50_ms
-            ),
-            met: low.accept_to_final.p50_ms <= 6.0,
-        });
-        let stage = &self.processor_stage;
-        targets.push(Target {
-            name: "orderflow's Postgres CPU per order, the processor stage (a backlog, two processors, no payment latency)",
-            goal: "≤ 0.9 ms".into(),
-            measured: format!(
-                "{:.2} ms; {} (the provider's database {:.2} ms; {:.0} orders/s)",
-                stage.postgres_ms_per_order(),
-                stage.orderflow_database,
-                stage
-                    .cpu
-                    .ms_per_op
-                    .get(crate::cpu::PROVIDER_POSTGRES)
-                    .copied()
-                    .unwrap_or(0.0),
-                stage.drained_per_s
-            ),
-            met: stage.postgres_ms_per_order() <= 0.9,
-        });
-        targets.push(Target {
-            name: "express accept→final p99 behind the backlog",
-            goal: "< 1 s".into(),
-            measured: format!(
-                "{:.0} ms behind {} standard orders",
-                self.express.express.p99_ms, self.express.backlog
-            ),
-            met: self.express.express.p99_ms < 1000.0,
-        });
-        let fattest = self.memory.iter().max_by_key(|memory| memory.idle_bytes);
-        if let Some(fattest) = fattest {
+        if let Some(low) = self.low_load(transport) {
             targets.push(Target {
-                name: "idle RSS per service",
-                goal: "≤ 30 MB".into(),
+                name: named("p99 POST latency at 20 orders/s (nothing to batch)"),
+                goal: "≤ 10 ms".into(),
+                measured: format!("{:.1} ms (p50 {:.1} ms)", low.post.p99_ms, low.post.p50_ms),
+                met: low.post.p99_ms <= 10.0,
+            });
+            targets.push(Target {
+                name: named("accept→final p50 at 20 orders/s"),
+                goal: "≤ 6 ms".into(),
                 measured: format!(
-                    "largest {:.1} MiB ({})",
-                    mib(fattest.idle_bytes),
-                    fattest.service
+                    "{:.1} ms (accept→notified and audited p50 {:.1} ms)",
+                    low.accept_to_final.p50_ms, low.accept_to_done.p50_ms
                 ),
-                met: self
-                    .memory
-                    .iter()
-                    .all(|memory| memory.idle_bytes <= 30 * 1_000_000),
+                met: low.accept_to_final.p50_ms <= 6.0,
             });
         }
-        let processor_growth = self
-            .memory
-            .iter()
-            .filter(|memory| memory.service.starts_with("order-processor"))
-            .map(|memory| ratio(memory.peak_bytes as f64, memory.idle_bytes as f64))
-            .fold(0.0, f64::max);
-        targets.push(Target {
-            name: "processor peak RSS during the burst vs idle",
-            goal: "≤ 2×".into(),
-            measured: format!("{processor_growth:.2}×"),
-            met: processor_growth > 0.0 && processor_growth <= 2.0,
-        });
-        targets
     }
 }
 
@@ -624,7 +721,11 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
     let _ = writeln!(md, "| memory | {:.1} GiB |", m.memory_gib);
     let _ = writeln!(md, "| kernel | {} |", m.kernel);
     let _ = writeln!(md, "| RabbitMQ | {} |", m.rabbitmq);
-    let _ = writeln!(md, "| PostgreSQL | {} |\n", m.postgres);
+    let _ = writeln!(
+        md,
+        "| PostgreSQL | {} (autovacuum {}) |\n",
+        m.postgres, m.postgres_autovacuum
+    );
 
     let _ = writeln!(md, "## Targets\n\n{}", summary_table(results));
     if !earlier.is_empty() {
@@ -636,6 +737,7 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
             before::table(&serde_json::to_value(results)?, earlier)
         );
     }
+    side_by_side(&mut md, results);
 
     let _ = writeln!(
         md,
@@ -731,25 +833,28 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
          *Prefetch* is how many orders each processor has in hand per lane: {} is the \
          services' default, handled in batches of up to 20 (BATCH_SIZE), two batches at once; \
          with 1 each processor is a classic one-at-a-time worker, which shows competing \
-         consumers scaling while the I/O wait, not the CPU, is the limit.\n",
+         consumers scaling while the I/O wait, not the CPU, is the limit. Each row runs on \
+         both transports in turn: *rabbitmq* (`WORK_QUEUE` and `EVENT_BUS` both `rabbitmq`) \
+         and *postgres* (both `postgres`).\n",
         crate::CONCURRENCY,
         crate::DEFAULT_PREFETCH
     );
     let _ = writeln!(
         md,
-        "| payment I/O | prefetch | processors | orders | accepted/s | completed/s | vs 1 processor | accept→final p50 ms | p99 ms | exactly once |"
+        "| payment I/O | prefetch | processors | transport | orders | accepted/s | completed/s | vs 1 processor | accept→final p50 ms | p99 ms | exactly once |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
     for run in &results.scaling {
         let one = results
-            .scaling(1, run.payment_latency_ms, run.prefetch)
+            .scaling(run.transport, 1, run.payment_latency_ms, run.prefetch)
             .map_or(0.0, |one| one.completed_per_s);
         let _ = writeln!(
             md,
-            "| {} ms | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {} |",
+            "| {} ms | {} | {} | {} | {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {} |",
             run.payment_latency_ms,
             run.prefetch,
             run.processors,
+            run.transport,
             run.orders,
             run.accepted_per_s,
             run.completed_per_s,
@@ -761,12 +866,16 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
     }
 
     let reference = &results.reference;
-    let best = results
-        .scaling
+    let against_reference: Vec<String> = Transport::ALL
         .iter()
-        .filter(|run| run.payment_latency_ms == 0)
-        .map(|run| run.completed_per_s)
-        .fold(0.0, f64::max);
+        .filter_map(|&transport| {
+            let best = results.best_no_io(transport)?;
+            Some(format!(
+                "**{:.2}×** that rate on {transport}",
+                ratio(best.completed_per_s, reference.completed_per_s)
+            ))
+        })
+        .collect();
     let groups: Vec<String> = reference
         .cpu
         .ms_per_op
@@ -781,46 +890,19 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
          work queue → a consumer (prefetch {}): one INSERT and a confirmed publish to a fanout, \
          then ack → two subscribers on quorum queues that ack. {} orders posted as fast as {} \
          connections allow went through at **{:.0}/s** (first POST to last ack by both), \
-         {:.1} CPU-ms per order ({}). orderflow's best no-I/O run above: **{:.2}×** that rate.\n",
+         {:.1} CPU-ms per order ({}). orderflow's best no-I/O run above: {}.\n",
         crate::DEFAULT_PREFETCH,
         reference.orders,
         crate::CONCURRENCY,
         reference.completed_per_s,
         reference.cpu.total_ms_per_op,
         groups.join(", "),
-        ratio(best, reference.completed_per_s)
+        against_reference.join(", ")
     );
 
     cpu_section(&mut md, results);
 
-    let burst = &results.burst;
-    let deepest = burst
-        .samples
-        .iter()
-        .map(|sample| sample.queue_depth)
-        .max()
-        .unwrap_or(0);
-    let _ = writeln!(
-        md,
-        "\n## 4. Load levelling: a burst of {} orders\n\n![queue depth and completion during the burst](burst.png)\n\n\
-         {} processors with {} ms payment I/O. The client posted as fast as {} connections allow: \
-         order-api accepted **{:.0}/s** (POST p50 {:.1} ms, p99 {:.1} ms) while the processors \
-         drained at **{:.0}/s**; the standard queue peaked at **{deepest}** messages. \
-         Exactly once: {}. The samples are in `burst.csv`.\n",
-        burst.run.orders,
-        burst.processors,
-        burst.payment_latency_ms,
-        crate::CONCURRENCY,
-        burst.run.accepted_per_s,
-        burst.run.post_latency.p50_ms,
-        burst.run.post_latency.p99_ms,
-        burst.run.completed_per_s,
-        if burst.run.exactly_once {
-            "yes"
-        } else {
-            "**NO**"
-        }
-    );
+    burst_section(&mut md, results);
 
     let e = &results.express;
     let _ = writeln!(
@@ -847,48 +929,34 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
         if e.exactly_once { "yes" } else { "**NO**" }
     );
 
-    let low = &results.low_load;
-    let _ = writeln!(
-        md,
-        "## 6. Low load\n\n{} orders posted at a steady {:.0}/s to one processor with no \
-         payment I/O: every batch is one order, so this is what batching must not cost. In ms:\n",
-        low.orders, low.rate
-    );
-    let _ = writeln!(
-        md,
-        "| | count | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|"
-    );
-    for (what, p) in [
-        ("POST answered", &low.post),
-        ("accept → final status", &low.accept_to_final),
-        ("accept → notified and audited", &low.accept_to_done),
-    ] {
-        let _ = writeln!(md, "| {what} | {} | {} |", p.count, percentiles_cells(p));
-    }
-    let _ = writeln!(md);
+    low_load_section(&mut md, results);
 
     let _ = writeln!(
         md,
-        "## 7. Memory\n\nResident set size of each service of the burst's system: idle (2 s \
+        "## 7. Memory\n\nResident set size of each service of the bursts' systems: idle (2 s \
          after start-up) and the largest reading during the burst (sampled every 250 ms).\n"
     );
     let _ = writeln!(
         md,
-        "| service | idle MiB | peak MiB | peak / idle |\n|---|---|---|---|"
+        "| service | transport | idle MiB | peak MiB | peak / idle |\n|---|---|---|---|---|"
     );
     for memory in &results.memory {
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.2}× |",
+            "| {} | {} | {:.1} | {:.1} | {:.2}× |",
             memory.service,
+            memory.transport,
             mib(memory.idle_bytes),
             mib(memory.peak_bytes),
             ratio(memory.peak_bytes as f64, memory.idle_bytes as f64)
         );
     }
+    md.push('\n');
+    jobs_table_section(&mut md, &results.jobs_table);
+
     let _ = writeln!(
         md,
-        "\n## How to reproduce\n\n```\nscripts/bench.sh           # this whole run, ~10 minutes\nscripts/bench.sh --quick   # every part briefly\n```\n\n\
+        "\n## How to reproduce\n\n```\nscripts/bench.sh           # this whole run, ~25 minutes\nscripts/bench.sh --quick   # every part briefly\n```\n\n\
          `scripts/bench.sh` builds the release binaries, runs `target/release/orderflow-bench` \
          against the RabbitMQ and Postgres on 127.0.0.1 (override with `AMQP_URL` and \
          `BENCH_POSTGRES_URL`), and draws `burst.png` from `burst.csv`. Every part runs on \
@@ -900,26 +968,45 @@ pub fn markdown(results: &Results, earlier: &[before::Earlier]) -> anyhow::Resul
     Ok(md)
 }
 
-/// The burst's samples as CSV, for the plot.
-pub fn burst_csv(burst: &Burst) -> String {
-    let mut csv = String::from("t_s,accepted,finished,queue_depth");
-    for service in &burst.services {
+/// Both bursts' samples as CSV, for the plot: one line per sample, named
+/// by its transport.
+pub fn burst_csv(bursts: &[Burst]) -> String {
+    let mut csv = String::from("transport,t_s,accepted,finished,backlog");
+    let services = bursts.first().map_or(&[][..], |burst| &burst.services[..]);
+    for service in services {
         let _ = write!(csv, ",rss_mib_{service}");
     }
     csv.push('\n');
-    for sample in &burst.samples {
-        let _ = write!(
-            csv,
-            "{:.3},{},{},{}",
-            sample.t_s, sample.accepted, sample.finished, sample.queue_depth
-        );
-        for rss in &sample.rss_bytes {
-            let _ = write!(csv, ",{:.1}", mib(*rss));
+    for burst in bursts {
+        for sample in &burst.samples {
+            let _ = write!(
+                csv,
+                "{},{:.3},{},{},{}",
+                burst.transport, sample.t_s, sample.accepted, sample.finished, sample.backlog
+            );
+            for rss in &sample.rss_bytes {
+                let _ = write!(csv, ",{:.1}", mib(*rss));
+            }
+            csv.push('\n');
         }
-        csv.push('\n');
     }
     csv
 }
+
+/// The process groups of the CPU tables, in their order.
+const CPU_GROUPS: [&str; 11] = [
+    "load generator",
+    "bare axum",
+    "order-api",
+    "order-processors",
+    "notification-service",
+    "logging-service",
+    "postgres",
+    "rabbitmq",
+    "payment-provider",
+    crate::cpu::PROVIDER_POSTGRES,
+    "other",
+];
 
 /// Where the CPU went, per request or per order, for the runs that are
 /// bound by it: the HTTP runs and the end-to-end runs with no payment I/O.
@@ -938,8 +1025,8 @@ fn cpu_section(md: &mut String, results: &Results) {
             .map(|run| {
                 (
                     format!(
-                        "end to end, {} processor(s), no I/O (per order)",
-                        run.processors
+                        "end to end, {}, {} processor(s), no I/O (per order)",
+                        run.transport, run.processors
                     ),
                     &run.cpu,
                 )
@@ -952,20 +1039,7 @@ fn cpu_section(md: &mut String, results: &Results) {
         ),
         &results.processor_stage.cpu,
     ));
-    let order = [
-        "load generator",
-        "bare axum",
-        "order-api",
-        "order-processors",
-        "notification-service",
-        "logging-service",
-        "postgres",
-        "rabbitmq",
-        "payment-provider",
-        crate::cpu::PROVIDER_POSTGRES,
-        "other",
-    ];
-    let groups: Vec<&str> = order
+    let groups: Vec<&str> = CPU_GROUPS
         .iter()
         .copied()
         .filter(|group| {
@@ -1012,4 +1086,398 @@ fn cpu_section(md: &mut String, results: &Results) {
         }
         md.push('\n');
     }
+}
+
+/// One line of the side-by-side table: the value on each transport, and
+/// postgres's over rabbitmq's.
+fn compare(
+    md: &mut String,
+    what: &str,
+    cell: fn(f64) -> String,
+    read: impl Fn(Transport) -> Option<f64>,
+) {
+    let (rabbitmq, postgres) = (read(Transport::Rabbitmq), read(Transport::Postgres));
+    let shown = |value: Option<f64>| value.map_or_else(|| "–".to_string(), cell);
+    let against = match (rabbitmq, postgres) {
+        (Some(rabbitmq), Some(postgres)) if rabbitmq > 0.0 => {
+            format!("{:.2}×", postgres / rabbitmq)
+        }
+        _ => "–".into(),
+    };
+    let _ = writeln!(
+        md,
+        "| {what} | {} | {} | {against} |",
+        shown(rabbitmq),
+        shown(postgres)
+    );
+}
+
+fn per_s(value: f64) -> String {
+    format!("{value:.0}/s")
+}
+
+fn ms(value: f64) -> String {
+    format!("{value:.1} ms")
+}
+
+fn count(value: f64) -> String {
+    format!("{value:.0}")
+}
+
+fn per_order(value: f64) -> String {
+    format!("{value:.2}")
+}
+
+/// The stages run on both transports, each headline beside the other's.
+fn side_by_side(md: &mut String, results: &Results) {
+    let _ = writeln!(
+        md,
+        "## The two transports side by side\n\n*rabbitmq*: `WORK_QUEUE=rabbitmq` and \
+         `EVENT_BUS=rabbitmq`, the orders' messages on RabbitMQ's work queues and their events \
+         on its fanout. *postgres*: both `postgres`, the messages as rows of the `jobs` table \
+         claimed with SKIP LOCKED, the events appended to the `events` table, each woken by \
+         NOTIFY. The same stages, taking turns in this run; the last column is postgres's \
+         number over rabbitmq's. Details in sections 3, 4 and 6.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| | rabbitmq | postgres | postgres / rabbitmq |\n|---|---|---|---|"
+    );
+    let best = |transport| results.best_no_io(transport);
+    compare(
+        md,
+        "end to end, no payment I/O, best processor count: completed",
+        per_s,
+        |t| Some(best(t)?.completed_per_s),
+    );
+    compare(md, "… CPU-ms per order, all of it", per_order, |t| {
+        Some(best(t)?.cpu.total_ms_per_op)
+    });
+    compare(
+        md,
+        "… CPU-ms per order, orderflow's (the provider apart)",
+        per_order,
+        |t| Some(best(t)?.cpu.orderflow_ms_per_op()),
+    );
+    for group in CPU_GROUPS
+        .iter()
+        .filter(|group| !["load generator", "bare axum"].contains(group))
+    {
+        compare(
+            md,
+            &format!("… CPU-ms per order, {group}"),
+            per_order,
+            |t| best(t)?.cpu.ms_per_op.get(*group).copied(),
+        );
+    }
+    compare(
+        md,
+        "… NOTIFYs per order on the jobs' channel",
+        per_order,
+        |t| Some(best(t)?.notifications_per_order()?.0),
+    );
+    compare(
+        md,
+        "… NOTIFYs per order on the events' channel",
+        per_order,
+        |t| Some(best(t)?.notifications_per_order()?.1),
+    );
+    for (prefetch, how) in [
+        (1, "one order at a time each"),
+        (crate::DEFAULT_PREFETCH, "PREFETCH 40"),
+    ] {
+        for processors in [1, 2, 4] {
+            compare(
+                md,
+                &format!(
+                    "{} ms payment I/O, {how}, {processors} processor(s): completed",
+                    crate::PAYMENT_IO_MS
+                ),
+                per_s,
+                |t| {
+                    let run = results.scaling(t, processors, crate::PAYMENT_IO_MS, prefetch)?;
+                    Some(run.completed_per_s)
+                },
+            );
+        }
+    }
+    let low = |transport| results.low_load(transport);
+    compare(md, "20 orders/s: POST p99", ms, |t| {
+        Some(low(t)?.post.p99_ms)
+    });
+    compare(md, "20 orders/s: accept→final p50", ms, |t| {
+        Some(low(t)?.accept_to_final.p50_ms)
+    });
+    compare(
+        md,
+        "20 orders/s: accept→notified and audited p50",
+        ms,
+        |t| Some(low(t)?.accept_to_done.p50_ms),
+    );
+    let burst = |transport| results.burst(transport);
+    compare(md, "burst: accepted", per_s, |t| {
+        Some(burst(t)?.run.accepted_per_s)
+    });
+    compare(md, "burst: completed", per_s, |t| {
+        Some(burst(t)?.run.completed_per_s)
+    });
+    compare(md, "burst: deepest backlog", count, |t| {
+        Some(burst(t)?.deepest() as f64)
+    });
+    compare(md, "burst: POST p99", ms, |t| {
+        Some(burst(t)?.run.post_latency.p99_ms)
+    });
+    md.push('\n');
+}
+
+/// The bursts: each one's rates, the backlog of both over time, and the
+/// jobs table the Postgres one left.
+fn burst_section(md: &mut String, results: &Results) {
+    let orders = results.bursts.first().map_or(0, |burst| burst.run.orders);
+    let _ = writeln!(
+        md,
+        "\n## 4. Load levelling: a burst of {orders} orders\n\n\
+         ![the backlog and completion during the bursts, both transports](burst.png)\n\n\
+         The backlog is what waits for a processor: with *rabbitmq* the messages ready on the \
+         work queues, with *postgres* the `jobs` rows not dead. The samples are in `burst.csv`.\n"
+    );
+    for burst in &results.bursts {
+        let _ = writeln!(
+            md,
+            "- **{}**: {} processors with {} ms payment I/O. The client posted as fast as {} \
+             connections allow: order-api accepted **{:.0}/s** (POST p50 {:.1} ms, p99 {:.1} ms) \
+             while the processors drained at **{:.0}/s**; the backlog peaked at **{}**. \
+             Exactly once: {}.",
+            burst.transport,
+            burst.processors,
+            burst.payment_latency_ms,
+            crate::CONCURRENCY,
+            burst.run.accepted_per_s,
+            burst.run.post_latency.p50_ms,
+            burst.run.post_latency.p99_ms,
+            burst.run.completed_per_s,
+            burst.deepest(),
+            if burst.run.exactly_once {
+                "yes"
+            } else {
+                "**NO**"
+            }
+        );
+    }
+    backlog_series(md, &results.bursts);
+    for burst in &results.bursts {
+        if let Some(size) = &burst.jobs_table {
+            let _ = writeln!(
+                md,
+                "\nThe jobs table once the {} burst was done: {}.",
+                burst.transport,
+                describe_size(size)
+            );
+        }
+    }
+    md.push('\n');
+}
+
+/// Rows of the backlog series: about this many, at whole seconds.
+const SERIES_ROWS: f64 = 24.0;
+
+/// The backlog of each burst over time, one row every few seconds; a dash
+/// once that burst's run was over.
+fn backlog_series(md: &mut String, bursts: &[Burst]) {
+    let longest = bursts
+        .iter()
+        .filter_map(|burst| burst.samples.last())
+        .map(|sample| sample.t_s)
+        .fold(0.0, f64::max);
+    let step = (longest / SERIES_ROWS).ceil().max(1.0);
+    let _ = write!(md, "\n| seconds |");
+    for burst in bursts {
+        let _ = write!(md, " {} backlog |", burst.transport);
+    }
+    let _ = write!(md, "\n|---|{}\n", "---|".repeat(bursts.len()));
+    let mut t = 0.0;
+    while t <= longest {
+        let cells: Vec<String> = bursts
+            .iter()
+            .map(|burst| backlog_at(burst, t).map_or("–".into(), |backlog| backlog.to_string()))
+            .collect();
+        let _ = writeln!(md, "| {t:.0} | {} |", cells.join(" | "));
+        t += step;
+    }
+}
+
+/// The last backlog sampled at or before `t` seconds, if the burst's run
+/// lasted that long.
+fn backlog_at(burst: &Burst, t: f64) -> Option<u64> {
+    let last = burst.samples.last()?;
+    if t > last.t_s {
+        return None;
+    }
+    burst
+        .samples
+        .iter()
+        .take_while(|sample| sample.t_s <= t)
+        .last()
+        .or(burst.samples.first())
+        .map(|sample| sample.backlog)
+}
+
+/// A table size in words: in all, the table, each index, and the rows.
+fn describe_size(size: &TableSize) -> String {
+    let indexes: Vec<String> = size
+        .indexes
+        .iter()
+        .map(|(name, bytes)| format!("{name} {}", human_bytes(*bytes)))
+        .collect();
+    format!(
+        "{} in all (`pg_total_relation_size`); the table {}, {}; {} live rows, {} dead \
+         (`n_dead_tup`), {} autovacuums so far",
+        human_bytes(size.total_bytes),
+        human_bytes(size.table_bytes),
+        indexes.join(", "),
+        size.live_rows,
+        size.dead_rows,
+        size.autovacuums
+    )
+}
+
+/// The low-load rows of both transports.
+fn low_load_section(md: &mut String, results: &Results) {
+    let Some(first) = results.low_load.first() else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "## 6. Low load\n\n{} orders posted at a steady {:.0}/s to one processor with no \
+         payment I/O, on each transport: every batch is one order, so this is what batching \
+         must not cost, and what a NOTIFY wake-up takes against an AMQP push. In ms:\n",
+        first.orders, first.rate
+    );
+    let _ = writeln!(
+        md,
+        "| | transport | count | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|"
+    );
+    for (what, read) in [
+        (
+            "POST answered",
+            (|low| &low.post) as fn(&LowLoad) -> &Percentiles,
+        ),
+        ("accept → final status", |low| &low.accept_to_final),
+        ("accept → notified and audited", |low| &low.accept_to_done),
+    ] {
+        for low in &results.low_load {
+            let p = read(low);
+            let _ = writeln!(
+                md,
+                "| {what} | {} | {} | {} |",
+                low.transport,
+                p.count,
+                percentiles_cells(p)
+            );
+        }
+    }
+    md.push('\n');
+}
+
+/// The jobs table under a long stream of jobs, and the NOTIFY's cost.
+fn jobs_table_section(md: &mut String, run: &JobsTableRun) {
+    let options = if run.autovacuum.table_options.is_empty() {
+        "none".to_string()
+    } else {
+        format!("`{}`", run.autovacuum.table_options.join("`, `"))
+    };
+    let server: Vec<String> = run
+        .autovacuum
+        .server
+        .iter()
+        .map(|(name, value)| format!("`{name} = {value}`"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "## 8. The jobs table under {} jobs\n\n\
+         No service runs: on a private database (on the Postgres at {}) migrated as \
+         orderflow's, {} claimants each \
+         write {} jobs in a transaction with its NOTIFY (as order-api's group commit does), \
+         claim {} due jobs (anyone's) and delete them, through `platform::jobs::JobQueue`'s \
+         own claim and finish; after every tenth of the jobs, what a claim skipped is claimed \
+         too and the table's size read. {:.0} jobs/s went through. The table's autovacuum \
+         settings (its migration): {options}; the server's: {}.\n",
+        run.jobs,
+        run.server,
+        run.workers,
+        run.batch,
+        run.batch,
+        run.per_s,
+        server.join(", ")
+    );
+    if !run.autovacuum.server_runs_it() {
+        let _ = writeln!(
+            md,
+            "**Autovacuum is off on that server**: the table's own settings take no effect and \
+             nothing reclaims the dead rows, so this does not show what autovacuum keeps the \
+             size to. Point `BENCH_JOBS_POSTGRES_URL` at a server with autovacuum on.\n"
+        );
+    }
+    let index_names: Vec<&str> = run
+        .readings
+        .first()
+        .map(|reading| {
+            reading
+                .size
+                .indexes
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = write!(md, "| jobs so far | in all | table |");
+    for name in &index_names {
+        let _ = write!(md, " {name} |");
+    }
+    let _ = writeln!(
+        md,
+        " live rows | dead rows | autovacuums |\n|---|---|---|{}---|---|---|",
+        "---|".repeat(index_names.len())
+    );
+    for reading in &run.readings {
+        let size = &reading.size;
+        let _ = write!(
+            md,
+            "| {} | {} | {} |",
+            reading.jobs_done,
+            human_bytes(size.total_bytes),
+            human_bytes(size.table_bytes)
+        );
+        for (_, bytes) in &size.indexes {
+            let _ = write!(md, " {} |", human_bytes(*bytes));
+        }
+        let _ = writeln!(
+            md,
+            " {} | {} | {} |",
+            size.live_rows, size.dead_rows, size.autovacuums
+        );
+    }
+    if let (Some(first), Some(last)) = (run.readings.first(), run.readings.last()) {
+        let _ = writeln!(
+            md,
+            "\nIn all, the last reading over the first: **{:.2}×** after {}× the jobs.",
+            ratio(last.size.total_bytes as f64, first.size.total_bytes as f64),
+            ratio(last.jobs_done as f64, first.jobs_done as f64)
+        );
+    }
+    let notify = &run.notify;
+    let _ = writeln!(
+        md,
+        "\n**The jobs' NOTIFY at full rate**: one-job transactions from {} connections, \
+         {:.0} s with the NOTIFY and {:.0} s without, in alternating halves, while one \
+         connection listens: **{:.0}** commits/s without, **{:.0}** with ({:.2}×). In the \
+         services a NOTIFY goes with each of order-api's group commits, not each order: the \
+         NOTIFYs per order are in the side-by-side table.",
+        notify.clients,
+        notify.seconds_each,
+        notify.seconds_each,
+        notify.without_notify_per_s,
+        notify.with_notify_per_s,
+        ratio(notify.with_notify_per_s, notify.without_notify_per_s)
+    );
 }

@@ -51,9 +51,39 @@ impl Environment {
     }
 }
 
+/// What carries the orders to the processors and their events to the
+/// subscribers: both on RabbitMQ, or both on Postgres (`WORK_QUEUE` and
+/// `EVENT_BUS`, set alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Rabbitmq,
+    Postgres,
+}
+
+impl Transport {
+    /// Both, in the order the runs and the tables set them side by side.
+    pub const ALL: [Transport; 2] = [Transport::Rabbitmq, Transport::Postgres];
+
+    /// The value of `WORK_QUEUE` and `EVENT_BUS`, and its name in results.json.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Rabbitmq => "rabbitmq",
+            Transport::Postgres => "postgres",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    pub transport: Transport,
     pub processors: usize,
     pub payment_latency_ms: u64,
     /// Deliveries each processor consumer holds and works on at once.
@@ -104,6 +134,8 @@ pub struct System {
     amqp: Connection,
     /// The client key the load is posted with.
     api_key: String,
+    /// With the Postgres transport, the notifications counted so far.
+    notifications: Option<NotificationCounter>,
 }
 
 impl System {
@@ -149,10 +181,14 @@ impl System {
             shape,
             amqp,
             api_key: String::new(),
+            notifications: None,
         };
         // order-api first: it applies the migrations the others would race for.
         system.spawn("order-api", &[]).await?;
         system.api_key = system.make_api_key()?;
+        if shape.transport == Transport::Postgres {
+            system.notifications = Some(NotificationCounter::start(&system.database.url).await?);
+        }
         let books = system.provider_database.url.clone();
         let provider = system
             .spawn("payment-provider", &[("DATABASE_URL", books.as_str())])
@@ -251,6 +287,8 @@ impl System {
                 self.shape.payment_latency_ms.to_string(),
             ),
             ("PREFETCH", self.shape.prefetch.to_string()),
+            ("WORK_QUEUE", self.shape.transport.to_string()),
+            ("EVENT_BUS", self.shape.transport.to_string()),
             ("DEMO_FAILURES", "false".into()),
             // The benchmark measures throughput, not the per-key limit.
             ("RATE_LIMIT_PER_SECOND", "1000000".into()),
@@ -405,6 +443,29 @@ impl System {
         Ok(queue.message_count())
     }
 
+    /// The orders waiting for a processor: the messages ready on both work
+    /// queues, or the jobs rows not dead.
+    pub async fn backlog(&self) -> anyhow::Result<u64> {
+        match self.shape.transport {
+            Transport::Rabbitmq => Ok(u64::from(self.queue_depth(Lane::Standard).await?)
+                + u64::from(self.queue_depth(Lane::Express).await?)),
+            Transport::Postgres => {
+                let waiting = sqlx::query_scalar!(
+                    r#"SELECT count(*) AS "waiting!" FROM jobs WHERE state <> 'dead'"#
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(u64::try_from(waiting).unwrap_or(0))
+            }
+        }
+    }
+
+    /// The notifications sent so far on the jobs' channel and on the
+    /// events' (with the Postgres transport).
+    pub fn notifications(&self) -> Option<Notifications> {
+        self.notifications.as_ref().map(NotificationCounter::read)
+    }
+
     /// Orders in the database, and how many of them are final.
     pub async fn order_counts(&self) -> anyhow::Result<(i64, i64)> {
         let counted = sqlx::query!(
@@ -420,6 +481,9 @@ impl System {
     /// Stop every service with SIGTERM, delete the topology and drop the
     /// database. Reports the first failure after cleaning up anyway.
     pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some(counter) = &self.notifications {
+            counter.listening.abort();
+        }
         let mut outcome = Ok(());
         // Processors before order-api, as in a rolling shutdown.
         for service in self.services.into_iter().rev() {
@@ -544,5 +608,60 @@ impl Activity {
             rows_written,
             statements,
         })
+    }
+}
+
+/// Notifications sent on the Postgres transport's channels.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Notifications {
+    /// On the jobs' channel: one per transaction of order-api's that wrote
+    /// jobs (Postgres folds a transaction's identical ones), and per replay.
+    pub jobs: u64,
+    /// On the events' channel: one per statement that appended events.
+    pub events: u64,
+}
+
+impl Notifications {
+    /// What was sent after `earlier`.
+    pub fn since(self, earlier: Notifications) -> Notifications {
+        Notifications {
+            jobs: self.jobs - earlier.jobs,
+            events: self.events - earlier.events,
+        }
+    }
+}
+
+/// A connection listening on both channels, as a processor and a
+/// subscriber do, counting what arrives.
+struct NotificationCounter {
+    counted: std::sync::Arc<std::sync::Mutex<Notifications>>,
+    listening: tokio::task::JoinHandle<()>,
+}
+
+impl NotificationCounter {
+    async fn start(database_url: &str) -> anyhow::Result<Self> {
+        let mut listener = sqlx::postgres::PgListener::connect(database_url).await?;
+        listener
+            .listen_all([platform::jobs::CHANNEL, platform::event_log::CHANNEL])
+            .await?;
+        let counted = std::sync::Arc::new(std::sync::Mutex::new(Notifications::default()));
+        let listening = tokio::spawn({
+            let counted = counted.clone();
+            async move {
+                while let Ok(notification) = listener.recv().await {
+                    let mut counted = counted.lock().expect("the counter is never poisoned");
+                    if notification.channel() == platform::jobs::CHANNEL {
+                        counted.jobs += 1;
+                    } else {
+                        counted.events += 1;
+                    }
+                }
+            }
+        });
+        Ok(Self { counted, listening })
+    }
+
+    fn read(&self) -> Notifications {
+        *self.counted.lock().expect("the counter is never poisoned")
     }
 }
