@@ -5,6 +5,7 @@ mod chaos;
 mod compose;
 mod docs;
 mod flow;
+mod jobs;
 mod privacy;
 mod processes;
 mod servers;
