@@ -144,19 +144,26 @@ impl From<DeadJob> for DeadLetter {
 }
 
 /// Every dead letter: the dead-letter queue's, oldest first (the queue is
-/// left as it was), then the dead jobs, oldest first.
-pub async fn list(broker: &Broker, pool: &PgPool) -> anyhow::Result<Vec<DeadLetter>> {
-    let mut letters = list_queue(broker).await?;
+/// left as it was; none without a `broker`, when nothing travels through
+/// RabbitMQ), then the dead jobs, oldest first.
+pub async fn list<'a>(
+    broker: impl Into<Option<&'a Broker>>,
+    pool: &PgPool,
+) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut letters = match broker.into() {
+        Some(broker) => list_queue(broker).await?,
+        None => Vec::new(),
+    };
     let jobs = jobs::dead(pool).await.context("reading the dead jobs")?;
     letters.extend(jobs.into_iter().map(DeadLetter::from));
     Ok(letters)
 }
 
-/// Replay the selected dead letters: from the queue (see [`replay_queue`])
-/// and from the `jobs` table (see `platform::jobs::replay`); what was
-/// replayed.
-pub async fn replay(
-    broker: &Broker,
+/// Replay the selected dead letters: from the queue (see [`replay_queue`];
+/// none without a `broker`) and from the `jobs` table (see
+/// `platform::jobs::replay`); what was replayed.
+pub async fn replay<'a>(
+    broker: impl Into<Option<&'a Broker>>,
     pool: &PgPool,
     selection: &Selection,
 ) -> anyhow::Result<Vec<DeadLetter>> {
@@ -169,7 +176,9 @@ pub async fn replay(
         let jobs = jobs::replay(pool, message_id).await?;
         replayed.extend(jobs.into_iter().map(DeadLetter::from));
     }
-    if matches!(selection, Selection::All) || replayed.is_empty() {
+    if let Some(broker) = broker.into()
+        && (matches!(selection, Selection::All) || replayed.is_empty())
+    {
         replayed.extend(replay_queue(broker, pool, selection).await?);
     }
     Ok(replayed)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use clap::{Parser, Subcommand};
 use dead_letters::{Selection, list, replay};
 use messaging::AmqpSettings;
-use platform::db::DatabaseSettings;
+use platform::{db::DatabaseSettings, event_log::EventBus, jobs::WorkQueue};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +19,13 @@ struct Cli {
     /// again.
     #[command(flatten)]
     database: DatabaseSettings,
+    /// Where orders wait for the processors (as the services are told):
+    /// with this and EVENT_BUS both `postgres`, RabbitMQ is not asked.
+    #[arg(long, env = "WORK_QUEUE", value_enum, default_value_t)]
+    work_queue: WorkQueue,
+    /// How the order events travel (as the services are told).
+    #[arg(long, env = "EVENT_BUS", value_enum, default_value_t)]
+    event_bus: EventBus,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,15 +53,21 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let broker = cli.amqp.broker()?;
+    let uses_rabbitmq =
+        cli.work_queue == WorkQueue::Rabbitmq || cli.event_bus == EventBus::Rabbitmq;
+    let queue = uses_rabbitmq.then_some(&broker);
     let pool = cli.database.connect_and_migrate().await?;
     match cli.command {
         Command::List => {
-            let letters = list(&broker, &pool).await?;
-            println!(
-                "{} dead letter(s) in {} and the dead jobs",
-                letters.len(),
-                broker.topology().dead_letters()
-            );
+            let letters = list(queue, &pool).await?;
+            match queue {
+                Some(broker) => println!(
+                    "{} dead letter(s) in {} and the dead jobs",
+                    letters.len(),
+                    broker.topology().dead_letters()
+                ),
+                None => println!("{} dead job(s)", letters.len()),
+            }
             let mut by_reason: BTreeMap<&str, usize> = BTreeMap::new();
             for letter in &letters {
                 *by_reason.entry(letter.reason.as_str()).or_default() += 1;
@@ -79,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
                 (_, Some(id)) => Selection::MessageId(id),
                 _ => Selection::All,
             };
-            let replayed = replay(&broker, &pool, &selection).await?;
+            let replayed = replay(queue, &pool, &selection).await?;
             for letter in &replayed {
                 println!(
                     "replayed message {} (order {}) onto {}",

@@ -40,7 +40,12 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let pool = settings.service.database.connect_and_migrate().await?;
         let broker = settings.service.amqp.broker()?;
-        broker.connect(&CancellationToken::new()).await;
+        let uses_rabbitmq = settings.service.uses_rabbitmq();
+        if uses_rabbitmq {
+            broker.connect(&CancellationToken::new()).await;
+        } else {
+            tracing::info!("work queue and event bus in Postgres: not connecting to RabbitMQ");
+        }
         let publisher = Publisher::new(broker.clone());
         // A job is written with its order, and cannot be lost apart from it.
         let republisher = (settings.service.work_queue == WorkQueue::Rabbitmq).then(|| {
@@ -85,7 +90,12 @@ impl Application {
                 event_bus: settings.service.event_bus,
             },
         };
-        let health = health::router(health::Readiness::new(pool, broker.clone()));
+        let readiness = if uses_rabbitmq {
+            health::Readiness::new(pool, broker.clone())
+        } else {
+            health::Readiness::postgres(pool)
+        };
+        let health = health::router(readiness);
         let router = router(state.clone(), health, settings.max_body_bytes);
         let address = SocketAddr::new(settings.service.http_host, settings.http_port);
         let listener = TcpListener::bind(address)
@@ -129,10 +139,10 @@ impl Application {
             .map(|republisher| tokio::spawn(republisher.run(shutdown.clone())));
         // order-api publishes only when orders come: without this, a lost
         // node would be left only when the next order or sweep needs one.
-        let keeper = {
+        let keeper = self.settings.service.uses_rabbitmq().then(|| {
             let (broker, shutdown) = (self.broker.clone(), shutdown.clone());
             tokio::spawn(async move { broker.keep_connected(&shutdown).await })
-        };
+        });
         let events = match self.settings.service.event_bus {
             EventBus::Rabbitmq => EventSource::Broker(self.broker.clone()),
             EventBus::Postgres => EventSource::Log(self.state.pool.clone()),
@@ -162,7 +172,9 @@ impl Application {
         if let Some(republisher) = republisher {
             let _ = republisher.await;
         }
-        let _ = keeper.await;
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
         cleanup.abort();
         self.broker.close().await;
         tracing::info!("order-api stopped");

@@ -44,6 +44,13 @@ pub struct Transports {
     pub event_bus: EventBus,
 }
 
+impl Transports {
+    /// Whether anything travels through RabbitMQ.
+    pub fn use_rabbitmq(&self) -> bool {
+        self.work_queue == WorkQueue::Rabbitmq || self.event_bus == EventBus::Rabbitmq
+    }
+}
+
 /// A transport by its name, as the variables spell it.
 fn name_of<T: clap::ValueEnum, S: serde::Serializer>(value: &T, to: S) -> Result<S::Ok, S::Error> {
     let name = value.to_possible_value().map(|v| v.get_name().to_owned());

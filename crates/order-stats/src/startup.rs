@@ -71,13 +71,16 @@ impl Application {
             max_age: settings.event_log_max_age,
             max_bytes: settings.event_log_max_bytes,
         };
-        let connection = broker
-            .connect(&CancellationToken::new())
-            .await
-            .context("connecting to RabbitMQ")?;
-        let channel = connection.create_channel().await?;
-        log::declare(&channel, broker.topology(), &retention).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        let event_bus = settings.service.event_bus;
+        if event_bus == EventBus::Rabbitmq {
+            let connection = broker
+                .connect(&CancellationToken::new())
+                .await
+                .context("connecting to RabbitMQ")?;
+            let channel = connection.create_channel().await?;
+            log::declare(&channel, broker.topology(), &retention).await?;
+            let _ = channel.close(200, "declared".into()).await;
+        }
         let listener = TcpListener::bind(SocketAddr::new(
             settings.service.http_host,
             settings.http_port,
@@ -91,7 +94,7 @@ impl Application {
             http: settings.service.http,
             retention,
             batch_size: settings.batch_size,
-            event_bus: settings.service.event_bus,
+            event_bus,
         })
     }
 
@@ -106,10 +109,14 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let topology = self.broker.topology().clone();
         let app = api::router(self.pool.clone(), topology.event_log())
-            .merge(health::router(health::Readiness::new(
-                self.pool.clone(),
-                self.broker.clone(),
-            )))
+            .merge(health::router(match self.event_bus {
+                // order-stats reads only the events: on Postgres, RabbitMQ
+                // is none of its business.
+                EventBus::Rabbitmq => {
+                    health::Readiness::new(self.pool.clone(), self.broker.clone())
+                }
+                EventBus::Postgres => health::Readiness::postgres(self.pool.clone()),
+            }))
             .merge(platform::metrics::router());
         let server = tokio::spawn(platform::http::serve(
             self.listener,

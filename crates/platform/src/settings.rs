@@ -33,3 +33,12 @@ pub struct ServiceSettings {
     #[arg(long, env = "EVENT_BUS", value_enum, default_value_t)]
     pub event_bus: EventBus,
 }
+
+impl ServiceSettings {
+    /// Whether anything travels through RabbitMQ: not when the work queue
+    /// and the event bus are both in Postgres, which then runs orderflow
+    /// alone (the services neither connect to RabbitMQ nor wait for it).
+    pub fn uses_rabbitmq(&self) -> bool {
+        self.work_queue == WorkQueue::Rabbitmq || self.event_bus == EventBus::Rabbitmq
+    }
+}

@@ -176,6 +176,23 @@ async fn three_hundred_orders_flow_exactly_once_with_work_and_events_on_postgres
 /// and the event bus on `transport` (`WORK_QUEUE`, `EVENT_BUS`); on
 /// RabbitMQ, order-stats is also rebuilt from the event log.
 async fn flow(transport: &str) {
+    let mut settings = vec![
+        ("PAYMENT_DECLINE_OVER_CENTS", "200000".into()),
+        // The flow posts as fast as it can; the limit has its own tests.
+        ("RATE_LIMIT_PER_SECOND", "100000".into()),
+        ("RATE_LIMIT_BURST", "100000".into()),
+        ("WORK_QUEUE", transport.into()),
+        ("EVENT_BUS", transport.into()),
+    ];
+    if transport == "postgres" {
+        // Postgres alone: a RabbitMQ no service can reach (nothing listens
+        // on port 1 of the loopback address).
+        settings.push(("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f".into()));
+        settings.push((
+            "RABBITMQ_MANAGEMENT_URL",
+            "http://guest:guest@127.0.0.1:1".into(),
+        ));
+    }
     let Stack {
         api,
         provider: _provider,
@@ -186,15 +203,7 @@ async fn flow(transport: &str) {
         database_url,
         env,
         _topology,
-    } = Stack::start(&[
-        ("PAYMENT_DECLINE_OVER_CENTS", "200000".into()),
-        // The flow posts as fast as it can; the limit has its own tests.
-        ("RATE_LIMIT_PER_SECOND", "100000".into()),
-        ("RATE_LIMIT_BURST", "100000".into()),
-        ("WORK_QUEUE", transport.into()),
-        ("EVENT_BUS", transport.into()),
-    ])
-    .await;
+    } = Stack::start(&settings).await;
 
     let stock_before: HashMap<String, i64> = sqlx::query!("SELECT sku, stock FROM inventory")
         .fetch_all(&pool)
@@ -211,6 +220,19 @@ async fn flow(transport: &str) {
     let admin = crate::processes::keyed_client(
         &crate::processes::api_key(&database_url, "e2e-operator", "admin"),
         Duration::from_secs(600),
+    );
+    let ready: Value = client
+        .get(api.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.get("rabbitmq").is_some(),
+        transport == "rabbitmq",
+        "RabbitMQ is part of readiness only when something travels through it: {ready}"
     );
     let live = watch_live_page(&admin, &api);
     test_support::eventually(

@@ -56,6 +56,9 @@ pub struct Worker {
     retry: RetryPolicy,
     resend_after: Duration,
     event_bus: EventBus,
+    /// Whether anything travels through RabbitMQ (see
+    /// `ServiceSettings::uses_rabbitmq`): if not, readiness is Postgres's.
+    uses_rabbitmq: bool,
 }
 
 impl Worker {
@@ -81,7 +84,12 @@ impl Worker {
         );
         let pool = database.connect_and_migrate().await?;
         let broker = settings.service.amqp.broker_for(settings.topology())?;
-        broker.connect(&CancellationToken::new()).await;
+        let uses_rabbitmq = settings.service.uses_rabbitmq();
+        if uses_rabbitmq {
+            broker.connect(&CancellationToken::new()).await;
+        } else {
+            tracing::info!("work queue and event bus in Postgres: not connecting to RabbitMQ");
+        }
         let listener = TcpListener::bind(SocketAddr::new(settings.service.http_host, http_port))
             .await
             .with_context(|| format!("binding the health port {http_port}"))?;
@@ -98,6 +106,7 @@ impl Worker {
             retry: settings.retry_policy(),
             resend_after: Duration::from_secs(settings.event_resend_after_secs),
             event_bus: settings.service.event_bus,
+            uses_rabbitmq,
         })
     }
 
@@ -272,7 +281,11 @@ impl Worker {
         &mut self,
         shutdown: &CancellationToken,
     ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-        let readiness = health::Readiness::new(self.pool.clone(), self.broker.clone());
+        let readiness = if self.uses_rabbitmq {
+            health::Readiness::new(self.pool.clone(), self.broker.clone())
+        } else {
+            health::Readiness::postgres(self.pool.clone())
+        };
         // The health port is not published: its metrics need no key.
         let app = health::router(readiness).merge(crate::metrics::router());
         let listener = self

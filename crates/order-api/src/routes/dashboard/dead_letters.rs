@@ -18,6 +18,7 @@ use crate::{
     auth::Caller,
     error::{ApiError, FieldError, Result},
     routes::JsonBody,
+    state::Transports,
 };
 
 /// Held while the dead-letter queue is read or replayed from: listing takes
@@ -59,12 +60,14 @@ fn broker_error(error: anyhow::Error) -> ApiError {
 pub async fn dead_letters(
     State(broker): State<Broker>,
     State(pool): State<PgPool>,
+    State(transports): State<Transports>,
     State(DeadLetterLock(lock)): State<DeadLetterLock>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<DeadLetterView>>> {
     admin(&caller)?;
     let _only_reader = lock.lock().await;
-    let letters = dead_letters::list(&broker, &pool)
+    let broker = transports.use_rabbitmq().then_some(&broker);
+    let letters = dead_letters::list(broker, &pool)
         .await
         .map_err(broker_error)?;
     Ok(Json(letters.into_iter().map(Into::into).collect()))
@@ -83,6 +86,7 @@ pub struct Replay {
 pub async fn replay(
     State(broker): State<Broker>,
     State(pool): State<PgPool>,
+    State(transports): State<Transports>,
     State(DeadLetterLock(lock)): State<DeadLetterLock>,
     Extension(caller): Extension<Caller>,
     body: std::result::Result<JsonBody<Replay>, ApiError>,
@@ -99,7 +103,8 @@ pub async fn replay(
     }
     let selection = dead_letters::Selection::MessageId(message_id.clone());
     let _only_reader = lock.lock().await;
-    let replayed = dead_letters::replay(&broker, &pool, &selection)
+    let broker = transports.use_rabbitmq().then_some(&broker);
+    let replayed = dead_letters::replay(broker, &pool, &selection)
         .await
         .map_err(|error| match error.downcast::<sqlx::Error>() {
             Ok(database) => ApiError::from(database),

@@ -144,15 +144,19 @@ pub async fn queues(
                 () = &mut lifetime => return,
                 _ = every.tick() => {}
             }
-            if names.is_empty() || every_so_often.tick().now_or_never().is_some() {
-                names = shown_queues(&broker, &mut retry_queues).await;
-            }
-            let (mut queues, name) = match depths(&broker, &names).await {
-                Ok(queues) => (queues, "queues"),
-                Err(error) => {
-                    tracing::debug!(error = %format!("{error:#}"), "queue depths unavailable");
-                    (Vec::new(), "broker_unavailable")
+            let (mut queues, name) = if transports.use_rabbitmq() {
+                if names.is_empty() || every_so_often.tick().now_or_never().is_some() {
+                    names = shown_queues(&broker, &mut retry_queues).await;
                 }
+                match depths(&broker, &names).await {
+                    Ok(queues) => (queues, "queues"),
+                    Err(error) => {
+                        tracing::debug!(error = %format!("{error:#}"), "queue depths unavailable");
+                        (Vec::new(), "broker_unavailable")
+                    }
+                }
+            } else {
+                (Vec::new(), "queues")
             };
             if transports.work_queue == WorkQueue::Postgres {
                 match job_depths(&pool).await {
