@@ -10,6 +10,11 @@
 # override with AMQP_URL / DATABASE_URL. order-api listens on :8080. The
 # stand-in payment provider listens on :8085 with its books in
 # PROVIDER_DATABASE_URL (default: database payment_provider, created).
+#
+# With Postgres alone (the jobs table as the work queue, the event log as
+# the event bus; RabbitMQ is then neither needed nor touched):
+#
+#   WORK_QUEUE=postgres EVENT_BUS=postgres scripts/run-local.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +32,13 @@ export PAYMENT_PROVIDER_URL=${PAYMENT_PROVIDER_URL:-http://127.0.0.1:8085}
 # dead-letter queue in seconds, not the minute and a half of the default.
 export RETRY_MAX_ATTEMPTS=${RETRY_MAX_ATTEMPTS:-4}
 
-scripts/wait-for-services.sh
+export WORK_QUEUE=${WORK_QUEUE:-rabbitmq}
+export EVENT_BUS=${EVENT_BUS:-rabbitmq}
+if [ "$WORK_QUEUE" = postgres ] && [ "$EVENT_BUS" = postgres ]; then
+  POSTGRES_ALONE=1 scripts/wait-for-services.sh
+else
+  scripts/wait-for-services.sh
+fi
 
 echo "building the services ($PROFILE profile)..."
 cargo build --profile "$PROFILE" --bins -q

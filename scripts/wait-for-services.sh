@@ -56,6 +56,13 @@ if ! port_open "$PG_HOST" "$PG_PORT"; then
   fi
 fi
 
+# With the work queue and the event bus both in Postgres, nothing needs
+# RabbitMQ (POSTGRES_ALONE=1, as scripts/run-local.sh sets it then).
+if [ "${POSTGRES_ALONE:-0}" = 1 ]; then
+  echo "Postgres ($PG_HOST:$PG_PORT) is reachable; RabbitMQ is not needed (work queue and events in Postgres)."
+  exit 0
+fi
+
 if ! port_open "$AMQP_HOST" "$AMQP_PORT"; then
   command -v rabbitmq-server >/dev/null 2>&1 || install_missing rabbitmq-server || true
   if command -v rabbitmq-server >/dev/null 2>&1; then

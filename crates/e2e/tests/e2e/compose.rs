@@ -109,9 +109,21 @@ fn cluster_compose() -> Value {
     merged
 }
 
-/// Both ways of running it: one broker, and the three-node cluster.
-fn both() -> [(&'static str, Value); 2] {
-    [("single node", compose()), ("cluster", cluster_compose())]
+/// `docker-compose.yml` with `docker-compose.postgres.yml` over it.
+fn postgres_compose() -> Value {
+    let mut merged = compose();
+    merge(&mut merged, yaml("docker-compose.postgres.yml"));
+    merged
+}
+
+/// Every way of running it: one broker, the three-node cluster, and
+/// Postgres alone.
+fn every_way() -> [(&'static str, Value); 3] {
+    [
+        ("single node", compose()),
+        ("cluster", cluster_compose()),
+        ("postgres alone", postgres_compose()),
+    ]
 }
 
 fn environment(service: &Value) -> HashMap<String, String> {
@@ -175,7 +187,7 @@ fn healthcheck_url(service: &Value) -> String {
 
 #[test]
 fn every_service_sets_only_variables_its_binary_reads() {
-    for (_, compose) in both() {
+    for (_, compose) in every_way() {
         let binaries = binaries();
         let mut checked = BTreeSet::new();
         for (name, service) in compose["services"].as_mapping().unwrap() {
@@ -203,7 +215,7 @@ fn every_service_sets_only_variables_its_binary_reads() {
 
 #[test]
 fn healthchecks_and_ports_match_what_the_binaries_serve() {
-    for (_, compose) in both() {
+    for (_, compose) in every_way() {
         let binaries = binaries();
         for (name, service) in compose["services"].as_mapping().unwrap() {
             let Some(bin) = command_binary(service) else {
@@ -252,7 +264,7 @@ fn healthchecks_and_ports_match_what_the_binaries_serve() {
 #[test]
 fn services_wait_for_healthy_dependencies_they_can_reach() {
     let binaries = binaries();
-    for (_, compose) in both() {
+    for (_, compose) in every_way() {
         let services = compose["services"].as_mapping().unwrap();
         for (name, service) in services {
             let Some(bin) = command_binary(service) else {
@@ -273,6 +285,16 @@ fn services_wait_for_healthy_dependencies_they_can_reach() {
                     url.contains(&format!("@{dependency}:")),
                     "{name:?}: {variable} does not point at the {dependency} service"
                 );
+                let postgres_alone = env.get("WORK_QUEUE").map(String::as_str) == Some("postgres")
+                    && env.get("EVENT_BUS").map(String::as_str) == Some("postgres");
+                if dependency == "rabbitmq" && postgres_alone {
+                    assert_eq!(
+                        service["depends_on"][dependency]["required"].as_bool(),
+                        Some(false),
+                        "{name:?} runs on Postgres alone: it must not wait for RabbitMQ"
+                    );
+                    continue;
+                }
                 assert_eq!(
                     service["depends_on"][dependency]["condition"].as_str(),
                     Some("service_healthy"),
@@ -411,4 +433,31 @@ fn the_cluster_file_forms_one_cluster_that_every_service_knows_all_of() {
         clients, 5,
         "every long-running service is a client of the cluster"
     );
+}
+
+#[test]
+fn postgres_alone_leaves_rabbitmq_out_and_tells_every_service() {
+    let binaries = binaries();
+    let compose = postgres_compose();
+    let services = compose["services"].as_mapping().unwrap();
+    assert!(
+        services["rabbitmq"]["profiles"].as_sequence().is_some(),
+        "RabbitMQ is started only when its profile is asked for"
+    );
+    for (name, service) in services {
+        let Some(bin) = command_binary(service) else {
+            continue;
+        };
+        if one_shot(service) || !binaries[bin.as_str()].env.contains_key("WORK_QUEUE") {
+            continue;
+        }
+        let env = environment(service);
+        for variable in ["WORK_QUEUE", "EVENT_BUS"] {
+            assert_eq!(
+                env.get(variable).map(String::as_str),
+                Some("postgres"),
+                "{name:?} must be told {variable}=postgres"
+            );
+        }
+    }
 }
