@@ -16,8 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::Utc;
-use messaging::contracts::{Lane, OrderEvent, OrderLine, Outcome, PaymentOutcome, SCHEMA_VERSION};
+use messaging::contracts::{OrderEvent, Outcome};
 use platform::{
     event_log::{self, Entry, Position},
     worker::{EventHandler, Received},
@@ -36,25 +35,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A processed order's event, as the processor writes it.
 fn order_event() -> OrderEvent {
-    OrderEvent {
-        schema_version: SCHEMA_VERSION,
-        message_id: Uuid::new_v4(),
-        occurred_at: Utc::now(),
-        outcome: Outcome::Processed,
-        order_id: Uuid::new_v4(),
-        customer_id: "c-7".into(),
-        email: "grace@example.com".into(),
-        total_cents: 4950,
-        currency: "EUR".into(),
-        lane: Lane::Standard,
-        processed_by: "processor-1".into(),
-        callback_url: None,
-        payment: Some(PaymentOutcome::Captured),
-        items: vec![OrderLine {
-            sku: "WIDGET".into(),
-            quantity: 2,
-        }],
-    }
+    test_support::events::order_event(Outcome::Processed)
 }
 
 /// Append `event` to the log with `executor` (a pool, or an open

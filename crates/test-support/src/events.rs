@@ -5,14 +5,14 @@ use messaging::contracts::{Lane, OrderEvent, Outcome, PaymentOutcome, SCHEMA_VER
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// An event about an order that exists (as processed or rejected) in `pool`.
-/// Its payment is captured if it was processed, voided if it was rejected.
-pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEvent {
+/// An event about a new order (stored nowhere) decided as `outcome`: its
+/// payment is captured if it was processed, voided if it was rejected.
+pub fn order_event(outcome: Outcome) -> OrderEvent {
     let payment = match outcome {
         Outcome::Processed => PaymentOutcome::Captured,
         Outcome::Rejected { .. } => PaymentOutcome::Voided,
     };
-    let event = OrderEvent {
+    OrderEvent {
         schema_version: SCHEMA_VERSION,
         message_id: Uuid::new_v4(),
         occurred_at: Utc::now(),
@@ -30,7 +30,13 @@ pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEve
             sku: "WIDGET".into(),
             quantity: 2,
         }],
-    };
+    }
+}
+
+/// An event about an order that exists (as processed or rejected) in `pool`
+/// (see [`order_event`]).
+pub async fn event_for_stored_order(pool: &PgPool, outcome: Outcome) -> OrderEvent {
+    let event = order_event(outcome);
     sqlx::query(
         "INSERT INTO orders (id, customer_id, email, items, total_cents, currency, lane, status, correlation_id)
          VALUES ($1, $2, $3, '[]', $4, $5, 'standard', $6, 'test')",
