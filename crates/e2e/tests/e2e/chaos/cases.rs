@@ -1,4 +1,9 @@
 //! The faults. Each prints what it injected and the counts it checked.
+//!
+//! The cases that do not test RabbitMQ itself run twice: with the orders'
+//! messages and the events on RabbitMQ (`chaos::cases::<case>`), and in
+//! Postgres (`chaos::cases::postgres::<case>`: `WORK_QUEUE=postgres`,
+//! `EVENT_BUS=postgres`), the same body with a [`Transport`] parameter.
 
 use std::time::Duration;
 
@@ -7,15 +12,48 @@ use messaging::{Topology, amqp::Envelope};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{Load, System, check_invariants};
+use super::{Load, System, Transport, check_invariants};
 
 const RATE: u64 = 25;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_a_processor_mid_batch() {
+/// A test of each `case` on either transport: `$test` runs `$case` with
+/// RabbitMQ, `postgres::$test` with Postgres.
+macro_rules! on_both_transports {
+    ($($test:ident => $case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $case(Transport::Rabbitmq).await;
+            }
+        )*
+
+        /// The cases with the orders' messages and the events in Postgres.
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$case(super::Transport::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_transports! {
+    kill_9_a_processor_mid_batch => kill_9_a_processor,
+    postgres_down_for_ten_seconds => postgres_down,
+    poison_messages_are_dead_lettered_and_a_fixed_one_replays_once => poison_and_replay,
+    sigterm_everything_mid_load_and_start_again => sigterm_everything,
+    a_payment_provider_failing_and_timing_out_moves_each_amount_once => payment_provider_failing,
+    a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart => poison_and_flaky_in_a_batch,
+    fifty_concurrent_posts_with_one_key => fifty_posts_one_key,
+}
+
+async fn kill_9_a_processor(transport: Transport) {
     // One second of payment per order at 25 orders/s: each processor holds
-    // about eight unacked messages (prefetch 10) at any moment.
-    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "1000")]).await;
+    // about eight unacked messages (prefetch 10) at any moment; in Postgres,
+    // as many claimed jobs, which come back once their 5 s lease runs out.
+    let mut system = System::with(transport, &[("PAYMENT_LATENCY_MS", "1000")]).await;
     let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let victim = system.processors.remove(0);
@@ -65,9 +103,8 @@ async fn rabbitmq_down_for_ten_seconds() {
     system.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_down_for_ten_seconds() {
-    let mut system = System::start(&[]).await;
+async fn postgres_down(transport: Transport) {
+    let mut system = System::with(transport, &[]).await;
     let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("stopping Postgres for 10 s while orders are posted");
@@ -98,24 +135,24 @@ async fn postgres_down_for_ten_seconds() {
     system.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
-    let mut system = System::start(&[("DEMO_FAILURES", "true"), ("RETRY_MAX_ATTEMPTS", "3")]).await;
+async fn poison_and_replay(transport: Transport) {
+    let mut system = System::with(
+        transport,
+        &[("DEMO_FAILURES", "true"), ("RETRY_MAX_ATTEMPTS", "3")],
+    )
+    .await;
     let load = Load::start(system.api_url(), system.client(), RATE);
-    let amqp = system.amqp().await;
-    let channel = amqp.create_channel().await.unwrap();
-    let topology = Topology::new("");
-    println!("publishing invalid JSON straight onto the work queue");
-    publish_poison(&channel, &topology, "poison-json").await;
-    println!("posting an order that fails every attempt (customer \"doomed\")");
     let client = system.client();
+    let carrier = place(&client, &system.api_url(), "c-poison", "WIDGET", 1).await;
+    queue_poison(&system, carrier, "poison-json").await;
+    println!("posting an order that fails every attempt (customer \"doomed\")");
     let doomed_id = place(&client, &system.api_url(), "doomed", "WIDGET", 1).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut report = load.finish().await;
-    report.accepted.insert(doomed_id);
+    report.accepted.extend([carrier, doomed_id]);
 
     let broker = system.broker();
-    let letters = test_support_dead_letters(&broker).await;
+    let letters = test_support_dead_letters(&system).await;
     println!("dead letters: {letters:?}");
     assert_eq!(letters.len(), 2);
     assert!(
@@ -149,8 +186,10 @@ async fn poison_messages_are_dead_lettered_and_a_fixed_one_replays_once() {
     );
     system.env.retain(|(k, _)| *k != "DEMO_FAILURES");
     system.restart_provider().await;
+    // Its message is an outbox row, or with the work in Postgres a job.
     let message_id = sqlx::query_scalar!(
-        "SELECT message_id FROM outbox WHERE order_id = $1",
+        r#"SELECT message_id AS "message_id!" FROM outbox WHERE order_id = $1
+           UNION ALL SELECT message_id FROM jobs WHERE order_id = $1"#,
         doomed_id
     )
     .fetch_one(&system.pool)
@@ -198,6 +237,35 @@ async fn place(
     order["id"].as_str().unwrap().parse().unwrap()
 }
 
+/// A message that is no order message, queued for the processors: invalid
+/// JSON straight onto the standard work queue or, with the work in
+/// Postgres, a job whose body is JSON (the column takes nothing else) but
+/// no `OrderPlaced`, beside `order_id`'s own (a job names an existing
+/// order). `label` is its message id on RabbitMQ, its correlation id as a
+/// job (whose message id is a UUID).
+async fn queue_poison(system: &System, order_id: Uuid, label: &str) {
+    match system.transport {
+        Transport::Rabbitmq => {
+            println!("publishing invalid JSON straight onto the work queue");
+            let amqp = system.amqp().await;
+            let channel = amqp.create_channel().await.unwrap();
+            publish_poison(&channel, &Topology::new(""), label).await;
+        }
+        Transport::Postgres => {
+            println!("writing a job that is no order message straight into the jobs table");
+            sqlx::query!(
+                r#"INSERT INTO jobs (order_id, message_id, lane, body, correlation_id)
+                   VALUES ($1, gen_random_uuid(), 'standard', '{"order_id": "oops"}', $2)"#,
+                order_id,
+                label,
+            )
+            .execute(&system.pool)
+            .await
+            .unwrap();
+        }
+    }
+}
+
 /// Invalid JSON, straight onto the standard work queue.
 async fn publish_poison(channel: &lapin::Channel, topology: &Topology, message_id: &str) {
     channel
@@ -214,9 +282,11 @@ async fn publish_poison(channel: &lapin::Channel, topology: &Topology, message_i
         .unwrap();
 }
 
-async fn test_support_dead_letters(broker: &messaging::Broker) -> Vec<(String, u32)> {
+/// The dead letters (the queue's and the dead jobs), once there are two.
+async fn test_support_dead_letters(system: &System) -> Vec<(String, u32)> {
+    let broker = system.broker();
     test_support::eventually(Duration::from_secs(30), "two dead letters", || async {
-        let letters = dead_letters::list_queue(broker).await.ok()?;
+        let letters = dead_letters::list(&broker, &system.pool).await.ok()?;
         (letters.len() >= 2).then(|| {
             letters
                 .into_iter()
@@ -270,9 +340,8 @@ async fn the_same_message_delivered_twice_is_processed_once() {
     system.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_everything_mid_load_and_start_again() {
-    let mut system = System::start(&[("PAYMENT_LATENCY_MS", "50")]).await;
+async fn sigterm_everything(transport: Transport) {
+    let mut system = System::with(transport, &[("PAYMENT_LATENCY_MS", "50")]).await;
     let load = Load::start(system.api_url(), system.client(), RATE);
     tokio::time::sleep(Duration::from_secs(4)).await;
     println!("SIGTERM to every service mid-load");
@@ -287,18 +356,20 @@ async fn sigterm_everything_mid_load_and_start_again() {
     system.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
+async fn payment_provider_failing(transport: Transport) {
     // Every provider call takes 300 ms, so the kill below falls between
     // money steps; a capture that outlives its message's three attempts is
     // left to the sweeper.
-    let mut system = System::start(&[
-        ("DEMO_FAILURES", "true"),
-        ("PAYMENT_LATENCY_MS", "300"),
-        ("RETRY_MAX_ATTEMPTS", "3"),
-        ("PAYMENT_SWEEP_INTERVAL_MS", "500"),
-        ("PAYMENT_SETTLE_AFTER_SECS", "2"),
-    ])
+    let mut system = System::with(
+        transport,
+        &[
+            ("DEMO_FAILURES", "true"),
+            ("PAYMENT_LATENCY_MS", "300"),
+            ("RETRY_MAX_ATTEMPTS", "3"),
+            ("PAYMENT_SWEEP_INTERVAL_MS", "500"),
+            ("PAYMENT_SETTLE_AFTER_SECS", "2"),
+        ],
+    )
     .await;
     let load = Load::start(system.api_url(), system.client(), RATE);
     let client = system.client();
@@ -345,14 +416,16 @@ async fn a_payment_provider_failing_and_timing_out_moves_each_amount_once() {
     system.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
-    let mut system = System::start(&[
-        ("DEMO_FAILURES", "true"),
-        ("RETRY_MAX_ATTEMPTS", "3"),
-        ("PREFETCH", "40"),
-        ("BATCH_SIZE", "20"),
-    ])
+async fn poison_and_flaky_in_a_batch(transport: Transport) {
+    let mut system = System::with(
+        transport,
+        &[
+            ("DEMO_FAILURES", "true"),
+            ("RETRY_MAX_ATTEMPTS", "3"),
+            ("PREFETCH", "40"),
+            ("BATCH_SIZE", "20"),
+        ],
+    )
     .await;
     for processor in system.processors.drain(..) {
         assert!(crate::processes::stop(processor).await.success());
@@ -362,41 +435,49 @@ async fn a_poison_and_a_flaky_order_in_one_batch_set_only_themselves_apart() {
     );
     let client = system.client();
     let mut accepted = std::collections::HashSet::new();
-    let amqp = system.amqp().await;
-    let channel = amqp.create_channel().await.unwrap();
+    let mut last = None;
     for i in 0..30 {
-        if i == 10 {
-            publish_poison(&channel, &Topology::new(""), "poison-in-a-batch").await;
+        if let (10, Some(before)) = (i, last) {
+            queue_poison(&system, before, "poison-in-a-batch").await;
         }
         let customer = if i == 20 {
             "flaky-authorise-1".to_owned()
         } else {
             format!("c-{i}")
         };
-        accepted.insert(place(&client, &system.api_url(), &customer, "WIDGET", 1).await);
+        let id = place(&client, &system.api_url(), &customer, "WIDGET", 1).await;
+        accepted.insert(id);
+        last = Some(id);
     }
     println!("one processor starts on the waiting messages (batches of up to 20)");
     system.processors = vec![system.service("order-processor", "processor-1")];
     system.wait_ready().await;
     check_invariants(&system, "poison and flaky in a batch", &accepted, 1).await;
     let letters = test_support::eventually(Duration::from_secs(30), "the dead letter", || async {
-        dead_letters::list_queue(&system.broker())
+        dead_letters::list(&system.broker(), &system.pool)
             .await
             .ok()
             .filter(|l| !l.is_empty())
     })
     .await;
-    assert_eq!(letters.len(), 1, "only the poison is dead-lettered");
+    assert_eq!(
+        letters.len(),
+        1,
+        "only the poison is dead-lettered: {letters:?}"
+    );
     assert!(letters[0].reason.starts_with("not an OrderPlaced message"));
-    let retries = system.log("processor-1").matches("retrying in").count();
+    let retried = match transport {
+        Transport::Rabbitmq => "retrying in",
+        Transport::Postgres => "the job is retried later",
+    };
+    let retries = system.log("processor-1").matches(retried).count();
     println!("dead letters: 1 (the poison); retries: {retries} (the flaky order)");
     assert_eq!(retries, 1, "only the flaky order was retried, once");
     system.stop_all().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_concurrent_posts_with_one_key() {
-    let mut system = System::start(&[]).await;
+async fn fifty_posts_one_key(transport: Transport) {
+    let mut system = System::with(transport, &[]).await;
     let client = system.client();
     let url = system.api_url();
     let body = json!({"customer_id": "c-key", "email": "m@example.com",
@@ -468,14 +549,24 @@ async fn fifty_concurrent_posts_with_one_key() {
         201,
         "200 orders without a key and one with it"
     );
-    let published: i64 = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM outbox
-         WHERE exchange = 'orders' AND payload->>'customer_id' = 'c-key'"#,
-    )
-    .fetch_one(&system.pool)
-    .await
-    .unwrap();
-    assert_eq!(published, 1, "one publish for the key");
+    // Its message: an outbox row, or a job written with the order (and
+    // deleted once handled, so the order is counted).
+    let published: i64 = match transport {
+        Transport::Rabbitmq => sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM outbox
+             WHERE exchange = 'orders' AND payload->>'customer_id' = 'c-key'"#,
+        )
+        .fetch_one(&system.pool)
+        .await
+        .unwrap(),
+        Transport::Postgres => sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM orders WHERE customer_id = 'c-key'"#,
+        )
+        .fetch_one(&system.pool)
+        .await
+        .unwrap(),
+    };
+    assert_eq!(published, 1, "one message for the key");
     let largest: i64 = sqlx::query_scalar!(
         r#"SELECT max(n) AS "n!" FROM (SELECT count(*) AS n FROM orders GROUP BY created_at) b"#,
     )

@@ -1,7 +1,9 @@
 //! What the settle loop waits for, and, when the system does not settle,
 //! what was left: the counts compared, every queue's ready and unacked
-//! messages and consumers, the dead letters, and the orders concerned with
-//! their rows (status history, outbox rows, processed messages, payment).
+//! messages and consumers, the jobs waiting or running in Postgres, the
+//! event log's readers, the dead letters (the queue's and the dead jobs),
+//! and the orders concerned with their rows (status history, outbox rows,
+//! jobs, processed messages, payment).
 //! A quiet system with work left in it must say where the work sits.
 
 use std::time::{Duration, Instant};
@@ -22,6 +24,9 @@ pub struct Counts {
     pub unpublished: i64,
     /// Ready messages in every queue but the dead letters.
     pub queued: u64,
+    /// Rows of the `jobs` table waiting or running (work in Postgres); the
+    /// dead ones are dead letters.
+    pub jobs: i64,
     /// Queues whose depth could not be read.
     pub unreadable: usize,
 }
@@ -65,18 +70,23 @@ impl Counts {
             .await
             .unwrap(),
             queued,
+            jobs: sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM jobs WHERE state <> 'dead'"#)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
             unreadable,
         }
     }
 
     /// Every order final, notified and audited once, nothing unpublished
-    /// and nothing waiting in a queue.
+    /// and nothing waiting in a queue or the `jobs` table.
     pub fn settled(&self) -> bool {
         self.not_final == 0
             && self.notified == self.orders
             && self.audited == self.orders
             && self.unpublished == 0
             && self.queued == 0
+            && self.jobs == 0
             && self.unreadable == 0
     }
 }
@@ -105,13 +115,14 @@ pub async fn settle(system: &System, case: &str, limit: Duration) {
 pub async fn what_is_left(system: &System, counts: &Counts) -> String {
     let mut out = format!(
         "counts: orders={} not_final={} notified={} audited={} unpublished_outbox={} \
-         ready_in_queues={} unreadable_queues={}\n",
+         ready_in_queues={} jobs_waiting_or_running={} unreadable_queues={}\n",
         counts.orders,
         counts.not_final,
         counts.notified,
         counts.audited,
         counts.unpublished,
         counts.queued,
+        counts.jobs,
         counts.unreadable
     );
     out += "queues (management API; its statistics lag a few seconds):\n";
@@ -123,7 +134,9 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
         }
         _ => out += "  no node's management API answered\n",
     }
-    match dead_letters::list_queue(&system.broker()).await {
+    out += &jobs_left(&system.pool).await;
+    out += &event_readers(&system.pool).await;
+    match dead_letters::list(&system.broker(), &system.pool).await {
         Ok(letters) if letters.is_empty() => out += "dead letters: none\n",
         Ok(letters) => {
             out += &format!("dead letters ({}):\n", letters.len());
@@ -156,6 +169,64 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
     out
 }
 
+/// The jobs still waiting or running (up to 20, the next due first), and
+/// how many are dead: the work in Postgres that was left.
+async fn jobs_left(pool: &PgPool) -> String {
+    let rows = sqlx::query_scalar!(
+        r#"SELECT row_to_json(j)::text AS "row!" FROM (
+             SELECT id, order_id, message_id, lane, state, run_at, attempts, claims, leased_by,
+                    reason, created_at
+             FROM jobs WHERE state <> 'dead' ORDER BY run_at, id LIMIT 20) j"#,
+    )
+    .fetch_all(pool)
+    .await;
+    let dead = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM jobs WHERE state = 'dead'"#)
+        .fetch_one(pool)
+        .await;
+    match (rows, dead) {
+        (Ok(rows), Ok(dead)) => {
+            let mut out = format!(
+                "jobs waiting or running ({} shown, the next due first; now {}), dead jobs: {dead}\n",
+                rows.len(),
+                chrono::Utc::now().to_rfc3339(),
+            );
+            for row in rows {
+                out += &format!("  {row}\n");
+            }
+            out
+        }
+        (Err(error), _) | (_, Err(error)) => format!("jobs: could not read them: {error}\n"),
+    }
+}
+
+/// The event log in Postgres: how many events it holds, and where each
+/// reader stands (events it handled, its position).
+async fn event_readers(pool: &PgPool) -> String {
+    let events = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM events"#)
+        .fetch_one(pool)
+        .await;
+    let readers = sqlx::query_scalar!(
+        r#"SELECT row_to_json(r)::text AS "row!" FROM (
+             SELECT reader, events, transaction_id::text AS transaction_id, id, updated_at
+             FROM event_readers ORDER BY reader) r"#,
+    )
+    .fetch_all(pool)
+    .await;
+    match (events, readers) {
+        (Ok(0), Ok(readers)) if readers.is_empty() => "event log in Postgres: unused\n".to_owned(),
+        (Ok(events), Ok(readers)) => {
+            let mut out = format!("event log in Postgres: {events} events; readers:\n");
+            for reader in readers {
+                out += &format!("  {reader}\n");
+            }
+            out
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            format!("event log: could not read it: {error}\n")
+        }
+    }
+}
+
 /// Up to 20 orders that keep the system from settling, each with its rows.
 async fn concerned_orders(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar!(
@@ -165,6 +236,7 @@ async fn concerned_orders(pool: &PgPool) -> Vec<String> {
                 OR (SELECT count(*) FROM notifications n WHERE n.order_id = o.id) <> 1
                 OR (SELECT count(*) FROM audit_log a WHERE a.order_id = o.id) <> 1
                 OR EXISTS (SELECT 1 FROM outbox m WHERE m.order_id = o.id AND m.published_at IS NULL)
+                OR EXISTS (SELECT 1 FROM jobs j WHERE j.order_id = o.id AND j.state <> 'dead')
              ORDER BY o.created_at LIMIT 20)
          SELECT json_build_object(
              'id', o.id, 'status', o.status, 'lane', o.lane, 'created_at', o.created_at,
@@ -175,6 +247,11 @@ async fn concerned_orders(pool: &PgPool) -> Vec<String> {
                             'exchange', m.exchange, 'routing_key', m.routing_key,
                             'created_at', m.created_at, 'published_at', m.published_at) ORDER BY m.id)
                         FROM outbox m WHERE m.order_id = o.id),
+             'jobs', (SELECT json_agg(json_build_object('id', j.id, 'message_id', j.message_id,
+                          'state', j.state, 'run_at', j.run_at, 'attempts', j.attempts,
+                          'claims', j.claims, 'leased_by', j.leased_by, 'reason', j.reason)
+                          ORDER BY j.id)
+                      FROM jobs j WHERE j.order_id = o.id),
              'processed_messages', (SELECT json_agg(json_build_object('consumer', p.consumer,
                                         'message_id', p.message_id, 'at', p.processed_at))
                                     FROM processed_messages p JOIN outbox m ON m.message_id = p.message_id

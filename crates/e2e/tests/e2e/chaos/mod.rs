@@ -7,6 +7,10 @@
 //! in queues or outbox; dead letters only where the case expects them; and
 //! the money adds up (captured total = processed orders' total, nothing
 //! captured twice, no authorisation left open).
+//!
+//! The cases that do not test RabbitMQ itself also run with the orders'
+//! messages and the order events in Postgres (`WORK_QUEUE=postgres`,
+//! `EVENT_BUS=postgres`, see [`Transport`]): `chaos::cases::postgres::*`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -30,8 +34,23 @@ mod cases;
 mod cluster;
 mod leftovers;
 
+/// How the orders' messages and the order events travel between the
+/// services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// RabbitMQ's work queues and events fanout (the default).
+    Rabbitmq,
+    /// Postgres: the `jobs` table and the `events` log (`WORK_QUEUE=postgres`,
+    /// `EVENT_BUS=postgres`); the services still connect to RabbitMQ. A
+    /// processor's lease on its jobs is 5 s, so that the jobs of one killed,
+    /// or cut off from Postgres, are claimed again well within a case.
+    Postgres,
+}
+
 /// The whole system on private servers.
 pub struct System {
+    /// How orders and events travel.
+    pub transport: Transport,
     /// The broker, or the first node of a cluster.
     pub rabbit: PrivateRabbit,
     /// The other nodes of a cluster.
@@ -56,25 +75,38 @@ pub struct System {
 
 impl System {
     pub async fn start(extra: &[(&'static str, &str)]) -> Self {
-        Self::start_on(vec![PrivateRabbit::start().await], extra).await
+        Self::with(Transport::Rabbitmq, extra).await
+    }
+
+    /// The system with orders and events travelling by `transport`.
+    pub async fn with(transport: Transport, extra: &[(&'static str, &str)]) -> Self {
+        Self::start_on(vec![PrivateRabbit::start().await], transport, extra).await
     }
 
     /// The system on a cluster of three nodes; the services list all three
     /// and ask for heartbeats every 5 s, so that a frozen node is noticed.
     pub async fn start_cluster(extra: &[(&'static str, &str)]) -> Self {
-        Self::start_on(PrivateRabbit::cluster(3).await, extra).await
+        Self::start_on(PrivateRabbit::cluster(3).await, Transport::Rabbitmq, extra).await
     }
 
-    async fn start_on(mut nodes: Vec<PrivateRabbit>, extra: &[(&'static str, &str)]) -> Self {
+    async fn start_on(
+        mut nodes: Vec<PrivateRabbit>,
+        transport: Transport,
+        extra: &[(&'static str, &str)],
+    ) -> Self {
         let rabbit = nodes.remove(0);
         let peers = nodes;
         println!(
-            "broker: RabbitMQ {}{}",
+            "broker: RabbitMQ {}{}{}",
             rabbit.version(),
             if peers.is_empty() {
                 String::new()
             } else {
                 format!(", a cluster of {} nodes", peers.len() + 1)
+            },
+            match transport {
+                Transport::Rabbitmq => "",
+                Transport::Postgres => "; orders' messages and events in Postgres",
             }
         );
         let (amqp_url, management_url) = if peers.is_empty() {
@@ -112,6 +144,13 @@ impl System {
             ("RATE_LIMIT_PER_SECOND", "100000".into()),
             ("RATE_LIMIT_BURST", "100000".into()),
         ];
+        if transport == Transport::Postgres {
+            env.extend([
+                ("WORK_QUEUE", "postgres".into()),
+                ("EVENT_BUS", "postgres".into()),
+                ("JOB_LEASE_MS", "5000".into()),
+            ]);
+        }
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let postgres_books_url = postgres.url("payment_provider");
         let provider_port = crate::processes::free_port();
@@ -120,6 +159,7 @@ impl System {
             format!("http://127.0.0.1:{provider_port}"),
         ));
         let mut system = Self {
+            transport,
             rabbit,
             peers,
             postgres,
@@ -252,6 +292,15 @@ impl System {
             let name = service.name.clone();
             let status = crate::processes::stop(service).await;
             assert!(status.success(), "{name} exited with {status} on SIGTERM");
+        }
+    }
+
+    /// What the case's messages name it: `case`, and where orders and
+    /// events travelled when not on RabbitMQ.
+    pub fn case(&self, case: &str) -> String {
+        match self.transport {
+            Transport::Rabbitmq => case.to_owned(),
+            Transport::Postgres => format!("{case} (work and events in Postgres)"),
         }
     }
 
@@ -449,6 +498,7 @@ pub async fn check_invariants(
     expected_dead: usize,
 ) {
     let pool = &system.pool;
+    let case = &system.case(case);
     leftovers::settle(system, case, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -542,10 +592,15 @@ pub async fn check_invariants(
     // original lets the original come back and be dead-lettered again: the
     // queue may hold two copies of one message, which replay once between
     // them (the consumer dedupes by message id). What must hold is which
-    // messages are there.
-    let letters = dead_letters::list_queue(&system.broker()).await.unwrap();
+    // messages are there. The dead jobs (work in Postgres) are listed too;
+    // the settle loop saw no other job left.
+    let letters = dead_letters::list(&system.broker(), pool).await.unwrap();
     let dead: HashSet<&str> = letters.iter().map(|l| l.message_id.as_str()).collect();
-    assert_eq!(dead.len(), expected_dead, "{case}: dead-lettered messages");
+    assert_eq!(
+        dead.len(),
+        expected_dead,
+        "{case}: dead-lettered messages: {letters:?}"
+    );
     let dead = if letters.len() == dead.len() {
         dead.len().to_string()
     } else {
@@ -559,7 +614,7 @@ pub async fn check_invariants(
     println!(
         "{case} on RabbitMQ {}: accepted={} orders={orders} final={finals} processed={processed} rejected={} \
          processed_messages={processed_messages} notifications={notification_rows} audit={audit_rows} \
-         stock_ok=true outbox_unpublished=0 queued=0 dead_letters={dead} {money}",
+         stock_ok=true outbox_unpublished=0 queued=0 jobs_waiting=0 dead_letters={dead} {money}",
         system.rabbit.version(),
         accepted.len(),
         orders - processed,
