@@ -24,8 +24,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    subscriber::{EventHandler, Received, count_handled},
     wakeup,
-    worker::{EventHandler, Received},
 };
 
 /// The channel the `events` table's trigger notifies.
@@ -280,9 +280,7 @@ async fn handle<E: EventHandler>(handler: &E, entries: &[Entry]) -> anyhow::Resu
     }
     let answers = handler.handle_batch(&events).await?;
     for (received, now) in events.iter().zip(answers) {
-        received
-            .span()
-            .in_scope(|| crate::worker::count_handled(now));
+        received.span().in_scope(|| count_handled(now));
     }
     Ok(())
 }

@@ -15,5 +15,6 @@ pub mod outbox;
 pub mod periodic;
 pub mod resend;
 pub mod settings;
+pub mod subscriber;
 pub mod wakeup;
 pub mod worker;

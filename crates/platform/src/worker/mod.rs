@@ -30,9 +30,9 @@ mod settings;
 
 pub use concurrency::Concurrency;
 use events::Events;
-pub(crate) use events::count_handled;
-pub use events::{EventHandler, Received};
 pub use settings::WorkerSettings;
+
+pub use crate::subscriber::{EventHandler, Received};
 
 /// How long in-flight messages may take to finish after a stop is asked
 /// for: under Docker's 10 s between SIGTERM and SIGKILL.
