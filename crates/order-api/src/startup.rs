@@ -147,6 +147,10 @@ impl Application {
             EventBus::Rabbitmq => EventSource::Broker(self.broker.clone()),
             EventBus::Postgres => EventSource::Log(self.state.pool.clone()),
         };
+        let jobs_watch = (self.settings.service.work_queue == WorkQueue::Postgres).then(|| {
+            let feed = self.state.streaming.feed.clone();
+            tokio::spawn(feed.watch_jobs(self.state.pool.clone(), shutdown.clone()))
+        });
         let feed = tokio::spawn(
             self.state
                 .streaming
@@ -169,6 +173,9 @@ impl Application {
         relay_stop.cancel();
         let _ = relay.await;
         let _ = feed.await;
+        if let Some(jobs_watch) = jobs_watch {
+            let _ = jobs_watch.await;
+        }
         if let Some(republisher) = republisher {
             let _ = republisher.await;
         }

@@ -88,29 +88,6 @@ async fn all_counted(pool: &PgPool, events: i64, who: &str) {
     .await;
 }
 
-/// Server-sent events read from `response`, each as its name and its data,
-/// until the stream ends.
-async fn server_events(mut response: reqwest::Response, mut each: impl FnMut(&str, Value)) {
-    let mut buffer = String::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let message: String = buffer.drain(..end + 2).collect();
-            let name = message
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or("message");
-            let data: String = message
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .collect();
-            if let Ok(data) = serde_json::from_str(&data) {
-                each(name, data);
-            }
-        }
-    }
-}
-
 /// What a live page watching has been sent so far: the ids of the orders
 /// whose final status `GET /events` sent, and the transports the first
 /// queue-depth sample named.
@@ -132,7 +109,7 @@ fn watch_live_page(
     tokio::spawn(async move {
         let response = events.await.expect("GET /events");
         assert_eq!(response.status(), 200);
-        server_events(response, |_, event| {
+        crate::processes::server_events(response, |_, event| {
             if matches!(event["status"].as_str(), Some("processed" | "rejected")) {
                 let id = event["order_id"].as_str().unwrap_or_default().to_owned();
                 seen.decided.lock().unwrap().insert(id);
@@ -142,7 +119,7 @@ fn watch_live_page(
     });
     tokio::spawn(async move {
         let response = queues.await.expect("GET /dashboard/queues");
-        server_events(response, |name, sample| {
+        crate::processes::server_events(response, |name, sample| {
             if name == "queues" {
                 named
                     .transports

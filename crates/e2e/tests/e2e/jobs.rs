@@ -91,6 +91,16 @@ impl System {
     }
 
     /// Start a processor named `name` and wait until it is ready.
+    /// The value of `name` every service was started with.
+    fn setting(&self, name: &str) -> String {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} setting"))
+    }
+
     async fn start_processor(&mut self, name: &str) {
         let mut env = self.env.clone();
         env.push(("INSTANCE_ID", name.to_owned()));
@@ -522,6 +532,22 @@ async fn poison_and_doomed_jobs_die_with_their_reasons_and_replay_and_a_flaky_pa
         ("RETRY_MAX_DELAY_MS", "1000"),
     ])
     .await;
+    // The live page, watching with an admin key: the jobs' retries and dead
+    // letters reach it as they do from RabbitMQ's wire tap.
+    let database_url = system.setting("DATABASE_URL");
+    let admin = processes::keyed_client(
+        &processes::api_key(&database_url, "jobs-ops", "admin"),
+        Duration::from_secs(600),
+    );
+    let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let events = admin.get(system.api.url("/events")).send().await.unwrap();
+    assert_eq!(events.status(), 200);
+    let heard = live.clone();
+    tokio::spawn(processes::server_events(events, move |_, event| {
+        let order = event["order_id"].as_str().unwrap_or_default().to_owned();
+        let status = event["status"].as_str().unwrap_or_default().to_owned();
+        heard.lock().unwrap().push((order, status));
+    }));
     system.start_processor("processor-1").await;
     let plain = system.place("c-1", false).await;
     // The first two authorisations answer 503; the third goes through.
@@ -575,12 +601,26 @@ async fn poison_and_doomed_jobs_die_with_their_reasons_and_replay_and_a_flaky_pa
     let retries = system
         .log("processor-1")
         .lines()
-        .filter(|l| l.contains("the job is retried later") && l.contains(&flaky.to_string()))
+        .filter(|l| l.contains("the job is retried in") && l.contains(&flaky.to_string()))
         .count();
     assert_eq!(
         retries, 2,
         "the flaky order was retried twice, then succeeded"
     );
+    let heard = |order: Uuid, status: &str| {
+        let order = order.to_string();
+        live.lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, s)| *o == order && s == status)
+            .count()
+    };
+    system
+        .wait_for(
+            "the live page to hear of the retries and the dead letter",
+            || async { heard(flaky, "retrying") == 2 && heard(doomed, "held") == 1 },
+        )
+        .await;
     let (held, reason) = status(doomed).await;
     assert_eq!(held, "held", "the doomed order is held");
     assert!(

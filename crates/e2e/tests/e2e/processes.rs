@@ -245,3 +245,29 @@ impl Stack {
             .collect()
     }
 }
+
+/// Server-sent events read from `response`, each as its name and its data,
+/// until the stream ends.
+pub async fn server_events(
+    mut response: reqwest::Response,
+    mut each: impl FnMut(&str, serde_json::Value),
+) {
+    let mut buffer = String::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let message: String = buffer.drain(..end + 2).collect();
+            let name = message
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or("message");
+            let data: String = message
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if let Ok(data) = serde_json::from_str(&data) {
+                each(name, data);
+            }
+        }
+    }
+}

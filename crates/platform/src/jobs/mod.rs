@@ -37,6 +37,25 @@ pub use run::{JobHandler, consume};
 /// listen on.
 pub const CHANNEL: &str = "orderflow_jobs";
 
+/// The channel the processors tell of jobs retried or dead-lettered, for
+/// the live page: each notification is a [`Watched`] as JSON.
+pub const WATCH_CHANNEL: &str = "orderflow_jobs_watch";
+
+/// The longest reason told to watchers, in characters: a notification's
+/// payload must stay under 8,000 bytes.
+const WATCHED_REASON_CHARS: usize = 1_000;
+
+/// A job retried or dead-lettered, as the live page is told of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Watched {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    /// `retrying`, `held` (dead-lettered, its order held) or
+    /// `dead_lettered`.
+    pub status: String,
+    pub reason: String,
+}
+
 /// Claims of a job beyond its failed attempts before it is dead-lettered:
 /// each such claim ended with its processor gone (killed, or hung past its
 /// lease) before the job was settled, which a job that crashes its
@@ -199,8 +218,7 @@ impl JobQueue {
     /// Put a failed job back for its next attempt, at the exact time the
     /// retry policy gives; `false` if its lease was lost.
     pub async fn retry(&self, job: &Job, reason: &str) -> sqlx::Result<bool> {
-        let retry = u32::try_from(job.attempts + 1).unwrap_or(u32::MAX);
-        self.release(job, self.retry.delay(retry), 1, reason).await
+        self.release(job, self.retry_delay(job), 1, reason).await
     }
 
     /// Put a job back without counting an attempt (it waited for a
@@ -236,6 +254,36 @@ impl JobQueue {
         .execute(&self.pool)
         .await?;
         Ok(released.rows_affected() == 1)
+    }
+
+    /// How long a job that failed now waits before its next attempt.
+    pub fn retry_delay(&self, job: &Job) -> Duration {
+        self.retry
+            .delay(u32::try_from(job.attempts + 1).unwrap_or(u32::MAX))
+    }
+
+    /// Tell the live page's watchers (see [`WATCH_CHANNEL`]) that `job` was
+    /// settled as `status`, with `reason`; a failure to tell is only logged.
+    pub async fn tell_watchers(&self, job: &Job, status: &str, reason: &str) {
+        let customer_id = serde_json::from_str::<serde_json::Value>(&job.body)
+            .ok()
+            .and_then(|body| Some(body.get("customer_id")?.as_str()?.to_owned()))
+            .unwrap_or_default();
+        let watched = Watched {
+            order_id: job.order_id,
+            customer_id,
+            status: status.to_owned(),
+            reason: reason.chars().take(WATCHED_REASON_CHARS).collect(),
+        };
+        let Ok(payload) = serde_json::to_string(&watched) else {
+            return;
+        };
+        if let Err(error) = sqlx::query!("SELECT pg_notify($1, $2)", WATCH_CHANNEL, payload)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::debug!(error.message = %error, "could not tell the watchers of a job");
+        }
     }
 
     /// Whether a job that failed now has used up its attempts.

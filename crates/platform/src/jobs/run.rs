@@ -145,20 +145,29 @@ async fn work<H: JobHandler>(queue: &JobQueue, handler: &H, jobs: Vec<Job>) {
                 let reason = format!("gave up after {} attempts: {reason}", job.attempts + 1);
                 dead_letter(queue, handler, job, true, &reason).await;
             }
-            Disposition::Retry { reason } => settled(job, queue.retry(job, &reason).await, || {
-                metrics::counter!("messages_retried_total", "queue" => "jobs").increment(1);
-                tracing::warn!(
-                    job = job.id, order_id = %job.order_id, attempt = job.attempts + 1,
-                    reason = %reason, "processing failed; the job is retried later"
-                );
-            }),
+            Disposition::Retry { reason } => {
+                if settled(job, queue.retry(job, &reason).await) {
+                    metrics::counter!("messages_retried_total", "queue" => "jobs").increment(1);
+                    let delay = queue.retry_delay(job);
+                    tracing::warn!(
+                        job = job.id, order_id = %job.order_id, attempt = job.attempts + 1,
+                        reason = %reason, "processing failed; the job is retried in {delay:?}"
+                    );
+                    let told = format!(
+                        "attempt {} on the jobs table failed; retrying in {} ms",
+                        job.attempts + 1,
+                        delay.as_millis()
+                    );
+                    queue.tell_watchers(job, "retrying", &told).await;
+                }
+            }
             Disposition::DeadLetter { reason } => {
                 dead_letter(queue, handler, job, false, &reason).await;
             }
             Disposition::Wait { reason } => {
-                settled(job, queue.put_back(job, WAIT_PAUSE, &reason).await, || {
+                if settled(job, queue.put_back(job, WAIT_PAUSE, &reason).await) {
                     tracing::info!(job = job.id, reason = %reason, "the job waits");
-                });
+                }
             }
         }
     }
@@ -192,18 +201,24 @@ async fn dead_letter<H: JobHandler>(
     failed: bool,
     reason: &str,
 ) {
-    handler.dead_lettering(job, reason).await;
-    settled(job, queue.bury(job, failed, reason).await, || {
+    let held = handler.dead_lettering(job, reason).await;
+    if settled(job, queue.bury(job, failed, reason).await) {
         metrics::counter!("messages_dead_lettered_total", "queue" => "jobs").increment(1);
         tracing::error!(job = job.id, order_id = %job.order_id, reason = %reason, "job dead-lettered");
-    });
+        let status = if held { "held" } else { "dead_lettered" };
+        let told = format!(
+            "{reason} (after {} attempts on the jobs table)",
+            job.attempts + i32::from(failed)
+        );
+        queue.tell_watchers(job, status, &told).await;
+    }
 }
 
-/// Say what became of a settling statement: `done` when it settled the
-/// job, a warning when the lease was lost or the statement failed.
-fn settled(job: &Job, result: sqlx::Result<bool>, done: impl FnOnce()) {
+/// Whether a settling statement settled the job; a warning when the lease
+/// was lost or the statement failed.
+fn settled(job: &Job, result: sqlx::Result<bool>) -> bool {
     match result {
-        Ok(true) => done(),
+        Ok(true) => return true,
         Ok(false) => tracing::warn!(
             job = job.id,
             "the job's lease was lost before it was settled: another processor has it"
@@ -213,4 +228,5 @@ fn settled(job: &Job, result: sqlx::Result<bool>, done: impl FnOnce()) {
             "could not settle the job; it is claimed again once its lease runs out"
         ),
     }
+    false
 }
