@@ -10,6 +10,15 @@
 # default orderflow-demo-key) and DEMO_ADMIN_KEY (an admin key, default
 # orderflow-demo-admin-key; run-local.sh makes both) point it elsewhere.
 # Needs curl and python3. Exits 1 if any step did not do what it announced.
+#
+# It holds on either transport (docs/transports.md): it asks the running
+# orderflow which way orders and events travel (WORK_QUEUE, EVENT_BUS: the
+# `transports` of a /dashboard/queues sample) and looks at RabbitMQ's queues
+# or at Postgres's jobs table and event log accordingly. Step 7 rebuilds
+# order-stats' read model from the start of the log with a second
+# order-stats (`--from first`) it runs itself: ORDER_STATS_BIN (default
+# target/debug/order-stats) with DATABASE_URL and AMQP_URL as the services
+# have them (run-local.sh's defaults unless exported).
 set -euo pipefail
 
 URL=${ORDERFLOW_URL:-http://localhost:8080}
@@ -17,6 +26,7 @@ KEY=${DEMO_API_KEY:-orderflow-demo-key}
 ADMIN=${DEMO_ADMIN_KEY:-orderflow-demo-admin-key}
 STATS=${ORDERFLOW_STATS_URL:-http://localhost:8084}
 WAIT=${DEMO_WAIT_SECS:-180}
+ORDER_STATS_BIN=${ORDER_STATS_BIN:-$(dirname "$0")/../target/debug/order-stats}
 FAILED=()
 
 for tool in curl python3; do
@@ -79,22 +89,24 @@ all_done() { # ids...: every one decided, notified and audited
   [ "$(standings "$@" | json "sum(1 for o in j if o['status'] in ('processed', 'rejected') and o['notified'] and o['audited'])")" = "$#" ]
 }
 
-depths() { # one sample of the queue depths: "queue depth" lines
+sample() { # one sample of /dashboard/queues, as JSON
   # The stream never ends by itself: curl stops at its time limit, or when
   # python has read one sample and gone.
   { curl -sSN --max-time 3 "$URL/dashboard/queues" -H "authorization: Bearer $ADMIN" 2>/dev/null || true; } |
     python3 -c '
-import json, sys
+import sys
 for line in sys.stdin:
     if line.startswith("data:") and "queues" in line:
-        for q in json.loads(line[5:])["queues"]:
-            print(q["name"], q["messages"])
+        print(line[5:].strip())
         break'
 }
 
+depths() { sample | json '"\n".join(q["name"] + " " + str(q["messages"]) for q in j["queues"])'; }
+
 depth_of() { depths | awk -v q="$1" '$1 ~ q"$" {n += $2} END {print n + 0}'; }
-# Dead letters wait for a person, not a consumer: not part of the backlog.
-total_depth() { depths | awk '$1 !~ /orders\.dead$/ {n += $2} END {print n + 0}'; }
+# Dead letters (orders.dead, jobs.dead) wait for a person, not a consumer:
+# not part of the backlog.
+total_depth() { depths | awk '$1 !~ /\.dead$/ {n += $2} END {print n + 0}'; }
 
 bold "orderflow tour against $URL"
 curl -fsS "$URL/readyz" >/dev/null || { echo "ERROR: no ready orderflow at $URL (start scripts/run-local.sh first)" >&2; exit 2; }
@@ -104,18 +116,43 @@ case "$(curl -sS -o /dev/null -w '%{http_code}' "$URL/dashboard/dead-letters" -H
   200) ;;
   *) echo "ERROR: DEMO_ADMIN_KEY is not an admin key of this orderflow (api-keys create --client ops --scope admin)" >&2; exit 2 ;;
 esac
-echo "Open $URL/ in a browser (admin key: the one in DEMO_ADMIN_KEY) to watch it live."
-logged() { # how many events order-stats has counted from the log
-  local body
-  body=$(curl -fsS --max-time 5 "$STATS/stats?minutes=1" 2>/dev/null) || return 1
-  json 'j["log"]["events"]' <<<"$body"
+
+# The one place that decides the mode: the running orderflow says which way
+# orders (WORK_QUEUE) and events (EVENT_BUS) travel, so the tour cannot
+# disagree with it; one too old to say runs on RabbitMQ.
+read -r QUEUE BUS <<<"$(sample | json 'j.get("transports", {}).get("work_queue", "rabbitmq") + " " + j.get("transports", {}).get("event_bus", "rabbitmq")')"
+QUEUE=${QUEUE:-rabbitmq} BUS=${BUS:-rabbitmq}
+differs() { # name exported running
+  [ -z "$2" ] || [ "$2" = "$3" ] ||
+    echo "  note: $1=$2 is exported here, but the running orderflow uses $3: touring that" >&2
 }
-logged_before=$(logged || true)
+differs WORK_QUEUE "${WORK_QUEUE:-}" "$QUEUE"
+differs EVENT_BUS "${EVENT_BUS:-}" "$BUS"
+# by_queue RABBITMQ POSTGRES, by_bus RABBITMQ POSTGRES: the words (or
+# names) that fit the work queue's, or the event bus's, transport.
+by_queue() { if [ "$QUEUE" = postgres ]; then echo "$2"; else echo "$1"; fi; }
+by_bus() { if [ "$BUS" = postgres ]; then echo "$2"; else echo "$1"; fi; }
+STANDARD=$(by_queue orders.standard jobs.standard)
+echo "Orders travel via $QUEUE (WORK_QUEUE), events via $BUS (EVENT_BUS)."
+echo "Open $URL/ in a browser (admin key: the one in DEMO_ADMIN_KEY) to watch it live."
+stats() { curl -fsS --max-time 5 "$STATS/stats?minutes=1440" 2>/dev/null; }
+counted() { # decisions in order-stats' read model over the last day
+  local body
+  body=$(stats) || return 1
+  json 'sum(r["orders"] + r["rejected"] for r in j["revenue"])' <<<"$body"
+}
+read_model() { # the read model over the last day, in a form to compare
+  local body
+  body=$(stats) || return 1
+  json 'json.dumps([j["skus"], j["revenue"]], sort_keys=True)' <<<"$body"
+}
+counted_before=$(counted || true)
 decided=0
 
 # 1. Work queue, competing consumers ------------------------------------------
 bold "1. Work queue with competing consumers"
-echo "  One queue, several processors: each order goes to exactly one of them, whichever is free."
+echo "  $(by_queue "One queue, several processors: each order goes to exactly one of them, whichever is free." \
+  "One jobs table, several processors claiming rows with SKIP LOCKED: each order goes to exactly one of them.")"
 ids=()
 for i in $(seq 1 30); do ids+=("$(order "tour-$((i % 5))")"); done
 echo "  placed ${#ids[@]} orders"
@@ -133,7 +170,8 @@ look "processor=processor-N in order-processor's log lines; the page's 'Throughp
 
 # 2. Fan-out ------------------------------------------------------------------
 bold "2. Publish/subscribe fan-out"
-echo "  One event on a fanout exchange, one queue per subscriber: each service gets its own copy."
+echo "  $(by_bus "One event on a fanout exchange, one queue per subscriber: each service gets its own copy." \
+  "One event appended to the events table, read by each subscriber from its own position.")"
 id=$(order c-fanout)
 if wait_until "$WAIT" all_done "$id"; then
   decided=$((decided + 1))
@@ -161,8 +199,9 @@ look "order-api's 'replaying the stored response for a repeated idempotency key'
 
 # 4. Retry, dead letter, replay -----------------------------------------------
 bold "4. Retries, then a dead letter, then a replay"
-echo "  A transient failure is retried after a growing delay (a retry queue per delay); one that never"
-echo "  succeeds is dead-lettered with its reason, and a person can replay it."
+echo "  A transient failure is retried after a growing delay ($(by_queue "a retry queue per delay" "the job falls due again"));"
+echo "  one that never succeeds is dead-lettered with its reason ($(by_queue "the dead-letter queue" "a job in state dead"))"
+echo "  and a person can replay it."
 flaky=$(order flaky-2)
 processed() { [ "$(standings "$1" | json "j[0]['status']")" = processed ]; }
 if wait_until "$WAIT" processed "$flaky"; then
@@ -186,33 +225,34 @@ if wait_until "$WAIT" dead >/dev/null && message=$(dead); then
 else
   bad "dead letter: order $doomed (doomed) was not dead-lettered within ${WAIT}s"
 fi
-look "'message dead-lettered' with the reason; the page's 'Dead letters' table and its Replay button"
+look "'message dead-lettered' with the reason; the page's 'Dead letters' table and its Replay button; $(by_queue "dead-letters list" "WORK_QUEUE=postgres dead-letters list")"
 
 # 5. Express lane -------------------------------------------------------------
 bold "5. An express order overtakes a backlog"
-echo "  Express orders have a queue of their own, consumed beside the standard one: a backlog there"
+echo "  $(by_queue "Express orders have a queue of their own, consumed beside the standard one: a backlog there" \
+  "Express jobs are claimed before standard ones: a backlog of standard jobs")"
 echo "  does not delay them."
 accepted=$(admin POST /dashboard/burst '{"count":500}' | json 'j["accepted"]')
 accepted=${accepted:-0}
 express=$(order c-express true)
 echo "  placed $accepted standard orders, then express order ${express:0:8}"
 if wait_until "$WAIT" processed "$express"; then
-  waiting=$(depth_of orders.standard)
+  waiting=$(depth_of "$STANDARD")
   if [ "$waiting" -gt 0 ]; then
-    ok "the express order was processed while $waiting standard orders were still queued"
+    ok "the express order was processed while $waiting standard orders were still waiting in $STANDARD"
   else
     bad "express: processed, but the standard backlog had drained first (try PAYMENT_LATENCY_MS=500)"
   fi
 else
   bad "express: order $express was not processed within ${WAIT}s"
 fi
-look "lane=express in order-api's 'order accepted' line; the orders.express line of the page's chart"
-standard_drained() { [ "$(depth_of orders.standard)" = 0 ]; }
+look "lane=express in order-api's 'order accepted' line; the $(by_queue orders.express jobs.express) line of the page's chart"
+standard_drained() { [ "$(depth_of "$STANDARD")" = 0 ]; }
 wait_until "$WAIT" standard_drained && decided=$((decided + accepted + 1))
 
 # 6. Load levelling -----------------------------------------------------------
 bold "6. A burst, levelled by the queue"
-echo "  1,000 orders arrive at once; the queue takes them all at once and the processors work them"
+echo "  1,000 orders arrive at once; the $(by_queue queue "jobs table") takes them all at once and the processors work them"
 echo "  off at their own pace: nothing is refused, nothing overloads the database."
 started=$SECONDS
 accepted=$(admin POST /dashboard/burst '{"count":1000}' | json 'j["accepted"]')
@@ -230,28 +270,61 @@ while [ $SECONDS -lt $deadline ]; do
   # A sample takes about a second (the stream's next event ends it).
   sleep 0.2
 done
-echo "  ready messages, once a second:$trace"
+echo "  $(by_queue "ready messages" "jobs waiting or running"), once a second:$trace"
 if [ "$peak" -gt 0 ] && [ "$depth" = 0 ]; then
   decided=$((decided + accepted))
   ok "the queues rose to $peak and drained back to 0 in $((SECONDS - started))s"
 else
   bad "load levelling: the depth peaked at $peak and was $depth after ${WAIT}s"
 fi
-look "the page's queue-depth chart: orders.standard rises at once, then falls at the processors' rate"
+look "the page's queue-depth chart: $STANDARD rises at once, then falls at the processors' rate"
 
 # 7. The event log -------------------------------------------------------------
 bold "7. An event log that can be replayed"
-echo "  The events also go to a stream, a log that keeps them after they are read: order-stats reads"
-echo "  it from its own stored offset into per-minute counts, and a new reader can start at the beginning."
-counted_all() { local n; n=$(logged) && [ "$n" -ge $((logged_before + decided)) ]; }
-if [ -z "$logged_before" ]; then
+echo "  $(by_bus "The events also go to a stream, a log that keeps them after they are read" \
+  "The events table is a log that keeps the events after they are read"): order-stats reads"
+echo "  it from its own stored position into per-minute counts, and a new reader can start at the beginning."
+counted_all() { local n; n=$(counted) && [ "$n" -ge $((counted_before + decided)) ]; }
+if [ -z "$counted_before" ]; then
   bad "event log: no order-stats at $STATS (run-local.sh and compose start it on :8084)"
 elif wait_until "$WAIT" counted_all; then
-  ok "order-stats counted the tour's $decided decisions from the log ($(logged) events in all): $STATS/stats"
+  ok "order-stats counted the tour's $decided decisions from the log ($(counted) in its read model for the last day)"
 else
-  bad "event log: order-stats had counted $(logged || echo "?") events (from $logged_before) and not the tour's $decided decisions within ${WAIT}s"
+  bad "event log: order-stats had counted $(counted || echo "?") decisions (from $counted_before) and not the tour's $decided within ${WAIT}s"
 fi
-look "$STATS/stats?minutes=10 (orders, units and revenue per SKU and minute); 'order-stats --from first' rebuilds them from the start of the log"
+# The rebuild: a second order-stats, --from first, empties the read model
+# (shared with the running one: same database) and reads the log from its
+# first event (the stream's first entry; in Postgres, its reader rewound):
+# the read model must come back as it was. Nothing else may be deciding
+# orders meanwhile (the tour's own are all decided by now): on RabbitMQ, an
+# event the running order-stats counts moves the shared offset past history
+# the rebuild has not read yet.
+rebuilt=$(mktemp)
+rebuild_started() { grep -q 'read model emptied' "$rebuilt"; }
+rebuild_done() { [ "$(read_model)" = "$model" ]; }
+settled() { local was; was=$(read_model) && sleep 2 && [ "$(read_model)" = "$was" ]; }
+if [ -z "$counted_before" ]; then
+  :
+elif [ ! -x "$ORDER_STATS_BIN" ]; then
+  echo "  not rebuilt: no order-stats at $ORDER_STATS_BIN (set ORDER_STATS_BIN, or restart order-stats with STATS_FROM=first)"
+else
+  wait_until 30 settled || true
+  model=$(read_model)
+  WORK_QUEUE=$QUEUE EVENT_BUS=$BUS STATS_FROM=first HTTP_PORT=0 \
+    DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow} \
+    AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f} "$ORDER_STATS_BIN" >"$rebuilt" 2>&1 &
+  rebuilder=$!
+  started=$SECONDS
+  if wait_until 60 rebuild_started && wait_until "$WAIT" rebuild_done; then
+    ok "rebuilt from the start of the log: 'order-stats --from first' emptied the read model and counted it back to the same $(counted) decisions in $((SECONDS - started))s"
+  else
+    bad "rebuild: order-stats --from first did not bring the read model back within ${WAIT}s (same DATABASE_URL as the services'?): $(tail -3 "$rebuilt" | tr '\n' ' ')"
+  fi
+  kill -TERM "$rebuilder" 2>/dev/null || true
+  wait "$rebuilder" 2>/dev/null || true
+fi
+rm -f "$rebuilt"
+look "$STATS/stats?minutes=10 (orders, units and revenue per SKU and minute); $(by_bus "the order-events.log stream" "the events and event_readers tables")"
 
 bold "Done"
 if [ ${#FAILED[@]} -gt 0 ]; then
