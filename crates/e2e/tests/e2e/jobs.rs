@@ -49,15 +49,8 @@ impl System {
         let topology = TopologyGuard(messaging::Topology::new(prefix.clone()));
         let log_dir = std::env::temp_dir().join(format!("orderflow-jobs-{prefix}"));
         std::fs::create_dir_all(&log_dir).unwrap();
-        let mut env = vec![
-            ("AMQP_URL", test_support::amqp_url()),
-            ("RABBITMQ_MANAGEMENT_URL", test_support::management_url()),
-            ("DATABASE_URL", database_url.clone()),
-            ("TOPOLOGY_PREFIX", prefix),
-            (
-                "TOPOLOGY_QUEUE_EXPIRES_MS",
-                test_support::QUEUE_EXPIRES_MS.to_string(),
-            ),
+        let mut env = processes::shared_env(&database_url, prefix);
+        env.extend([
             ("DB_MAX_CONNECTIONS", "3".into()),
             ("WORK_QUEUE", "postgres".into()),
             ("JOB_LEASE_MS", LEASE_MS.into()),
@@ -67,7 +60,7 @@ impl System {
             ("RATE_LIMIT_PER_SECOND", "100000".into()),
             ("RATE_LIMIT_BURST", "100000".into()),
             ("RUST_LOG", "info".into()),
-        ];
+        ]);
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let books_url = test_support::empty_database().await;
         let provider =

@@ -140,6 +140,21 @@ pub fn start_provider(
     start_on(port, "payment-provider", "payment-provider", &env, log_dir)
 }
 
+/// What every service of a test is started with: the shared servers, the
+/// test's database and its topology (named by `prefix`, throwaway).
+pub fn shared_env(database_url: &str, prefix: String) -> Vec<(&'static str, String)> {
+    vec![
+        ("AMQP_URL", test_support::amqp_url()),
+        ("RABBITMQ_MANAGEMENT_URL", test_support::management_url()),
+        ("DATABASE_URL", database_url.to_owned()),
+        ("TOPOLOGY_PREFIX", prefix),
+        (
+            "TOPOLOGY_QUEUE_EXPIRES_MS",
+            test_support::QUEUE_EXPIRES_MS.to_string(),
+        ),
+    ]
+}
+
 /// The five services (three order-processors) and the stand-in payment
 /// provider on fresh databases and topology, ready, logging JSON to
 /// `log_dir`.
@@ -176,21 +191,14 @@ impl Stack {
         let topology = test_support::TopologyGuard(messaging::Topology::new(prefix.clone()));
         let log_dir = std::env::temp_dir().join(format!("orderflow-e2e-{prefix}"));
         std::fs::create_dir_all(&log_dir).unwrap();
-        let mut env = vec![
-            ("AMQP_URL", test_support::amqp_url()),
-            ("RABBITMQ_MANAGEMENT_URL", test_support::management_url()),
-            ("DATABASE_URL", database_url.clone()),
-            ("TOPOLOGY_PREFIX", prefix),
-            (
-                "TOPOLOGY_QUEUE_EXPIRES_MS",
-                test_support::QUEUE_EXPIRES_MS.to_string(),
-            ),
+        let mut env = shared_env(&database_url, prefix);
+        env.extend([
             ("DB_MAX_CONNECTIONS", "4".into()),
             ("PREFETCH", "5".into()),
             ("PAYMENT_LATENCY_MS", "20".into()),
             ("LOG_FORMAT", "json".into()),
             ("RUST_LOG", "info".into()),
-        ];
+        ]);
         // Later entries win.
         env.extend(extra.iter().cloned());
         let books_url = test_support::empty_database().await;
