@@ -20,7 +20,16 @@ pub const MAX_MINUTES: u32 = 24 * 60;
 #[derive(Clone)]
 struct Stats {
     pool: PgPool,
-    stream: String,
+    log: Log,
+}
+
+/// The log order-stats reads, whose position `/stats` reports.
+#[derive(Clone)]
+pub enum Log {
+    /// RabbitMQ's stream of that name.
+    Stream(String),
+    /// The event log in Postgres, read as that reader.
+    Postgres(&'static str),
 }
 
 #[derive(Deserialize)]
@@ -30,10 +39,10 @@ struct Window {
 }
 
 /// The routes of the read model.
-pub fn router(pool: PgPool, stream: String) -> Router {
+pub fn router(pool: PgPool, log: Log) -> Router {
     Router::new()
         .route("/stats", get(stats))
-        .with_state(Stats { pool, stream })
+        .with_state(Stats { pool, log })
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
@@ -61,17 +70,22 @@ async fn stats(
         .unwrap_or_else(|_| Utc::now());
     let since = now - Duration::minutes(i64::from(minutes) - 1);
     let read = async {
-        let position = model::position(&stats.pool, &stats.stream).await?;
+        let position = match &stats.log {
+            Log::Stream(stream) => model::position(&stats.pool, stream).await?.map_or_else(
+                || json!({ "stream": stream, "next_offset": 0, "events": 0, "skipped": 0 }),
+                |p| json!(p),
+            ),
+            Log::Postgres(reader) => model::log_position(&stats.pool, reader)
+                .await?
+                .unwrap_or_else(|| json!({ "reader": reader, "events": 0 })),
+        };
         let (skus, revenue) = model::since(&stats.pool, since).await?;
         Ok::<_, sqlx::Error>((position, skus, revenue))
     };
     match read.await {
         Ok((position, skus, revenue)) => Json(json!({
             "since": since,
-            "log": position.map_or_else(
-                || json!({ "stream": stats.stream, "next_offset": 0, "events": 0, "skipped": 0 }),
-                |p| json!(p),
-            ),
+            "log": position,
             "skus": skus,
             "revenue": revenue,
         }))

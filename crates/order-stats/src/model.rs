@@ -67,6 +67,26 @@ pub async fn position(pool: &PgPool, stream: &str) -> sqlx::Result<Option<Positi
     .await
 }
 
+/// Where `reader` of the event log in Postgres stands (`EVENT_BUS=postgres`),
+/// if it has read anything: the events counted and the last place read.
+pub async fn log_position(pool: &PgPool, reader: &str) -> sqlx::Result<Option<serde_json::Value>> {
+    let row = sqlx::query!(
+        r#"SELECT events, transaction_id::text::int8 AS "transaction_id!", id
+           FROM event_readers WHERE reader = $1"#,
+        reader,
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|row| {
+        serde_json::json!({
+            "reader": reader,
+            "events": row.events,
+            "transaction_id": row.transaction_id,
+            "id": row.id,
+        })
+    }))
+}
+
 /// Empty the read model and forget the position, in one statement: the
 /// next read starts at the beginning of the log.
 pub async fn reset(pool: &PgPool) -> sqlx::Result<()> {

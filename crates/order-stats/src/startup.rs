@@ -108,7 +108,11 @@ impl Application {
     /// stored position.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let topology = self.broker.topology().clone();
-        let app = api::router(self.pool.clone(), topology.event_log())
+        let log = match self.event_bus {
+            EventBus::Rabbitmq => api::Log::Stream(topology.event_log()),
+            EventBus::Postgres => api::Log::Postgres(READER),
+        };
+        let app = api::router(self.pool.clone(), log)
             .merge(health::router(match self.event_bus {
                 // order-stats reads only the events: on Postgres, RabbitMQ
                 // is none of its business.

@@ -500,6 +500,20 @@ async fn flow(transport: &str) {
     .collect();
     let finished = i64::try_from(DISTINCT).unwrap();
     all_counted(&pool, finished, "order-stats").await;
+    let stats_service = workers
+        .iter()
+        .find(|w| w.name == "order-stats")
+        .expect("order-stats runs");
+    let stats: Value = reqwest::get(stats_service.url("/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stats["log"]["events"], finished,
+        "/stats says how far it has read the log it reads: {stats}"
+    );
     assert_eq!(
         read_model(&pool).await,
         from_orders,
