@@ -1481,3 +1481,72 @@ fn jobs_table_section(md: &mut String, run: &JobsTableRun) {
         ratio(notify.with_notify_per_s, notify.without_notify_per_s)
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn burst(transport: Transport, backlogs: &[(f64, u64)]) -> Burst {
+        let samples = backlogs
+            .iter()
+            .map(|&(t_s, backlog)| Sample {
+                t_s,
+                accepted: 0,
+                finished: 0,
+                backlog,
+                rss_bytes: Vec::new(),
+            })
+            .collect();
+        Burst {
+            transport,
+            processors: 2,
+            payment_latency_ms: 20,
+            services: Vec::new(),
+            run: ScalingRun {
+                transport,
+                processors: 2,
+                payment_latency_ms: 20,
+                prefetch: 40,
+                orders: 0,
+                accepted_per_s: 0.0,
+                post_latency: Percentiles::default(),
+                completed_per_s: 0.0,
+                accept_to_final: Percentiles::default(),
+                errors: 0,
+                complete: true,
+                exactly_once: true,
+                cpu: Usage {
+                    wall_s: 0.0,
+                    machine_busy_pct: 0.0,
+                    ms_per_op: Default::default(),
+                    total_ms_per_op: 0.0,
+                },
+                notifications: None,
+            },
+            samples,
+            jobs_table: None,
+        }
+    }
+
+    #[test]
+    fn the_backlog_series_sets_both_bursts_side_by_side_until_the_longer_ends() {
+        let bursts = [
+            burst(Transport::Rabbitmq, &[(0.0, 0), (0.5, 10), (1.2, 0)]),
+            burst(
+                Transport::Postgres,
+                &[(0.0, 0), (0.9, 30), (1.9, 20), (2.4, 0)],
+            ),
+        ];
+        let mut md = String::new();
+        backlog_series(&mut md, &bursts);
+        assert!(
+            md.contains("| seconds | rabbitmq backlog | postgres backlog |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 0 | 0 | 0 |\n| 1 | 10 | 30 |\n| 2 | – | 20 |\n"),
+            "{md}"
+        );
+        assert!(!md.contains("| 3 |"), "{md}");
+    }
+}
