@@ -358,7 +358,32 @@ struct Answer {
     order_id: Option<Uuid>,
 }
 
+/// How many times a `503` (order-api out of database connections for the
+/// moment) is tried again, after 100 ms and then twice as long each time,
+/// as a client should: the idempotency key makes a retry safe. The time
+/// counts in the request's latency.
+const RETRIES_OF_503: u32 = 5;
+
 async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &Arc<Vec<u8>>,
+) -> Result<Answer, String> {
+    let mut pause = Duration::from_millis(100);
+    for _ in 0..RETRIES_OF_503 {
+        match send_once(client, url, key, body).await? {
+            Answer { status: 503, .. } => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            answer => return Ok(answer),
+        }
+    }
+    send_once(client, url, key, body).await
+}
+
+async fn send_once(
     client: &reqwest::Client,
     url: &str,
     key: &str,
