@@ -193,8 +193,8 @@ async fn measure(
         let size = TableSize::of_jobs(&pool).await?;
         eprintln!(
             "  {done} jobs: {} total, {} table, dead rows {}, autovacuums {}",
-            crate::report::human_bytes(size.total_bytes),
-            crate::report::human_bytes(size.table_bytes),
+            crate::units::human_bytes(size.total_bytes),
+            crate::units::human_bytes(size.table_bytes),
             size.dead_rows,
             size.autovacuums
         );

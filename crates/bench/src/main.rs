@@ -14,6 +14,7 @@ mod raw;
 mod reference;
 mod report;
 mod system;
+mod units;
 
 use std::{
     path::PathBuf,

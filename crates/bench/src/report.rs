@@ -14,6 +14,7 @@ use crate::{
     jobs_table::{JobsTableRun, TableSize},
     raw::Throughput,
     system::{Environment, Notifications, Shape, Transport},
+    units::{human_bytes, mib},
 };
 
 #[derive(Debug, Serialize)]
@@ -379,20 +380,6 @@ pub struct Memory {
     pub service: String,
     pub idle_bytes: u64,
     pub peak_bytes: u64,
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / 1024.0 / 1024.0
-}
-
-/// A size as people read it: KiB below a MiB, else MiB.
-pub fn human_bytes(bytes: i64) -> String {
-    let bytes = bytes.max(0) as u64;
-    if bytes < 1024 * 1024 {
-        format!("{:.0} KiB", bytes as f64 / 1024.0)
-    } else {
-        format!("{:.1} MiB", mib(bytes))
-    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
