@@ -151,7 +151,6 @@ async fn poison_and_replay(transport: Transport) {
     let mut report = load.finish().await;
     report.accepted.extend([carrier, doomed_id]);
 
-    let broker = system.broker();
     let letters = test_support_dead_letters(&system).await;
     println!("dead letters: {letters:?}");
     assert_eq!(letters.len(), 2);
@@ -196,7 +195,7 @@ async fn poison_and_replay(transport: Transport) {
     .await
     .unwrap();
     let replayed = dead_letters::replay(
-        &broker,
+        system.dead_letter_broker().as_ref(),
         &system.pool,
         &dead_letters::Selection::MessageId(message_id.to_string()),
     )
@@ -284,9 +283,11 @@ async fn publish_poison(channel: &lapin::Channel, topology: &Topology, message_i
 
 /// The dead letters (the queue's and the dead jobs), once there are two.
 async fn test_support_dead_letters(system: &System) -> Vec<(String, u32)> {
-    let broker = system.broker();
+    let broker = system.dead_letter_broker();
     test_support::eventually(Duration::from_secs(30), "two dead letters", || async {
-        let letters = dead_letters::list(&broker, &system.pool).await.ok()?;
+        let letters = dead_letters::list(broker.as_ref(), &system.pool)
+            .await
+            .ok()?;
         (letters.len() >= 2).then(|| {
             letters
                 .into_iter()
@@ -454,7 +455,7 @@ async fn poison_and_flaky_in_a_batch(transport: Transport) {
     system.wait_ready().await;
     check_invariants(&system, "poison and flaky in a batch", &accepted, 1).await;
     let letters = test_support::eventually(Duration::from_secs(30), "the dead letter", || async {
-        dead_letters::list(&system.broker(), &system.pool)
+        dead_letters::list(system.dead_letter_broker().as_ref(), &system.pool)
             .await
             .ok()
             .filter(|l| !l.is_empty())
@@ -468,7 +469,7 @@ async fn poison_and_flaky_in_a_batch(transport: Transport) {
     assert!(letters[0].reason.starts_with("not an OrderPlaced message"));
     let retried = match transport {
         Transport::Rabbitmq => "retrying in",
-        Transport::Postgres => "the job is retried later",
+        Transport::Postgres => "the job is retried in",
     };
     let retries = system.log("processor-1").matches(retried).count();
     println!("dead letters: 1 (the poison); retries: {retries} (the flaky order)");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::System;
+use super::{System, Transport};
 
 /// The counts the settle loop compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,13 @@ impl Counts {
         let pool = &system.pool;
         let (mut queued, mut unreadable) = (0, 0);
         let topology = system.topology();
-        for queue in topology.all_queues() {
+        // With work and events in Postgres no service declares the queues:
+        // there are none to read.
+        let queues = match system.transport {
+            Transport::Rabbitmq => topology.all_queues(),
+            Transport::Postgres => Vec::new(),
+        };
+        for queue in queues {
             if queue != topology.dead_letters() {
                 match test_support::ready_messages(amqp, &queue).await {
                     Some(ready) => queued += u64::from(ready),
@@ -136,7 +142,7 @@ pub async fn what_is_left(system: &System, counts: &Counts) -> String {
     }
     out += &jobs_left(&system.pool).await;
     out += &event_readers(&system.pool).await;
-    match dead_letters::list(&system.broker(), &system.pool).await {
+    match dead_letters::list(system.dead_letter_broker().as_ref(), &system.pool).await {
         Ok(letters) if letters.is_empty() => out += "dead letters: none\n",
         Ok(letters) => {
             out += &format!("dead letters ({}):\n", letters.len());
