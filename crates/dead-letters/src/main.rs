@@ -53,8 +53,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let broker = cli.amqp.broker()?;
-    let uses_rabbitmq =
-        cli.work_queue == WorkQueue::Rabbitmq || cli.event_bus == EventBus::Rabbitmq;
+    let uses_rabbitmq = platform::settings::uses_rabbitmq(cli.work_queue, cli.event_bus);
     let queue = uses_rabbitmq.then_some(&broker);
     let pool = cli.database.connect_and_migrate().await?;
     match cli.command {

@@ -47,7 +47,7 @@ pub struct Transports {
 impl Transports {
     /// Whether anything travels through RabbitMQ.
     pub fn use_rabbitmq(&self) -> bool {
-        self.work_queue == WorkQueue::Rabbitmq || self.event_bus == EventBus::Rabbitmq
+        platform::settings::uses_rabbitmq(self.work_queue, self.event_bus)
     }
 }
 

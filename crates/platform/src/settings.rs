@@ -39,6 +39,12 @@ impl ServiceSettings {
     /// and the event bus are both in Postgres, which then runs orderflow
     /// alone (the services neither connect to RabbitMQ nor wait for it).
     pub fn uses_rabbitmq(&self) -> bool {
-        self.work_queue == WorkQueue::Rabbitmq || self.event_bus == EventBus::Rabbitmq
+        uses_rabbitmq(self.work_queue, self.event_bus)
     }
+}
+
+/// Whether orders or events travel through RabbitMQ with this work queue
+/// and this event bus.
+pub fn uses_rabbitmq(work_queue: WorkQueue, event_bus: EventBus) -> bool {
+    work_queue == WorkQueue::Rabbitmq || event_bus == EventBus::Rabbitmq
 }
